@@ -1,0 +1,56 @@
+"""Raw views of tensor memory, and aligned allocation.
+
+The store moves bytes with ``os.preadv`` / ``os.pwritev`` straight into and out of tensor memory: the syscalls
+take buffer objects, so we hand them a ``memoryview`` over the tensor's own bytes (no copy). O_DIRECT wants the
+address, length and file offset 4 KiB-aligned; :func:`aligned_empty` gives memory that is.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from storage.alloc import ALIGN, round_up
+
+
+def aligned_empty(nbytes: int, *, pin: bool = False, align: int = ALIGN) -> torch.Tensor:
+    """A uint8 tensor of ``round_up(nbytes, align)`` bytes whose first byte is ``align``-aligned.
+
+    ``pin=True`` allocates page-locked memory (needs CUDA). The result is a view into a slightly larger
+    allocation, which it keeps alive.
+    """
+    padded = round_up(max(nbytes, 1), align)
+    base = torch.empty(padded + align, dtype=torch.uint8, pin_memory=pin)
+    skip = (-base.data_ptr()) % align
+    return base[skip:skip + padded]
+
+
+def byte_view(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of a contiguous CPU tensor as a flat uint8 tensor sharing its memory (any dtype, bool too)."""
+    assert t.is_contiguous(), "byte_view needs a contiguous tensor"
+    if t.dtype == torch.uint8:
+        return t.reshape(-1)
+    flat = t.reshape(-1)
+    if flat.numel() == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    return flat.view(torch.uint8)
+
+
+def memview(t: torch.Tensor, start: int = 0, length: int | None = None) -> memoryview:
+    """A writable memoryview over ``length`` bytes of a contiguous CPU tensor's memory, from byte ``start``.
+
+    Works for pinned memory and every dtype (numpy has no bfloat16). The caller keeps ``t`` alive while the view
+    is in use: the view does not own the memory.
+    """
+    nbytes = t.numel() * t.element_size()
+    if length is None:
+        length = nbytes - start
+    assert 0 <= start and start + length <= nbytes, (start, length, nbytes)
+    if length == 0:
+        return memoryview(bytearray(0))
+    return memoryview((ctypes.c_char * length).from_address(t.data_ptr() + start)).cast("B")
+
+
+def is_aligned(t: torch.Tensor, align: int = ALIGN) -> bool:
+    return t.data_ptr() % align == 0
