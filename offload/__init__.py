@@ -3,4 +3,8 @@
 The top layer: it executes with torch what ``scheduler`` decides, on the tiers ``storage`` provides.
 """
 
+from offload.config import OffloadConfig
+from offload.optimizer import OffloadOptimizer
+
 __version__ = "0.1.0"
+__all__ = ["OffloadConfig", "OffloadOptimizer", "__version__"]

@@ -41,6 +41,54 @@ def _cmd_store(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _parse_bytes(text: str) -> int:
+    """``24GiB``, ``2TB``, ``512MB``, ``1048576`` -> bytes (GiB/MiB are powers of 2, GB/TB powers of 10)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B?|B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected a size like 24GiB, 128GiB or 2TB, got {text!r}")
+    unit = (m.group(2) or "B").upper().rstrip("B") or "B"
+    power = {"B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30,
+             "TI": 2**40}
+    return int(float(m.group(1)) * power[unit])
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    """Measure this machine (FLOP/s, copies, disk, CPU update) and cache the profile."""
+    from scheduler.probe import probe_and_cache
+
+    prof, path = probe_and_cache(quick=args.quick, directory=args.dir)
+    if args.json:
+        print(json.dumps(prof.to_dict(), indent=1))
+    else:
+        print(f"profile {prof.name} saved to {path}")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    """Dry run: plan placement for a model on a profile and predict one iteration, without allocating it."""
+    from scheduler import planner, profile, report, workload
+
+    try:
+        w = workload.load(args.model, batch=args.batch, seq=args.seq)
+        hw = profile.resolve(args.profile).with_capacities(device_memory_bytes=args.device_memory,
+                                                           host_memory_bytes=args.host_memory, nvme_bytes=args.nvme)
+    except ValueError as e:
+        print(f"offload plan: {e}", file=sys.stderr)
+        return 2
+    res = planner.plan(w, hw)
+    rows = report.compare(w, hw, res)
+    if args.json:
+        print(json.dumps(report.to_dict(w, hw, res, rows), indent=1))
+    else:
+        print(report.text(w, hw, res, rows))
+    if args.out:
+        for f in report.write(args.out, w, hw, res, rows):
+            print(f"wrote {f}", file=sys.stderr)
+    return 0 if res.fits else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from offload import __version__
 
@@ -56,6 +104,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="the store's directories, in the order that created it")
     p.add_argument("--json", action="store_true", help="print JSON for tools instead of text")
     p.set_defaults(func=_cmd_store)
+    p = sub.add_parser("probe", help="measure this machine into a hardware profile",
+                       description="Measure device FLOP/s per dtype, host<->device copies, disk read/write/mixed "
+                                   "through the NVMe store, and CPU optimizer throughput alone and under disk "
+                                   "traffic; cache the result under ~/.cache/offload/profiles (OFFLOAD_CACHE_DIR).",
+                       epilog="examples:\n  offload probe\n  offload probe --dir /mnt/nvme --json\n"
+                              "  offload probe --quick", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dir", help="directory on the disk to measure (default: the temp dir)")
+    p.add_argument("--quick", action="store_true", help="a few seconds, rough numbers (for tests)")
+    p.add_argument("--json", action="store_true", help="print the profile as JSON")
+    p.set_defaults(func=_cmd_probe)
+    p = sub.add_parser("plan", help="dry run: placement, memory, predicted iteration time",
+                       description="Plan where each unit's params, grads and optimizer state live and where it is "
+                                   "updated, predict one iteration, and compare with other systems' strategies. "
+                                   "Allocates nothing.",
+                       epilog="examples:\n  offload plan llama-70b --batch 4 --seq 2048 --profile "
+                              "rtx4090-pcie4-gen4nvme --device-memory 24GiB --host-memory 128GiB --nvme 2TB\n"
+                              "  offload plan gpt2 --batch 8 --seq 1024 --out plan/\n"
+                              "  offload plan mypkg.models:build --batch 1 --seq 4096 --json\n"
+                              "models: a preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, llama-7b, llama-13b, "
+                              "llama-70b, gpt3-175b), module:function, or a HF config.json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="preset name, package.module:function, or path to a HF config.json")
+    p.add_argument("--batch", type=int, default=1, help="sequences per iteration (default 1)")
+    p.add_argument("--seq", type=int, default=2048, help="tokens per sequence (default 2048)")
+    p.add_argument("--profile", help="shipped profile name or JSON path (default: this machine's cached probe, "
+                                     "else cpu-dev-2core)")
+    p.add_argument("--device-memory", type=_parse_bytes, help="override device capacity, e.g. 24GiB")
+    p.add_argument("--host-memory", type=_parse_bytes, help="override host capacity, e.g. 128GiB")
+    p.add_argument("--nvme", type=_parse_bytes, help="override NVMe capacity, e.g. 2TB")
+    p.add_argument("--out", help="directory for plan.json, trace.json (Chrome trace) and timeline.svg")
+    p.add_argument("--json", action="store_true", help="print JSON for tools instead of text")
+    p.set_defaults(func=_cmd_plan)
     return parser
 
 

@@ -1,4 +1,16 @@
-"""scheduler: decides where each chunk lives and where each update runs (issue: Scheduler).
+"""scheduler: decides where each chunk lives and where each update runs (issue 5: Scheduler).
+
+profile.py (HardwareProfile: measured or hand-written rates and capacities, each with its source), probe.py
+(``offload probe``), workload.py (per-unit bytes, FLOPs, activations from shapes or a meta-device model), cost.py
+(bytes per link, busy times, simulated timeline, lower bound), planner.py (Plan, ``plan()``, comparison
+strategies), report.py (``offload plan``'s text, JSON, Chrome trace, SVG).
 
 Imports ``storage`` only, never ``offload`` (tests/test_layers.py enforces it).
 """
+
+from scheduler.cost import CostModel, Prediction
+from scheduler.planner import Plan, UnitPlacement, plan
+from scheduler.profile import HardwareProfile
+from scheduler.workload import Workload
+
+__all__ = ["HardwareProfile", "Workload", "CostModel", "Prediction", "Plan", "UnitPlacement", "plan"]

@@ -138,13 +138,19 @@ class Journal:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
-        _fsync_dir(self.directory)
+        # Open the new journal before the rename: once the snapshot is generation G+1, the next open reads journal
+        # G+1 and drops journal G, so from the rename on every commit must go to G+1, whatever fails after it.
+        new_fd = os.open(self._journal_path(gen), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.close(new_fd)
+            os.unlink(self._journal_path(gen))
+            raise
         old_fd, old_path = self._fd, self._journal_path(self.generation)
-        self.generation = gen
-        self.records_since_snapshot = 0
-        self._open_append()
+        self._fd, self.generation, self.records_since_snapshot = new_fd, gen, 0
         os.close(old_fd)
+        _fsync_dir(self.directory)  # the rename is durable before the old journal goes
         os.unlink(old_path)
 
     def close(self) -> None:

@@ -1,0 +1,882 @@
+"""OffloadOptimizer: any torch optimizer, its state in subgroups on the device, in host memory or on NVMe.
+
+How it works (the one note the rest of the code refers to)
+----------------------------------------------------------
+The trainable parameters of each param group are cut into **subgroups** of about ``subgroup_numel`` elements.
+A subgroup is a list of **pieces**: whole parameters, or 1024-element-aligned slices of a parameter larger than
+a subgroup (only for optimizers known to be elementwise). Each subgroup owns one *inner* optimizer, an instance
+of the user's own class with the same hyperparameters, whose params are *proxies*: tensors whose ``.data`` we
+point, for each update, at wherever that piece's fp32 weights are (the model parameter itself when it is fp32
+and in the memory the update runs in, else an fp32 *master* copy), and whose ``.grad`` we point at the piece's
+gradient (cast to fp32 when needed). The inner optimizer therefore runs the exact code a plain optimizer runs,
+on tensors of the same shapes, which is why results are bit-identical (fused CPU kernels round their tails
+differently, so the shapes must match: hence proxies per piece, never one flat tensor).
+
+All of a subgroup's state tensors and masters are packed into one contiguous **chunk** (one transfer per
+direction); the few per-piece scalars (Adam's ``step``) stay in memory. The chunk lives on the tier the
+placement gives: device memory, a host-pool buffer, or the NVMe store. For NVMe the step is a pipeline over a
+bounded number of host buffers: while subgroup *i* is updated, *i+1..i+k* are being read and *i-1* written.
+
+State is created by the inner optimizer itself on its first step (so any optimizer's initial values are
+right), then moved into the chunk; a later step that adds state (a param that got its first grad) re-packs.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import enum
+import inspect
+import math
+import time
+from collections import deque
+from typing import Any, Callable, Iterable
+
+import psutil
+import torch
+
+from offload.config import OffloadConfig
+from storage import HostPool, NvmeStore, Tier, TierBudget, TierFullError, format_bytes
+from storage.memory import aligned_empty
+
+# Optimizers whose every state tensor is elementwise per parameter element: their params may be sliced.
+ELEMENTWISE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad, torch.optim.RMSprop,
+               torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam, torch.optim.Adadelta, torch.optim.ASGD)
+SPLIT_ALIGN = 1024
+"""Slices of a large parameter start on multiples of this many elements. CPU kernels process a tensor in
+vectors and round its last few elements in a scalar tail; slicing on such a boundary leaves every element in
+the same position relative to the vector width, so a sliced update is bit-identical to an unsliced one."""
+SLOT_ALIGN = 64  # byte alignment of each tensor inside a chunk: a cache line, what vector loads like
+
+
+class Residency(enum.Enum):
+    """Where a subgroup's chunk is now."""
+
+    EMPTY = "empty"
+    """No state and no master yet (before the first step of a subgroup of fp32 params)."""
+    RESIDENT = "resident"
+    """In memory: a host-pool buffer or device memory, bound for updates."""
+    STORED = "stored"
+    """Only in the NVMe store; a buffer is needed to update it."""
+
+
+class _Piece:
+    """A whole parameter or a slice ``[start, start + numel)`` of its flattened elements."""
+
+    __slots__ = ("param", "index", "start", "numel", "whole", "proxy")
+
+    def __init__(self, param: torch.Tensor, index: int, start: int, numel: int):
+        self.param = param
+        self.index = index  # the parameter's position across all param groups (the state_dict key)
+        self.start = start
+        self.numel = numel
+        self.whole = start == 0 and numel == param.numel()
+        self.proxy = torch.empty(0)  # the inner optimizer's param; .data / .grad rebound for each update
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.param.shape) if self.whole else (self.numel,)
+
+    def of(self, full: torch.Tensor) -> torch.Tensor:
+        """This piece of a tensor shaped like the parameter (the parameter, its grad, a state tensor)."""
+        return full if self.whole else full.reshape(-1)[self.start:self.start + self.numel]
+
+    def param_view(self) -> torch.Tensor:
+        return self.of(self.param.data)
+
+
+class _Slot:
+    __slots__ = ("piece", "key", "dtype", "shape", "offset", "nbytes")
+
+    def __init__(self, piece: int, key: str, dtype: torch.dtype, shape: tuple, offset: int, nbytes: int):
+        self.piece, self.key, self.dtype, self.shape, self.offset, self.nbytes = piece, key, dtype, shape, offset, nbytes
+
+    def view(self, mem: torch.Tensor) -> torch.Tensor:
+        return mem[self.offset:self.offset + self.nbytes].view(self.dtype).view(self.shape)
+
+
+class _Subgroup:
+    """One unit of update and transfer: its pieces, inner optimizer, chunk layout, residency and memory."""
+
+    def __init__(self, index: int, group: int, pieces: list[_Piece], tier: Tier, site: str, has_master: bool):
+        self.index = index
+        self.group = group
+        self.pieces = pieces
+        self.tier = tier
+        self.site = site
+        self.has_master = has_master
+        self.numel = sum(p.numel for p in pieces)
+        self.inner: torch.optim.Optimizer | None = None
+        self.slots: list[_Slot] = []
+        self.chunk_bytes = 0
+        self.small: list[dict[str, Any]] = [{} for _ in pieces]  # per piece: scalars and non-tensor state
+        self.residency = Residency.EMPTY
+        self.mem: torch.Tensor | None = None  # uint8 chunk while resident
+        self.release: Callable[[], None] | None = None  # gives ``mem`` back to where it came from
+        self.key = f"subgroup{index}"
+
+    def has_grads(self) -> bool:
+        return any(p.param.grad is not None for p in self.pieces)
+
+
+class _WriteBack:
+    """A chunk on its way to the store: the memory it is written from and how to give that memory back."""
+
+    __slots__ = ("sub", "mem", "release", "handle")
+
+    def __init__(self, sub: _Subgroup, mem: torch.Tensor, release: Callable[[], None]):
+        self.sub, self.mem, self.release, self.handle = sub, mem, release, None
+
+    def check(self) -> BaseException | None:
+        """For a finished write: ``None`` if it committed, else its error, after putting the chunk back in memory."""
+        err = self.handle.future.exception()
+        if err is not None:
+            self.sub.mem, self.sub.release, self.sub.residency = self.mem, self.release, Residency.RESIDENT
+        return err
+
+
+class OffloadOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` that keeps another optimizer's state off the device, in subgroups.
+
+    Build it from an optimizer instance (its class, hyperparameters, param groups and any state are taken over;
+    do not step the original afterwards)::
+
+        opt = OffloadOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-4),
+                               config=OffloadConfig(state_tier="nvme", nvme_dirs="/mnt/nvme/offload"))
+
+    or from parameters, a class and its keyword arguments::
+
+        opt = OffloadOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-4, config=OffloadConfig())
+
+    Then use it like any optimizer: ``step()``, ``zero_grad()``, LR schedulers, ``state_dict()`` (loadable by the
+    plain class, and the reverse), ``add_param_group``. ``report()`` says what ran where.
+    """
+
+    def __init__(self, params_or_optimizer, optimizer_class: type[torch.optim.Optimizer] | None = None, *,
+                 config: OffloadConfig | None = None, **optimizer_kwargs):
+        self.config = config or OffloadConfig()
+        if isinstance(params_or_optimizer, torch.optim.Optimizer):
+            if optimizer_class is not None or optimizer_kwargs:
+                raise ValueError("OffloadOptimizer: given an optimizer instance, pass no optimizer_class or kwargs "
+                                 "(its own are used)")
+            base = params_or_optimizer
+            if isinstance(base, OffloadOptimizer):
+                raise ValueError("OffloadOptimizer: this optimizer is already an OffloadOptimizer")
+            cls, defaults = type(base), dict(base.defaults)
+            groups = [dict(g) for g in base.param_groups]
+            adopted = base.state_dict()
+            base.state.clear()  # the state moves into our subgroups; holding it twice would defeat the purpose
+        else:
+            if optimizer_class is None:
+                raise ValueError("OffloadOptimizer: pass an optimizer instance, or params plus optimizer_class "
+                                 "(e.g. OffloadOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-4))")
+            cls = optimizer_class
+            params = list(params_or_optimizer)
+            groups, defaults = self._fill_groups(cls, params, optimizer_kwargs)
+            adopted = None
+        if cls is torch.optim.LBFGS or not issubclass(cls, torch.optim.Optimizer):
+            raise NotImplementedError(f"OffloadOptimizer cannot wrap {cls.__name__}: it keeps state across all "
+                                      f"parameters at once (and needs a closure), so it cannot be updated one "
+                                      f"subgroup at a time. Use an optimizer with per-parameter state (AdamW, SGD, "
+                                      f"Adagrad, ...)")
+        self.optimizer_class = cls
+        super().__init__(groups, defaults)
+        self._stats = {"steps": 0, "skipped_steps": 0, "read_bytes": 0, "write_bytes": 0, "h2d_bytes": 0,
+                       "d2h_bytes": 0, "update_s": 0.0, "wait_read_s": 0.0, "step_s": 0.0}
+        self._scale = None
+        if self.config.loss_scale is not None:
+            self._scale = 65536.0 if self.config.loss_scale == "dynamic" else float(self.config.loss_scale)
+        self._good_steps = 0
+        self._unscaled = False
+        self._setup_memory()
+        self._subgroups: list[_Subgroup] = []
+        self._frozen: list[torch.Tensor] = []
+        for gi in range(len(self.param_groups)):
+            self._build_subgroups(gi)
+        if adopted is not None and adopted["state"]:
+            self._load_state(adopted["state"])
+
+    # -- construction -----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _fill_groups(cls, params: list, kwargs: dict) -> tuple[list[dict], dict]:
+        """Param groups with every hyperparameter filled in by the class itself (validating them), without
+        creating state for the real params (Adagrad, for one, allocates state in its constructor)."""
+        if not params:
+            raise ValueError("OffloadOptimizer got an empty parameter list")
+        group_dicts = params if isinstance(params[0], dict) else [{"params": params}]
+        dummies = [{**{k: v for k, v in g.items() if k != "params"}, "params": [torch.zeros(1)]} for g in group_dicts]
+        probe = cls(dummies, **kwargs)
+        groups = []
+        for g, filled in zip(group_dicts, probe.param_groups):
+            groups.append({**{k: v for k, v in filled.items() if k != "params"}, "params": list(g["params"])})
+        return groups, dict(probe.defaults)
+
+    def _setup_memory(self) -> None:
+        cfg = self.config
+        self._host_budget = TierBudget(Tier.HOST, cfg.host_budget_bytes or psutil.virtual_memory().total)
+        self._host_pool = HostPool(budget=self._host_budget, slab_bytes=64 << 20)
+        self._device_budget = TierBudget(Tier.DEVICE, cfg.device_budget_bytes or (1 << 62))
+        self._store: NvmeStore | None = None
+
+    def _device_of(self) -> torch.device:
+        devices = {p.device for g in self.param_groups for p in g["params"] if p.requires_grad}
+        if len(devices) > 1:
+            raise ValueError(f"OffloadOptimizer: trainable parameters are on several devices {sorted(map(str, devices))};"
+                             f" expected one (one OffloadOptimizer per device)")
+        return next(iter(devices), torch.device("cpu"))
+
+    def _inner_flags(self, group: dict) -> dict:
+        """Implementation flags for the inner optimizer, per ``config.impl``."""
+        impl = self.config.impl
+        has = {k for k in ("fused", "foreach") if k in group}
+        if impl == "as_given":
+            return {}
+        if impl in ("auto", "fused"):
+            if "fused" in has and self._fused_ok(group):
+                return {"fused": True, **({"foreach": None} if "foreach" in has else {})}
+            if impl == "fused":
+                raise ValueError(f"OffloadConfig.impl='fused': {self.optimizer_class.__name__} has no fused "
+                                 f"implementation for these params on {self.device.type}; use impl='auto'")
+            return {}
+        out = {"foreach": impl == "foreach"} if "foreach" in has else {}
+        if "fused" in has:
+            out["fused"] = None if impl == "foreach" else False
+        return out
+
+    @staticmethod
+    def _impl_name(group: dict, flags: dict) -> str:
+        fused = flags.get("fused", group.get("fused"))
+        foreach = flags.get("foreach", group.get("foreach"))
+        return "fused" if fused else "foreach" if foreach else "forloop" if foreach is False else "default"
+
+    def _make_inner(self, params: list, hparams: dict) -> torch.optim.Optimizer:
+        """The user's class on ``params``, with every hyperparameter of the group. A group may hold keys its
+        constructor does not take (AdamW's ``decoupled_weight_decay``): those are set on the group afterwards."""
+        accepted = inspect.signature(self.optimizer_class.__init__).parameters
+        inner = self.optimizer_class(params, **{k: v for k, v in hparams.items() if k in accepted})
+        inner.param_groups[0].update(hparams)
+        return inner
+
+    def _fused_ok(self, group: dict) -> bool:
+        try:
+            p = torch.zeros(4, device=self.device)
+            hp = {k: v for k, v in group.items() if k != "params"}
+            hp.update(fused=True)
+            if "foreach" in hp:
+                hp["foreach"] = None
+            self._make_inner([p], hp)
+            return True
+        except (RuntimeError, ValueError, TypeError):
+            return False
+
+    def _build_subgroups(self, gi: int) -> None:
+        cfg = self.config
+        group = self.param_groups[gi]
+        self.device = self._device_of()
+        trainable = []
+        base = sum(len(g["params"]) for g in self.param_groups[:gi])
+        for k, p in enumerate(group["params"]):
+            if p.is_sparse:
+                raise NotImplementedError("OffloadOptimizer: sparse parameters are not supported")
+            if p.requires_grad:
+                trainable.append((base + k, p))
+            else:
+                self._frozen.append(p)
+        can_split = issubclass(self.optimizer_class, ELEMENTWISE)
+        packs: list[list[_Piece]] = []
+        cur: list[_Piece] = []
+        cur_n = 0
+        target = cfg.subgroup_numel
+        for idx, p in trainable:
+            n = p.numel()
+            if n > target and can_split:
+                step = max(SPLIT_ALIGN, target // SPLIT_ALIGN * SPLIT_ALIGN)
+                for s in range(0, n, step):
+                    if cur:
+                        packs.append(cur)
+                        cur, cur_n = [], 0
+                    packs.append([_Piece(p, idx, s, min(step, n - s))])
+                continue
+            if cur and cur_n + n > target:
+                packs.append(cur)
+                cur, cur_n = [], 0
+            cur.append(_Piece(p, idx, 0, n))
+            cur_n += n
+        if cur:
+            packs.append(cur)
+        flags = self._inner_flags(group)
+        self._impl = self._impl_name(group, flags)
+        start = len(self._subgroups)
+        total = start + len(packs)
+        for j, pieces in enumerate(packs):
+            i = start + j
+            tier = cfg.state_tier
+            site = "device" if tier is Tier.DEVICE else cfg.update_site(i, total) if not isinstance(
+                cfg.update_on, str) else cfg.update_on
+            has_master = any(pc.param.dtype != torch.float32 or
+                             (pc.param.device.type != "cpu" and site == "cpu") for pc in pieces)
+            sub = _Subgroup(i, gi, pieces, tier, site, has_master)
+            hp = {k: v for k, v in group.items() if k != "params"}
+            hp.update(flags)
+            for pc in pieces:  # some classes (Adagrad) make state in their constructor: give them real shapes
+                pc.proxy.data = pc.param_view().detach().float() if has_master else pc.param_view()
+            sub.inner = self._make_inner([pc.proxy for pc in pieces], hp)
+            self._subgroups.append(sub)
+            if has_master or sub.inner.state:  # masters from the params; state some classes make up front
+                self._init_chunk(sub)
+            for pc in pieces:
+                pc.proxy.data = torch.empty(0)
+
+    # -- memory for chunks ------------------------------------------------------------------------------------------
+    def _alloc(self, nbytes: int, where: str, *, wait: bool = True) -> tuple[torch.Tensor, Callable[[], None]]:
+        """``nbytes`` of chunk memory on the host (pool) or device; returns the memory and its release."""
+        if where == "host":
+            buf = self._host_pool.acquire(max(nbytes, 1), wait=wait)
+            return buf.tensor[:nbytes], buf.release
+        self._device_budget.reserve(nbytes, what="device chunk")
+        if self.device.type == "cuda":
+            mem = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        else:
+            mem = aligned_empty(nbytes)[:nbytes]
+        return mem, lambda: self._device_budget.release(nbytes)
+
+    def _home(self, sub: _Subgroup) -> str:
+        """Where a resident chunk of this subgroup lives between steps."""
+        return "device" if sub.tier is Tier.DEVICE else "host"
+
+    def _store_for(self) -> NvmeStore:
+        if self._store is None:
+            cfg = self.config
+            cap = cfg.nvme_capacity_bytes
+            if cap is None:
+                per_param = self._probe_state_bytes()
+                need = sum(s.numel * (per_param + (4 if s.has_master else 0)) + len(s.pieces) * SLOT_ALIGN * 8
+                           for s in self._subgroups)
+                cap = int(need * 2.2) + (64 << 20)
+            self._store = NvmeStore(list(cfg.nvme_dirs), cap, config=cfg.store, reset=True)
+        return self._store
+
+    def _probe_state_bytes(self) -> int:
+        """Bytes of per-element state the optimizer class creates, from one step on a 64x64 parameter."""
+        p = torch.zeros(64, 64, requires_grad=True)
+        hp = {k: v for k, v in self.param_groups[0].items() if k != "params"}
+        hp.update(fused=None) if "fused" in hp else None
+        opt = self._make_inner([p], hp)
+        p.grad = torch.ones_like(p)
+        opt.step()
+        total = sum(v.numel() * v.element_size() for v in opt.state[p].values()
+                    if torch.is_tensor(v) and v.numel() > 1)
+        return max(1, math.ceil(total / p.numel()))
+
+    # -- chunks: pack, bind, store ----------------------------------------------------------------------------------
+    def _layout(self, sub: _Subgroup, tensors: list[tuple[int, str, torch.Tensor]]) -> tuple[list[_Slot], int]:
+        slots, off = [], 0
+        for pi, key, t in tensors:
+            nbytes = t.numel() * t.element_size()
+            slots.append(_Slot(pi, key, t.dtype, tuple(t.shape), off, nbytes))
+            off += (nbytes + SLOT_ALIGN - 1) // SLOT_ALIGN * SLOT_ALIGN
+        return slots, off
+
+    def _chunk_tensors(self, sub: _Subgroup) -> list[tuple[int, str, torch.Tensor]]:
+        """The tensors that belong in the chunk now (proxies bound): masters, then each piece's large state."""
+        out = []
+        for pi, pc in enumerate(sub.pieces):
+            if sub.has_master:
+                out.append((pi, "master", pc.proxy.data))
+            for key, v in sub.inner.state.get(pc.proxy, {}).items():
+                if torch.is_tensor(v) and v.numel() > 1:
+                    out.append((pi, key, v))
+        return out
+
+    def _init_chunk(self, sub: _Subgroup) -> None:
+        """First chunk of a subgroup: masters from the params (and state some classes create up front)."""
+        tensors = self._chunk_tensors(sub)
+        for pi, pc in enumerate(sub.pieces):  # small state made by the constructor
+            for key, v in sub.inner.state.get(pc.proxy, {}).items():
+                if not (torch.is_tensor(v) and v.numel() > 1):
+                    sub.small[pi][key] = v
+        self._repack(sub, tensors, where=self._home(sub) if sub.tier is not Tier.NVME else "host")
+        sub.inner.state.clear()
+        if sub.tier is Tier.NVME:
+            self._write_out(sub, wait=True)
+
+    def _repack(self, sub: _Subgroup, tensors: list[tuple[int, str, torch.Tensor]], where: str) -> None:
+        """Give ``sub`` a new chunk holding ``tensors`` (which may live in its old chunk) in memory ``where``."""
+        slots, nbytes = self._layout(sub, tensors)
+        mem, release = self._alloc(nbytes, where)
+        for slot, (_, _, t) in zip(slots, tensors):
+            slot.view(mem).copy_(t)
+        if sub.release is not None:
+            sub.release()
+        sub.slots, sub.chunk_bytes, sub.mem, sub.release = slots, nbytes, mem, release
+        sub.residency = Residency.RESIDENT
+
+    def _bind(self, sub: _Subgroup, mem: torch.Tensor | None, device: torch.device) -> None:
+        """Point the inner optimizer at this update's memory: proxies, grads, state."""
+        by_piece: list[dict[str, Any]] = [dict() for _ in sub.pieces]
+        for slot in sub.slots:
+            by_piece[slot.piece][slot.key] = slot.view(mem)
+        state = sub.inner.state
+        state.clear()
+        for pi, pc in enumerate(sub.pieces):
+            entry = by_piece[pi]
+            if sub.has_master:
+                pc.proxy.data = entry.pop("master")
+            else:
+                pc.proxy.data = pc.param_view()
+            for key, v in sub.small[pi].items():
+                entry[key] = v.to(device) if torch.is_tensor(v) and v.device != device else v
+            if entry:
+                state[pc.proxy] = entry
+
+    @staticmethod
+    def _scratch_bytes(sub: _Subgroup, device: torch.device) -> int:
+        """fp32 grad scratch an update needs: for each piece whose grad is not already fp32 on ``device``."""
+        return sum(pc.numel * 4 for pc in sub.pieces
+                   if pc.param.dtype != torch.float32 or pc.param.device != device)
+
+    def _bind_grads(self, sub: _Subgroup, device: torch.device, region: torch.Tensor | None) -> Callable[[], None]:
+        """Set each proxy's ``.grad``: the param's grad itself when it is fp32 on ``device`` (no copy), else an fp32
+        copy in scratch memory (``region`` when the caller has one). Returns the scratch's release."""
+        nbytes = self._scratch_bytes(sub, device)
+        release = None
+        if nbytes and region is None:
+            region, release = self._alloc(nbytes, "device" if sub.site == "device" else "host")
+        off = 0
+        for pc in sub.pieces:
+            g = pc.param.grad
+            if g is None:
+                pc.proxy.grad = None
+                continue
+            if g.is_sparse:
+                raise NotImplementedError("OffloadOptimizer: sparse gradients are not supported")
+            g = pc.of(g)
+            if g.dtype == torch.float32 and g.device == device:
+                pc.proxy.grad = g
+            else:
+                view = region[off:off + pc.numel * 4].view(torch.float32).view(pc.shape)
+                view.copy_(g, non_blocking=True)
+                pc.proxy.grad = view
+                off += pc.numel * 4
+        return release or (lambda: None)
+
+    def _unbind(self, sub: _Subgroup, mem: torch.Tensor | None) -> bool:
+        """After an update: new weights to the params, scalars back to ``small``. Returns True when the inner
+        optimizer made state that is not in the chunk yet (its first step), so the chunk must be re-packed."""
+        repack = False
+        slot_keys = {(s.piece, s.key): s for s in sub.slots}
+        for pi, pc in enumerate(sub.pieces):
+            if sub.has_master:
+                pc.param_view().copy_(pc.proxy.data, non_blocking=True)
+            for key, v in sub.inner.state.get(pc.proxy, {}).items():
+                slot = slot_keys.get((pi, key))
+                if slot is not None:
+                    view = slot.view(mem)
+                    if v.data_ptr() != view.data_ptr():  # the optimizer replaced the tensor: keep its new value
+                        view.copy_(v)
+                elif torch.is_tensor(v) and v.numel() > 1:
+                    repack = True
+                else:
+                    sub.small[pi][key] = v
+            pc.proxy.grad = None
+        return repack
+
+    def _write_out(self, sub: _Subgroup, wait: bool = False) -> "_WriteBack":
+        """Start writing a resident NVMe-tier chunk to the store; its buffer is released once the write is done.
+
+        If the write fails the store keeps the previous version, so the chunk must stay in memory: the caller
+        sees the failure through ``_WriteBack.check()`` (on its own thread, so residency never changes behind
+        its back) and the subgroup goes back to RESIDENT there."""
+        store = self._store_for()
+        wb = _WriteBack(sub, sub.mem, sub.release)
+        sub.mem, sub.release = None, None
+        sub.residency = Residency.STORED
+        self._stats["write_bytes"] += sub.chunk_bytes
+        wb.handle = store.write(sub.key, wb.mem)
+        wb.handle.future.add_done_callback(lambda f: wb.release() if f.exception() is None else None)
+        if wait:
+            concurrent.futures.wait([wb.handle.future])
+            err = wb.check()
+            if err is not None:
+                raise err
+        return wb
+
+    # -- the step ---------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        t0 = time.perf_counter()
+        for p in self._frozen:
+            if p.grad is not None:
+                raise NotImplementedError("OffloadOptimizer: a parameter that did not require grad when the optimizer "
+                                          "was built now has a gradient; rebuild the optimizer (or add_param_group) "
+                                          "after unfreezing")
+        if self._scale is not None and self.unscale_():  # inf/NaN in a grad: skip, lower the scale
+            self._unscaled = False
+            self._on_overflow()
+            return loss
+        self._sync_hparams()
+        try:
+            for sub in self._subgroups:
+                if sub.tier is not Tier.NVME and sub.has_grads():
+                    self._update(sub, sub.mem)
+            stored = [s for s in self._subgroups if s.tier is Tier.NVME and s.has_grads()]
+            if stored:
+                self._step_streamed(stored)
+        finally:
+            self._unscaled = False
+        if self._scale is not None:
+            self._on_good_step()
+        self._stats["steps"] += 1
+        self._stats["step_s"] += time.perf_counter() - t0
+        return loss
+
+    def _sync_hparams(self) -> None:
+        """LR schedulers (and users) change the outer groups; carry every hyperparameter to the inner ones."""
+        for sub in self._subgroups:
+            outer = self.param_groups[sub.group]
+            inner = sub.inner.param_groups[0]
+            for k, v in outer.items():
+                if k not in ("params", "fused", "foreach"):
+                    inner[k] = v
+
+    def _update(self, sub: _Subgroup, host_mem: torch.Tensor | None, region: torch.Tensor | None = None) -> None:
+        """Run the inner optimizer on one subgroup whose chunk is in memory: ``host_mem`` (host-resident or just
+        read from the store) or the device chunk of a device-tier subgroup. ``region``: grad scratch to use."""
+        t0 = time.perf_counter()
+        device = self.device if sub.site == "device" else torch.device("cpu")
+        mem, release_dev = host_mem, None
+        if sub.site == "device" and sub.tier is not Tier.DEVICE and sub.chunk_bytes:
+            # Deep Optimizer States: the state goes to the device, is updated there, and comes back.
+            mem, release_dev = self._alloc(sub.chunk_bytes, "device")
+            mem.copy_(host_mem, non_blocking=True)
+            self._stats["h2d_bytes"] += sub.chunk_bytes
+        self._bind(sub, mem, device)
+        release_grads = self._bind_grads(sub, device, region)
+        try:
+            sub.inner.step()
+            repack = self._unbind(sub, mem)
+            if repack:
+                # First update of these pieces: pack the state the optimizer just made into a new chunk.
+                self._repack(sub, self._chunk_tensors(sub), where="device" if sub.tier is Tier.DEVICE else "host")
+            elif release_dev is not None:
+                host_mem.copy_(mem, non_blocking=True)
+                self._stats["d2h_bytes"] += sub.chunk_bytes
+            if mem is not None and mem.device.type == "cuda" and sub.tier is not Tier.DEVICE:
+                # The copy back is queued on the current stream, and the host buffer is read next by the store's
+                # worker threads (or the next step): it must have landed before we hand it on.
+                torch.cuda.current_stream(mem.device).synchronize()
+        finally:
+            release_grads()
+            if release_dev is not None:
+                release_dev()
+            sub.inner.state.clear()
+            for pc in sub.pieces:
+                pc.proxy.data = torch.empty(0)
+        self._stats["update_s"] += time.perf_counter() - t0
+
+    def _step_streamed(self, subs: list[_Subgroup]) -> None:
+        """Update NVMe-tier subgroups as a pipeline: read ahead while one updates and earlier ones write back.
+
+        At most ``config.buffers`` chunk buffers exist at once (reads ahead + the one updating + writes in
+        flight), all from the host pool, whose budget caps them again: a prefetch that does not fit waits.
+        """
+        store = self._store_for()
+        ahead: deque = deque()  # (subgroup, buffer, release, read handle)
+        writes: deque = deque()
+        nxt = 0
+
+        def buffer_bytes(sub: _Subgroup) -> tuple[int, int]:
+            chunk = (sub.chunk_bytes + 4095) // 4096 * 4096
+            return chunk, chunk + (self._scratch_bytes(sub, torch.device("cpu")) if sub.site == "cpu" else 0)
+
+        def issue(sub: _Subgroup, wait: bool) -> bool:
+            if sub.residency is Residency.RESIDENT:  # kept in memory after a failed write-back
+                ahead.append((sub, sub.mem, sub.release, None, sub.chunk_bytes))
+                return True
+            chunk, total = buffer_bytes(sub)
+            try:
+                buf, release = self._alloc(total, "host", wait=wait)
+            except TierFullError:
+                if wait:
+                    raise
+                return False
+            handle = None
+            if sub.residency is Residency.STORED:
+                self._stats["read_bytes"] += sub.chunk_bytes
+                handle = store.read(sub.key, out=buf[:sub.chunk_bytes])
+            ahead.append((sub, buf, release, handle, chunk))
+            return True
+
+        failed: list[BaseException] = []
+
+        def in_use() -> int:
+            while writes and writes[0].handle.done():
+                # A failed write-back keeps its chunk in memory (see _write_out): finish the step for every
+                # subgroup, then raise, so that no subgroup is left a step behind the others.
+                err = writes.popleft().check()
+                if err is not None:
+                    failed.append(err)
+            return len(ahead) + len(writes)
+
+        try:
+            for _ in range(len(subs)):
+                if not ahead:
+                    while writes and in_use() >= self.config.buffers:
+                        concurrent.futures.wait([writes[0].handle.future])
+                    issue(subs[nxt], wait=True)  # may wait for a write-back to free pool budget
+                    nxt += 1
+                # Read ahead while this one updates, as far as the buffer count and the pool's budget allow.
+                while nxt < len(subs) and in_use() + 1 < self.config.buffers and issue(subs[nxt], wait=False):
+                    nxt += 1
+                sub, buf, release, handle, chunk = ahead.popleft()
+                if handle is not None:
+                    t0 = time.perf_counter()
+                    try:
+                        handle.wait()
+                    except BaseException:
+                        release()
+                        raise
+                    self._stats["wait_read_s"] += time.perf_counter() - t0
+                sub.mem, sub.release, sub.residency = buf[:sub.chunk_bytes], release, Residency.RESIDENT
+                region = buf[chunk:] if sub.site == "cpu" and buf.numel() > chunk else None
+                self._update(sub, sub.mem, region=region)
+                if sub.chunk_bytes:
+                    writes.append(self._write_out(sub))
+                else:
+                    sub.release()
+                    sub.mem, sub.release, sub.residency = None, None, Residency.EMPTY
+        finally:
+            # On an error (a checksum mismatch, a full disk) give every buffer back before raising; the subgroups
+            # not yet updated keep their stored state.
+            for _sub, _buf, release, handle, _chunk in ahead:
+                if handle is not None:
+                    concurrent.futures.wait([handle.future])
+                release()
+            concurrent.futures.wait([wb.handle.future for wb in writes])
+        failed += [err for err in (wb.check() for wb in writes) if err is not None]
+        if failed:
+            raise failed[0]
+
+    # -- loss scaling -----------------------------------------------------------------------------------------------
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss * scale`` for fp16 training with ``OffloadConfig(loss_scale=...)``; call ``.backward()`` on it.
+        The step unscales the grads, and skips itself (lowering the scale) when any grad is inf or NaN."""
+        if self._scale is None:
+            raise ValueError("scale_loss: loss scaling is off; set OffloadConfig(loss_scale='dynamic') for fp16")
+        return loss * self._scale
+
+    @property
+    def loss_scale(self) -> float | None:
+        return self._scale
+
+    def _grads(self) -> list[torch.Tensor]:
+        return [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+
+    def _found_inf(self) -> bool:
+        grads = self._grads()
+        if not grads:
+            return False
+        flags = [torch.isfinite(g).all() for g in grads]
+        return not bool(torch.stack([f.to("cpu") for f in flags]).all())
+
+    def _on_overflow(self) -> None:
+        self._stats["skipped_steps"] += 1
+        self._good_steps = 0
+        if self.config.loss_scale == "dynamic":
+            self._scale = max(self._scale / 2.0, 1.0)
+
+    def _on_good_step(self) -> None:
+        self._good_steps += 1
+        if self.config.loss_scale == "dynamic" and self._good_steps % 2000 == 0:
+            self._scale *= 2.0
+
+    @torch.no_grad()
+    def unscale_(self) -> bool:
+        """Divide the grads by the loss scale now (before clipping, say). Returns True when a grad is inf/NaN, in
+        which case the next ``step()`` is skipped."""
+        if self._scale is None or self._unscaled:
+            return False
+        if self._found_inf():
+            return True
+        inv = 1.0 / self._scale
+        for g in self._grads():
+            g.mul_(inv)
+        self._unscaled = True
+        return False
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over every trainable parameter's grad, wherever it lives (the same
+        global norm and the same arithmetic, so results are bit-identical). Unscales first under loss scaling."""
+        if self._scale is not None and self.unscale_():
+            return torch.tensor(float("inf"))
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+
+    # -- optimizer protocol -----------------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        if not hasattr(self, "_subgroups"):  # called by Optimizer.__init__
+            return super().add_param_group(param_group)
+        group = dict(param_group)
+        params = group["params"]
+        group["params"] = [params] if torch.is_tensor(params) else list(params)
+        filled, _ = self._fill_groups(self.optimizer_class, [group], {k: v for k, v in self.defaults.items()
+                                                                      if k not in group})
+        super().add_param_group(filled[0])
+        self._build_subgroups(len(self.param_groups) - 1)
+
+    def state_dict(self) -> dict:
+        """The state dict a plain optimizer of the same class would have (loadable by it), built one subgroup at
+        a time. For low-precision params each entry also carries ``master``, the fp32 weights."""
+        sd = super().state_dict()  # param_groups with indices; our own self.state is empty
+        state: dict[int, dict] = {}
+        for sub in self._subgroups:
+            with self._resident(sub) as mem:
+                for slot in sub.slots:
+                    self._merge(state, sub.pieces[slot.piece], slot.key, slot.view(mem))
+                for pi, small in enumerate(sub.small):
+                    pc = sub.pieces[pi]
+                    for key, v in small.items():
+                        entry = state.setdefault(pc.index, {})
+                        if key not in entry:
+                            entry[key] = v.detach().to("cpu").clone() if torch.is_tensor(v) else v
+        sd["state"] = {k: state[k] for k in sorted(state)}
+        return sd
+
+    @staticmethod
+    def _merge(state: dict, pc: _Piece, key: str, value: torch.Tensor) -> None:
+        entry = state.setdefault(pc.index, {})
+        if pc.whole:
+            entry[key] = value.detach().to("cpu").clone()
+            return
+        full = entry.get(key)
+        if full is None:
+            full = entry[key] = torch.empty(pc.param.shape, dtype=value.dtype)
+        full.view(-1)[pc.start:pc.start + pc.numel].copy_(value.reshape(-1))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict from this class or from the plain optimizer class (same model, same param order)."""
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"load_state_dict: the state dict has {len(groups)} param groups, this optimizer has "
+                             f"{len(self.param_groups)}: it was saved for a different model or optimizer setup")
+        for gi, (g, mine) in enumerate(zip(groups, self.param_groups)):
+            if len(g["params"]) != len(mine["params"]):
+                raise ValueError(f"load_state_dict: param group {gi} has {len(g['params'])} params in the state dict "
+                                 f"and {len(mine['params'])} here: it was saved for a different model")
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved_ids = [i for g in groups for i in g["params"]]
+        remap = {sid: k for k, sid in enumerate(saved_ids)}
+        state = {}
+        for sid, entry in state_dict["state"].items():
+            k = remap.get(int(sid))
+            if k is None:
+                raise ValueError(f"load_state_dict: state for parameter id {sid}, which no param group lists")
+            p = params[k]
+            for key, v in entry.items():
+                if (issubclass(self.optimizer_class, ELEMENTWISE) and torch.is_tensor(v) and v.numel() > 1
+                        and tuple(v.shape) != tuple(p.shape)):
+                    raise ValueError(f"load_state_dict: parameter {k} (shape {list(p.shape)}) has state {key!r} of "
+                                     f"shape {list(v.shape)}: the state dict belongs to a different model")
+            state[k] = entry
+        for g, mine in zip(groups, self.param_groups):
+            for key, v in g.items():
+                if key != "params":
+                    mine[key] = v
+        self._load_state(state)
+
+    def _load_state(self, state: dict[int, dict]) -> None:
+        """Put per-parameter state (keys: global param index) into the subgroups, one subgroup at a time."""
+        for sub in self._subgroups:
+            tensors, small = [], [dict() for _ in sub.pieces]
+            for pi, pc in enumerate(sub.pieces):
+                entry = state.get(pc.index, {})
+                if sub.has_master:
+                    m = entry.get("master")
+                    tensors.append((pi, "master", pc.of(m).reshape(pc.shape).float() if m is not None
+                                    else pc.param_view().float()))
+                for key, v in entry.items():
+                    if key == "master":
+                        continue
+                    if torch.is_tensor(v) and v.numel() > 1:
+                        if not torch.is_floating_point(v) or key == "step":
+                            val = v
+                        else:  # as torch's load_state_dict does: floating state follows the param's dtype
+                            val = v.to(torch.float32 if sub.has_master else pc.param.dtype)
+                        tensors.append((pi, key, val if pc.whole else pc.of(val).reshape(pc.shape)))
+                    else:
+                        small[pi][key] = v.clone() if torch.is_tensor(v) else v
+            sub.small = small
+            if not tensors:
+                if sub.release is not None:
+                    sub.release()
+                sub.slots, sub.chunk_bytes, sub.mem, sub.release = [], 0, None, None
+                sub.residency = Residency.EMPTY
+                continue
+            self._repack(sub, tensors, where=self._home(sub) if sub.tier is not Tier.NVME else "host")
+            if sub.tier is Tier.NVME:
+                self._write_out(sub, wait=True)
+
+    class _Resident:
+        def __init__(self, opt: "OffloadOptimizer", sub: _Subgroup):
+            self.opt, self.sub, self.release = opt, sub, None
+
+        def __enter__(self):
+            sub = self.sub
+            if sub.residency is Residency.STORED:
+                mem, self.release = self.opt._alloc(sub.chunk_bytes, "host")
+                self.opt._store_for().read(sub.key, out=mem).wait()
+                return mem
+            return sub.mem
+
+        def __exit__(self, *exc):
+            if self.release is not None:
+                self.release()
+
+    def _resident(self, sub: _Subgroup) -> "_Resident":
+        return OffloadOptimizer._Resident(self, sub)
+
+    # -- reporting --------------------------------------------------------------------------------------------------
+    def report(self) -> dict:
+        """What the optimizer did and where: implementation, subgroups and their placement, bytes moved, time."""
+        tiers: dict[str, int] = {}
+        for s in self._subgroups:
+            tiers[s.tier.value] = tiers.get(s.tier.value, 0) + s.chunk_bytes
+        return {
+            "optimizer": self.optimizer_class.__name__,
+            "impl": self._impl,
+            "device": str(self.device),
+            "subgroups": [{"index": s.index, "params": s.numel, "pieces": len(s.pieces), "tier": s.tier.value,
+                           "update_on": s.site, "chunk_bytes": s.chunk_bytes, "master": s.has_master}
+                          for s in self._subgroups],
+            "state_bytes_by_tier": tiers,
+            "host_pool": self._host_pool.stats(),
+            "store": self._store.stats.snapshot() if self._store is not None else None,
+            **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in self._stats.items()},
+        }
+
+    def summary(self) -> str:
+        r = self.report()
+        lines = [f"OffloadOptimizer({r['optimizer']}, impl={r['impl']}, {len(r['subgroups'])} subgroups on {r['device']})"]
+        for tier, nbytes in r["state_bytes_by_tier"].items():
+            lines.append(f"  state on {tier}: {format_bytes(nbytes)}")
+        lines.append(f"  steps {r['steps']} (skipped {r['skipped_steps']}), update {r['update_s']:.3f} s, waited "
+                     f"for reads {r['wait_read_s']:.3f} s, read {format_bytes(r['read_bytes'])}, wrote "
+                     f"{format_bytes(r['write_bytes'])}")
+        return "\n".join(lines)
+
+    def close(self) -> None:
+        """Release host/device memory and close the NVMe store (its files stay until the directory is removed)."""
+        for sub in self._subgroups:
+            if sub.release is not None:
+                sub.release()
+                sub.release, sub.mem = None, None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def __repr__(self) -> str:
+        return f"Offload{self.optimizer_class.__name__}({len(self._subgroups)} subgroups, impl={self._impl})"

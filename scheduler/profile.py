@@ -1,0 +1,241 @@
+"""HardwareProfile: the rates and capacities of one machine, each number with where it came from.
+
+A profile is measured by ``offload probe`` (scheduler/probe.py) or written by hand for a machine you do not have
+(the shipped ones in ``scheduler/profiles/`` are such files). It is stored as versioned JSON in which every number
+is ``{"value": ..., "source": ...}``: a vendor spec, a paper, an estimate (and from what), or "measured on ...
+by offload probe". FlexGen's fitted constants could not be reproduced by its users; ours say where they came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
+
+PROFILE_FORMAT = "offload-hardware-profile"
+PROFILE_VERSION = 1
+"""Bump when a field changes meaning; ``load`` refuses other versions (re-run ``offload probe``)."""
+SHIPPED_DIR = Path(__file__).resolve().parent / "profiles"
+DTYPES = ("fp32", "bf16", "fp16")
+
+# Numeric fields: each needs an entry in ``sources``. ``device_tflops`` (a per-dtype mapping) is one of them.
+RATE_FIELDS = ("device_tflops", "compute_efficiency", "h2d_gbps", "d2h_gbps", "bidir_gbps", "disk_read_gbps",
+               "disk_write_gbps", "disk_mixed_gbps", "disk_block_bytes", "cpu_update_params_per_s",
+               "cpu_update_params_per_s_under_io", "device_update_params_per_s")
+CAPACITY_FIELDS = ("device_memory_bytes", "host_memory_bytes", "nvme_bytes")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HardwareProfile:
+    """Rates (per second, at the transfer sizes we use) and capacities of one machine."""
+
+    name: str
+    """Short name: ``h100-pcie5-gen4nvme``, or ``probe-<fingerprint>`` for a measured one."""
+    fingerprint: str = ""
+    """``fingerprint()`` of the machine it was measured on; empty for a hand-written profile."""
+    device_name: str = "cpu"
+    """``torch.cuda.get_device_name()``, or ``"cpu"`` when the compute device is the CPU."""
+    device_tflops: Mapping[str, float]
+    """Dense matmul rate per compute dtype (``fp32``, ``bf16``, ``fp16``), 1e12 FLOP/s."""
+    compute_efficiency: float = 1.0
+    """Fraction of ``device_tflops`` a whole training step reaches (MFU of the compute alone): the cost model
+    divides FLOPs by ``device_tflops * compute_efficiency``."""
+    h2d_gbps: float
+    """Host -> device copy rate from pinned memory, 1e9 B/s. On a CPU-only machine: a memcpy."""
+    d2h_gbps: float
+    """Device -> host copy rate into pinned memory, 1e9 B/s."""
+    bidir_gbps: float
+    """Sum of both directions when both run at once, 1e9 B/s (<= h2d + d2h)."""
+    disk_read_gbps: float
+    """NVMe store reads (O_DIRECT, ``disk_block_bytes`` requests, several in flight), 1e9 B/s."""
+    disk_write_gbps: float
+    disk_mixed_gbps: float
+    """Reads plus writes per second when both run at once, 1e9 B/s."""
+    disk_block_bytes: int = 8 << 20
+    """The request size the disk rates were measured at (the store's ``StoreConfig.block_bytes``)."""
+    cpu_update_params_per_s: float
+    """fp32 AdamW parameters updated per second on the CPU (fused kernel, all cores)."""
+    cpu_update_params_per_s_under_io: float
+    """The same while the disk streams at full rate (the store's threads and memory traffic compete)."""
+    device_update_params_per_s: float
+    """fp32 AdamW parameters updated per second on the device."""
+    device_memory_bytes: int
+    host_memory_bytes: int
+    """Host memory the runtime may use (pinned pool plus staging), not the machine's total."""
+    nvme_bytes: int
+    sources: Mapping[str, str]
+    """Field name -> where its number came from. Every rate and capacity field needs one."""
+
+    def __post_init__(self):
+        if not self.name:
+            raise ValueError("HardwareProfile.name: expected a non-empty name, got ''")
+        tf = dict(self.device_tflops)
+        for k, v in tf.items():
+            if k not in DTYPES:
+                raise ValueError(f"HardwareProfile.device_tflops: expected keys among {DTYPES}, got {k!r}")
+            if not (isinstance(v, (int, float)) and v > 0):
+                raise ValueError(f"HardwareProfile.device_tflops[{k!r}]: expected a positive number, got {v!r}")
+        if not tf:
+            raise ValueError("HardwareProfile.device_tflops: expected at least one dtype, e.g. {'bf16': 756.0}")
+        object.__setattr__(self, "device_tflops", MappingProxyType(tf))
+        object.__setattr__(self, "sources", MappingProxyType(dict(self.sources)))
+        for f in RATE_FIELDS[1:] + CAPACITY_FIELDS:
+            v = getattr(self, f)
+            if not (isinstance(v, (int, float)) and v > 0):
+                raise ValueError(f"HardwareProfile.{f}: expected a positive number, got {v!r}")
+        if self.compute_efficiency > 1:
+            raise ValueError(f"HardwareProfile.compute_efficiency: expected a fraction in (0, 1], got "
+                             f"{self.compute_efficiency}")
+        missing = [f for f in RATE_FIELDS + CAPACITY_FIELDS if not self.sources.get(f)]
+        if missing:
+            raise ValueError(f"HardwareProfile.sources: expected a source for every number, missing {missing}; "
+                             f"write e.g. 'vendor spec: ...', 'estimate: ...' or 'measured ... by offload probe'")
+
+    # -- derived ----------------------------------------------------------------------------------------------------
+    def flops_per_s(self, dtype: str) -> float:
+        """Sustained FLOP/s for ``dtype``: peak times ``compute_efficiency``."""
+        if dtype not in self.device_tflops:
+            raise ValueError(f"profile {self.name!r} has no rate for {dtype!r}: expected one of "
+                             f"{sorted(self.device_tflops)}; add it to device_tflops or pick another dtype")
+        return self.device_tflops[dtype] * 1e12 * self.compute_efficiency
+
+    def with_capacities(self, *, device_memory_bytes: int | None = None, host_memory_bytes: int | None = None,
+                        nvme_bytes: int | None = None) -> "HardwareProfile":
+        """A copy with some capacities overridden (``offload plan --device-memory ...``); sources say so."""
+        changes, sources = {}, dict(self.sources)
+        for f, v in (("device_memory_bytes", device_memory_bytes), ("host_memory_bytes", host_memory_bytes),
+                     ("nvme_bytes", nvme_bytes)):
+            if v is not None:
+                changes[f] = int(v)
+                sources[f] = "given on the command line"
+        return dataclasses.replace(self, **changes, sources=sources) if changes else self
+
+    # -- JSON -------------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        out = {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "name": self.name,
+               "fingerprint": self.fingerprint, "device_name": self.device_name}
+        for f in RATE_FIELDS + CAPACITY_FIELDS:
+            v = getattr(self, f)
+            out[f] = {"value": dict(v) if isinstance(v, Mapping) else v, "source": self.sources[f]}
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict, *, where: str = "profile") -> "HardwareProfile":
+        if d.get("format") != PROFILE_FORMAT:
+            raise ValueError(f"{where}: expected a JSON object with format {PROFILE_FORMAT!r}, got "
+                             f"{d.get('format')!r}; is this a hardware profile?")
+        if d.get("version") != PROFILE_VERSION:
+            raise ValueError(f"{where}: expected profile version {PROFILE_VERSION}, got {d.get('version')!r}; "
+                             f"re-run `offload probe` (or update the file by hand)")
+        kwargs, sources = {}, {}
+        for f in RATE_FIELDS + CAPACITY_FIELDS:
+            entry = d.get(f)
+            if not isinstance(entry, dict) or "value" not in entry:
+                raise ValueError(f"{where}: field {f!r}: expected {{\"value\": ..., \"source\": ...}}, got {entry!r}")
+            kwargs[f] = entry["value"]
+            sources[f] = entry.get("source", "")
+        for f in ("disk_block_bytes",) + CAPACITY_FIELDS:
+            kwargs[f] = int(kwargs[f])
+        return cls(name=d.get("name", ""), fingerprint=d.get("fingerprint", ""),
+                   device_name=d.get("device_name", "cpu"), sources=sources, **kwargs)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write JSON atomically (a reader never sees half a file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "HardwareProfile":
+        try:
+            d = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: expected a JSON hardware profile, got invalid JSON ({e})") from None
+        return cls.from_dict(d, where=str(path))
+
+
+# -- where profiles live -----------------------------------------------------------------------------------------------
+def cache_dir() -> Path:
+    """``$OFFLOAD_CACHE_DIR/profiles`` if set, else ``~/.cache/offload/profiles``."""
+    base = os.environ.get("OFFLOAD_CACHE_DIR")
+    return (Path(base) if base else Path.home() / ".cache" / "offload") / "profiles"
+
+
+def shipped_profiles() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_DIR.glob("*.json"))
+
+
+def resolve(name_or_path: str | None) -> HardwareProfile:
+    """A profile by path, shipped name, or (``None``) this machine's cached probe, else ``cpu-dev-2core``."""
+    if name_or_path is None:
+        cached = cache_dir() / f"{fingerprint()}.json"
+        if cached.exists():
+            return HardwareProfile.load(cached)
+        return HardwareProfile.load(SHIPPED_DIR / "cpu-dev-2core.json")
+    if os.path.sep in name_or_path or name_or_path.endswith(".json"):
+        if not os.path.exists(name_or_path):
+            raise ValueError(f"--profile: expected a shipped name or an existing file, got {name_or_path!r}")
+        return HardwareProfile.load(name_or_path)
+    path = SHIPPED_DIR / f"{name_or_path}.json"
+    if not path.exists():
+        raise ValueError(f"--profile: expected one of {shipped_profiles()} or a path to a JSON profile, got "
+                         f"{name_or_path!r}")
+    return HardwareProfile.load(path)
+
+
+# -- fingerprint -------------------------------------------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _disk_device(path: str) -> str:
+    """``major:minor model`` of the block device holding ``path`` (model from sysfs where it says)."""
+    try:
+        dev = os.stat(path).st_dev
+    except OSError:
+        return "unknown"
+    majmin = f"{os.major(dev)}:{os.minor(dev)}"
+    model = ""
+    for rel in ("device/model", "../device/model"):
+        try:
+            model = Path(f"/sys/dev/block/{majmin}/{rel}").read_text().strip()
+            break
+        except OSError:
+            continue
+    return f"{majmin} {model}".strip()
+
+
+def fingerprint_parts(disk_path: str | None = None) -> dict[str, str]:
+    import psutil  # imported here: reading a profile must not need it
+
+    gpu = "none"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    ram_gib = round(psutil.virtual_memory().total / 2**30)
+    return {"cpu": _cpu_model(), "cpus": str(os.cpu_count()), "ram_gib": str(ram_gib), "gpu": gpu,
+            "disk": _disk_device(disk_path or os.environ.get("TMPDIR", "/tmp"))}
+
+
+def fingerprint(disk_path: str | None = None) -> str:
+    """16 hex digits identifying this machine's CPU model and count, RAM, GPU and disk: the probe cache key."""
+    parts = fingerprint_parts(disk_path)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,413 @@
+"""Workload: what one training iteration of a model asks of the hardware, per unit, without allocating the model.
+
+A **unit** is a group of modules moved and updated together (DESIGN.md, "Chunks and handles"): each child of
+the model's largest ``nn.ModuleList`` (its repeated blocks), plus one ``rest`` unit for everything else
+(embeddings, final norm, output head). ``rest`` is used at both ends of the iteration (embedding first, head last
+in forward; head first, embedding last in backward), which is why the cost model treats it specially.
+
+Assumptions (each a field of :class:`Workload`, so a different recipe is a different workload):
+
+- mixed precision: params and grads on the device in a 16-bit dtype (2 B/param each); the optimizer holds an
+  fp32 master copy plus AdamW's two moments: ``state_bytes_per_param = 12`` (4 + 4 + 4), as in ZeRO
+  (Rajbhandari et al. 2020, sec. 3.1, "K = 12"). Plain fp32 training: 4 / 4 / 8 (the master is the param).
+- FLOPs: a matmul with an ``n``-parameter weight costs ``2 n`` FLOPs per token forward and twice that backward
+  (the ``6 N`` rule: Kaplan et al. 2020, sec. 2.1); attention adds ``4 * seq * d_model`` FLOPs per token per
+  layer forward for ``QK^T`` and ``AV`` (PaLM, Chowdhery et al. 2022, app. B: ``6N + 12 L H Q T`` per token
+  for training, non-causal count). Embedding lookups, norms and elementwise work are not counted.
+- activation checkpointing per unit (the default): between a unit's forward and its backward only its input
+  stays on the device (``2 * seq * batch * d_model`` bytes), and backward recomputes the forward (one more
+  forward's FLOPs, which the cost model adds and MFU does not count). While a unit runs it needs its full
+  activations: ``seq * batch * (18 d + 4 ff g)`` bytes (Korthikanti et al. 2022, eq. 1 with its MLP term scaled
+  by ``ff / 4d`` and ``g = 1.5`` for gated MLPs, flash attention assumed so no ``5 a s^2 b`` term).
+
+Presets are computed from shapes (``TransformerShape``), never instantiated: a 70B model costs no time. A test
+builds :class:`TransformerLM` from the same shape on the ``meta`` device and checks the two agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+from typing import Any
+
+BLOCK, REST = "block", "rest"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class UnitWork:
+    """One unit's share of an iteration, for the workload's batch and sequence length."""
+
+    name: str
+    kind: str
+    """``"block"`` (a child of the repeated ModuleList) or ``"rest"`` (everything else; at most one)."""
+    params: int
+    fwd_flops: float
+    """Model FLOPs of the unit's forward for the whole batch."""
+    bwd_flops: float
+    """Model FLOPs of its backward (twice the forward; recomputation is not included here)."""
+    act_bytes: int
+    """Bytes kept on the device from the unit's forward until its backward (its checkpointed input)."""
+    work_bytes: int
+    """Transient device bytes while the unit computes (its full activations during recompute and backward)."""
+
+    def __post_init__(self):
+        if self.kind not in (BLOCK, REST):
+            raise ValueError(f"UnitWork.kind: expected 'block' or 'rest', got {self.kind!r}")
+        for f in ("params", "fwd_flops", "bwd_flops", "act_bytes", "work_bytes"):
+            if getattr(self, f) < 0:
+                raise ValueError(f"UnitWork.{f} of {self.name!r}: expected >= 0, got {getattr(self, f)}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Workload:
+    """Per-unit sizes and work of one iteration. ``units[0]`` is ``rest`` when the model has one."""
+
+    name: str
+    batch: int
+    seq: int
+    units: tuple[UnitWork, ...]
+    compute_dtype: str = "bf16"
+    param_bytes_per_param: int = 2
+    """Bytes of a param on the device (the 16-bit copy the forward uses)."""
+    grad_bytes_per_param: int = 2
+    state_bytes_per_param: int = 12
+    """Optimizer-side bytes: fp32 master + AdamW exp_avg + exp_avg_sq."""
+    checkpointing: bool = True
+    """Backward recomputes each unit's forward (adds ``fwd_flops`` to backward time, not to model FLOPs)."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "units", tuple(self.units))
+        if self.batch < 1 or self.seq < 1:
+            raise ValueError(f"Workload: expected batch >= 1 and seq >= 1, got batch={self.batch}, seq={self.seq}")
+        if not self.units:
+            raise ValueError(f"Workload {self.name!r}: expected at least one unit, got none; does the model have "
+                             f"parameters?")
+        rests = [i for i, u in enumerate(self.units) if u.kind == REST]
+        if rests not in ([], [0]):
+            raise ValueError(f"Workload.units: expected at most one 'rest' unit, first; got rest at {rests}")
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+    @property
+    def params(self) -> int:
+        return sum(u.params for u in self.units)
+
+    def param_bytes(self, i: int) -> int:
+        return self.units[i].params * self.param_bytes_per_param
+
+    def grad_bytes(self, i: int) -> int:
+        return self.units[i].params * self.grad_bytes_per_param
+
+    def state_bytes(self, i: int) -> int:
+        return self.units[i].params * self.state_bytes_per_param
+
+    @property
+    def model_flops(self) -> float:
+        """FLOPs of one iteration, forward plus backward, without recomputation (the MFU numerator)."""
+        return sum(u.fwd_flops + u.bwd_flops for u in self.units)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "batch": self.batch, "seq": self.seq, "params": self.params,
+                "compute_dtype": self.compute_dtype, "param_bytes_per_param": self.param_bytes_per_param,
+                "grad_bytes_per_param": self.grad_bytes_per_param,
+                "state_bytes_per_param": self.state_bytes_per_param, "checkpointing": self.checkpointing,
+                "units": [dataclasses.asdict(u) for u in self.units]}
+
+
+# -- shapes ------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TransformerShape:
+    """A decoder-only transformer's shape: enough to count its params, FLOPs and activations."""
+
+    n_layer: int
+    d_model: int
+    n_head: int
+    d_ff: int
+    vocab: int
+    n_kv_head: int = 0
+    """Key/value heads (grouped-query attention); 0 means ``n_head``."""
+    n_pos: int = 0
+    """Learned position embeddings (GPT-2, GPT-3); 0 for rotary (Llama)."""
+    gated_mlp: bool = False
+    """SwiGLU-style MLP with three matrices (Llama)."""
+    bias: bool = False
+    norm: str = "rmsnorm"
+    tied: bool = False
+    """Output head shares the token embedding matrix."""
+
+    def __post_init__(self):
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"TransformerShape.norm: expected 'layernorm' or 'rmsnorm', got {self.norm!r}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"TransformerShape: expected d_model divisible by n_head, got {self.d_model} and "
+                             f"{self.n_head}")
+        if self.n_kv_head and self.n_head % self.n_kv_head:
+            raise ValueError(f"TransformerShape.n_kv_head: expected a divisor of n_head={self.n_head}, got "
+                             f"{self.n_kv_head}")
+
+    @property
+    def kv_dim(self) -> int:
+        return self.d_model * (self.n_kv_head or self.n_head) // self.n_head
+
+    @property
+    def norm_params(self) -> int:
+        return 2 * self.d_model if self.norm == "layernorm" else self.d_model
+
+    def block_matmul_params(self) -> int:
+        d, kv = self.d_model, self.kv_dim
+        return 2 * d * d + 2 * d * kv + (3 if self.gated_mlp else 2) * d * self.d_ff
+
+    def block_params(self) -> int:
+        d, kv, ff = self.d_model, self.kv_dim, self.d_ff
+        biases = (2 * d + 2 * kv + (2 * ff if self.gated_mlp else ff) + d) if self.bias else 0
+        return self.block_matmul_params() + biases + 2 * self.norm_params
+
+    def rest_params(self) -> int:
+        return (self.vocab * self.d_model * (1 if self.tied else 2) + self.n_pos * self.d_model + self.norm_params)
+
+
+def block_act_bytes(seq: int, batch: int, d_model: int, d_ff: int, gated: bool) -> tuple[int, int]:
+    """(kept, working) activation bytes of one transformer block, with checkpointing (see the module note)."""
+    kept = 2 * seq * batch * d_model
+    work = seq * batch * (18 * d_model + int(4 * d_ff * (1.5 if gated else 1.0)))
+    return kept, work
+
+
+def rest_act_bytes(seq: int, batch: int, d_model: int, vocab: int) -> tuple[int, int]:
+    """(kept, working): the final hidden state; the logits in bf16 plus their fp32 softmax for the loss."""
+    return 2 * seq * batch * d_model, 6 * seq * batch * vocab
+
+
+def from_shape(shape: TransformerShape, *, batch: int, seq: int, name: str = "transformer", **kw) -> Workload:
+    """Per-unit numbers from a shape alone (no torch): how presets of any size stay cheap."""
+    tokens = batch * seq
+    fwd = 2 * shape.block_matmul_params() * tokens + 4 * seq * shape.d_model * tokens
+    kept, work = block_act_bytes(seq, batch, shape.d_model, shape.d_ff, shape.gated_mlp)
+    block = UnitWork(name="", kind=BLOCK, params=shape.block_params(), fwd_flops=fwd, bwd_flops=2 * fwd,
+                     act_bytes=kept, work_bytes=work)
+    head_fwd = 2 * shape.vocab * shape.d_model * tokens
+    rk, rw = rest_act_bytes(seq, batch, shape.d_model, shape.vocab)
+    rest = UnitWork(name="rest", kind=REST, params=shape.rest_params(), fwd_flops=head_fwd, bwd_flops=2 * head_fwd,
+                    act_bytes=rk, work_bytes=rw)
+    units = [rest] + [dataclasses.replace(block, name=f"blocks.{i}") for i in range(shape.n_layer)]
+    return Workload(name=name, batch=batch, seq=seq, units=tuple(units), **kw)
+
+
+PRESETS: dict[str, tuple[TransformerShape, int, str]] = {
+    # name: (shape, published parameter count, where that count is published)
+    "gpt2": (TransformerShape(n_layer=12, d_model=768, n_head=12, d_ff=3072, vocab=50257, n_pos=1024, bias=True,
+                              norm="layernorm", tied=True), 124_439_808, "HF gpt2 model card (124M)"),
+    "gpt2-medium": (TransformerShape(n_layer=24, d_model=1024, n_head=16, d_ff=4096, vocab=50257, n_pos=1024,
+                                     bias=True, norm="layernorm", tied=True), 354_823_168, "HF gpt2-medium (355M)"),
+    "gpt2-large": (TransformerShape(n_layer=36, d_model=1280, n_head=20, d_ff=5120, vocab=50257, n_pos=1024,
+                                    bias=True, norm="layernorm", tied=True), 774_030_080, "HF gpt2-large (774M)"),
+    "gpt2-xl": (TransformerShape(n_layer=48, d_model=1600, n_head=25, d_ff=6400, vocab=50257, n_pos=1024, bias=True,
+                                 norm="layernorm", tied=True), 1_557_611_200, "HF gpt2-xl (1.5B)"),
+    "llama-7b": (TransformerShape(n_layer=32, d_model=4096, n_head=32, d_ff=11008, vocab=32000, gated_mlp=True),
+                 6_738_415_616, "Llama 2 7B, HF meta-llama/Llama-2-7b-hf safetensors index"),
+    "llama-13b": (TransformerShape(n_layer=40, d_model=5120, n_head=40, d_ff=13824, vocab=32000, gated_mlp=True),
+                  13_015_864_320, "Llama 2 13B, HF meta-llama/Llama-2-13b-hf"),
+    "llama-70b": (TransformerShape(n_layer=80, d_model=8192, n_head=64, n_kv_head=8, d_ff=28672, vocab=32000,
+                                   gated_mlp=True), 68_976_648_192, "Llama 2 70B, HF meta-llama/Llama-2-70b-hf"),
+    "gpt3-175b": (TransformerShape(n_layer=96, d_model=12288, n_head=96, d_ff=4 * 12288, vocab=50257, n_pos=2048,
+                                   bias=True, norm="layernorm", tied=True), 175_000_000_000,
+                  "Brown et al. 2020, table 2.1 (175.0B)"),
+}
+
+
+def preset(name: str, *, batch: int, seq: int, **kw) -> Workload:
+    if name not in PRESETS:
+        raise ValueError(f"model preset: expected one of {sorted(PRESETS)}, got {name!r}")
+    return from_shape(PRESETS[name][0], batch=batch, seq=seq, name=name, **kw)
+
+
+# -- our own small GPT (meta-device builds, and the check that shape math is right) ------------------------------------
+def _torch_model_classes():
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, s: TransformerShape):
+            super().__init__()
+            norm = (lambda: nn.LayerNorm(s.d_model)) if s.norm == "layernorm" else (lambda: nn.RMSNorm(s.d_model))
+            self.s = s
+            self.ln1, self.ln2 = norm(), norm()
+            self.q = nn.Linear(s.d_model, s.d_model, bias=s.bias)
+            self.k = nn.Linear(s.d_model, s.kv_dim, bias=s.bias)
+            self.v = nn.Linear(s.d_model, s.kv_dim, bias=s.bias)
+            self.o = nn.Linear(s.d_model, s.d_model, bias=s.bias)
+            self.up = nn.Linear(s.d_model, s.d_ff, bias=s.bias)
+            self.gate = nn.Linear(s.d_model, s.d_ff, bias=s.bias) if s.gated_mlp else None
+            self.down = nn.Linear(s.d_ff, s.d_model, bias=s.bias)
+
+        def forward(self, x):
+            b, t, d = x.shape
+            h, kvh = self.s.n_head, self.s.n_kv_head or self.s.n_head
+            y = self.ln1(x)
+            q = self.q(y).view(b, t, h, -1).transpose(1, 2)
+            k = self.k(y).view(b, t, kvh, -1).transpose(1, 2).repeat_interleave(h // kvh, dim=1)
+            v = self.v(y).view(b, t, kvh, -1).transpose(1, 2).repeat_interleave(h // kvh, dim=1)
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
+            y = self.ln2(x)
+            u = self.up(y)
+            u = torch.nn.functional.silu(self.gate(y)) * u if self.gate is not None else torch.nn.functional.gelu(u)
+            return x + self.down(u)
+
+    class TransformerLM(nn.Module):
+        """A decoder-only LM of any :class:`TransformerShape` (GPT-2 or Llama style), nanoGPT-sized code."""
+
+        def __init__(self, s: TransformerShape):
+            super().__init__()
+            self.shape = s
+            self.wte = nn.Embedding(s.vocab, s.d_model)
+            self.wpe = nn.Embedding(s.n_pos, s.d_model) if s.n_pos else None
+            self.blocks = nn.ModuleList(Block(s) for _ in range(s.n_layer))
+            self.ln_f = nn.LayerNorm(s.d_model) if s.norm == "layernorm" else nn.RMSNorm(s.d_model)
+            self.lm_head = nn.Linear(s.d_model, s.vocab, bias=False)
+            if s.tied:
+                self.lm_head.weight = self.wte.weight
+
+        def forward(self, idx):
+            x = self.wte(idx)
+            if self.wpe is not None:
+                x = x + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+            for blk in self.blocks:
+                x = blk(x)
+            return self.lm_head(self.ln_f(x))
+
+    return TransformerLM
+
+
+def build_transformer(shape: TransformerShape, device: Any = "meta"):
+    """Our :class:`TransformerLM` for ``shape``; on ``meta`` by default (no memory)."""
+    import torch
+
+    with torch.device(device):
+        return _torch_model_classes()(shape)
+
+
+def from_module(model, *, batch: int, seq: int, name: str = "model", d_model: int | None = None, **kw) -> Workload:
+    """Units and per-unit numbers from a module (built on ``meta``: only shapes are read).
+
+    Units: each child of the largest ``nn.ModuleList``, plus ``rest``. FLOPs count every 2-D weight of a
+    ``nn.Linear`` (or a HF ``Conv1D``) as a matmul; a shared (tied) weight counts where each module uses it, its
+    bytes once. ``d_model`` (for the attention term and activations) is read from ``model.config`` or the first
+    matmul of a block when not given.
+    """
+    from torch import nn
+
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"{name}: expected a model with an nn.ModuleList of repeated blocks, got none; wrap the "
+                         f"blocks in one so each can be a unit")
+    blocks = max(lists, key=lambda ml: sum(p.numel() for p in ml.parameters()))
+    tokens = batch * seq
+
+    def matmuls(mod) -> list:
+        return [m for m in mod.modules() if (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
+                and getattr(m, "weight", None) is not None and m.weight.dim() == 2]
+    cfg = getattr(model, "config", None) or getattr(model, "shape", None)
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        d_model = d_model or getattr(cfg, attr, None)
+    first = matmuls(blocks[0])
+    if d_model is None and first:
+        w = first[0].weight
+        d_model = w.shape[1] if isinstance(first[0], nn.Linear) else w.shape[0]
+    d_model = int(d_model or 0)
+    units, in_blocks = [], set()
+    for i, blk in enumerate(blocks):
+        ps = list(blk.parameters())
+        in_blocks.update(id(p) for p in ps)
+        mm = sum(m.weight.numel() for m in matmuls(blk))
+        dims = [max(m.weight.shape) for m in matmuls(blk)]
+        d_ff = max(dims) if dims else 4 * d_model
+        gated = sum(1 for m in matmuls(blk) if max(m.weight.shape) == d_ff and min(m.weight.shape) == d_model) >= 3
+        fwd = 2 * mm * tokens + 4 * seq * d_model * tokens
+        kept, work = block_act_bytes(seq, batch, d_model, d_ff, gated)
+        units.append(UnitWork(name=f"blocks.{i}", kind=BLOCK, params=sum(p.numel() for p in ps), fwd_flops=fwd,
+                              bwd_flops=2 * fwd, act_bytes=kept, work_bytes=work))
+    rest_params = sum(p.numel() for p in model.parameters() if id(p) not in in_blocks)
+    block_mods = {id(m) for m in blocks.modules()}
+    rest_mm = [m for m in matmuls(model) if id(m) not in block_mods]
+    if rest_params:
+        vocab = max((max(m.weight.shape) for m in rest_mm), default=0)
+        head_fwd = 2 * sum(m.weight.numel() for m in rest_mm) * tokens
+        rk, rw = rest_act_bytes(seq, batch, d_model, vocab)
+        units.insert(0, UnitWork(name="rest", kind=REST, params=rest_params, fwd_flops=head_fwd,
+                                 bwd_flops=2 * head_fwd, act_bytes=rk, work_bytes=rw))
+    return Workload(name=name, batch=batch, seq=seq, units=tuple(units), **kw)
+
+
+def from_factory(spec: str, *, batch: int, seq: int, **kw) -> Workload:
+    """``package.module:function``: call it under ``torch.device('meta')`` and read the module it returns."""
+    import torch
+
+    mod_name, _, fn_name = spec.partition(":")
+    if not mod_name or not fn_name:
+        raise ValueError(f"model: expected 'package.module:function', got {spec!r}")
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"model {spec!r}: cannot import it ({e}); is the module on PYTHONPATH?") from None
+    with torch.device("meta"):
+        model = fn()
+    return from_module(model, batch=batch, seq=seq, name=spec, **kw)
+
+
+def shape_from_hf_config(cfg: dict) -> TransformerShape | None:
+    """The shape of a HF ``config.json`` for the families we know by heart (no transformers needed)."""
+    mt = cfg.get("model_type")
+    if mt == "gpt2":
+        d = cfg["n_embd"]
+        return TransformerShape(n_layer=cfg["n_layer"], d_model=d, n_head=cfg["n_head"],
+                                d_ff=cfg.get("n_inner") or 4 * d, vocab=cfg["vocab_size"], n_pos=cfg["n_positions"],
+                                bias=True, norm="layernorm", tied=cfg.get("tie_word_embeddings", True))
+    if mt in ("llama", "mistral", "qwen2"):
+        return TransformerShape(n_layer=cfg["num_hidden_layers"], d_model=cfg["hidden_size"],
+                                n_head=cfg["num_attention_heads"], n_kv_head=cfg.get("num_key_value_heads") or 0,
+                                d_ff=cfg["intermediate_size"], vocab=cfg["vocab_size"], gated_mlp=True,
+                                bias=bool(cfg.get("attention_bias", False)) and mt != "qwen2",
+                                tied=bool(cfg.get("tie_word_embeddings", False)))
+    return None
+
+
+def from_hf_config(path: str, *, batch: int, seq: int, **kw) -> Workload:
+    """A HF ``config.json``: built on ``meta`` with transformers when it is installed, else from its shape."""
+    try:
+        cfg = json.loads(open(path).read())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"model {path!r}: expected a readable HF config.json, got {e}") from None
+    name = os.path.basename(os.path.dirname(os.path.abspath(path))) or path
+    try:
+        import transformers  # optional: only this path needs it
+    except ImportError:
+        transformers = None
+    if transformers is not None:
+        import torch
+
+        config = transformers.AutoConfig.for_model(**cfg)
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(config)
+        return from_module(model, batch=batch, seq=seq, name=name, **kw)
+    shape = shape_from_hf_config(cfg)
+    if shape is None:
+        raise ValueError(f"model {path!r}: model_type {cfg.get('model_type')!r} needs transformers to be read "
+                         f"(pip install transformers); without it we know gpt2, llama, mistral")
+    return from_shape(shape, batch=batch, seq=seq, name=name, **kw)
+
+
+def load(model: str, *, batch: int, seq: int, **kw) -> Workload:
+    """A preset name, a ``module:function`` factory, or a path to a HF config JSON."""
+    if model in PRESETS:
+        return preset(model, batch=batch, seq=seq, **kw)
+    if model.endswith(".json") or os.path.isfile(model):
+        return from_hf_config(model, batch=batch, seq=seq, **kw)
+    if ":" in model:
+        return from_factory(model, batch=batch, seq=seq, **kw)
+    raise ValueError(f"model: expected a preset ({', '.join(sorted(PRESETS))}), 'module:function' or a HF config "
+                     f"JSON path, got {model!r}")

@@ -1,0 +1,266 @@
+"""HostPool: aligned buffers, reuse, a hard budget under concurrency, back-pressure, and the pin fallback."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import warnings
+
+import pytest
+import torch
+
+import storage.hostpool
+from storage import HostPool, Tier, TierBudget, TierFullError
+from storage.alloc import ALIGN
+
+KiB = 1 << 10
+
+
+def test_buffers_are_aligned_and_sized():
+    pool = HostPool(1 << 20, slab_bytes=256 * KiB)
+    bufs = [pool.acquire(n) for n in (1, 4095, 4096, 5000, 100 * KiB)]
+    for b, n in zip(bufs, (1, 4095, 4096, 5000, 100 * KiB)):
+        assert b.nbytes == n and b.tensor.numel() == n and b.tensor.dtype == torch.uint8
+        assert b.tensor.data_ptr() % ALIGN == 0
+        assert not b.pinned  # no CUDA here
+    ptrs = sorted((b.tensor.data_ptr(), b.nbytes) for b in bufs)
+    assert all(p1 + n1 <= p2 for (p1, n1), (p2, _) in zip(ptrs, ptrs[1:])), "buffers overlap"
+    assert pool.in_use_bytes == 4096 * 3 + 8192 + 100 * KiB
+    for b in bufs:
+        b.release()
+    assert pool.in_use_bytes == 0
+
+
+def test_view_and_release():
+    pool = HostPool(1 << 20, slab_bytes=64 * KiB)
+    with pool.acquire(4096 * 3) as b:
+        v = b.view(torch.float32, (3, 1024))
+        assert v.shape == (3, 1024) and v.data_ptr() == b.tensor.data_ptr()
+        assert b.view(torch.bfloat16).numel() == 4096 * 3 // 2
+        with pytest.raises(ValueError, match=r"needs 16384 B, buffer has 12288 B"):
+            b.view(torch.float32, (4, 1024))
+    with pytest.raises(RuntimeError, match="was released; acquire a new one"):
+        b.tensor
+    b.release()  # a second release is a no-op
+    assert pool.in_use_bytes == 0
+
+
+def test_memory_is_reused():
+    pool = HostPool(1 << 20, slab_bytes=256 * KiB)
+    a = pool.acquire(64 * KiB)
+    ptr = a.tensor.data_ptr()
+    a.release()
+    b = pool.acquire(64 * KiB)
+    assert b.tensor.data_ptr() == ptr
+    assert pool.stats()["slabs"] == 1 and pool.budget.used_bytes == 256 * KiB
+    c = pool.acquire(128 * KiB)  # fits beside b in the same slab
+    assert pool.stats()["slabs"] == 1
+    b.release(), c.release()
+    assert pool.trim() == 256 * KiB and pool.budget.used_bytes == 0 and pool.stats()["slabs"] == 0
+
+
+def test_request_larger_than_a_slab_gets_its_own():
+    pool = HostPool(1 << 20, slab_bytes=64 * KiB)
+    big = pool.acquire(300 * KiB)
+    assert pool.stats()["slab_bytes"] == 300 * KiB
+    big.release()
+    small = pool.acquire(4 * KiB)  # reuses the big slab: no new one
+    assert pool.stats()["slabs"] == 1
+    small.release()
+
+
+def test_empty_slabs_are_dropped_to_make_room():
+    pool = HostPool(256 * KiB, slab_bytes=64 * KiB)
+    bufs = [pool.acquire(64 * KiB) for _ in range(4)]
+    for b in bufs:
+        b.release()
+    assert pool.stats()["slabs"] == 4
+    big = pool.acquire(200 * KiB)  # needs the budget the four empty slabs hold
+    assert pool.budget.used_bytes <= 256 * KiB
+    assert big.nbytes == 200 * KiB
+    big.release()
+
+
+def test_last_slab_shrinks_to_what_is_left():
+    pool = HostPool(96 * KiB, slab_bytes=64 * KiB)
+    a = pool.acquire(64 * KiB)
+    b = pool.acquire(32 * KiB)  # a full 64 KiB slab would not fit: a 32 KiB one does
+    assert pool.stats()["slab_bytes"] == 96 * KiB
+    a.release(), b.release()
+
+
+def test_request_larger_than_budget_errors_at_once():
+    pool = HostPool(1 << 20)
+    t0 = time.monotonic()
+    with pytest.raises(TierFullError) as e:
+        pool.acquire(2 << 20, wait=True)
+    assert time.monotonic() - t0 < 0.5
+    assert "host buffer needs 2.0 MiB on the host tier, more than its whole budget of 1.0 MiB" in str(e.value)
+    assert "raise the host budget" in str(e.value)
+    with pytest.raises(ValueError, match=r"expected nbytes > 0, got 0"):
+        pool.acquire(0)
+
+
+def test_no_wait_raises_when_spent():
+    pool = HostPool(128 * KiB, slab_bytes=64 * KiB)
+    held = [pool.acquire(64 * KiB), pool.acquire(64 * KiB)]
+    with pytest.raises(TierFullError, match=r"only 0 B of 128.0 KiB is free"):
+        pool.acquire(4096, wait=False)
+    for b in held:
+        b.release()
+
+
+def test_wait_is_back_pressure():
+    pool = HostPool(64 * KiB, slab_bytes=64 * KiB)
+    held = pool.acquire(64 * KiB)
+    got = []
+
+    def waiter():
+        got.append(pool.acquire(16 * KiB, wait=True, timeout=10))
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    time.sleep(0.2)
+    assert not got  # blocked while the budget is spent
+    held.release()
+    t.join(5)
+    assert len(got) == 1
+    s = pool.stats()
+    assert s["waits"] == 1 and s["wait_s"] > 0
+    got[0].release()
+
+
+def test_wait_times_out():
+    pool = HostPool(64 * KiB, slab_bytes=64 * KiB)
+    held = pool.acquire(64 * KiB)
+    t0 = time.monotonic()
+    with pytest.raises(TierFullError, match=r"after waiting 0\.2 s"):
+        pool.acquire(4096, timeout=0.2)
+    assert 0.19 <= time.monotonic() - t0 < 2
+    held.release()
+
+
+def test_shared_budget_is_respected():
+    budget = TierBudget(Tier.HOST, 256 * KiB)
+    budget.reserve(192 * KiB, what="someone else")
+    pool = HostPool(budget=budget, slab_bytes=128 * KiB)
+    b = pool.acquire(64 * KiB)  # a smaller slab, fitting what the other user left
+    assert budget.used_bytes == 256 * KiB
+    with pytest.raises(TierFullError):
+        pool.acquire(4096, wait=False)
+    b.release()
+    got = []
+    t = threading.Thread(target=lambda: got.append(pool.acquire(128 * KiB, timeout=5)))
+    t.start()
+    time.sleep(0.2)
+    assert not got
+    # The other user frees bytes without telling the pool: the waiting acquire still sees them (it polls).
+    budget.release(192 * KiB)
+    t.join(5)
+    assert len(got) == 1 and budget.used_bytes <= 256 * KiB
+    got[0].release()
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="exactly one of budget_bytes"):
+        HostPool()
+    with pytest.raises(ValueError, match="exactly one of budget_bytes"):
+        HostPool(10, budget=TierBudget(Tier.HOST, 10))
+    with pytest.raises(ValueError, match="expected a TierBudget of the host tier, got device"):
+        HostPool(budget=TierBudget(Tier.DEVICE, 10))
+    with pytest.raises(ValueError, match="slab_bytes: expected > 0, got 0"):
+        HostPool(10, slab_bytes=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_pin_without_cuda_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"needs CUDA.*pass pin=None"):
+        HostPool(1 << 20, pin=True)
+
+
+def test_preallocate_fills_the_budget():
+    pool = HostPool(256 * KiB, slab_bytes=64 * KiB, preallocate=True)
+    assert pool.stats()["slabs"] == 4 and pool.budget.used_bytes == 256 * KiB
+    b = pool.acquire(64 * KiB)
+    assert pool.stats()["slabs"] == 4
+    b.release()
+
+
+def test_pin_failure_falls_back_with_one_warning(monkeypatch):
+    real = storage.hostpool.aligned_empty
+    calls = []
+
+    def fake_aligned_empty(nbytes, *, pin=False, **kw):
+        calls.append(pin)
+        if pin:
+            raise RuntimeError("cudaHostAlloc failed: out of memory")
+        return real(nbytes, **kw)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(storage.hostpool, "aligned_empty", fake_aligned_empty)
+    pool = HostPool(1 << 20, slab_bytes=64 * KiB)  # pin=None: pins because "CUDA" is there
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bufs = [pool.acquire(64 * KiB) for _ in range(4)]
+    pin_warnings = [w for w in caught if "pinning" in str(w.message)]
+    assert len(pin_warnings) == 1, [str(w.message) for w in caught]
+    assert issubclass(pin_warnings[0].category, RuntimeWarning)
+    assert "ulimit -l" in str(pin_warnings[0].message)
+    assert calls.count(True) == 1  # after one failure it stops trying to pin
+    assert pool.pinned_bytes == 0 and pool.stats()["pin_failed"] and not any(b.pinned for b in bufs)
+    assert all(b.tensor.data_ptr() % ALIGN == 0 for b in bufs)
+    for b in bufs:
+        b.release()
+
+
+def test_budget_never_exceeded_under_concurrent_acquires(monkeypatch):
+    budget_bytes = 512 * KiB
+    pool = HostPool(budget_bytes, slab_bytes=128 * KiB)
+    violations = []
+    peak_slab_bytes = [0]
+
+    # Check the invariant at every slab the pool reserves, under the pool's own lock.
+    real_new_slab = pool._new_slab
+
+    def checked_new_slab(size):
+        slab = real_new_slab(size)
+        total = sum(s.size for s in pool._slabs)
+        peak_slab_bytes[0] = max(peak_slab_bytes[0], total)
+        if total > budget_bytes or pool.budget.used_bytes > budget_bytes:
+            violations.append((total, pool.budget.used_bytes))
+        return slab
+
+    monkeypatch.setattr(pool, "_new_slab", checked_new_slab)
+    errors = []
+
+    def worker(seed):
+        rng = random.Random(seed)
+        try:
+            for _ in range(60):
+                n = rng.randint(1, 96 * KiB)
+                buf = pool.acquire(n, timeout=20)
+                s = pool.stats()
+                if s["slab_bytes"] > budget_bytes or s["in_use_bytes"] > s["slab_bytes"]:
+                    violations.append(s)
+                # Fill the buffer with our mark and check nobody else wrote into it (no overlapping buffers).
+                buf.tensor.fill_(seed)
+                time.sleep(rng.random() * 0.002)
+                if not bool((buf.tensor == seed).all()):
+                    violations.append(f"buffer of thread {seed} overwritten")
+                buf.release()
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i + 1,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert not violations, violations[:5]
+    s = pool.stats()
+    assert pool.budget.peak_bytes <= budget_bytes and peak_slab_bytes[0] <= budget_bytes
+    assert s["peak_in_use_bytes"] <= budget_bytes
+    assert s["in_use_bytes"] == 0 and pool.budget.used_bytes == s["slab_bytes"]
+    assert s["peak_in_use_bytes"] > 256 * KiB, "the test put no pressure on the budget"

@@ -1,0 +1,67 @@
+"""Workload: presets match published sizes; shape math agrees with a meta-device build of the same shape."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+
+import pytest
+
+from scheduler import workload
+from scheduler.workload import PRESETS, build_transformer, from_module, from_shape
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_param_counts_match_published_sizes(name):
+    shape, published, _source = PRESETS[name]
+    assert abs(workload.preset(name, batch=1, seq=128).params / published - 1) < 0.02
+
+
+@pytest.mark.parametrize("base", ["gpt2", "llama-70b"])
+def test_shape_math_agrees_with_a_meta_build(base):
+    small = dataclasses.replace(PRESETS[base][0], n_layer=3, d_model=256, n_head=8, d_ff=704, vocab=1000,
+                                n_kv_head=2 if PRESETS[base][0].n_kv_head else 0)
+    model = build_transformer(small)  # meta: no memory
+    assert next(model.parameters()).device.type == "meta"
+    built = from_module(model, batch=2, seq=64)
+    math = from_shape(small, batch=2, seq=64)
+    assert [u.params for u in built.units] == [u.params for u in math.units]
+    assert built.params == sum(p.numel() for p in model.parameters())
+    assert built.units == math.units  # FLOPs and activation bytes too
+
+
+def test_flops_follow_the_6n_rule_plus_attention():
+    w = workload.preset("gpt2", batch=4, seq=1024)
+    s = PRESETS["gpt2"][0]
+    blocks_n = s.block_matmul_params() * s.n_layer
+    head_n = s.vocab * s.d_model
+    attn = 12 * s.n_layer * s.d_model * 1024 * w.tokens  # PaLM app. B: 12 L H Q T per token for training
+    assert w.model_flops == pytest.approx(6 * (blocks_n + head_n) * w.tokens + attn)
+
+
+def test_factory_and_hf_config(tmp_path, monkeypatch):
+    mod = tmp_path / "tinymodels.py"
+    mod.write_text("from scheduler.workload import TransformerShape, build_transformer\n"
+                   "def make():\n    return build_transformer(TransformerShape(n_layer=2, d_model=64, n_head=4, "
+                   "d_ff=256, vocab=100, n_pos=32, bias=True, norm='layernorm', tied=True), device='cpu')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    w = workload.load("tinymodels:make", batch=1, seq=32)
+    assert len(w.units) == 3 and w.units[0].kind == "rest"
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+                               "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                               "vocab_size": 32000, "tie_word_embeddings": False}))
+    if importlib.util.find_spec("transformers") is None:
+        assert workload.load(str(cfg), batch=1, seq=128).params == PRESETS["llama-7b"][1]
+    with pytest.raises(ValueError, match="expected a preset"):
+        workload.load("nonsense", batch=1, seq=1)
+
+
+def test_hf_config_through_transformers(tmp_path):
+    pytest.importorskip("transformers", reason="transformers is optional; the shape path is tested without it")
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "gpt2", "n_embd": 128, "n_layer": 2, "n_head": 4, "n_positions": 64,
+                               "vocab_size": 500}))
+    w = workload.load(str(cfg), batch=1, seq=64)
+    assert w.params == from_shape(workload.shape_from_hf_config(json.loads(cfg.read_text())), batch=1, seq=64).params
