@@ -5,6 +5,7 @@ The top layer: it executes with torch what ``scheduler`` decides, on the tiers `
 
 from offload.config import OffloadConfig
 from offload.optimizer import OffloadOptimizer
+from offload.runtime import wrap
 
 __version__ = "0.1.0"
-__all__ = ["OffloadConfig", "OffloadOptimizer", "__version__"]
+__all__ = ["OffloadConfig", "OffloadOptimizer", "wrap", "__version__"]

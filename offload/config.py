@@ -40,6 +40,11 @@ class OffloadConfig:
     """Where each subgroup's update runs: ``"cpu"`` (on host memory) or ``"device"`` (state copied to the device,
     updated there by the same optimizer class, copied back: Deep Optimizer States). A sequence gives one entry
     per subgroup. On a CPU-only machine both run on the CPU, through the same code and copies."""
+    param_tier: Tier | str = Tier.HOST
+    """With :func:`offload.wrap`: where each unit's parameters live between uses, ``"host"`` or ``"nvme"``; on the
+    device they exist only while their unit computes (and the units prefetched for it)."""
+    prefetch: int = 2
+    """With :func:`offload.wrap`: units whose params are fetched ahead of use, within the device budget."""
     subgroup_numel: int = 16 << 20
     """Target parameters per subgroup: the unit of transfer and of update. Small tensors are packed together;
     a larger tensor is cut into pieces (on 1024-element boundaries, which keeps fused kernels bit-exact) when the
@@ -70,6 +75,9 @@ class OffloadConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "state_tier", _tier(self.state_tier, "state_tier"))
+        object.__setattr__(self, "param_tier", _tier(self.param_tier, "param_tier"))
+        if self.prefetch < 0:
+            raise ValueError(f"OffloadConfig.prefetch: expected >= 0 units, got {self.prefetch}")
         sites = [self.update_on] if isinstance(self.update_on, str) else list(self.update_on)
         for s in sites:
             if s not in UPDATE_SITES:
@@ -91,7 +99,7 @@ class OffloadConfig:
                 isinstance(self.loss_scale, (int, float)) and self.loss_scale > 0):
             raise ValueError(f"OffloadConfig.loss_scale: expected 'dynamic', a positive number or None, got "
                              f"{self.loss_scale!r}")
-        if self.state_tier is Tier.NVME and not self.nvme_dirs:
+        if (self.state_tier is Tier.NVME or self.param_tier is Tier.NVME) and not self.nvme_dirs:
             raise ValueError("OffloadConfig.nvme_dirs: state_tier='nvme' needs a directory on a local disk, e.g. "
                              "nvme_dirs='/mnt/nvme/offload'")
         if isinstance(self.nvme_dirs, (str, os.PathLike)):

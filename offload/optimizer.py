@@ -59,22 +59,60 @@ class Residency(enum.Enum):
     """Only in the NVMe store; a buffer is needed to update it."""
 
 
+class ParamHome:
+    """Where a parameter's weights and gradient are, when not in ``param.data`` / ``param.grad``.
+
+    The parameter-offload runtime (:mod:`offload.runtime`) moves both off the device between uses and gives
+    the optimizer a home per parameter: its weights in a host buffer (or ``None`` while they are only on NVMe,
+    in which case the subgroup keeps fp32 masters) and its accumulated fp32 gradient in a host buffer.
+    """
+
+    def weights(self, param: torch.Tensor) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def grad(self, param: torch.Tensor) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def load_weights(self, param: torch.Tensor) -> torch.Tensor:
+        """The weights of a parameter whose ``weights()`` is ``None``, read into a new tensor."""
+        raise NotImplementedError
+
+    def before_update(self, sub: "_Subgroup") -> None:
+        """Called before a subgroup's update (e.g. to make its weights addressable)."""
+
+    def after_update(self, sub: "_Subgroup") -> None:
+        """Called after a subgroup's update, once its new weights are in ``weights()``."""
+
+
 class _Piece:
     """A whole parameter or a slice ``[start, start + numel)`` of its flattened elements."""
 
-    __slots__ = ("param", "index", "start", "numel", "whole", "proxy")
+    __slots__ = ("param", "index", "start", "numel", "whole", "proxy", "home", "param_shape")
 
-    def __init__(self, param: torch.Tensor, index: int, start: int, numel: int):
+    def __init__(self, param: torch.Tensor, index: int, start: int, numel: int, home: ParamHome | None = None):
         self.param = param
         self.index = index  # the parameter's position across all param groups (the state_dict key)
         self.start = start
         self.numel = numel
         self.whole = start == 0 and numel == param.numel()
+        self.param_shape = tuple(param.shape)  # recorded: the runtime empties released params
         self.proxy = torch.empty(0)  # the inner optimizer's param; .data / .grad rebound for each update
+        self.home = home
+
+    def weights(self) -> torch.Tensor | None:
+        """This piece of the parameter's weights, wherever they are addressable now."""
+        if self.home is None:
+            return self.param_view()
+        w = self.home.weights(self.param)
+        return None if w is None else self.of(w)
+
+    def grad(self) -> torch.Tensor | None:
+        g = self.param.grad if self.home is None else self.home.grad(self.param)
+        return None if g is None else self.of(g)
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.param.shape) if self.whole else (self.numel,)
+        return self.param_shape if self.whole else (self.numel,)
 
     def of(self, full: torch.Tensor) -> torch.Tensor:
         """This piece of a tensor shaped like the parameter (the parameter, its grad, a state tensor)."""
@@ -113,9 +151,11 @@ class _Subgroup:
         self.mem: torch.Tensor | None = None  # uint8 chunk while resident
         self.release: Callable[[], None] | None = None  # gives ``mem`` back to where it came from
         self.key = f"subgroup{index}"
+        self.home: ParamHome | None = None  # the runtime's hooks around this subgroup's update
+        self.unit: int | None = None
 
     def has_grads(self) -> bool:
-        return any(p.param.grad is not None for p in self.pieces)
+        return any(p.grad() is not None for p in self.pieces)
 
 
 class _WriteBack:
@@ -152,8 +192,11 @@ class OffloadOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params_or_optimizer, optimizer_class: type[torch.optim.Optimizer] | None = None, *,
-                 config: OffloadConfig | None = None, **optimizer_kwargs):
+                 config: OffloadConfig | None = None, _homes: dict | None = None, _store: NvmeStore | None = None,
+                 **optimizer_kwargs):
         self.config = config or OffloadConfig()
+        # For the parameter-offload runtime: {param: (unit index, ParamHome)}; subgroups are then its units.
+        self._homes = _homes
         if isinstance(params_or_optimizer, torch.optim.Optimizer):
             if optimizer_class is not None or optimizer_kwargs:
                 raise ValueError("OffloadOptimizer: given an optimizer instance, pass no optimizer_class or kwargs "
@@ -187,7 +230,10 @@ class OffloadOptimizer(torch.optim.Optimizer):
             self._scale = 65536.0 if self.config.loss_scale == "dynamic" else float(self.config.loss_scale)
         self._good_steps = 0
         self._unscaled = False
+        self._runtime = None  # set by offload.wrap
+        self._param_shapes = {p: tuple(p.shape) for g in self.param_groups for p in g["params"]}
         self._setup_memory()
+        self._store, self._own_store = _store, _store is None
         self._subgroups: list[_Subgroup] = []
         self._frozen: list[torch.Tensor] = []
         for gi in range(len(self.param_groups)):
@@ -215,7 +261,6 @@ class OffloadOptimizer(torch.optim.Optimizer):
         self._host_budget = TierBudget(Tier.HOST, cfg.host_budget_bytes or psutil.virtual_memory().total)
         self._host_pool = HostPool(budget=self._host_budget, slab_bytes=64 << 20)
         self._device_budget = TierBudget(Tier.DEVICE, cfg.device_budget_bytes or (1 << 62))
-        self._store: NvmeStore | None = None
 
     def _device_of(self) -> torch.device:
         devices = {p.device for g in self.param_groups for p in g["params"] if p.requires_grad}
@@ -247,6 +292,25 @@ class OffloadOptimizer(torch.optim.Optimizer):
         fused = flags.get("fused", group.get("fused"))
         foreach = flags.get("foreach", group.get("foreach"))
         return "fused" if fused else "foreach" if foreach else "forloop" if foreach is False else "default"
+
+    @staticmethod
+    def _needs_master(pc: _Piece, site: str) -> bool:
+        """fp32 master weights are kept in the chunk unless the piece's weights are fp32, always addressable, and
+        in the memory the update runs in (then the update works on them in place)."""
+        if pc.home is not None and pc.home.weights(pc.param) is None:
+            return True
+        w = pc.weights()
+        return w.dtype != torch.float32 or (w.device.type != "cpu" and site == "cpu")
+
+    @staticmethod
+    def _initial_weights(pc: _Piece) -> torch.Tensor:
+        """The piece's current weights in fp32 (to seed a master copy)."""
+        if pc.home is None:
+            return pc.param_view().detach().float()
+        w = pc.home.weights(pc.param)
+        if w is None:
+            w = pc.home.load_weights(pc.param)
+        return pc.of(w).detach().float()
 
     def _make_inner(self, params: list, hparams: dict) -> torch.optim.Optimizer:
         """The user's class on ``params``, with every hyperparameter of the group. A group may hold keys its
@@ -283,6 +347,14 @@ class OffloadOptimizer(torch.optim.Optimizer):
                 self._frozen.append(p)
         can_split = issubclass(self.optimizer_class, ELEMENTWISE)
         packs: list[list[_Piece]] = []
+        if self._homes is not None:  # one subgroup per unit (within this group), in unit order
+            by_unit: dict[int, list[_Piece]] = {}
+            for idx, p in trainable:
+                unit, home = self._homes[p]
+                by_unit.setdefault(unit, []).append(_Piece(p, idx, 0, p.numel(), home))
+            trainable = []
+            packs = [by_unit[u] for u in sorted(by_unit)]
+            self._unit_of_pack = sorted(by_unit)
         cur: list[_Piece] = []
         cur_n = 0
         target = cfg.subgroup_numel
@@ -312,13 +384,15 @@ class OffloadOptimizer(torch.optim.Optimizer):
             tier = cfg.state_tier
             site = "device" if tier is Tier.DEVICE else cfg.update_site(i, total) if not isinstance(
                 cfg.update_on, str) else cfg.update_on
-            has_master = any(pc.param.dtype != torch.float32 or
-                             (pc.param.device.type != "cpu" and site == "cpu") for pc in pieces)
+            has_master = any(self._needs_master(pc, site) for pc in pieces)
             sub = _Subgroup(i, gi, pieces, tier, site, has_master)
+            sub.home = pieces[0].home
+            sub.unit = self._unit_of_pack[j] if self._homes is not None else None
             hp = {k: v for k, v in group.items() if k != "params"}
             hp.update(flags)
             for pc in pieces:  # some classes (Adagrad) make state in their constructor: give them real shapes
-                pc.proxy.data = pc.param_view().detach().float() if has_master else pc.param_view()
+                w = pc.weights() if pc.home is None or pc.home.weights(pc.param) is not None else None
+                pc.proxy.data = (self._initial_weights(pc) if has_master else w)
             sub.inner = self._make_inner([pc.proxy for pc in pieces], hp)
             self._subgroups.append(sub)
             if has_master or sub.inner.state:  # masters from the params; state some classes make up front
@@ -422,7 +496,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
             if sub.has_master:
                 pc.proxy.data = entry.pop("master")
             else:
-                pc.proxy.data = pc.param_view()
+                pc.proxy.data = pc.weights()
             for key, v in sub.small[pi].items():
                 entry[key] = v.to(device) if torch.is_tensor(v) and v.device != device else v
             if entry:
@@ -431,8 +505,8 @@ class OffloadOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _scratch_bytes(sub: _Subgroup, device: torch.device) -> int:
         """fp32 grad scratch an update needs: for each piece whose grad is not already fp32 on ``device``."""
-        return sum(pc.numel * 4 for pc in sub.pieces
-                   if pc.param.dtype != torch.float32 or pc.param.device != device)
+        return sum(pc.numel * 4 for pc in sub.pieces if (g := pc.grad()) is not None
+                   and (g.dtype != torch.float32 or g.device != device))
 
     def _bind_grads(self, sub: _Subgroup, device: torch.device, region: torch.Tensor | None) -> Callable[[], None]:
         """Set each proxy's ``.grad``: the param's grad itself when it is fp32 on ``device`` (no copy), else an fp32
@@ -443,13 +517,12 @@ class OffloadOptimizer(torch.optim.Optimizer):
             region, release = self._alloc(nbytes, "device" if sub.site == "device" else "host")
         off = 0
         for pc in sub.pieces:
-            g = pc.param.grad
+            g = pc.grad()
             if g is None:
                 pc.proxy.grad = None
                 continue
             if g.is_sparse:
                 raise NotImplementedError("OffloadOptimizer: sparse gradients are not supported")
-            g = pc.of(g)
             if g.dtype == torch.float32 and g.device == device:
                 pc.proxy.grad = g
             else:
@@ -466,7 +539,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
         slot_keys = {(s.piece, s.key): s for s in sub.slots}
         for pi, pc in enumerate(sub.pieces):
             if sub.has_master:
-                pc.param_view().copy_(pc.proxy.data, non_blocking=True)
+                pc.weights().copy_(pc.proxy.data, non_blocking=True)
             for key, v in sub.inner.state.get(pc.proxy, {}).items():
                 slot = slot_keys.get((pi, key))
                 if slot is not None:
@@ -518,15 +591,19 @@ class OffloadOptimizer(torch.optim.Optimizer):
             self._on_overflow()
             return loss
         self._sync_hparams()
+        # With the runtime, subgroups go unit by unit, so that each unit's weights are staged once.
+        order = sorted(self._subgroups, key=lambda s: (s.unit, s.group)) if self._homes else self._subgroups
         try:
-            for sub in self._subgroups:
+            for sub in order:
                 if sub.tier is not Tier.NVME and sub.has_grads():
                     self._update(sub, sub.mem)
-            stored = [s for s in self._subgroups if s.tier is Tier.NVME and s.has_grads()]
+            stored = [s for s in order if s.tier is Tier.NVME and s.has_grads()]
             if stored:
                 self._step_streamed(stored)
         finally:
             self._unscaled = False
+            if self._runtime is not None:
+                self._runtime.after_step()
         if self._scale is not None:
             self._on_good_step()
         self._stats["steps"] += 1
@@ -553,11 +630,15 @@ class OffloadOptimizer(torch.optim.Optimizer):
             mem, release_dev = self._alloc(sub.chunk_bytes, "device")
             mem.copy_(host_mem, non_blocking=True)
             self._stats["h2d_bytes"] += sub.chunk_bytes
+        if sub.home is not None:
+            sub.home.before_update(sub)
         self._bind(sub, mem, device)
         release_grads = self._bind_grads(sub, device, region)
         try:
             sub.inner.step()
             repack = self._unbind(sub, mem)
+            if sub.home is not None:
+                sub.home.after_update(sub)
             if repack:
                 # First update of these pieces: pack the state the optimizer just made into a new chunk.
                 self._repack(sub, self._chunk_tensors(sub), where="device" if sub.tier is Tier.DEVICE else "host")
@@ -673,7 +754,20 @@ class OffloadOptimizer(torch.optim.Optimizer):
         return self._scale
 
     def _grads(self) -> list[torch.Tensor]:
-        return [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        """Every parameter's full gradient, in param-group order, wherever it lives."""
+        out = []
+        for g in self.param_groups:
+            for p in g["params"]:
+                home = self._homes[p][1] if self._homes and p in self._homes else None
+                grad = p.grad if home is None else home.grad(p)
+                if grad is not None:
+                    out.append(grad)
+        return out
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self._runtime is not None:
+            self._runtime.zero_grad()
+        super().zero_grad(set_to_none)
 
     def _found_inf(self) -> bool:
         grads = self._grads()
@@ -713,8 +807,13 @@ class OffloadOptimizer(torch.optim.Optimizer):
         global norm and the same arithmetic, so results are bit-identical). Unscales first under loss scaling."""
         if self._scale is not None and self.unscale_():
             return torch.tensor(float("inf"))
-        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+        holders = []
+        for grad in self._grads():  # stand-ins holding each grad, so torch's own function does the arithmetic
+            h = torch.empty(0, dtype=grad.dtype, device=grad.device)
+            h.data = grad
+            h.grad = grad
+            holders.append(h)
+        return torch.nn.utils.clip_grad_norm_(holders, max_norm, norm_type)
 
     # -- optimizer protocol -----------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -726,6 +825,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
         filled, _ = self._fill_groups(self.optimizer_class, [group], {k: v for k, v in self.defaults.items()
                                                                       if k not in group})
         super().add_param_group(filled[0])
+        self._param_shapes.update({p: tuple(p.shape) for p in filled[0]["params"]})
         self._build_subgroups(len(self.param_groups) - 1)
 
     def state_dict(self) -> dict:
@@ -754,7 +854,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
             return
         full = entry.get(key)
         if full is None:
-            full = entry[key] = torch.empty(pc.param.shape, dtype=value.dtype)
+            full = entry[key] = torch.empty(pc.param_shape, dtype=value.dtype)
         full.view(-1)[pc.start:pc.start + pc.numel].copy_(value.reshape(-1))
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -777,9 +877,10 @@ class OffloadOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"load_state_dict: state for parameter id {sid}, which no param group lists")
             p = params[k]
             for key, v in entry.items():
+                shape = self._param_shapes.get(p, tuple(p.shape))
                 if (issubclass(self.optimizer_class, ELEMENTWISE) and torch.is_tensor(v) and v.numel() > 1
-                        and tuple(v.shape) != tuple(p.shape)):
-                    raise ValueError(f"load_state_dict: parameter {k} (shape {list(p.shape)}) has state {key!r} of "
+                        and tuple(v.shape) != shape):
+                    raise ValueError(f"load_state_dict: parameter {k} (shape {list(shape)}) has state {key!r} of "
                                      f"shape {list(v.shape)}: the state dict belongs to a different model")
             state[k] = entry
         for g, mine in zip(groups, self.param_groups):
@@ -797,7 +898,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
                 if sub.has_master:
                     m = entry.get("master")
                     tensors.append((pi, "master", pc.of(m).reshape(pc.shape).float() if m is not None
-                                    else pc.param_view().float()))
+                                    else self._initial_weights(pc)))
                 for key, v in entry.items():
                     if key == "master":
                         continue
@@ -874,9 +975,9 @@ class OffloadOptimizer(torch.optim.Optimizer):
             if sub.release is not None:
                 sub.release()
                 sub.release, sub.mem = None, None
-        if self._store is not None:
+        if self._store is not None and self._own_store:
             self._store.close()
-            self._store = None
+        self._store = None
 
     def __repr__(self) -> str:
         return f"Offload{self.optimizer_class.__name__}({len(self._subgroups)} subgroups, impl={self._impl})"

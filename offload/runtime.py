@@ -1,0 +1,581 @@
+"""Parameter and gradient offload through module hooks: ``offload.wrap(model, optimizer, config)``.
+
+The model is cut into **units** (by default each child of the model's ModuleLists, i.e. each transformer block,
+plus one unit for everything else). A unit's parameters are packed into one flat buffer per tier, so a move is
+one transfer. Between uses they live on the host (a pool buffer) or on NVMe (a store chunk); on the device
+they exist only while needed:
+
+- forward: a unit's pre-forward hook makes its params resident (waiting for the prefetch issued earlier) and
+  prefetches the next ``prefetch`` units in the order recorded on the previous pass; its post-forward hook
+  releases them (``param.data`` becomes an empty tensor, as FSDP1 did) and registers a pre-backward hook on
+  its outputs;
+- backward: the pre-backward hook (the first gradient reaching the unit's outputs) fetches the params again
+  and prefetches the units backward will need next; each parameter's post-accumulate-grad hook moves its
+  gradient into the unit's fp32 host buffer (adding, across micro-batches) and frees the device gradient; when
+  a unit's last gradient is off, its params are released. A callback at the end of backward releases what is
+  left (params that got no gradient, the unit that holds embeddings).
+- step: the user's ``optimizer.step()`` runs :class:`~offload.optimizer.OffloadOptimizer` over the units,
+  reading weights and gradients from the units' host buffers (its ``ParamHome`` interface).
+
+Device memory is a :class:`~storage.TierBudget` that every fetch reserves from, so on a CPU-only machine the
+budget is enforced by our accounting exactly as it bounds a GPU. Activations are not counted.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import enum
+import time
+import weakref
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from offload.config import OffloadConfig
+from offload.optimizer import OffloadOptimizer, ParamHome
+from offload.timeline import Timeline
+from storage import HostPool, NvmeStore, Tier, TierBudget, TierFullError, format_bytes
+from storage.memory import aligned_empty
+
+PARAM_ALIGN = 64  # byte alignment of each parameter inside a unit's flat buffer
+
+
+class ParamState(enum.Enum):
+    """Where a unit's parameters are with respect to the device."""
+
+    RELEASED = "released"
+    """Not on the device: ``param.data`` is an empty tensor; the weights are on the host or NVMe."""
+    FETCHING = "fetching"
+    """A copy to the device is in flight (its memory is already reserved)."""
+    RESIDENT = "resident"
+    """On the device: ``param.data`` are views into the unit's device buffer."""
+
+
+class Unit:
+    """The modules moved together, their params' flat layout, and where those params are now."""
+
+    def __init__(self, index: int, name: str, modules: list[nn.Module], params: list[nn.Parameter]):
+        self.index = index
+        self.name = name
+        self.modules = modules
+        self.params = params
+        # Recorded now: once released, a param's own shape is that of an empty tensor.
+        self.shapes = [tuple(p.shape) for p in params]
+        self.numels = [p.numel() for p in params]
+        self.dtypes = [p.dtype for p in params]
+        self.offsets: list[int] = []
+        off = 0
+        for p in params:
+            self.offsets.append(off)
+            off += (p.numel() * p.element_size() + PARAM_ALIGN - 1) // PARAM_ALIGN * PARAM_ALIGN
+        self.nbytes = off
+        self.grad_offsets: list[int] = []
+        goff = 0
+        for p in params:
+            self.grad_offsets.append(goff)
+            goff += p.numel() * 4 if p.requires_grad else 0
+        self.grad_nbytes = goff
+        self.trainable = sum(p.requires_grad for p in params)
+        self.state = ParamState.RELEASED
+        self.host: torch.Tensor | None = None  # flat params on the host (host tier)
+        self.device_buf: torch.Tensor | None = None
+        self.fetch: concurrent.futures.Future | None = None
+        self.grad_host: torch.Tensor | None = None  # flat fp32 grads
+        self.has_grads = False  # grads in grad_host belong to the current accumulation
+        self.pending = 0  # trainable params whose grad has not arrived in this backward
+        self.keep = False  # params stay on the device (placement)
+        self.key = f"unit{index}.params"
+
+    def view(self, flat: torch.Tensor, k: int) -> torch.Tensor:
+        dtype = self.dtypes[k]
+        n = self.numels[k] * dtype.itemsize
+        return flat[self.offsets[k]:self.offsets[k] + n].view(dtype).view(self.shapes[k])
+
+    def grad_view(self, k: int) -> torch.Tensor:
+        n = self.numels[k] * 4
+        return self.grad_host[self.grad_offsets[k]:self.grad_offsets[k] + n].view(torch.float32) \
+            .view(self.shapes[k])
+
+    def __repr__(self) -> str:
+        return f"Unit({self.name}, {len(self.params)} params, {format_bytes(self.nbytes)}, {self.state.value})"
+
+
+def default_units(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
+    """Each child of the model's top-most ModuleLists (the repeated blocks) is a unit; the rest is one more."""
+    units: list[tuple[str, list[nn.Module]]] = []
+    taken: set[int] = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) >= 2 and id(mod) not in taken:
+            if any(id(m) in taken for m in mod.modules()):
+                continue
+            for i, child in enumerate(mod):
+                units.append((f"{name}.{i}", [child]))
+            taken.update(id(m) for m in mod.modules())
+    return units
+
+
+class _Home(ParamHome):
+    """The optimizer's view of where each parameter's weights and gradient are (see OffloadOptimizer)."""
+
+    def __init__(self, runtime: "OffloadRuntime"):
+        self.rt = weakref.proxy(runtime)
+
+    def weights(self, param):
+        unit, k = self.rt._owner[param]
+        if self.rt.param_tier is Tier.NVME:
+            staging = self.rt._staging.get(unit.index)
+            return None if staging is None else unit.view(staging, k)
+        return unit.view(unit.host, k)
+
+    def load_weights(self, param):
+        return self.rt.param_value(param)
+
+    def grad(self, param):
+        unit, k = self.rt._owner[param]
+        return unit.grad_view(k) if unit.has_grads and param.requires_grad else None
+
+    def before_update(self, sub):
+        self.rt._before_update(sub)
+
+    def after_update(self, sub):
+        pass
+
+
+class OffloadRuntime:
+    """Owns the units, their memory on each tier, the hooks and the timeline of one wrapped model."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: OffloadConfig,
+                 units: Callable[[nn.Module], list[tuple[str, list[nn.Module]]]] | None = None):
+        self.model = model
+        self.config = config
+        self.param_tier = config.param_tier
+        if self.param_tier is Tier.DEVICE:
+            raise NotImplementedError("OffloadConfig(param_tier='device'): keeping every param on the device needs "
+                                      "no wrap; use OffloadOptimizer alone")
+        devices = {p.device for p in model.parameters()}
+        if len(devices) != 1:
+            raise ValueError(f"offload.wrap: expected the model on one device, got {sorted(map(str, devices))}")
+        self.device = next(iter(devices))
+        self.timeline = Timeline()
+        self.stats = {"fetches": 0, "fetch_wait_s": 0.0, "h2d_bytes": 0, "d2h_bytes": 0, "disk_read_bytes": 0,
+                      "disk_write_bytes": 0}
+        self._build_units(units or default_units)
+        self._owner: dict[nn.Parameter, tuple[Unit, int]] = {}
+        for u in self.units:
+            for k, p in enumerate(u.params):
+                self._owner[p] = (u, k)
+        self.device_budget = TierBudget(Tier.DEVICE, config.device_budget_bytes or (1 << 62))
+        need = self.units[0].nbytes + max((u.nbytes for u in self.units[1:]), default=0)
+        if need > self.device_budget.capacity_bytes:
+            big = max(self.units[1:], key=lambda u: u.nbytes, default=self.units[0])
+            raise ValueError(
+                f"offload.wrap: the device budget of {format_bytes(self.device_budget.capacity_bytes)} cannot hold "
+                f"unit {self.units[0].name!r} ({format_bytes(self.units[0].nbytes)}, resident through forward and "
+                f"backward) plus the largest block {big.name!r} ({format_bytes(big.nbytes)}): raise "
+                f"device_budget_bytes to at least {need} or cut the model into smaller units")
+        host_need = sum(u.grad_nbytes for u in self.units) + (
+            sum(u.nbytes for u in self.units) if self.param_tier is Tier.HOST else 0)
+        self.pool = HostPool(budget_bytes=config.host_budget_bytes or max(host_need * 2 + (256 << 20), 1 << 30))
+        self._store: NvmeStore | None = None
+        if self.param_tier is Tier.NVME or config.state_tier is Tier.NVME:
+            self._store = self._open_store(optimizer)
+        self._copy_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="offload-fetch")
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._staging: dict[int, torch.Tensor] = {}
+        self._staging_release: dict[int, Callable] = {}
+        self._fwd_order: list[int] = [u.index for u in self.units[1:]]
+        self._fwd_seq: list[int] = []
+        self._bwd_seq: list[int] = []
+        self._in_backward = False
+        self._empty = {}
+        self._init_tiers()
+        self.optimizer = self._make_optimizer(optimizer)
+        self._release_all_initial()
+        self._install_hooks()
+        hook = self._state_dict_hook
+        # torch marks the hook with an attribute, which a bound method cannot take: pass a plain function.
+        self._handles.append(model.register_state_dict_post_hook(lambda *a: hook(*a)))
+
+    # -- construction -------------------------------------------------------------------------------------------
+    def _build_units(self, units_fn) -> None:
+        blocks = units_fn(self.model)
+        seen: dict[nn.Parameter, str] = {}
+        self.units = []
+        for name, mods in blocks:
+            params = []
+            for m in mods:
+                for p in m.parameters():
+                    if p in seen and seen[p] != name:
+                        raise ValueError(f"offload.wrap: parameter of shape {list(p.shape)} is shared by units "
+                                         f"{seen[p]!r} and {name!r}: put the modules that share it in one unit")
+                    if p not in seen:
+                        seen[p] = name
+                        params.append(p)
+            self.units.append(Unit(len(self.units) + 1, name, mods, params))
+        rest = [p for p in self.model.parameters() if p not in seen]
+        self.units.insert(0, Unit(0, "rest", [self.model], rest))
+        for i, u in enumerate(self.units):
+            u.index, u.key = i, f"unit{i}.params"
+        self.units[0].keep = False
+
+    def _open_store(self, optimizer) -> NvmeStore:
+        cfg = self.config
+        if not cfg.nvme_dirs:
+            raise ValueError("offload.wrap: an NVMe tier needs OffloadConfig(nvme_dirs=...)")
+        params = sum(u.nbytes for u in self.units)
+        numel = sum(p.numel() for u in self.units for p in u.params if p.requires_grad)
+        state = numel * 16  # AdamW-like state plus fp32 masters, an upper estimate
+        cap = cfg.nvme_capacity_bytes or int((params + state) * 2.2) + (64 << 20)
+        return NvmeStore(list(cfg.nvme_dirs), cap, config=cfg.store, reset=True)
+
+    def _init_tiers(self) -> None:
+        """Copy every unit's params to their tier, and give each unit its fp32 grad buffer."""
+        for u in self.units:
+            if u.grad_nbytes:
+                buf = self.pool.acquire(u.grad_nbytes)
+                u.grad_host = buf.tensor[:u.grad_nbytes]
+                u._grad_release = buf.release
+            if not u.nbytes:
+                continue
+            buf = self.pool.acquire(u.nbytes)
+            flat = buf.tensor[:u.nbytes]
+            with torch.no_grad():
+                for k, p in enumerate(u.params):
+                    u.view(flat, k).copy_(p.data)
+            if self.param_tier is Tier.HOST:
+                u.host, u._host_release = flat, buf.release
+            else:
+                self._store.write(u.key, flat).wait()
+                self.stats["disk_write_bytes"] += u.nbytes
+                buf.release()
+
+    def _make_optimizer(self, optimizer) -> OffloadOptimizer:
+        homes = {}
+        home = _Home(self)
+        for u in self.units:
+            for p in u.params:
+                homes[p] = (u.index, home)
+        if isinstance(optimizer, OffloadOptimizer):
+            raise ValueError("offload.wrap: pass the plain optimizer (e.g. torch.optim.AdamW(...)); wrap builds "
+                             "the OffloadOptimizer itself")
+        opt = OffloadOptimizer(optimizer, config=self.config, _homes=homes, _store=self._store)
+        opt._runtime = self
+        return opt
+
+    def _empty_like(self, p: torch.Tensor) -> torch.Tensor:
+        key = (p.dtype, p.device)
+        if key not in self._empty:
+            self._empty[key] = torch.empty(0, dtype=p.dtype, device=p.device)
+        return self._empty[key]
+
+    def _release_all_initial(self) -> None:
+        self._released_once = True
+        for u in self.units:
+            for p in u.params:
+                p.data = self._empty_like(p)
+            u.state = ParamState.RELEASED
+
+    # -- fetch / release ----------------------------------------------------------------------------------------
+    def _issue_fetch(self, u: Unit, *, required: bool) -> bool:
+        """Start bringing ``u``'s params to the device. A prefetch that does not fit the budget is skipped."""
+        if u.state is not ParamState.RELEASED or not u.nbytes:
+            if not u.nbytes and u.state is ParamState.RELEASED:
+                u.state = ParamState.RESIDENT
+            return True
+        try:
+            self.device_budget.reserve(u.nbytes, what=f"unit {u.name!r}")
+        except TierFullError:
+            if not required:
+                return False
+            resident = [x.name for x in self.units if x.state is not ParamState.RELEASED]
+            raise TierFullError("device", f"unit {u.name!r}", u.nbytes, self.device_budget.used_bytes,
+                                self.device_budget.capacity_bytes) from None
+        if self.device.type == "cuda":
+            u.device_buf = torch.empty(u.nbytes, dtype=torch.uint8, device=self.device)
+        else:
+            u.device_buf = aligned_empty(u.nbytes)[:u.nbytes]
+        u.state = ParamState.FETCHING
+        self.stats["fetches"] += 1
+        u.fetch = self._copy_pool.submit(self._fetch_work, u)
+        return True
+
+    def _fetch_work(self, u: Unit):
+        """On the copy thread: (disk ->) host -> device. Returns a CUDA event when the copy is asynchronous."""
+        tl = self.timeline
+        src, release = u.host, None
+        if src is None:
+            buf = self.pool.acquire(u.nbytes)
+            src, release = buf.tensor[:u.nbytes], buf.release
+            with tl.span("disk_read", f"fetch {u.name}", u.nbytes):
+                self._store.read(u.key, out=src).wait()
+            self.stats["disk_read_bytes"] += u.nbytes
+        try:
+            with tl.span("h2d", f"fetch {u.name}", u.nbytes):
+                if self._copy_stream is not None:
+                    with torch.cuda.stream(self._copy_stream):
+                        u.device_buf.copy_(src, non_blocking=True)
+                        event = torch.cuda.Event()
+                        event.record(self._copy_stream)
+                    # The staging buffer is reused once the copy is done; wait for it on this (copy) thread.
+                    event.synchronize()
+                else:
+                    u.device_buf.copy_(src)
+                    event = None
+            self.stats["h2d_bytes"] += u.nbytes
+        finally:
+            if release is not None:
+                release()
+        return event
+
+    def _wait_resident(self, u: Unit) -> None:
+        if u.state is ParamState.RELEASED:
+            self._issue_fetch(u, required=True)
+        if u.state is ParamState.FETCHING:
+            t0 = time.perf_counter()
+            event = u.fetch.result()
+            self.stats["fetch_wait_s"] += time.perf_counter() - t0
+            if event is not None:
+                # Compute must not read the params before the copy stream wrote them.
+                torch.cuda.current_stream(self.device).wait_event(event)
+            for k, p in enumerate(u.params):
+                p.data = u.view(u.device_buf, k)
+            u.fetch = None
+            u.state = ParamState.RESIDENT
+
+    def _release(self, u: Unit) -> None:
+        if u.keep:
+            return
+        if u.state is ParamState.FETCHING:
+            u.fetch.result()
+        if u.state is ParamState.RELEASED:
+            return
+        for p in u.params:
+            p.data = self._empty_like(p)
+        if u.nbytes:
+            if self.device.type == "cuda":
+                # The buffer may still be read by kernels queued on the compute stream; the caching allocator
+                # keeps it from reuse by other streams until they finish when we record it on that stream.
+                u.device_buf.record_stream(torch.cuda.current_stream(self.device))
+            u.device_buf = None
+            self.device_budget.release(u.nbytes)
+        u.state = ParamState.RELEASED
+
+    def _prefetch(self, seq: list[int], pos: int) -> None:
+        for idx in seq[pos + 1:pos + 1 + self.config.prefetch]:
+            if not self._issue_fetch(self.units[idx], required=False):
+                break
+
+    # -- hooks --------------------------------------------------------------------------------------------------
+    def _install_hooks(self) -> None:
+        self._handles = []
+        rest = self.units[0]
+        self._handles.append(self.model.register_forward_pre_hook(self._root_pre_forward))
+        self._handles.append(self.model.register_forward_hook(self._root_post_forward))
+        for u in self.units[1:]:
+            for m in u.modules:
+                self._handles.append(m.register_forward_pre_hook(lambda mod, args, u=u: self._pre_forward(u)))
+                self._handles.append(m.register_forward_hook(lambda mod, args, out, u=u: self._post_forward(u, out)))
+        for u in self.units:
+            for p in u.params:
+                if p.requires_grad:
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
+        del rest
+
+    @staticmethod
+    def _backward_running() -> bool:
+        return torch._C._current_graph_task_id() != -1
+
+    def _root_pre_forward(self, module, args) -> None:
+        if self._backward_running():
+            return  # recomputation under activation checkpointing
+        self._fwd_seq = []
+        self._fwd_t0 = self.timeline.now()
+        self._wait_resident(self.units[0])
+        self._prefetch(self._fwd_order, -1)
+
+    def _root_post_forward(self, module, args, out) -> None:
+        if self._backward_running():
+            return
+        self.timeline.add("compute", "forward", self._fwd_t0, self.timeline.now())
+        self._fwd_order = list(self._fwd_seq) or self._fwd_order
+        for u in self.units[1:]:  # prefetched for this forward but not used: give the memory back
+            self._release(u)
+        if torch.is_grad_enabled():
+            self._register_pre_backward(self.units[0], out)
+        else:
+            self._release(self.units[0])
+
+    def _pre_forward(self, u: Unit) -> None:
+        if self._backward_running():
+            self._wait_resident(u)  # recomputation: already fetched by the pre-backward hook
+            return
+        self._fwd_seq.append(u.index)
+        self._wait_resident(u)
+        self._prefetch(self._fwd_order, len(self._fwd_seq) - 1)
+
+    def _post_forward(self, u: Unit, out) -> None:
+        if self._backward_running():
+            return
+        if torch.is_grad_enabled():
+            self._register_pre_backward(u, out)
+        self._release(u)
+
+    def _register_pre_backward(self, u: Unit, out) -> None:
+        tensors = [t for t in _tensors(out) if t.requires_grad]
+        if tensors:
+            torch.autograd.graph.register_multi_grad_hook(tensors, lambda grads, u=u: self._pre_backward(u),
+                                                          mode="any")
+
+    def _pre_backward(self, u: Unit) -> None:
+        if not self._in_backward:
+            self._in_backward = True
+            self._bwd_seq = list(reversed(self._fwd_order))
+            self._bwd_pos = -1
+            self._bwd_t0 = self.timeline.now()
+            for x in self.units:
+                x.pending = x.trainable
+            torch.autograd.Variable._execution_engine.queue_callback(self._post_backward)
+        if u.index != 0:
+            self._bwd_pos += 1
+        self._wait_resident(u)
+        if u.index != 0:
+            self._prefetch(self._bwd_seq, self._bwd_pos)
+        else:
+            self._prefetch(self._bwd_seq, -1)
+
+    def _on_grad(self, p: nn.Parameter) -> None:
+        u, k = self._owner[p]
+        g = p.grad
+        with self.timeline.span("d2h", f"grad {u.name}", p.numel() * 4):
+            dst = u.grad_view(k)
+            if not u.has_grads:
+                self._start_accumulation(u)
+            if self._fresh[id(p)]:
+                dst.copy_(g)  # a plain optimizer's first micro-batch: p.grad = g
+                self._fresh[id(p)] = False
+            else:
+                dst.add_(g)  # later micro-batches: p.grad += g, the same fp32 addition
+        self.stats["d2h_bytes"] += p.numel() * 4
+        p.grad = None
+        u.pending -= 1
+        if u.pending == 0 and u.index != 0:
+            self._release(u)
+
+    def _start_accumulation(self, u: Unit) -> None:
+        u.has_grads = True
+        for p in u.params:
+            self._fresh[id(p)] = True
+
+    def _post_backward(self) -> None:
+        self.timeline.add("compute", "backward", self._bwd_t0, self.timeline.now())
+        self._in_backward = False
+        for u in self.units:
+            self._release(u)
+
+    def zero_grad(self) -> None:
+        """Forget accumulated grads (what ``optimizer.zero_grad()`` and ``model.zero_grad()`` do)."""
+        for u in self.units:
+            u.has_grads = False
+
+    @property
+    def _fresh(self) -> dict:
+        if not hasattr(self, "_fresh_map"):
+            self._fresh_map = {}
+        return self._fresh_map
+
+    def param_value(self, p: nn.Parameter) -> torch.Tensor:
+        """The current weights of ``p`` wherever they are (a copy when they come from disk)."""
+        u, k = self._owner[p]
+        if u.state is ParamState.RESIDENT or not getattr(self, "_released_once", False):
+            return p.data
+        if u.index in self._staging:
+            return u.view(self._staging[u.index], k)
+        if u.host is not None:
+            return u.view(u.host, k)
+        buf = aligned_empty(u.nbytes)[:u.nbytes]
+        self._store.read(u.key, out=buf).wait()
+        return u.view(buf, k)
+
+    def _state_dict_hook(self, module, state_dict, prefix, local_metadata) -> None:
+        """``model.state_dict()`` gives the real weights, not the empty tensors released params hold."""
+        for name, p in self.model.named_parameters(prefix=prefix.rstrip("."), remove_duplicate=False):
+            if name in state_dict and p in self._owner:
+                state_dict[name] = self.param_value(p).detach().clone()
+
+    # -- the optimizer's side -----------------------------------------------------------------------------------
+    def _before_update(self, sub) -> None:
+        """For NVMe params: a host staging buffer the update writes the unit's new weights into."""
+        if self.param_tier is not Tier.NVME:
+            return
+        u = self.units[sub.unit]
+        if u.index not in self._staging:
+            self._flush_staging()
+            buf = self.pool.acquire(u.nbytes)
+            staging = buf.tensor[:u.nbytes]
+            with self.timeline.span("disk_read", f"params {u.name}", u.nbytes):
+                self._store.read(u.key, out=staging).wait()
+            self.stats["disk_read_bytes"] += u.nbytes
+            self._staging[u.index], self._staging_release[u.index] = staging, buf.release
+
+    def _flush_staging(self) -> None:
+        for idx in list(self._staging):
+            u = self.units[idx]
+            staging = self._staging.pop(idx)
+            release = self._staging_release.pop(idx)
+            with self.timeline.span("disk_write", f"params {u.name}", u.nbytes):
+                self._store.write(u.key, staging).wait()
+            self.stats["disk_write_bytes"] += u.nbytes
+            release()
+
+    def after_step(self) -> None:
+        self._flush_staging()
+
+    def report(self) -> dict:
+        return {"units": [{"name": u.name, "params": sum(p.numel() for p in u.params), "bytes": u.nbytes,
+                           "state": u.state.value} for u in self.units],
+                "param_tier": self.param_tier.value, "device_budget_bytes": self.device_budget.capacity_bytes,
+                "device_peak_bytes": self.device_budget.peak_bytes, **self.stats,
+                "timeline": self.timeline.summary()}
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._copy_pool.shutdown(wait=True)
+        self.optimizer.close()
+        if self._store is not None:
+            self._store.close()
+
+
+def _tensors(obj) -> Iterable[torch.Tensor]:
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for x in obj:
+            yield from _tensors(x)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            yield from _tensors(x)
+    elif hasattr(obj, "to_tuple"):  # transformers' ModelOutput
+        yield from _tensors(obj.to_tuple())
+
+
+def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, config: OffloadConfig | None = None, *,
+         units: Callable[[nn.Module], list[tuple[str, list[nn.Module]]]] | None = None
+         ) -> tuple[nn.Module, OffloadOptimizer]:
+    """Offload ``model``'s params, grads and ``optimizer``'s state per ``config``; returns the same module
+    (changed in place: hooks, params emptied between uses) and the :class:`OffloadOptimizer` to use instead of
+    ``optimizer``. The training loop stays ``loss = model(x); loss.backward(); opt.step(); opt.zero_grad()``.
+
+    Clip with ``opt.clip_grad_norm_(max_norm)``: the grads are no longer in ``param.grad``.
+    """
+    runtime = OffloadRuntime(model, optimizer, config or OffloadConfig(), units=units)
+    model._offload_runtime = runtime
+    orig_zero_grad = model.zero_grad
+
+    def zero_grad(set_to_none: bool = True):
+        runtime.zero_grad()
+        orig_zero_grad(set_to_none)
+
+    model.zero_grad = zero_grad
+    return model, runtime.optimizer
