@@ -45,6 +45,16 @@ class OffloadConfig:
     device they exist only while their unit computes (and the units prefetched for it)."""
     prefetch: int = 2
     """With :func:`offload.wrap`: units whose params are fetched ahead of use, within the device budget."""
+    overlap_update: bool = True
+    """With :func:`offload.wrap`: update each unit on the CPU as soon as its grads are off the device, while
+    backward goes on with earlier units (Fuyou), instead of all at ``step()``. It needs no global information,
+    so it is off (updates wait for backward) when ``max_grad_norm`` or ``loss_scale`` is set; results are the
+    same either way."""
+    accumulation_steps: int = 1
+    """With the overlapped update: backward passes per ``step()``; the updates run during the last one."""
+    max_grad_norm: float | None = None
+    """Clip the global grad norm to this at each step (what ``torch.nn.utils.clip_grad_norm_`` does, over
+    grads wherever they live)."""
     subgroup_numel: int = 16 << 20
     """Target parameters per subgroup: the unit of transfer and of update. Small tensors are packed together;
     a larger tensor is cut into pieces (on 1024-element boundaries, which keeps fused kernels bit-exact) when the
@@ -93,6 +103,11 @@ class OffloadConfig:
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ValueError(f"OffloadConfig.{name}: expected a positive number of bytes or None, got {v}")
+        if self.accumulation_steps < 1:
+            raise ValueError(f"OffloadConfig.accumulation_steps: expected >= 1, got {self.accumulation_steps}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"OffloadConfig.max_grad_norm: expected a positive number or None, got "
+                             f"{self.max_grad_norm}")
         if self.impl not in IMPLS:
             raise ValueError(f"OffloadConfig.impl: expected one of {IMPLS}, got {self.impl!r}")
         if self.loss_scale is not None and self.loss_scale != "dynamic" and not (

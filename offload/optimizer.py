@@ -580,7 +580,21 @@ class OffloadOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._runtime is not None and self._runtime.overlapped_step_pending():
+            # The updates already ran during backward (offload.wrap's overlapped update): wait for them.
+            self._runtime.finish_overlapped_step()
+            return loss
         t0 = time.perf_counter()
+        if not self._begin_step():
+            return loss
+        try:
+            self._update_subgroups(self._update_order())
+        finally:
+            self._end_step(t0)
+        return loss
+
+    def _begin_step(self) -> bool:
+        """Checks and hyperparameters before any update; False when the step is skipped (fp16 overflow)."""
         for p in self._frozen:
             if p.grad is not None:
                 raise NotImplementedError("OffloadOptimizer: a parameter that did not require grad when the optimizer "
@@ -589,26 +603,38 @@ class OffloadOptimizer(torch.optim.Optimizer):
         if self._scale is not None and self.unscale_():  # inf/NaN in a grad: skip, lower the scale
             self._unscaled = False
             self._on_overflow()
-            return loss
+            return False
+        if self.config.max_grad_norm is not None:
+            self.clip_grad_norm_(self.config.max_grad_norm)
         self._sync_hparams()
-        # With the runtime, subgroups go unit by unit, so that each unit's weights are staged once.
-        order = sorted(self._subgroups, key=lambda s: (s.unit, s.group)) if self._homes else self._subgroups
-        try:
-            for sub in order:
-                if sub.tier is not Tier.NVME and sub.has_grads():
-                    self._update(sub, sub.mem)
-            stored = [s for s in order if s.tier is Tier.NVME and s.has_grads()]
-            if stored:
-                self._step_streamed(stored)
-        finally:
-            self._unscaled = False
-            if self._runtime is not None:
-                self._runtime.after_step()
+        return True
+
+    def _update_order(self, unit: int | None = None) -> list[_Subgroup]:
+        """Subgroups to update (those with grads); with the runtime, unit by unit, so that each unit's weights
+        are staged once; ``unit`` restricts to one unit."""
+        subs = self._subgroups
+        if self._homes:
+            subs = sorted(subs, key=lambda s: (s.unit, s.group))
+            if unit is not None:
+                subs = [s for s in subs if s.unit == unit]
+        return [s for s in subs if s.has_grads()]
+
+    def _update_subgroups(self, subs: list[_Subgroup]) -> None:
+        for sub in subs:
+            if sub.tier is not Tier.NVME:
+                self._update(sub, sub.mem)
+        stored = [s for s in subs if s.tier is Tier.NVME]
+        if stored:
+            self._step_streamed(stored)
+
+    def _end_step(self, t0: float) -> None:
+        self._unscaled = False
+        if self._runtime is not None:
+            self._runtime.after_step()
         if self._scale is not None:
             self._on_good_step()
         self._stats["steps"] += 1
         self._stats["step_s"] += time.perf_counter() - t0
-        return loss
 
     def _sync_hparams(self) -> None:
         """LR schedulers (and users) change the outer groups; carry every hyperparameter to the inner ones."""
@@ -805,6 +831,10 @@ class OffloadOptimizer(torch.optim.Optimizer):
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """``torch.nn.utils.clip_grad_norm_`` over every trainable parameter's grad, wherever it lives (the same
         global norm and the same arithmetic, so results are bit-identical). Unscales first under loss scaling."""
+        if self._runtime is not None and self._runtime.overlap_started():
+            raise RuntimeError("clip_grad_norm_: the overlapped update already started during backward, so clipping "
+                               "now would come too late. Set OffloadConfig(max_grad_norm=...) instead: the runtime "
+                               "then clips before updating (and updates after backward)")
         if self._scale is not None and self.unscale_():
             return torch.tensor(float("inf"))
         holders = []

@@ -181,6 +181,16 @@ class OffloadRuntime:
         if self.param_tier is Tier.NVME or config.state_tier is Tier.NVME:
             self._store = self._open_store(optimizer)
         self._copy_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="offload-fetch")
+        # One thread runs the overlapped updates, in the order units finish backward (the CPU-update resource).
+        self._update_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="offload-update")
+        self.overlap = config.overlap_update and config.max_grad_norm is None and config.loss_scale is None
+        self._backwards = 0  # backward passes since the last step
+        self._overlapping = False  # this backward runs the updates
+        self._step_pending = False  # updates ran (or run) in backward; step() must collect them
+        self._update_futures: list[concurrent.futures.Future] = []
+        self._submitted: set[int] = set()
+        self.last_timeline: Timeline | None = None
+        self._new_iteration = True
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._staging: dict[int, torch.Tensor] = {}
         self._staging_release: dict[int, Callable] = {}
@@ -390,6 +400,10 @@ class OffloadRuntime:
         if self._backward_running():
             return  # recomputation under activation checkpointing
         self._fwd_seq = []
+        if self._new_iteration:  # the first forward after a step: a new iteration's timeline
+            self._new_iteration = False
+            if self.timeline.events:
+                self.last_timeline, self.timeline = self.timeline, Timeline()
         self._fwd_t0 = self.timeline.now()
         self._wait_resident(self.units[0])
         self._prefetch(self._fwd_order, -1)
@@ -429,7 +443,19 @@ class OffloadRuntime:
 
     def _pre_backward(self, u: Unit) -> None:
         if not self._in_backward:
+            if self._step_pending:
+                raise RuntimeError(
+                    f"backward called again after the last of {self.config.accumulation_steps} accumulation steps, "
+                    f"whose backward already ran the optimizer update (overlap_update): call optimizer.step() "
+                    f"first, or set OffloadConfig(accumulation_steps=...) to the number of backward passes per step")
             self._in_backward = True
+            self._overlapping = self.overlap and self._backwards + 1 == self.config.accumulation_steps
+            if self._overlapping:
+                self._step_t0 = time.perf_counter()
+                self._submitted = set()
+                self._update_futures = []
+                if not self.optimizer._begin_step():
+                    self._overlapping = False
             self._bwd_seq = list(reversed(self._fwd_order))
             self._bwd_pos = -1
             self._bwd_t0 = self.timeline.now()
@@ -459,8 +485,39 @@ class OffloadRuntime:
         self.stats["d2h_bytes"] += p.numel() * 4
         p.grad = None
         u.pending -= 1
-        if u.pending == 0 and u.index != 0:
-            self._release(u)
+        if u.pending == 0:
+            if u.index != 0:
+                self._release(u)
+            if self._overlapping:
+                self._submit_update(u)
+
+    def _submit_update(self, u: Unit) -> None:
+        """Update ``u`` on the update thread now, while backward goes on with earlier units (Fuyou)."""
+        if u.index in self._submitted or not u.has_grads:
+            return
+        self._submitted.add(u.index)
+        self._update_futures.append(self._update_pool.submit(self._update_unit, u))
+
+    def _update_unit(self, u: Unit) -> None:
+        with self.timeline.span("cpu_update", f"update {u.name}"):
+            self.optimizer._update_subgroups(self.optimizer._update_order(u.index))
+
+    def overlap_started(self) -> bool:
+        return self._overlapping or self._step_pending
+
+    def overlapped_step_pending(self) -> bool:
+        return self._step_pending
+
+    def finish_overlapped_step(self) -> None:
+        """``optimizer.step()`` after an overlapped backward: wait for the updates, then close the step."""
+        concurrent.futures.wait(self._update_futures)
+        self._step_pending = False
+        try:
+            for f in self._update_futures:
+                f.result()  # the first failure, if any
+        finally:
+            self._update_futures = []
+            self.optimizer._end_step(self._step_t0)
 
     def _start_accumulation(self, u: Unit) -> None:
         u.has_grads = True
@@ -470,8 +527,14 @@ class OffloadRuntime:
     def _post_backward(self) -> None:
         self.timeline.add("compute", "backward", self._bwd_t0, self.timeline.now())
         self._in_backward = False
+        self._backwards += 1
         for u in self.units:
             self._release(u)
+        if self._overlapping:
+            for u in self.units:  # units some of whose params got no grad this time
+                self._submit_update(u)
+            self._overlapping = False
+            self._step_pending = True
 
     def zero_grad(self) -> None:
         """Forget accumulated grads (what ``optimizer.zero_grad()`` and ``model.zero_grad()`` do)."""
@@ -530,6 +593,8 @@ class OffloadRuntime:
 
     def after_step(self) -> None:
         self._flush_staging()
+        self._backwards = 0
+        self._new_iteration = True
 
     def report(self) -> dict:
         return {"units": [{"name": u.name, "params": sum(p.numel() for p in u.params), "bytes": u.nbytes,
@@ -542,6 +607,7 @@ class OffloadRuntime:
         for h in self._handles:
             h.remove()
         self._copy_pool.shutdown(wait=True)
+        self._update_pool.shutdown(wait=True)
         self.optimizer.close()
         if self._store is not None:
             self._store.close()

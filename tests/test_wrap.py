@@ -49,9 +49,10 @@ def model_bytes(model):
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["step", "overlap"])
 @pytest.mark.parametrize("clip", [None, 0.5], ids=["noclip", "clip"])
 @pytest.mark.parametrize("param_tier,state_tier", [("host", "host"), ("nvme", "nvme")])
-def test_gpt_parity(param_tier, state_tier, clip, tmp_path):
+def test_gpt_parity(param_tier, state_tier, clip, overlap, tmp_path):
     ref, m = gpt(), gpt()
     data = batches(10)
     plain = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
@@ -59,10 +60,13 @@ def test_gpt_parity(param_tier, state_tier, clip, tmp_path):
 
     budget = model_bytes(m) // 2  # the whole model does not fit on the "device"
     cfg = OffloadConfig(param_tier=param_tier, state_tier=state_tier, nvme_dirs=str(tmp_path), impl="as_given",
-                        device_budget_bytes=budget, prefetch=1)
+                        device_budget_bytes=budget, prefetch=1, overlap_update=overlap, accumulation_steps=2,
+                        max_grad_norm=clip if overlap else None)
     model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1), cfg)
     assert model is m
-    losses = run(model, opt, data, accum=2, clip=clip, wrapped=True)
+    # With the overlapped update, clipping is configured (the runtime clips before it updates); without, the
+    # user calls opt.clip_grad_norm_ as with torch's.
+    losses = run(model, opt, data, accum=2, clip=None if overlap else clip, wrapped=True)
     assert losses == losses_ref
     rt = model._offload_runtime
     assert rt.device_budget.peak_bytes <= budget
@@ -82,3 +86,35 @@ def test_too_small_device_budget_names_the_unit(tmp_path):
     m = gpt()
     with pytest.raises(ValueError, match=r"unit 'rest'.*blocks\.\d"):
         wrap(m, torch.optim.AdamW(m.parameters()), OffloadConfig(device_budget_bytes=1024))
+
+
+def test_overlapped_update_overlaps_backward(tmp_path):
+    """In the recorded timeline, the update of a unit runs while backward of an earlier unit computes."""
+    m = gpt()
+    cfg = OffloadConfig(param_tier="host", state_tier="host", overlap_update=True, impl="as_given")
+    model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2), cfg)
+    rt = model._offload_runtime
+    overlapped = False
+    for idx in batches(4):
+        lm_loss(model, idx).backward()
+        opt.step()
+        opt.zero_grad()
+        tl = rt.timeline
+        updates = [e for e in tl.events if e.resource == "cpu_update" and e.name.startswith("update blocks.")]
+        grads = [e for e in tl.events if e.resource == "d2h"]
+        # a later grad copy (backward of an earlier unit) started before some update ended
+        overlapped |= any(g.start_s < u.end_s and g.name != "grad " + u.name.split(" ", 1)[1]
+                          and g.start_s > u.start_s for u in updates for g in grads)
+    assert overlapped, "no update ran concurrently with backward"
+    rt.close()
+
+
+def test_clip_after_overlap_is_refused(tmp_path):
+    m = gpt()
+    model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2), OffloadConfig(overlap_update=True))
+    lm_loss(model, batches(1)[0]).backward()
+    with pytest.raises(RuntimeError, match="max_grad_norm"):
+        opt.clip_grad_norm_(1.0)
+    opt.step()
+    lm_loss(model, batches(1)[0]).backward()
+    opt.step()
