@@ -565,6 +565,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
         sub.residency = Residency.STORED
         self._stats["write_bytes"] += sub.chunk_bytes
         wb.handle = store.write(sub.key, wb.mem)
+        self._trace("disk_write", f"state {sub.key}", wb.handle, sub.chunk_bytes)
         wb.handle.future.add_done_callback(lambda f: wb.release() if f.exception() is None else None)
         if wait:
             concurrent.futures.wait([wb.handle.future])
@@ -714,6 +715,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
             if sub.residency is Residency.STORED:
                 self._stats["read_bytes"] += sub.chunk_bytes
                 handle = store.read(sub.key, out=buf[:sub.chunk_bytes])
+                self._trace("disk_read", f"state {sub.key}", handle, sub.chunk_bytes)
             ahead.append((sub, buf, release, handle, chunk))
             return True
 
@@ -766,6 +768,14 @@ class OffloadOptimizer(torch.optim.Optimizer):
         failed += [err for err in (wb.check() for wb in writes) if err is not None]
         if failed:
             raise failed[0]
+
+    def _trace(self, resource: str, name: str, handle, nbytes: int) -> None:
+        """Record a store transfer on the runtime's timeline, from its issue to its completion."""
+        if self._runtime is None:
+            return
+        tl = self._runtime.timeline
+        t0 = tl.now()
+        handle.future.add_done_callback(lambda _f: tl.add(resource, name, t0, tl.now(), nbytes))
 
     # -- loss scaling -----------------------------------------------------------------------------------------------
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One call on a GPU machine runs every GPU check in well under five minutes:
+#   bash scripts/gpu_check.sh            (from the repository root; the device tool sets $OUT)
+# It installs the project on top of the machine's CUDA torch, runs tests/gpu, and leaves the timelines
+# (Chrome traces) and the log under $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/offload-gpu}"; mkdir -p "$OUT"; export OUT
+export CUBLAS_WORKSPACE_CONFIG=:4096:8   # deterministic cuBLAS, so parity checks can be exact
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())" \
+  || pip install -q torch
+pip install -q --no-deps -e . >/dev/null 2>&1 || pip install -q -e .
+pip install -q xxhash psutil aiofiles pytest hypothesis >/dev/null 2>&1
+timeout 280 python3 -m pytest -q -s tests/gpu 2>&1 | tee "$OUT/gpu_tests.log"
+exit "${PIPESTATUS[0]}"
