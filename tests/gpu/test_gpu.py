@@ -15,6 +15,9 @@ from storage import HostPool
 SHAPE = TransformerShape(n_layer=4, d_model=256, n_head=4, d_ff=1024, vocab=1024, n_pos=128, bias=True,
                          norm="layernorm", tied=True)
 OUT = os.environ.get("OUT") or "/tmp"
+# The one gate for GPU tests: they are collected everywhere and run where CUDA is.
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU; run scripts/gpu_check.sh on a GPU machine")
 
 
 def gpt():
