@@ -43,6 +43,10 @@ class OffloadConfig:
     param_tier: Tier | str = Tier.HOST
     """With :func:`offload.wrap`: where each unit's parameters live between uses, ``"host"`` or ``"nvme"``; on the
     device they exist only while their unit computes (and the units prefetched for it)."""
+    grad_tier: Tier | str = Tier.HOST
+    """With :func:`offload.wrap`: where accumulated fp32 grads wait between backward and the update, ``"host"``
+    (one buffer per unit, kept) or ``"nvme"`` (written after each micro-batch, read back for the next one or for
+    the update; with the overlapped update the last micro-batch's grads go straight to the update)."""
     prefetch: int = 2
     """With :func:`offload.wrap`: units whose params are fetched ahead of use, within the device budget."""
     overlap_update: bool = True
@@ -86,6 +90,10 @@ class OffloadConfig:
     def __post_init__(self):
         object.__setattr__(self, "state_tier", _tier(self.state_tier, "state_tier"))
         object.__setattr__(self, "param_tier", _tier(self.param_tier, "param_tier"))
+        object.__setattr__(self, "grad_tier", _tier(self.grad_tier, "grad_tier"))
+        if self.grad_tier is Tier.DEVICE:
+            raise ValueError("OffloadConfig.grad_tier: expected 'host' or 'nvme', got 'device' (grads leave the "
+                             "device as they complete)")
         if self.prefetch < 0:
             raise ValueError(f"OffloadConfig.prefetch: expected >= 0 units, got {self.prefetch}")
         sites = [self.update_on] if isinstance(self.update_on, str) else list(self.update_on)
@@ -114,7 +122,7 @@ class OffloadConfig:
                 isinstance(self.loss_scale, (int, float)) and self.loss_scale > 0):
             raise ValueError(f"OffloadConfig.loss_scale: expected 'dynamic', a positive number or None, got "
                              f"{self.loss_scale!r}")
-        if (self.state_tier is Tier.NVME or self.param_tier is Tier.NVME) and not self.nvme_dirs:
+        if Tier.NVME in (self.state_tier, self.param_tier, self.grad_tier) and not self.nvme_dirs:
             raise ValueError("OffloadConfig.nvme_dirs: state_tier='nvme' needs a directory on a local disk, e.g. "
                              "nvme_dirs='/mnt/nvme/offload'")
         if isinstance(self.nvme_dirs, (str, os.PathLike)):

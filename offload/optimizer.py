@@ -73,6 +73,10 @@ class ParamHome:
     def grad(self, param: torch.Tensor) -> torch.Tensor | None:
         raise NotImplementedError
 
+    def has_grad(self, param: torch.Tensor) -> bool:
+        """Whether the parameter has a gradient now, without loading it."""
+        return self.grad(param) is not None
+
     def load_weights(self, param: torch.Tensor) -> torch.Tensor:
         """The weights of a parameter whose ``weights()`` is ``None``, read into a new tensor."""
         raise NotImplementedError
@@ -109,6 +113,9 @@ class _Piece:
     def grad(self) -> torch.Tensor | None:
         g = self.param.grad if self.home is None else self.home.grad(self.param)
         return None if g is None else self.of(g)
+
+    def has_grad(self) -> bool:
+        return self.param.grad is not None if self.home is None else self.home.has_grad(self.param)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -155,7 +162,7 @@ class _Subgroup:
         self.unit: int | None = None
 
     def has_grads(self) -> bool:
-        return any(p.grad() is not None for p in self.pieces)
+        return any(p.has_grad() for p in self.pieces)
 
 
 class _WriteBack:

@@ -81,8 +81,12 @@ class Unit:
         self.host: torch.Tensor | None = None  # flat params on the host (host tier)
         self.device_buf: torch.Tensor | None = None
         self.fetch: concurrent.futures.Future | None = None
-        self.grad_host: torch.Tensor | None = None  # flat fp32 grads
-        self.has_grads = False  # grads in grad_host belong to the current accumulation
+        self.grad_host: torch.Tensor | None = None  # flat fp32 grads, while on the host
+        self.grad_release: Callable[[], None] | None = None
+        self.has_grads = False  # some param of the unit has a grad in the current accumulation
+        self.got = [False] * len(params)  # which params have one
+        self.grads_on_nvme = False  # the accumulated grads are in the store (grad_key), not in grad_host
+        self.grad_key = f"unit{index}.grads"
         self.pending = 0  # trainable params whose grad has not arrived in this backward
         self.keep = False  # params stay on the device (placement)
         self.key = f"unit{index}.params"
@@ -133,7 +137,14 @@ class _Home(ParamHome):
 
     def grad(self, param):
         unit, k = self.rt._owner[param]
-        return unit.grad_view(k) if unit.has_grads and param.requires_grad else None
+        if not (unit.has_grads and unit.got[k]):
+            return None
+        self.rt._grad_buffer(unit, load=True)
+        return unit.grad_view(k)
+
+    def has_grad(self, param):
+        unit, k = self.rt._owner[param]
+        return unit.has_grads and unit.got[k]
 
     def before_update(self, sub):
         self.rt._before_update(sub)
@@ -178,7 +189,7 @@ class OffloadRuntime:
             sum(u.nbytes for u in self.units) if self.param_tier is Tier.HOST else 0)
         self.pool = HostPool(budget_bytes=config.host_budget_bytes or max(host_need * 2 + (256 << 20), 1 << 30))
         self._store: NvmeStore | None = None
-        if self.param_tier is Tier.NVME or config.state_tier is Tier.NVME:
+        if Tier.NVME in (self.param_tier, config.state_tier, config.grad_tier):
             self._store = self._open_store(optimizer)
         self._copy_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="offload-fetch")
         # One thread runs the overlapped updates, in the order units finish backward (the CPU-update resource).
@@ -242,10 +253,10 @@ class OffloadRuntime:
     def _init_tiers(self) -> None:
         """Copy every unit's params to their tier, and give each unit its fp32 grad buffer."""
         for u in self.units:
-            if u.grad_nbytes:
+            u.grad_key = f"unit{u.index}.grads"
+            if u.grad_nbytes and self.config.grad_tier is Tier.HOST:
                 buf = self.pool.acquire(u.grad_nbytes)
-                u.grad_host = buf.tensor[:u.grad_nbytes]
-                u._grad_release = buf.release
+                u.grad_host, u.grad_release = buf.tensor[:u.grad_nbytes], buf.release
             if not u.nbytes:
                 continue
             buf = self.pool.acquire(u.nbytes)
@@ -473,23 +484,66 @@ class OffloadRuntime:
     def _on_grad(self, p: nn.Parameter) -> None:
         u, k = self._owner[p]
         g = p.grad
+        self._grad_buffer(u, load=True)
         with self.timeline.span("d2h", f"grad {u.name}", p.numel() * 4):
             dst = u.grad_view(k)
-            if not u.has_grads:
-                self._start_accumulation(u)
-            if self._fresh[id(p)]:
+            if not u.got[k]:
                 dst.copy_(g)  # a plain optimizer's first micro-batch: p.grad = g
-                self._fresh[id(p)] = False
+                u.got[k] = True
             else:
                 dst.add_(g)  # later micro-batches: p.grad += g, the same fp32 addition
+            u.has_grads = True
         self.stats["d2h_bytes"] += p.numel() * 4
         p.grad = None
         u.pending -= 1
         if u.pending == 0:
-            if u.index != 0:
-                self._release(u)
-            if self._overlapping:
-                self._submit_update(u)
+            self._unit_grads_done(u)
+
+    def _unit_grads_done(self, u: Unit) -> None:
+        """All of ``u``'s grads of this backward are off the device."""
+        if u.index != 0:
+            self._release(u)
+        if self._overlapping:
+            self._submit_update(u)
+        elif self.config.grad_tier is Tier.NVME:
+            self._spill_grads(u)
+
+    def _grad_buffer(self, u: Unit, *, load: bool) -> None:
+        """Make ``u``'s fp32 grad buffer addressable on the host, reading the accumulated grads back from the
+        store when they were spilled there."""
+        if u.grad_host is not None:
+            return
+        buf = self.pool.acquire(u.grad_nbytes)
+        u.grad_host, u.grad_release = buf.tensor[:u.grad_nbytes], buf.release
+        if load and u.grads_on_nvme:
+            with self.timeline.span("disk_read", f"grads {u.name}", u.grad_nbytes):
+                self._store.read(u.grad_key, out=u.grad_host).wait()
+            self.stats["disk_read_bytes"] += u.grad_nbytes
+
+    def _spill_grads(self, u: Unit) -> None:
+        """Grads of a micro-batch that is not the last: to the store, and the host buffer back to the pool."""
+        if u.grad_host is None:
+            return
+        grads, release = u.grad_host, u.grad_release
+        u.grad_host = u.grad_release = None
+        handle = self._store.write(u.grad_key, grads)
+        t0 = self.timeline.now()
+        tl = self.timeline
+        handle.future.add_done_callback(lambda f: (tl.add("disk_write", f"grads {u.name}", t0, tl.now(),
+                                                          u.grad_nbytes), release()))
+        u.grads_on_nvme = True
+        self.stats["disk_write_bytes"] += u.grad_nbytes
+
+    def _drop_grads(self, u: Unit) -> None:
+        """After ``u``'s update with grads on NVMe: the grads are consumed; free their buffer."""
+        if self.config.grad_tier is not Tier.NVME:
+            return
+        if u.grad_host is not None:
+            release = u.grad_release
+            u.grad_host = u.grad_release = None
+            release()
+        u.has_grads, u.grads_on_nvme = False, False
+        u.got = [False] * len(u.params)
 
     def _submit_update(self, u: Unit) -> None:
         """Update ``u`` on the update thread now, while backward goes on with earlier units (Fuyou)."""
@@ -501,6 +555,7 @@ class OffloadRuntime:
     def _update_unit(self, u: Unit) -> None:
         with self.timeline.span("cpu_update", f"update {u.name}"):
             self.optimizer._update_subgroups(self.optimizer._update_order(u.index))
+        self._drop_grads(u)
 
     def overlap_started(self) -> bool:
         return self._overlapping or self._step_pending
@@ -519,11 +574,6 @@ class OffloadRuntime:
             self._update_futures = []
             self.optimizer._end_step(self._step_t0)
 
-    def _start_accumulation(self, u: Unit) -> None:
-        u.has_grads = True
-        for p in u.params:
-            self._fresh[id(p)] = True
-
     def _post_backward(self) -> None:
         self.timeline.add("compute", "backward", self._bwd_t0, self.timeline.now())
         self._in_backward = False
@@ -539,13 +589,12 @@ class OffloadRuntime:
     def zero_grad(self) -> None:
         """Forget accumulated grads (what ``optimizer.zero_grad()`` and ``model.zero_grad()`` do)."""
         for u in self.units:
-            u.has_grads = False
-
-    @property
-    def _fresh(self) -> dict:
-        if not hasattr(self, "_fresh_map"):
-            self._fresh_map = {}
-        return self._fresh_map
+            u.has_grads, u.grads_on_nvme = False, False
+            u.got = [False] * len(u.params)
+            if self.config.grad_tier is Tier.NVME and u.grad_host is not None:
+                release = u.grad_release
+                u.grad_host = u.grad_release = None
+                release()
 
     def param_value(self, p: nn.Parameter) -> torch.Tensor:
         """The current weights of ``p`` wherever they are (a copy when they come from disk)."""
@@ -568,18 +617,26 @@ class OffloadRuntime:
 
     # -- the optimizer's side -----------------------------------------------------------------------------------
     def _before_update(self, sub) -> None:
-        """For NVMe params: a host staging buffer the update writes the unit's new weights into."""
+        """Called (by the optimizer) before each subgroup's update; subgroups come unit by unit. When the unit
+        changes, the previous one is finished: its grads are dropped (NVMe grads) and its new weights written
+        (NVMe params). For NVMe params, a host staging buffer receives the unit's new weights."""
+        u = self.units[sub.unit]
+        prev = getattr(self, "_updating", None)
+        if prev is u:
+            return
+        self._updating = u
+        if prev is not None and not (self._overlapping or self._step_pending):
+            self._drop_grads(prev)  # with the overlapped update, _update_unit drops them
         if self.param_tier is not Tier.NVME:
             return
-        u = self.units[sub.unit]
-        if u.index not in self._staging:
-            self._flush_staging()
-            buf = self.pool.acquire(u.nbytes)
-            staging = buf.tensor[:u.nbytes]
+        self._flush_staging()
+        buf = self.pool.acquire(u.nbytes)
+        staging = buf.tensor[:u.nbytes]
+        if not all(p.requires_grad for p in u.params):  # frozen params keep their stored values
             with self.timeline.span("disk_read", f"params {u.name}", u.nbytes):
                 self._store.read(u.key, out=staging).wait()
             self.stats["disk_read_bytes"] += u.nbytes
-            self._staging[u.index], self._staging_release[u.index] = staging, buf.release
+        self._staging[u.index], self._staging_release[u.index] = staging, buf.release
 
     def _flush_staging(self) -> None:
         for idx in list(self._staging):
@@ -593,6 +650,10 @@ class OffloadRuntime:
 
     def after_step(self) -> None:
         self._flush_staging()
+        self._updating = None
+        for u in self.units:  # grads on NVMe are consumed by the step
+            if self.config.grad_tier is Tier.NVME and u.has_grads:
+                self._drop_grads(u)
         self._backwards = 0
         self._new_iteration = True
 

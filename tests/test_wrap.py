@@ -53,14 +53,17 @@ def model_bytes(model):
 @pytest.mark.parametrize("clip", [None, 0.5], ids=["noclip", "clip"])
 @pytest.mark.parametrize("param_tier,state_tier", [("host", "host"), ("nvme", "nvme")])
 def test_gpt_parity(param_tier, state_tier, clip, overlap, tmp_path):
+    """Params, grads and state all on NVMe (or all on the host), a device budget of half the model, grad
+    accumulation 2, clipping on and off, overlapped update on and off: bit-identical to plain training."""
     ref, m = gpt(), gpt()
     data = batches(10)
     plain = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
     losses_ref = run(ref, plain, data, accum=2, clip=clip, wrapped=False)
 
     budget = model_bytes(m) // 2  # the whole model does not fit on the "device"
-    cfg = OffloadConfig(param_tier=param_tier, state_tier=state_tier, nvme_dirs=str(tmp_path), impl="as_given",
-                        device_budget_bytes=budget, prefetch=1, overlap_update=overlap, accumulation_steps=2,
+    cfg = OffloadConfig(param_tier=param_tier, state_tier=state_tier, grad_tier=param_tier, nvme_dirs=str(tmp_path),
+                        impl="as_given", device_budget_bytes=budget, prefetch=1, overlap_update=overlap,
+                        accumulation_steps=2,
                         max_grad_norm=clip if overlap else None)
     model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1), cfg)
     assert model is m
@@ -71,6 +74,9 @@ def test_gpt_parity(param_tier, state_tier, clip, overlap, tmp_path):
     rt = model._offload_runtime
     assert rt.device_budget.peak_bytes <= budget
     assert all(p.numel() == 0 for p in m.parameters()), "params must be released between uses"
+    if param_tier == "nvme":  # the first micro-batch's grads went to the store and came back
+        assert any(k.endswith(".grads") for k in rt._store.keys())
+        assert all(u.grad_host is None for u in rt.units)
     sd_ref, sd = ref.state_dict(), model.state_dict()
     assert sd_ref.keys() == sd.keys()
     for k in sd_ref:
@@ -129,8 +135,9 @@ def _hf_llama():
     return transformers.LlamaForCausalLM(cfg).float()
 
 
+@pytest.mark.parametrize("clip", [None, 0.5], ids=["noclip", "clip"])
 @pytest.mark.parametrize("overlap", [False, True], ids=["step", "overlap"])
-def test_hf_llama_parity_all_on_nvme(overlap, tmp_path):
+def test_hf_llama_parity_all_on_nvme(overlap, clip, tmp_path):
     """HF LlamaForCausalLM from a config (no download): params and state on NVMe, device budget below the
     model, grad accumulation 2: bit-identical losses and weights to plain training."""
     ref, m = _hf_llama(), _hf_llama()
@@ -143,14 +150,17 @@ def test_hf_llama_parity_all_on_nvme(overlap, tmp_path):
                 loss = model(input_ids=idx, labels=idx).loss
                 loss.backward()
                 losses.append(loss.item())
+            if clip is not None and not wrapped:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             opt.step()
             opt.zero_grad()
         return losses
 
     plain = torch.optim.AdamW(ref.parameters(), lr=1e-2)
     l_ref = hf_run(ref, plain, False)
-    cfg = OffloadConfig(param_tier="nvme", state_tier="nvme", nvme_dirs=str(tmp_path), impl="as_given",
-                        device_budget_bytes=model_bytes(m) // 2, overlap_update=overlap, accumulation_steps=2)
+    cfg = OffloadConfig(param_tier="nvme", state_tier="nvme", grad_tier="nvme", nvme_dirs=str(tmp_path),
+                        impl="as_given", device_budget_bytes=model_bytes(m) // 2, overlap_update=overlap,
+                        accumulation_steps=2, max_grad_norm=clip)
     model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2), cfg)
     assert [u.name for u in model._offload_runtime.units][1:] == [f"model.layers.{i}" for i in range(3)]
     l = hf_run(model, opt, True)
