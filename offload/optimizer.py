@@ -200,7 +200,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params_or_optimizer, optimizer_class: type[torch.optim.Optimizer] | None = None, *,
                  config: OffloadConfig | None = None, _homes: dict | None = None, _store: NvmeStore | None = None,
-                 **optimizer_kwargs):
+                 _pool: HostPool | None = None, **optimizer_kwargs):
         self.config = config or OffloadConfig()
         # For the parameter-offload runtime: {param: (unit index, ParamHome)}; subgroups are then its units.
         self._homes = _homes
@@ -238,6 +238,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
         self._good_steps = 0
         self._unscaled = False
         self._runtime = None  # set by offload.wrap
+        self._shared_pool = _pool  # offload.wrap's pool: one host budget for params, grads and state
         self._param_shapes = {p: tuple(p.shape) for g in self.param_groups for p in g["params"]}
         self._setup_memory()
         self._store, self._own_store = _store, _store is None
@@ -265,8 +266,12 @@ class OffloadOptimizer(torch.optim.Optimizer):
 
     def _setup_memory(self) -> None:
         cfg = self.config
-        self._host_budget = TierBudget(Tier.HOST, cfg.host_budget_bytes or psutil.virtual_memory().total)
-        self._host_pool = HostPool(budget=self._host_budget, slab_bytes=64 << 20)
+        if self._shared_pool is not None:
+            self._host_pool = self._shared_pool
+            self._host_budget = self._shared_pool.budget
+        else:
+            self._host_budget = TierBudget(Tier.HOST, cfg.host_budget_bytes or psutil.virtual_memory().total)
+            self._host_pool = HostPool(budget=self._host_budget, slab_bytes=64 << 20)
         self._device_budget = TierBudget(Tier.DEVICE, cfg.device_budget_bytes or (1 << 62))
 
     def _device_of(self) -> torch.device:

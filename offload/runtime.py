@@ -29,6 +29,7 @@ import time
 import weakref
 from typing import Callable, Iterable
 
+import psutil
 import torch
 from torch import nn
 
@@ -185,9 +186,9 @@ class OffloadRuntime:
                 f"unit {self.units[0].name!r} ({format_bytes(self.units[0].nbytes)}, resident through forward and "
                 f"backward) plus the largest block {big.name!r} ({format_bytes(big.nbytes)}): raise "
                 f"device_budget_bytes to at least {need} or cut the model into smaller units")
-        host_need = sum(u.grad_nbytes for u in self.units) + (
-            sum(u.nbytes for u in self.units) if self.param_tier is Tier.HOST else 0)
-        self.pool = HostPool(budget_bytes=config.host_budget_bytes or max(host_need * 2 + (256 << 20), 1 << 30))
+        # One pool, one budget for everything this runtime and its optimizer keep on the host. Without a budget
+        # in the config, the machine's memory is the limit.
+        self.pool = HostPool(budget_bytes=config.host_budget_bytes or psutil.virtual_memory().total)
         self._store: NvmeStore | None = None
         if Tier.NVME in (self.param_tier, config.state_tier, config.grad_tier):
             self._store = self._open_store(optimizer)
@@ -280,7 +281,7 @@ class OffloadRuntime:
         if isinstance(optimizer, OffloadOptimizer):
             raise ValueError("offload.wrap: pass the plain optimizer (e.g. torch.optim.AdamW(...)); wrap builds "
                              "the OffloadOptimizer itself")
-        opt = OffloadOptimizer(optimizer, config=self.config, _homes=homes, _store=self._store)
+        opt = OffloadOptimizer(optimizer, config=self.config, _homes=homes, _store=self._store, _pool=self.pool)
         opt._runtime = self
         return opt
 
@@ -309,9 +310,9 @@ class OffloadRuntime:
         except TierFullError:
             if not required:
                 return False
-            resident = [x.name for x in self.units if x.state is not ParamState.RELEASED]
-            raise TierFullError("device", f"unit {u.name!r}", u.nbytes, self.device_budget.used_bytes,
-                                self.device_budget.capacity_bytes) from None
+            resident = ", ".join(x.name for x in self.units if x.state is not ParamState.RELEASED)
+            raise TierFullError("device", f"unit {u.name!r} (resident now: {resident})", u.nbytes,
+                                self.device_budget.used_bytes, self.device_budget.capacity_bytes) from None
         if self.device.type == "cuda":
             u.device_buf = torch.empty(u.nbytes, dtype=torch.uint8, device=self.device)
         else:
@@ -424,8 +425,10 @@ class OffloadRuntime:
             return
         self.timeline.add("compute", "forward", self._fwd_t0, self.timeline.now())
         self._fwd_order = list(self._fwd_seq) or self._fwd_order
+        tail = set(self._fwd_order[len(self._fwd_order) - self.config.prefetch:]) if torch.is_grad_enabled() else set()
         for u in self.units[1:]:  # prefetched for this forward but not used: give the memory back
-            self._release(u)
+            if u.index not in tail:
+                self._release(u)
         if torch.is_grad_enabled():
             self._register_pre_backward(self.units[0], out)
         else:
@@ -444,6 +447,15 @@ class OffloadRuntime:
             return
         if torch.is_grad_enabled():
             self._register_pre_backward(u, out)
+            # Backward starts with the last units: keep the last few resident instead of fetching them again,
+            # as long as the units still to run in this forward keep room to be fetched.
+            order = self._fwd_order
+            if u.index in order[len(order) - self.config.prefetch:]:
+                later = order[order.index(u.index) + 1:] if u.index in order else []
+                need = max((self.units[i].nbytes for i in later
+                            if self.units[i].state is ParamState.RELEASED), default=0)
+                if self.device_budget.free_bytes >= need:
+                    return
         self._release(u)
 
     def _register_pre_backward(self, u: Unit, out) -> None:
