@@ -195,6 +195,9 @@ class OffloadRuntime:
         self._copy_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="offload-fetch")
         # One thread runs the overlapped updates, in the order units finish backward (the CPU-update resource).
         self._update_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="offload-update")
+        # One thread moves grads off the device as they complete (the d2h resource), in order.
+        self._grad_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="offload-grads")
+        self._grad_futures: list[concurrent.futures.Future] = []
         self.overlap = config.overlap_update and config.max_grad_norm is None and config.loss_scale is None
         self._backwards = 0  # backward passes since the last step
         self._overlapping = False  # this backward runs the updates
@@ -203,7 +206,9 @@ class OffloadRuntime:
         self._submitted: set[int] = set()
         self.last_timeline: Timeline | None = None
         self._new_iteration = True
+        # Separate streams for the two directions: a GPU has a copy engine for each.
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._d2h_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._staging: dict[int, torch.Tensor] = {}
         self._staging_release: dict[int, Callable] = {}
         self._fwd_order: list[int] = [u.index for u in self.units[1:]]
@@ -494,10 +499,34 @@ class OffloadRuntime:
             self._prefetch(self._bwd_seq, -1)
 
     def _on_grad(self, p: nn.Parameter) -> None:
+        """A param's grad is complete: hand it to the grad thread (which moves it into the unit's fp32 host
+        buffer while backward goes on) and free it on the device."""
         u, k = self._owner[p]
         g = p.grad
+        p.grad = None
+        event = None
+        if g.device.type == "cuda":
+            # The grad is being written on the compute stream; the grad thread's copy must wait for that.
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(g.device))
+        self._grad_futures.append(self._grad_pool.submit(self._grad_work, u, k, g, event))
+        u.pending -= 1
+        if u.pending == 0:
+            if u.index != 0:
+                self._release(u)  # its backward is done: the params are no longer needed on the device
+            # Queued behind the unit's copies on the same (FIFO, single) thread, so it runs once all are done.
+            self._grad_futures.append(self._grad_pool.submit(self._unit_grads_done, u))
+
+    def _grad_work(self, u: Unit, k: int, g: torch.Tensor, event) -> None:
         self._grad_buffer(u, load=True)
-        with self.timeline.span("d2h", f"grad {u.name}", p.numel() * 4):
+        nbytes = u.numels[k] * 4
+        with self.timeline.span("d2h", f"grad {u.name}", nbytes):
+            if event is not None:
+                with torch.cuda.stream(self._d2h_stream):
+                    self._d2h_stream.wait_event(event)
+                    g_host = g.to("cpu")  # synchronous on the copy stream: done when it returns
+                g.record_stream(self._d2h_stream)  # do not reuse g's memory before the copy stream read it
+                g = g_host
             dst = u.grad_view(k)
             if not u.got[k]:
                 dst.copy_(g)  # a plain optimizer's first micro-batch: p.grad = g
@@ -505,16 +534,16 @@ class OffloadRuntime:
             else:
                 dst.add_(g)  # later micro-batches: p.grad += g, the same fp32 addition
             u.has_grads = True
-        self.stats["d2h_bytes"] += p.numel() * 4
-        p.grad = None
-        u.pending -= 1
-        if u.pending == 0:
-            self._unit_grads_done(u)
+        self.stats["d2h_bytes"] += nbytes
+
+    def _drain_grads(self) -> None:
+        """Wait for every grad in flight (raising the first failure)."""
+        futures, self._grad_futures = self._grad_futures, []
+        for f in futures:
+            f.result()
 
     def _unit_grads_done(self, u: Unit) -> None:
-        """All of ``u``'s grads of this backward are off the device."""
-        if u.index != 0:
-            self._release(u)
+        """On the grad thread: all of ``u``'s grads of this backward are in its host buffer."""
         if self._overlapping:
             self._submit_update(u)
         elif self.config.grad_tier is Tier.NVME:
@@ -588,6 +617,7 @@ class OffloadRuntime:
 
     def _post_backward(self) -> None:
         self.timeline.add("compute", "backward", self._bwd_t0, self.timeline.now())
+        self._drain_grads()  # the step (or the next micro-batch) reads the grads: they must all have landed
         self._in_backward = False
         self._backwards += 1
         for u in self.units:
@@ -681,6 +711,7 @@ class OffloadRuntime:
             h.remove()
         self._copy_pool.shutdown(wait=True)
         self._update_pool.shutdown(wait=True)
+        self._grad_pool.shutdown(wait=True)
         self.optimizer.close()
         if self._store is not None:
             self._store.close()
