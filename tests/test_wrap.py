@@ -141,7 +141,7 @@ def test_hf_llama_parity_all_on_nvme(overlap, clip, tmp_path):
     """HF LlamaForCausalLM from a config (no download): params and state on NVMe, device budget below the
     model, grad accumulation 2: bit-identical losses and weights to plain training."""
     ref, m = _hf_llama(), _hf_llama()
-    data = batches(6)
+    data = batches(10)  # 5 steps of 2 micro-batches
 
     def hf_run(model, opt, wrapped):
         losses = []
