@@ -1,7 +1,7 @@
 """The store's index on disk: a snapshot plus an append-only journal of commits.
 
 Why a journal: a chunk's new bytes go to a free slot first, and only then does one journal line make them the
-committed version (see :mod:`storage.nvme`). A line is ``<xxh3 of payload, 16 hex> <json payload>\\n``, written
+committed version (see :mod:`storage.nvme`). A line is ``<CRC-32C of payload, 16 hex> <json payload>\\n``, written
 with one ``write`` to an ``O_APPEND`` file, so after ``kill -9`` the journal ends either with a whole line or
 with a torn one, which the next open recognises by its checksum (or missing newline) and drops. A bad line
 *followed by* good ones is not a crash but corruption, and raises.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 
-import xxhash
+import crc32c
 
 from storage.errors import StoreCorruptError
 
@@ -27,7 +27,7 @@ JOURNAL = "index.journal"
 
 def _line(payload: dict) -> bytes:
     body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
-    return b"%016x %s\n" % (xxhash.xxh3_64_intdigest(body), body)
+    return b"%016x %s\n" % (crc32c.crc32c(body), body)
 
 
 def _parse(line: bytes) -> dict | None:
@@ -36,7 +36,7 @@ def _parse(line: bytes) -> dict | None:
         return None
     body = line[17:-1]
     try:
-        if int(line[:16], 16) != xxhash.xxh3_64_intdigest(body):
+        if int(line[:16], 16) != crc32c.crc32c(body):
             return None
         return json.loads(body)
     except ValueError:

