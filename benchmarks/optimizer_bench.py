@@ -130,13 +130,14 @@ def main(argv=None) -> int:
     raw_size = max(64 << 20, min(1 << 30, state_bytes) // (64 << 20) * (64 << 20))
     raw_buf = aligned_empty(raw_size)
     pattern_fill(raw_buf, 7)
+    raw_bufs = [raw_buf[i:i + (64 << 20)] for i in range(0, raw_size, 64 << 20)]
     fd = os.open(raw_file, os.O_RDWR | os.O_CREAT, 0o600)
     os.posix_fallocate(fd, 0, raw_size)
     os.close(fd)
     t_nvme, bw_read, bw_write, peaks, rss = [], [], [], [], []
     for r in range(args.reps):
-        bw_write.append(py_loop(str(raw_file), raw_buf, raw_size, 8 << 20, 4, write=True))
-        bw_read.append(py_loop(str(raw_file), raw_buf, raw_size, 8 << 20, 4, write=False))
+        bw_write.append(py_loop(str(raw_file), raw_bufs, 8 << 20, 8, write=True))
+        bw_read.append(py_loop(str(raw_file), raw_bufs, 8 << 20, 8, write=False))
         nvme._host_budget.reset_peak()
         with RssSampler() as s:
             t0 = time.perf_counter()

@@ -270,6 +270,9 @@ class NvmeStore:
             raise
         nworkers = self.config.workers or 8 * len(self.paths)
         self._pool = concurrent.futures.ThreadPoolExecutor(nworkers, thread_name_prefix="nvme-store")
+        # Checksums of writes are computed here, beside the I/O threads, so that hashing a block never leaves an
+        # I/O thread without a request in flight (CRC-32C releases the GIL, so the two run in parallel).
+        self._hash_pool = concurrent.futures.ThreadPoolExecutor(max(1, nworkers // 4), thread_name_prefix="nvme-hash")
         self.stats = TransferStats(("nvme.write", "nvme.read", "nvme.checksum"))
 
     def _create(self, capacity_bytes: int) -> None:
@@ -525,9 +528,11 @@ class NvmeStore:
         if not blocks:
             self._finish_write(op)
             return handle
+        op.remaining = 2 * len(blocks)  # each block: its write and its checksum
         start = 0
         for b in blocks:
             self._pool.submit(self._write_block, op, b, start)
+            self._hash_pool.submit(self._hash_block, op, b, start)
             start += b.length
         return handle
 
@@ -623,6 +628,7 @@ class NvmeStore:
             return
         self.flush()
         self._pool.shutdown(wait=True)
+        self._hash_pool.shutdown(wait=True)
         with self._lock:
             self._compact()
             self._closed = True
@@ -636,6 +642,7 @@ class NvmeStore:
             self._dead = True
             self._closed = True
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._hash_pool.shutdown(wait=True, cancel_futures=True)
         self._journal.close()
         self._close_fds()
 
@@ -767,9 +774,6 @@ class NvmeStore:
                     body = b.length // ALIGN * ALIGN
                     tail.zero_()
                     tail[:b.length - body].copy_(op.mem[start + body:start + b.length])
-                t0 = self.stats.begin("nvme.checksum")
-                b.checksum = _block_checksum(memview(op.mem, start, b.length))
-                self.stats.end("nvme.checksum", t0, b.length)
                 t0 = self.stats.begin("nvme.write")
                 try:
                     _full_io(os.pwritev, self._fds[b.file], views, b.offset, round_up(b.length))
@@ -778,6 +782,18 @@ class NvmeStore:
                 with op.lock:
                     op.files.add(b.file)
         except BaseException as e:  # noqa: BLE001 - handed to the caller through the handle
+            self._fail(op, e, b)
+        self._block_done(op, self._finish_write)
+
+    def _hash_block(self, op: _Op, b: _Block, start: int) -> None:
+        """The checksum of a block being written (the caller does not change the memory until the handle is
+        done, so it may be read while the block is on its way to the disk)."""
+        try:
+            if op.error is None and not self._dead:
+                t0 = self.stats.begin("nvme.checksum")
+                b.checksum = _block_checksum(memview(op.mem, start, b.length))
+                self.stats.end("nvme.checksum", t0, b.length)
+        except BaseException as e:  # noqa: BLE001
             self._fail(op, e, b)
         self._block_done(op, self._finish_write)
 
