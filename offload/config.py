@@ -63,7 +63,8 @@ class OffloadConfig:
     """Target parameters per subgroup: the unit of transfer and of update. Small tensors are packed together;
     a larger tensor is cut into pieces (on 1024-element boundaries, which keeps fused kernels bit-exact) when the
     optimizer is elementwise, or kept whole otherwise. Larger subgroups mean fewer, bigger transfers but bigger
-    host buffers (``buffers x`` state bytes of one subgroup)."""
+    host buffers (``buffers x`` state bytes of one subgroup). Host-resident state updated on the CPU is not cut
+    (one subgroup per param group): it moves nowhere, and each cut costs an optimizer call."""
     buffers: int = 4
     """Host buffers the NVMe pipeline cycles through (one updating, the rest reading ahead or writing back).
     Bounded further by the host budget."""

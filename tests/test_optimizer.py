@@ -77,7 +77,10 @@ def test_parity_with_plain(cls, kw, tier, tmp_path):
     m1, m2 = make_model(freeze_first=True), make_model(freeze_first=True)
     plain = cls(m1.parameters(), **kw)
     off = OffloadOptimizer(cls(m2.parameters(), **kw), config=config(tier, tmp_path))
-    assert len(off._subgroups) > off.config.buffers
+    if tier == "nvme":
+        assert len(off._subgroups) > off.config.buffers
+    else:  # host state updated on the CPU is one subgroup per group: it moves nowhere
+        assert len(off._subgroups) == len(off.param_groups)
     s1 = torch.optim.lr_scheduler.StepLR(plain, 2, 0.5)
     s2 = torch.optim.lr_scheduler.StepLR(off, 2, 0.5)
     l1 = train(m1, plain, sched=s1, clip=0.5)
