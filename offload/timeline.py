@@ -7,22 +7,12 @@ and a measured timeline line up. Exports to the Chrome trace format (open in Per
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import threading
 import time
 from contextlib import contextmanager
 
-from scheduler.cost import RESOURCES
-
-
-@dataclasses.dataclass(frozen=True)
-class Event:
-    resource: str
-    name: str
-    start_s: float
-    end_s: float
-    nbytes: int = 0
+from scheduler.cost import RESOURCES, Event
 
 
 class Timeline:

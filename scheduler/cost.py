@@ -105,12 +105,14 @@ def unit_traffic(pb: int, gb: int, sb: int, params: int, pl: "UnitPlacement") ->
 
 @dataclasses.dataclass(frozen=True)
 class Event:
-    """One operation of the predicted timeline, in seconds from the start of the iteration."""
+    """One operation on a resource, in seconds from the start of the iteration: of the predicted timeline here,
+    and of the measured one (:mod:`offload.timeline`), so that the two line up."""
 
     resource: str
     name: str
     start_s: float
     end_s: float
+    nbytes: int = 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
