@@ -216,6 +216,7 @@ class OffloadRuntime:
         self._bwd_seq: list[int] = []
         self._in_backward = False
         self._empty = {}
+        self._released_once = False  # until then, params still hold their weights in param.data
         self._init_tiers()
         self.optimizer = self._make_optimizer(optimizer)
         self._release_all_initial()
@@ -244,7 +245,6 @@ class OffloadRuntime:
         self.units.insert(0, Unit(0, "rest", [self.model], rest))
         for i, u in enumerate(self.units):
             u.index, u.key = i, f"unit{i}.params"
-        self.units[0].keep = False
 
     def _open_store(self, optimizer) -> NvmeStore:
         cfg = self.config
@@ -396,7 +396,6 @@ class OffloadRuntime:
     # -- hooks --------------------------------------------------------------------------------------------------
     def _install_hooks(self) -> None:
         self._handles = []
-        rest = self.units[0]
         self._handles.append(self.model.register_forward_pre_hook(self._root_pre_forward))
         self._handles.append(self.model.register_forward_hook(self._root_post_forward))
         for u in self.units[1:]:
@@ -407,7 +406,6 @@ class OffloadRuntime:
             for p in u.params:
                 if p.requires_grad:
                     self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
-        del rest
 
     @staticmethod
     def _backward_running() -> bool:
@@ -641,7 +639,7 @@ class OffloadRuntime:
     def param_value(self, p: nn.Parameter) -> torch.Tensor:
         """The current weights of ``p`` wherever they are (a copy when they come from disk)."""
         u, k = self._owner[p]
-        if u.state is ParamState.RESIDENT or not getattr(self, "_released_once", False):
+        if u.state is ParamState.RESIDENT or not self._released_once:
             return p.data
         if u.index in self._staging:
             return u.view(self._staging[u.index], k)
