@@ -92,7 +92,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from offload import __version__
 
-    parser = argparse.ArgumentParser(prog="offload", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="offload", description="Train models whose weights, gradients and optimizer state do not fit on the "
+                                    "GPU: plan where they go, measure this machine, inspect a store.",
+        epilog="Run 'offload VERB --help' for a verb's options and examples.")
     parser.add_argument("--version", action="version", version=f"offload {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     p = sub.add_parser("store", help="list or verify the chunks of an NVMe store",
