@@ -10,10 +10,11 @@ they exist only while needed:
   releases them (``param.data`` becomes an empty tensor, as FSDP1 did) and registers a pre-backward hook on
   its outputs;
 - backward: the pre-backward hook (the first gradient reaching the unit's outputs) fetches the params again
-  and prefetches the units backward will need next; each parameter's post-accumulate-grad hook moves its
-  gradient into the unit's fp32 host buffer (adding, across micro-batches) and frees the device gradient; when
-  a unit's last gradient is off, its params are released. A callback at the end of backward releases what is
-  left (params that got no gradient, the unit that holds embeddings).
+  and prefetches the units backward will need next; each parameter's post-accumulate-grad hook frees the device
+  gradient and hands it to the grad thread, which adds it into the unit's fp32 host buffer (a copy stream under
+  CUDA); when a unit's last gradient has been handed off, its params are released, and once its grads have
+  landed the unit is updated (overlapped update) or its grads spilled to NVMe. A callback at the end of backward
+  waits for the grads in flight and releases what is left (params that got no gradient, the rest unit).
 - step: the user's ``optimizer.step()`` runs :class:`~offload.optimizer.OffloadOptimizer` over the units,
   reading weights and gradients from the units' host buffers (its ``ParamHome`` interface).
 
