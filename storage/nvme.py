@@ -809,13 +809,22 @@ class NvmeStore:
                 if tail is not None:
                     body = b.length // ALIGN * ALIGN
                     op.mem[start + body:start + b.length].copy_(tail[:b.length - body])
-                if self.config.verify:
-                    t0 = self.stats.begin("nvme.checksum")
-                    got = _block_checksum(memview(op.mem, start, b.length))
-                    self.stats.end("nvme.checksum", t0, b.length)
-                    if got != b.checksum:
-                        raise ChecksumError(op.key, op.chunk.blocks.index(b), os.path.join(self.paths[b.file], DATA),
-                                            b.offset, b.checksum, got)
+                if self.config.verify and op.error is None:
+                    # Verify on the hash threads, so this thread goes straight on to its next request.
+                    self._hash_pool.submit(self._verify_block, op, b, start)
+                    return
+        except BaseException as e:  # noqa: BLE001
+            self._fail(op, e, b)
+        self._block_done(op, self._finish_read)
+
+    def _verify_block(self, op: _Op, b: _Block, start: int) -> None:
+        try:
+            t0 = self.stats.begin("nvme.checksum")
+            got = _block_checksum(memview(op.mem, start, b.length))
+            self.stats.end("nvme.checksum", t0, b.length)
+            if got != b.checksum:
+                raise ChecksumError(op.key, op.chunk.blocks.index(b), os.path.join(self.paths[b.file], DATA),
+                                    b.offset, b.checksum, got)
         except BaseException as e:  # noqa: BLE001
             self._fail(op, e, b)
         self._block_done(op, self._finish_read)
