@@ -29,7 +29,7 @@ import inspect
 import math
 import time
 from collections import deque
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import psutil
 import torch
