@@ -689,7 +689,12 @@ class OffloadOptimizer(torch.optim.Optimizer):
             self._bind(sub, mem, device)
             sub.bound_mem = mem if resident else None
         release_grads = self._bind_grads(sub, device, region)
+        cuda = self.device.type == "cuda"
         try:
+            if cuda and device.type == "cpu":
+                # Grads of CUDA params were copied into host scratch with non_blocking copies: a CPU update must
+                # not read them before they have landed.
+                torch.cuda.current_stream(self.device).synchronize()
             sub.inner.step()
             repack = self._unbind(sub, mem)
             if sub.home is not None:
@@ -700,10 +705,11 @@ class OffloadOptimizer(torch.optim.Optimizer):
             elif release_dev is not None:
                 host_mem.copy_(mem, non_blocking=True)
                 self._stats["d2h_bytes"] += sub.chunk_bytes
-            if mem is not None and mem.device.type == "cuda" and sub.tier is not Tier.DEVICE:
-                # The copy back is queued on the current stream, and the host buffer is read next by the store's
-                # worker threads (or the next step): it must have landed before we hand it on.
-                torch.cuda.current_stream(mem.device).synchronize()
+            if cuda and sub.tier is not Tier.DEVICE:
+                # Copies queued on the current stream read or write host memory that is handed on next (the
+                # state chunk back from the device; new weights from the host masters to the params): the store's
+                # threads or the next read reuse that memory, so the copies must have finished first.
+                torch.cuda.current_stream(self.device).synchronize()
         finally:
             release_grads()
             if release_dev is not None:
