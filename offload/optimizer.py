@@ -24,6 +24,7 @@ right), then moved into the chunk; a later step that adds state (a param that go
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import enum
 import inspect
 import math
@@ -431,8 +432,10 @@ class OffloadOptimizer(torch.optim.Optimizer):
             mem = aligned_empty(nbytes)[:nbytes]
         return mem, lambda: self._device_budget.release(nbytes)
 
-    def _home(self, sub: _Subgroup) -> str:
-        """Where a resident chunk of this subgroup lives between steps."""
+    @staticmethod
+    def _home(sub: _Subgroup) -> str:
+        """Where this subgroup's chunk is in memory: device memory for the device tier, else the host pool (NVMe
+        chunks pass through host buffers)."""
         return "device" if sub.tier is Tier.DEVICE else "host"
 
     def _store_for(self) -> NvmeStore:
@@ -487,7 +490,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
             for key, v in sub.inner.state.get(pc.proxy, {}).items():
                 if not (torch.is_tensor(v) and v.numel() > 1):
                     sub.small[pi][key] = v
-        self._repack(sub, tensors, where=self._home(sub) if sub.tier is not Tier.NVME else "host")
+        self._repack(sub, tensors, where=self._home(sub))
         sub.inner.state.clear()
         if sub.tier is Tier.NVME:
             self._write_out(sub, wait=True)
@@ -701,7 +704,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
                 sub.home.after_update(sub)
             if repack:
                 # First update of these pieces: pack the state the optimizer just made into a new chunk.
-                self._repack(sub, self._chunk_tensors(sub), where="device" if sub.tier is Tier.DEVICE else "host")
+                self._repack(sub, self._chunk_tensors(sub), where=self._home(sub))
             elif release_dev is not None:
                 host_mem.copy_(mem, non_blocking=True)
                 self._stats["d2h_bytes"] += sub.chunk_bytes
@@ -1003,28 +1006,22 @@ class OffloadOptimizer(torch.optim.Optimizer):
                 sub.slots, sub.chunk_bytes, sub.mem, sub.release = [], 0, None, None
                 sub.residency = Residency.EMPTY
                 continue
-            self._repack(sub, tensors, where=self._home(sub) if sub.tier is not Tier.NVME else "host")
+            self._repack(sub, tensors, where=self._home(sub))
             if sub.tier is Tier.NVME:
                 self._write_out(sub, wait=True)
 
-    class _Resident:
-        def __init__(self, opt: "OffloadOptimizer", sub: _Subgroup):
-            self.opt, self.sub, self.release = opt, sub, None
-
-        def __enter__(self):
-            sub = self.sub
-            if sub.residency is Residency.STORED:
-                mem, self.release = self.opt._alloc(sub.chunk_bytes, "host")
-                self.opt._store_for().read(sub.key, out=mem).wait()
-                return mem
-            return sub.mem
-
-        def __exit__(self, *exc):
-            if self.release is not None:
-                self.release()
-
-    def _resident(self, sub: _Subgroup) -> "_Resident":
-        return OffloadOptimizer._Resident(self, sub)
+    @contextlib.contextmanager
+    def _resident(self, sub: _Subgroup):
+        """The subgroup's chunk in memory for reading: its own, or a temporary copy read from the store."""
+        if sub.residency is not Residency.STORED:
+            yield sub.mem
+            return
+        mem, release = self._alloc(sub.chunk_bytes, "host")
+        try:
+            self._store_for().read(sub.key, out=mem).wait()
+            yield mem
+        finally:
+            release()
 
     # -- reporting --------------------------------------------------------------------------------------------------
     def report(self) -> dict:

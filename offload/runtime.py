@@ -90,7 +90,6 @@ class Unit:
         self.grads_on_nvme = False  # the accumulated grads are in the store (grad_key), not in grad_host
         self.grad_key = f"unit{index}.grads"
         self.pending = 0  # trainable params whose grad has not arrived in this backward
-        self.keep = False  # params stay on the device (placement)
         self.key = f"unit{index}.params"
 
     def view(self, flat: torch.Tensor, k: int) -> torch.Tensor:
@@ -151,8 +150,6 @@ class _Home(ParamHome):
     def before_update(self, sub):
         self.rt._before_update(sub)
 
-    def after_update(self, sub):
-        pass
 
 
 class OffloadRuntime:
@@ -192,7 +189,7 @@ class OffloadRuntime:
         self.pool = HostPool(budget_bytes=config.host_budget_bytes or psutil.virtual_memory().total)
         self._store: NvmeStore | None = None
         if Tier.NVME in (self.param_tier, config.state_tier, config.grad_tier):
-            self._store = self._open_store(optimizer)
+            self._store = self._open_store()
         self._copy_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="offload-fetch")
         # One thread runs the overlapped updates, in the order units finish backward (the CPU-update resource).
         self._update_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="offload-update")
@@ -247,7 +244,7 @@ class OffloadRuntime:
         for i, u in enumerate(self.units):
             u.index, u.key = i, f"unit{i}.params"
 
-    def _open_store(self, optimizer) -> NvmeStore:
+    def _open_store(self) -> NvmeStore:
         cfg = self.config
         if not cfg.nvme_dirs:
             raise ValueError("offload.wrap: an NVMe tier needs OffloadConfig(nvme_dirs=...)")
@@ -372,8 +369,6 @@ class OffloadRuntime:
             u.state = ParamState.RESIDENT
 
     def _release(self, u: Unit) -> None:
-        if u.keep:
-            return
         if u.state is ParamState.FETCHING:
             u.fetch.result()
         if u.state is ParamState.RELEASED:
