@@ -3,9 +3,10 @@
 The top layer: it executes with torch what ``scheduler`` decides, on the tiers ``storage`` provides.
 """
 
-from offload.config import OffloadConfig
+from offload.config import ConfigError, OffloadConfig, config_from_env, load_config
 from offload.optimizer import OffloadOptimizer
+from offload.report import RunReport
 from offload.runtime import wrap
 
 __version__ = "0.1.0"
-__all__ = ["OffloadConfig", "OffloadOptimizer", "wrap", "__version__"]
+__all__ = ["ConfigError", "OffloadConfig", "OffloadOptimizer", "RunReport", "config_from_env", "load_config", "wrap", "__version__"]

@@ -7,6 +7,25 @@ import json
 import sys
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """Fine-tune the built-in small GPT with everything offloaded, then report."""
+    from offload import demo
+
+    demo.run(args)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    """Start a training script with the runtime configured from a file and overrides."""
+    from offload.launch import launch
+
+    script_args = list(args.script_args)
+    if script_args[:1] == ["--"]:
+        script_args = script_args[1:]
+    return launch(args.script, script_args, config_path=args.config, overrides=args.set or [], nproc=args.nproc,
+                  report_dir=args.report)
+
+
 def _cmd_store(args: argparse.Namespace) -> int:
     """Inspect or verify an NVMe store directory."""
     from storage import NvmeStore, StoreError, format_bytes
@@ -98,6 +117,29 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'offload VERB --help' for a verb's options and examples.")
     parser.add_argument("--version", action="version", version=f"offload {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    from offload import demo
+
+    p = sub.add_parser("demo", help="fine-tune a built-in small GPT with params, grads and state offloaded",
+                       description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo.build_parser(p)
+    p.set_defaults(func=_cmd_demo)
+    p = sub.add_parser("run", help="run a training script with the runtime configured from a file",
+                       description="Validate a config (TOML; unknown keys and bad values are refused), then run "
+                                   "SCRIPT with it: offload.wrap and OffloadOptimizer pick it up when given no "
+                                   "config. Prints the placement before training and the run report after.",
+                       epilog="examples:\n  offload run examples/finetune_gpt.py --steps 50\n"
+                              "  offload run --config examples/offload.toml --set state_tier=host train.py --lr 1e-4\n"
+                              "  offload run --nproc 2 --config offload.toml train.py",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="TOML file of OffloadConfig keys, with a [store] table (examples/offload.toml)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override one key, e.g. --set state_tier=nvme --set store.block_bytes=4MiB (repeatable)")
+    p.add_argument("--nproc", type=int, default=1, help="processes, started through torch.distributed (torchrun); "
+                                                        "each rank gets its own store directory")
+    p.add_argument("--report", help="directory for the run report (default offload-runs/<script name>)")
+    p.add_argument("script", help="the training script")
+    p.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
+    p.set_defaults(func=_cmd_run)
     p = sub.add_parser("store", help="list or verify the chunks of an NVMe store",
                        description="List the chunks of an NVMe store, or read them all back and check their "
                                    "checksums.", epilog="examples:\n  offload store list /mnt/nvme/offload\n"

@@ -138,3 +138,229 @@ class OffloadConfig:
             raise ValueError(f"OffloadConfig.update_on: expected one entry per subgroup ({count}), got "
                              f"{len(self.update_on)}")
         return self.update_on[index]
+
+
+# -- config files, CLI overrides and the launcher's environment ---------------------------------------------------
+# A config file is TOML: top-level keys are OffloadConfig fields, a [store] table holds StoreConfig fields. Sizes
+# may be written "8GiB" / "2TB". `offload run` validates the file here, then hands the result to the script's
+# process(es) as JSON in OFFLOAD_CONFIG, which `offload.wrap` and `OffloadOptimizer` read when given no config.
+
+ENV_VAR = "OFFLOAD_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message is one line naming the key, the value and
+    the fix."""
+
+
+def parse_bytes(text) -> int:
+    """``24GiB``, ``2TB``, ``512MB``, ``1048576`` -> bytes (KiB/MiB/GiB/TiB are powers of 2, KB/MB/GB/TB of 10)."""
+    import re
+
+    if isinstance(text, bool):
+        raise ValueError(f"expected a size like 8GiB or a number of bytes, got {text!r}")
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"expected a size like 8GiB, 512MiB or 2TB, got {text!r}")
+    unit = (m.group(2) or "B").upper().rstrip("B") or "B"
+    power = {"B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30,
+             "TI": 2**40}
+    return int(float(m.group(1)) * power[unit])
+
+
+def _kind(cls, name: str) -> str:
+    """What a field accepts, from its annotation (kept in one place: the dataclass)."""
+    ann = str(cls.__dataclass_fields__[name].type)
+    if "Tier" in ann:
+        return "tier"
+    if ann.startswith("bool"):
+        return "bool"
+    if name.endswith("_bytes"):
+        return "bytes"
+    if ann.startswith("int"):
+        return "int"
+    if ann.startswith("float"):
+        return "float"
+    if "Sequence" in ann:
+        return "strs"
+    if ann.startswith("str | float"):
+        return "str_or_float"
+    if ann.startswith("str"):
+        return "str"
+    return "table"
+
+
+_EXAMPLES = {"tier": '"nvme"', "bool": "true", "bytes": '"8GiB"', "int": "4", "float": "1.0", "strs": '"/mnt/nvme/offload"',
+             "str_or_float": '"dynamic"', "str": '"auto"'}
+
+
+def _check_value(cls, name: str, value, where: str, prefix: str):
+    kind = _kind(cls, name)
+    what = f"{where}{prefix}{name} = {value!r}"
+
+    def bad(expected: str):
+        return ConfigError(f"{what}: expected {expected}; e.g. {prefix}{name} = {_EXAMPLES.get(kind, '...')}")
+
+    if kind == "bytes":
+        try:
+            return parse_bytes(value)
+        except ValueError:
+            raise bad("a size such as \"8GiB\" or a number of bytes") from None
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if kind == "strs":
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise bad("a string or a list of strings")
+    if kind == "str_or_float":
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise bad("a string or a number")
+        return value
+    if kind in ("str", "tier"):
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    raise bad("a table")
+
+
+def _unknown_key(cls, key: str, where: str, prefix: str) -> ConfigError:
+    import difflib
+
+    valid = [f.name for f in dataclasses.fields(cls)]
+    near = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return ConfigError(f"{where}unknown key {prefix + key!r}{hint}; valid keys{' in [' + prefix.rstrip('.') + ']' if prefix else ''}: "
+                       f"{', '.join(valid)}")
+
+
+def _build(cls, data: dict, where: str, prefix: str = ""):
+    kwargs = {}
+    for key, value in data.items():
+        if key not in cls.__dataclass_fields__:
+            raise _unknown_key(cls, key, where, prefix)
+        if _kind(cls, key) == "table":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{key} = {value!r}: expected a table, e.g. [{key}] with its own keys")
+            kwargs[key] = _build(StoreConfig, value, where, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _check_value(cls, key, value, where, prefix)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # the dataclass's own checks (ranges, combinations): already name field and fix
+        raise ConfigError(f"{where}{e}") from None
+
+
+def config_from_dict(data: dict, *, source: str = "") -> OffloadConfig:
+    """Validate a dict (a parsed config file) into an :class:`OffloadConfig`. ``source`` prefixes errors."""
+    cfg = _build(OffloadConfig, data, f"{source}: " if source else "")
+    total = _physical_memory()
+    if cfg.host_budget_bytes is not None and total and cfg.host_budget_bytes > total:
+        from storage import format_bytes
+
+        raise ConfigError(f"{source + ': ' if source else ''}host_budget_bytes = {cfg.host_budget_bytes}: more than "
+                          f"this machine's {format_bytes(total)} of memory; lower it or leave it unset")
+    return cfg
+
+
+def _physical_memory() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except Exception:  # psutil missing or restricted: skip the check rather than refuse the config
+        return 0
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """``state_tier=nvme``, ``store.block_bytes=4MiB``, ``prefetch=3``, ``nvme_dirs=["/a","/b"]`` -> (path,
+    value). The value is read as TOML where it parses, else taken as a string."""
+    import tomllib
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. --set state_tier=nvme")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.strip().split("."), value
+
+
+def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> OffloadConfig:
+    """Read a TOML config file (or start from the defaults), apply ``KEY=VALUE`` overrides, validate."""
+    import tomllib
+
+    data: dict = {}
+    source = path or "--set"
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file; pass an existing .toml file or leave --config out") \
+                from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML ({e}); see examples/offload.toml") from None
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {k!r} is not a table")
+        node[keys[-1]] = value
+    return config_from_dict(data, source=source)
+
+
+def config_to_dict(cfg: OffloadConfig) -> dict:
+    """The inverse of :func:`config_from_dict`: JSON- and TOML-ready, defaults included, ``None`` left out."""
+    out: dict = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if v is None:
+            continue
+        if isinstance(v, Tier):
+            v = v.value
+        elif isinstance(v, StoreConfig):
+            v = {k: x for k, x in dataclasses.asdict(v).items() if x is not None}
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[f.name] = v
+    return out
+
+
+def config_from_env(environ=None) -> OffloadConfig | None:
+    """The config `offload run` passed to this process, or ``None``. Under several ranks (``WORLD_SIZE`` > 1),
+    each rank gets its own store directory: ``<dir>/rank<RANK>`` (ZeRO-Infinity's per-rank I/O)."""
+    import json
+
+    env = os.environ if environ is None else environ
+    text = env.get(ENV_VAR)
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{ENV_VAR}: not valid JSON ({e}); it is set by `offload run`, unset it to run without") \
+            from None
+    if int(env.get("WORLD_SIZE", "1")) > 1 and data.get("nvme_dirs"):
+        dirs = [data["nvme_dirs"]] if isinstance(data["nvme_dirs"], str) else data["nvme_dirs"]
+        data["nvme_dirs"] = [os.path.join(d, f"rank{env.get('RANK', '0')}") for d in dirs]
+        for d, parent in zip(data["nvme_dirs"], dirs):
+            if os.path.isdir(parent):  # a missing drive must still fail loudly, in the store
+                os.makedirs(d, mode=0o700, exist_ok=True)
+    return config_from_dict(data, source=ENV_VAR)

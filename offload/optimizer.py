@@ -30,12 +30,12 @@ import inspect
 import math
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, NamedTuple
 
 import psutil
 import torch
 
-from offload.config import OffloadConfig
+from offload.config import OffloadConfig, config_from_env
 from storage import HostPool, NvmeStore, Tier, TierBudget, TierFullError, format_bytes
 from storage.memory import aligned_empty
 
@@ -89,6 +89,22 @@ class ParamHome:
         """Called after a subgroup's update, once its new weights are in ``weights()``."""
 
 
+class PieceSpan(NamedTuple):
+    """The elements ``[start, stop)`` of one parameter's flattened tensor that a piece covers: what the streaming
+    state API (:meth:`OffloadOptimizer.iter_state`, :meth:`~OffloadOptimizer.load_state_stream`) names."""
+
+    index: int
+    """The parameter's position across all param groups (its key in ``state_dict()["state"]``)."""
+    start: int
+    stop: int
+    shape: tuple[int, ...]
+    """The parameter's shape."""
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.stop == math.prod(self.shape)
+
+
 class _Piece:
     """A whole parameter or a slice ``[start, start + numel)`` of its flattened elements."""
 
@@ -121,6 +137,10 @@ class _Piece:
     @property
     def shape(self) -> tuple[int, ...]:
         return self.param_shape if self.whole else (self.numel,)
+
+    @property
+    def span(self) -> PieceSpan:
+        return PieceSpan(self.index, self.start, self.start + self.numel, self.param_shape)
 
     def of(self, full: torch.Tensor) -> torch.Tensor:
         """This piece of a tensor shaped like the parameter (the parameter, its grad, a state tensor)."""
@@ -204,7 +224,8 @@ class OffloadOptimizer(torch.optim.Optimizer):
     def __init__(self, params_or_optimizer, optimizer_class: type[torch.optim.Optimizer] | None = None, *,
                  config: OffloadConfig | None = None, _homes: dict | None = None, _store: NvmeStore | None = None,
                  _pool: HostPool | None = None, **optimizer_kwargs):
-        self.config = config or OffloadConfig()
+        # No config: the one `offload run` passed through the environment, else the defaults.
+        self.config = config or config_from_env() or OffloadConfig()
         # For the parameter-offload runtime: {param: (unit index, ParamHome)}; subgroups are then its units.
         self._homes = _homes
         if isinstance(params_or_optimizer, torch.optim.Optimizer):
@@ -980,13 +1001,28 @@ class OffloadOptimizer(torch.optim.Optimizer):
 
     def _load_state(self, state: dict[int, dict]) -> None:
         """Put per-parameter state (keys: global param index) into the subgroups, one subgroup at a time."""
+        def fetch(span: PieceSpan, master: bool) -> dict:
+            entry = state.get(span.index, {})
+            if span.whole:
+                return entry
+            return {k: v.reshape(-1)[span.start:span.stop] if torch.is_tensor(v) and v.numel() > 1 else v
+                    for k, v in entry.items()}
+        self.load_state_stream(fetch)
+
+    def load_state_stream(self, fetch: Callable[[PieceSpan, bool], dict[str, Any]]) -> None:
+        """Load the state one subgroup at a time (a checkpoint reads only what that subgroup needs).
+
+        ``fetch(span, master)`` returns the state of one piece as ``{key: value}``: tensors covering the span (in
+        their own shape when the span is the whole parameter, else flat), scalars and non-tensors as they are.
+        ``master`` says the subgroup keeps fp32 master weights: include ``"master"`` when known, else they are
+        taken from the current weights (load those first). A piece with no state returns ``{}``."""
         for sub in self._subgroups:
             tensors, small = [], [dict() for _ in sub.pieces]
             for pi, pc in enumerate(sub.pieces):
-                entry = state.get(pc.index, {})
+                entry = fetch(pc.span, sub.has_master)
                 if sub.has_master:
                     m = entry.get("master")
-                    tensors.append((pi, "master", pc.of(m).reshape(pc.shape).float() if m is not None
+                    tensors.append((pi, "master", m.reshape(pc.shape).float() if m is not None
                                     else self._initial_weights(pc)))
                 for key, v in entry.items():
                     if key == "master":
@@ -996,7 +1032,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
                             val = v
                         else:  # as torch's load_state_dict does: floating state follows the param's dtype
                             val = v.to(torch.float32 if sub.has_master else pc.param.dtype)
-                        tensors.append((pi, key, val if pc.whole else pc.of(val).reshape(pc.shape)))
+                        tensors.append((pi, key, val if pc.whole else val.reshape(pc.shape)))
                     else:
                         small[pi][key] = v.clone() if torch.is_tensor(v) else v
             sub.small = small
@@ -1009,6 +1045,38 @@ class OffloadOptimizer(torch.optim.Optimizer):
             self._repack(sub, tensors, where=self._home(sub))
             if sub.tier is Tier.NVME:
                 self._write_out(sub, wait=True)
+
+    def iter_state(self) -> Iterator[tuple[PieceSpan, str, Any]]:
+        """The state as ``(span, key, value)``, one subgroup at a time: at most one chunk read from the store is
+        in memory (beyond what is resident anyway), so a checkpoint can stream it.
+
+        ``value`` is a tensor covering the span (in its own shape when the span is the whole parameter, else
+        flat; a view into the chunk, valid until the next subgroup: copy what you keep) or a non-tensor value.
+        ``"master"`` is the fp32 master weights. Per-parameter scalars (Adam's ``step``) come once per parameter,
+        with the whole parameter's span."""
+        seen: set[tuple[int, str]] = set()
+        for sub in self._subgroups:
+            with self._resident(sub) as mem:
+                for slot in sub.slots:
+                    yield sub.pieces[slot.piece].span, slot.key, slot.view(mem)
+                for pc, small in zip(sub.pieces, sub.small):
+                    for key, v in small.items():
+                        if (pc.index, key) not in seen:
+                            seen.add((pc.index, key))
+                            yield PieceSpan(pc.index, 0, math.prod(pc.param_shape), pc.param_shape), key, v
+
+    def loss_scaler_state(self) -> dict | None:
+        """The dynamic loss scale and its count of good steps (``None`` without loss scaling)."""
+        return None if self._scale is None else {"scale": self._scale, "good_steps": self._good_steps}
+
+    def load_loss_scaler_state(self, state: dict | None) -> None:
+        """Restore what :meth:`loss_scaler_state` returned; ``None`` (saved without loss scaling) keeps ours."""
+        if state is None:
+            return
+        if self._scale is None:
+            raise ValueError(f"load_loss_scaler_state: got loss scaler state {state!r}, but this optimizer has no "
+                             f"loss scaling: resume fp16 training with OffloadConfig(loss_scale=...) as it was saved")
+        self._scale, self._good_steps = float(state["scale"]), int(state["good_steps"])
 
     @contextlib.contextmanager
     def _resident(self, sub: _Subgroup):

@@ -24,18 +24,22 @@ budget is enforced by our accounting exactly as it bounds a GPU. Activations are
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import enum
+import os
+import sys
 import time
 import weakref
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import psutil
 import torch
 from torch import nn
 
-from offload.config import OffloadConfig
+from offload.config import OffloadConfig, config_from_env
 from offload.optimizer import OffloadOptimizer, ParamHome
+from offload.report import placement_text, report_at_exit
 from offload.timeline import Timeline
 from storage import HostPool, NvmeStore, Tier, TierBudget, TierFullError, format_bytes
 from storage.memory import aligned_empty
@@ -203,6 +207,10 @@ class OffloadRuntime:
         self._update_futures: list[concurrent.futures.Future] = []
         self._submitted: set[int] = set()
         self.last_timeline: Timeline | None = None
+        # One record per iteration (the last 1000): its measured time, timeline summary and the byte counters
+        # after it. Run reports (offload/report.py) and `offload run` read it; it costs a few µs per step.
+        self.history: collections.deque[dict] = collections.deque(maxlen=1000)
+        self.iterations = 0
         self._new_iteration = True
         # Separate streams for the two directions: a GPU has a copy engine for each.
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -645,6 +653,56 @@ class OffloadRuntime:
         self._store.read(u.key, out=buf).wait()
         return u.view(buf, k)
 
+    def _check_between_steps(self, what: str) -> None:
+        if self._in_backward or self._step_pending or self._staging:
+            raise RuntimeError(f"cannot {what} while a step is in progress (in backward, or updates of the last "
+                               f"backward not collected): call optimizer.step() first")
+
+    def iter_params(self) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
+        """Every param's current weights, one unit at a time, without gathering the model: views into the unit's
+        host buffer, or into one buffer the unit is read into from the store (valid until the next unit; copy
+        what you keep). The host copy is the authority: device copies are only read by compute."""
+        self._check_between_steps("read the weights")
+        for u in self.units:
+            if not u.nbytes:
+                continue
+            flat, release = u.host, None
+            if flat is None:
+                buf = self.pool.acquire(u.nbytes)
+                flat, release = buf.tensor[:u.nbytes], buf.release
+                self._store.read(u.key, out=flat).wait()
+                self.stats["disk_read_bytes"] += u.nbytes
+            try:
+                for k, p in enumerate(u.params):
+                    yield p, u.view(flat, k)
+            finally:
+                if release is not None:
+                    release()
+
+    @torch.no_grad()
+    def load_params(self, fill: Callable[[nn.Parameter, torch.Tensor], None]) -> None:
+        """Set every param's weights, one unit at a time: ``fill(param, out)`` writes them into ``out`` (the
+        param's place in the unit's host buffer, or in a buffer then written to the store). Units on the device
+        are released first, so their next use fetches the new weights."""
+        self._check_between_steps("load weights")
+        for u in self.units:
+            self._release(u)
+            if not u.nbytes:
+                continue
+            flat, release = u.host, None
+            if flat is None:
+                buf = self.pool.acquire(u.nbytes)
+                flat, release = buf.tensor[:u.nbytes], buf.release
+            try:
+                for k, p in enumerate(u.params):
+                    fill(p, u.view(flat, k))
+                if release is not None:
+                    self._store.write(u.key, flat).wait()
+                    self.stats["disk_write_bytes"] += u.nbytes
+            finally:
+                if release is not None:
+                    release()
+
     def _state_dict_hook(self, module, state_dict, prefix, local_metadata) -> None:
         """``model.state_dict()`` gives the real weights, not the empty tensors released params hold."""
         for name, p in self.model.named_parameters(prefix=prefix.rstrip("."), remove_duplicate=False):
@@ -692,6 +750,9 @@ class OffloadRuntime:
                 self._drop_grads(u)
         self._backwards = 0
         self._new_iteration = True
+        self.iterations += 1
+        self.history.append({"iteration": self.iterations, "wall_s": self.timeline.now(),
+                             "timeline": self.timeline.summary(), "stats": dict(self.stats)})
 
     def report(self) -> dict:
         return {"units": [{"name": u.name, "params": sum(p.numel() for p in u.params), "bytes": u.nbytes,
@@ -731,9 +792,10 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, config: OffloadConf
     (changed in place: hooks, params emptied between uses) and the :class:`OffloadOptimizer` to use instead of
     ``optimizer``. The training loop stays ``loss = model(x); loss.backward(); opt.step(); opt.zero_grad()``.
 
-    Clip with ``opt.clip_grad_norm_(max_norm)``: the grads are no longer in ``param.grad``.
+    Clip with ``opt.clip_grad_norm_(max_norm)``: the grads are no longer in ``param.grad``. Without ``config``,
+    the one ``offload run`` was given (``OFFLOAD_CONFIG``) is used, else the defaults.
     """
-    runtime = OffloadRuntime(model, optimizer, config or OffloadConfig(), units=units)
+    runtime = OffloadRuntime(model, optimizer, config or config_from_env() or OffloadConfig(), units=units)
     model._offload_runtime = runtime
     orig_zero_grad = model.zero_grad
 
@@ -742,4 +804,7 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, config: OffloadConf
         orig_zero_grad(set_to_none)
 
     model.zero_grad = zero_grad
+    if os.environ.get("OFFLOAD_PRINT_PLAN") and int(os.environ.get("RANK", "0")) == 0:  # under `offload run`
+        print(placement_text(runtime), file=sys.stderr, flush=True)
+    report_at_exit(model, runtime.optimizer)
     return model, runtime.optimizer

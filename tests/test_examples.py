@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -12,3 +14,31 @@ def test_offload_optimizer_example(tmp_path):
                           "--nvme", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert "step    2" in out.stdout and "state on nvme" in out.stdout
+
+
+def run_example(name, *args, timeout=180):
+    return subprocess.run([sys.executable, str(ROOT / "examples" / name), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_finetune_gpt_example(tmp_path):
+    out = run_example("finetune_gpt.py", "--steps", "30", "--batch", "4", "--seq", "32", "--nvme", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "== finetune_gpt: 30 steps" in out.stdout
+    first, last = (float(x) for x in out.stdout.split("\nloss ")[1].split()[:3:2])
+    assert last < first, out.stdout
+
+
+def test_finetune_hf_example(tmp_path):
+    pytest.importorskip("transformers")
+    out = run_example("finetune_hf.py", "--layers", "2", "--hidden", "64", "--steps", "3", "--batch", "2", "--seq",
+                      "32", "--nvme", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "== finetune_hf: 3 steps" in out.stdout and "placement: params on nvme" in out.stdout
+
+
+def test_plan_llama70b_example(tmp_path):
+    out = run_example("plan_llama70b.py", "--out", str(tmp_path), timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "model llama-70b" in out.stdout and "FITS" in out.stdout
+    assert (tmp_path / "plan.json").is_file()
