@@ -4,9 +4,10 @@ The top layer: it executes with torch what ``scheduler`` decides, on the tiers `
 """
 
 from offload.config import ConfigError, OffloadConfig, config_from_env, load_config
+from offload.distributed import ShardedOffloadOptimizer
 from offload.optimizer import OffloadOptimizer
 from offload.report import RunReport
 from offload.runtime import wrap
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "OffloadConfig", "OffloadOptimizer", "RunReport", "config_from_env", "load_config", "wrap", "__version__"]
+__all__ = ["ConfigError", "OffloadConfig", "OffloadOptimizer", "RunReport", "ShardedOffloadOptimizer", "config_from_env", "load_config", "wrap", "__version__"]
