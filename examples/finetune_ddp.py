@@ -15,6 +15,7 @@ import tempfile
 import torch
 import torch.distributed as dist
 
+import offload
 from offload import OffloadConfig, ShardedOffloadOptimizer
 from scheduler.workload import TransformerShape, build_transformer
 
@@ -42,13 +43,17 @@ def main():
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    nvme = args.nvme or tempfile.mkdtemp(prefix="offload-ddp-")
+    config = offload.config_from_env()  # `offload run --nproc N`: its config, this rank's store dir already in it
+    nvme = None
+    if config is None:
+        nvme = args.nvme or tempfile.mkdtemp(prefix="offload-ddp-")
+        config = OffloadConfig(state_tier="nvme", nvme_dirs=nvme, max_grad_norm=1.0)
 
     shape = TransformerShape(n_layer=4, d_model=128, n_head=4, d_ff=512, vocab=64, n_pos=32, norm="layernorm")
     torch.manual_seed(0)
     model = build_transformer(shape, device=device)
     optimizer = ShardedOffloadOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1),
-                                        config=OffloadConfig(state_tier="nvme", nvme_dirs=nvme, max_grad_norm=1.0))
+                                        config=config)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.steps)
 
     for step in range(args.steps):
@@ -71,7 +76,7 @@ def main():
           f"overlapped with backward", flush=True)
     optimizer.close()
     dist.destroy_process_group()
-    if not args.nvme:
+    if nvme and not args.nvme:
         shutil.rmtree(nvme, ignore_errors=True)
 
 

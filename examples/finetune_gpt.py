@@ -3,8 +3,10 @@
     .venv/bin/python examples/finetune_gpt.py --steps 100                  # run directly: the config below
     .venv/bin/offload run --config examples/offload.toml examples/finetune_gpt.py --steps 100   # the launcher's
 
-The loop is the one you would write without offload; the only additions are `offload.wrap` and the run report.
-Run directly, it uses the config built in `main()`; under `offload run`, the launcher's (validated) config.
+The loop is the one you would write without offload; the additions are `offload.wrap`, the run report and a
+checkpoint (`--checkpoint DIR`): saved every `--save-every` steps and when Ctrl-C stops the run after its
+current step; `--resume` continues from it, with the same results as a run that was never stopped. Run
+directly, it uses the config built in `main()`; under `offload run`, the launcher's (validated) config.
 """
 
 import argparse
@@ -16,6 +18,7 @@ import torch
 import offload
 from offload.demo import batch_at, build_model, corpus_tokens, demo_shape, lm_loss
 from offload.report import RunReport
+from offload.signals import StopOnSignal
 
 
 def main():
@@ -25,6 +28,9 @@ def main():
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--nvme", help="store directory when run directly (default: a temporary one)")
+    ap.add_argument("--checkpoint", help="checkpoint directory")
+    ap.add_argument("--save-every", type=int, default=50)
+    ap.add_argument("--resume", action="store_true")
     args = ap.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -41,15 +47,23 @@ def main():
                                        prefetch=1)
     model, opt = offload.wrap(model, opt, config)
 
+    start = 0
+    if args.resume:  # weights, optimizer state (wherever it lives), RNG; the data position is the step
+        start = offload.load_checkpoint(args.checkpoint, model, opt)["step"]
     tokens = corpus_tokens()
-    report = RunReport(model, opt, total_steps=args.steps, name="finetune_gpt")
-    for step in range(args.steps):
-        idx = batch_at(tokens, step, args.batch, args.seq).to(device)
-        loss = lm_loss(model, idx)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        report.step(loss.item(), tokens=idx[:, 1:].numel())
+    report = RunReport(model, opt, total_steps=args.steps - start, name="finetune_gpt")
+    with StopOnSignal() as stop:  # Ctrl-C: finish the step, save, stop
+        for step in range(start, args.steps):
+            idx = batch_at(tokens, step, args.batch, args.seq).to(device)
+            loss = lm_loss(model, idx)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            report.step(loss.item(), tokens=idx[:, 1:].numel())
+            if args.checkpoint and (stop.requested or (step + 1) % args.save_every == 0):
+                offload.save_checkpoint(args.checkpoint, model, opt, step=step + 1)
+            if stop.requested:
+                break
     if not launched:
         print(report.text())
     model._offload_runtime.close()

@@ -3,6 +3,7 @@
 The top layer: it executes with torch what ``scheduler`` decides, on the tiers ``storage`` provides.
 """
 
+from offload.checkpoint import CheckpointReader, load_checkpoint, save_checkpoint
 from offload.config import ConfigError, OffloadConfig, config_from_env, load_config
 from offload.distributed import ShardedOffloadOptimizer
 from offload.optimizer import OffloadOptimizer
@@ -10,4 +11,6 @@ from offload.report import RunReport
 from offload.runtime import wrap
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "OffloadConfig", "OffloadOptimizer", "RunReport", "ShardedOffloadOptimizer", "config_from_env", "load_config", "wrap", "__version__"]
+__all__ = ["CheckpointReader", "ConfigError", "OffloadConfig", "OffloadOptimizer", "RunReport",
+           "ShardedOffloadOptimizer", "__version__", "config_from_env", "load_checkpoint", "load_config",
+           "save_checkpoint", "wrap"]

@@ -11,8 +11,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     """Fine-tune the built-in small GPT with everything offloaded, then report."""
     from offload import demo
 
-    demo.run(args)
-    return 0
+    return 130 if demo.run(args)["interrupted"] else 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

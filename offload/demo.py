@@ -71,6 +71,15 @@ def lm_loss(model, idx: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), idx[:, 1:].reshape(-1))
 
 
+def lr_schedule(opt, lr: float, steps: int):
+    """One cycle: warm up over the first tenth (at least 2.5 steps: torch's OneCycleLR divides by zero when its
+    warm-up is a single step), then anneal."""
+    if steps < 4:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
+                                               pct_start=min(0.5, max(0.1, 2.5 / steps)))
+
+
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="offload demo", description=__doc__,
                                           formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,6 +94,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--state", choices=["host", "nvme"], default="nvme", help="optimizer state tier (default nvme)")
     p.add_argument("--params", choices=["host", "nvme"], default="nvme", help="param and grad tier (default nvme)")
     p.add_argument("--out", default="offload-demo", help="directory for report.json, report.txt and trace.json")
+    p.add_argument("--checkpoint", metavar="DIR", help="save a checkpoint here at the end, on Ctrl-C (then exit) "
+                                                      "and every --save-every steps")
+    p.add_argument("--save-every", type=int, default=0, metavar="N", help="also save every N steps (default: no)")
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint (its step, data position, "
+                                                         "optimizer and LR schedule, RNG)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress line")
     return p
@@ -92,10 +106,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def run(args: argparse.Namespace) -> dict:
     """Train, print the report, return its summary."""
-    from offload import OffloadConfig, wrap
+    from offload import OffloadConfig, load_checkpoint, save_checkpoint, wrap
     from offload.report import RunReport
+    from offload.signals import StopOnSignal
     from storage import format_bytes
 
+    if args.resume and not args.checkpoint:
+        raise SystemExit("offload demo: --resume needs --checkpoint DIR (the checkpoint to continue from)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokens = corpus_tokens()
     shape = demo_shape(args.layers, args.width)
@@ -111,25 +128,50 @@ def run(args: argparse.Namespace) -> dict:
     # beta2 = 0.95 as GPT pre-training uses: with torch's 0.999 this small model has loss spikes (plain torch too).
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     model, opt = wrap(model, opt, cfg)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
+    sched = lr_schedule(opt, args.lr, args.steps)
     print(f"offload demo: byte-level GPT, {shape.n_layer} blocks x {shape.d_model} wide, {nparams / 1e6:.2f}M params "
           f"({format_bytes(model_bytes)}) on {device}; params+grads on {args.params}, AdamW state on {args.state} "
           f"(store {store_dir}); device budget {format_bytes(cfg.device_budget_bytes)}; "
           f"{args.steps} steps of {args.batch} x {args.seq} bytes from {CORPUS.name}", flush=True)
-    report = RunReport(model, opt, total_steps=args.steps, name="offload demo", progress=not args.quiet)
+    start = 0
+    if args.resume:
+        meta = load_checkpoint(args.checkpoint, model, opt, scheduler=sched)
+        saved = meta["extra"] or {}
+        for key in ("steps", "batch", "seq", "seed"):
+            if key in saved and saved[key] != getattr(args, key):
+                raise SystemExit(f"offload demo: --{key} {getattr(args, key)}: the checkpoint in {args.checkpoint} "
+                                 f"was made with --{key} {saved[key]}; resume with the same value")
+        start = meta["step"]
+        print(f"resumed from {args.checkpoint} at step {start}", flush=True)
+
+    def save(step: int) -> None:
+        path = save_checkpoint(args.checkpoint, model, opt, step=step, scheduler=sched,
+                               extra={"seed": args.seed, "batch": args.batch, "seq": args.seq, "steps": args.steps})
+        print(f"checkpoint at step {step}: {path}", file=sys.stderr, flush=True)
+
+    report = RunReport(model, opt, total_steps=args.steps - start, name="offload demo", progress=not args.quiet)
+    interrupted = False
     try:
-        for step in range(args.steps):
-            idx = batch_at(tokens, step, args.batch, args.seq, args.seed).to(device)
-            loss = lm_loss(model, idx)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            sched.step()
-            report.step(loss.item(), tokens=idx[:, 1:].numel())
+        with StopOnSignal() as stop:
+            for step in range(start, args.steps):
+                idx = batch_at(tokens, step, args.batch, args.seq, args.seed).to(device)
+                loss = lm_loss(model, idx)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                sched.step()
+                report.step(loss.item(), tokens=idx[:, 1:].numel())
+                done = step + 1
+                if args.checkpoint and (stop.requested or done == args.steps or
+                                        (args.save_every and done % args.save_every == 0)):
+                    save(done)
+                if stop.requested:
+                    interrupted = True
+                    break
         print(report.text())
         paths = report.save(args.out)
         print(f"report: {', '.join(str(p) for p in paths)} (open trace.json in https://ui.perfetto.dev)")
-        return report.summary()
+        return {**report.summary(), "interrupted": interrupted, "start_step": start}
     finally:
         model._offload_runtime.close()
         if not args.nvme:
@@ -137,8 +179,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    run(build_parser().parse_args(argv))
-    return 0
+    return 130 if run(build_parser().parse_args(argv))["interrupted"] else 0
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ import torch.distributed as dist
 
 from offload.config import OffloadConfig, config_from_env
 from offload.optimizer import ELEMENTWISE, SPLIT_ALIGN, OffloadOptimizer, PieceSpan
+from offload.report import report_at_exit
 from storage import Tier
 
 DEFAULT_BUCKET_BYTES = 25 << 20
@@ -242,6 +243,8 @@ class ShardedOffloadOptimizer(torch.optim.Optimizer):
         self._where = {p: (b, off) for b in self._buckets for _, p, off in b.entries}
         self._owned: list[_Owned] = []
         self._inner = self._build_inner()
+        if self._inner is not None:  # under `offload run`: rank 0's report of its shard at exit
+            report_at_exit(None, self._inner)
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._where]
         if adopted is not None:
             self.load_state_dict(adopted)

@@ -184,6 +184,8 @@ class RunReport:
         if not self.step_s and rt is not None:  # made at exit (offload run): the runtime's own record of the steps
             out["steps"] = rt.iterations
             out["step_s_median"] = out.get("iteration_s_median")
+        elif not self.step_s and hasattr(opt, "_stats"):  # an optimizer alone (a rank's shard): its step count
+            out["steps"] = opt._stats["steps"]
         out["bytes_moved"] = moved
         out["bytes_moved_by_what"] = by_what
         out["held_bytes"] = self.held_bytes()
@@ -206,7 +208,8 @@ class RunReport:
 
     def text(self) -> str:
         s = self.summary()
-        lines = [f"== {s['name']}: {s['steps']} steps in {_duration(s['wall_s'])} =="]
+        took = f" in {_duration(s['wall_s'])}" if self.step_s else ""  # made at exit: no clock of its own
+        lines = [f"== {s['name']}: {s['steps']} steps{took} =="]
         if "loss_first" in s:
             known = [x for x in s["losses"] if x is not None]
             lines.append(f"loss {s['loss_first']:.4f} -> {s['loss_last']:.4f}  "

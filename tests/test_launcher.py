@@ -71,3 +71,55 @@ def test_run_passes_exit_status_and_says_when_nothing_was_wrapped(tmp_path):
     assert out.returncode == 3
     out = run(["run", str(script), "0"], cwd=tmp_path)
     assert out.returncode == 0 and "never wrapped a model" in out.stderr
+
+
+def test_demo_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
+    """Ctrl-C in the middle of the demo finishes the step, saves a checkpoint and exits (130); resuming from it
+    gives, step for step, the same losses as a run never stopped: weights, AdamW state on NVMe, LR schedule,
+    data position all came back."""
+    import signal
+    import time
+
+    common = ["demo", "--steps", "40", "--layers", "2", "--width", "64", "--batch", "4", "--seq", "32"]
+    full = run(common + ["--out", str(tmp_path / "full"), "--nvme", str(tmp_path)], cwd=tmp_path)
+    assert full.returncode == 0, full.stderr
+    want = json.loads((tmp_path / "full" / "report.json").read_text())["losses"]
+
+    ck = tmp_path / "ck"
+    proc = subprocess.Popen(OFFLOAD + common + ["--checkpoint", str(ck), "--out", str(tmp_path / "a"), "--nvme",
+                                                str(tmp_path)], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, cwd=tmp_path)
+    for line in proc.stderr:  # progress lines: interrupt once training is under way
+        if line.startswith("step 1/"):  # drawn at once; the signal lands a few steps later
+            proc.send_signal(signal.SIGINT)
+            break
+    else:
+        raise AssertionError("no progress line")
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, rest
+    meta = json.loads((ck / "manifest.json").read_text())
+    stopped = meta["step"]
+    assert 1 <= stopped < 40, stopped
+    resumed = run(common + ["--checkpoint", str(ck), "--resume", "--out", str(tmp_path / "b"), "--nvme",
+                            str(tmp_path)], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {ck} at step {stopped}" in resumed.stdout
+    got = json.loads((tmp_path / "b" / "report.json").read_text())["losses"]
+    assert got == want[stopped:]
+    bad = run(common[:2] + ["41"] + common[3:] + ["--checkpoint", str(ck), "--resume", "--nvme", str(tmp_path)],
+              cwd=tmp_path)
+    assert bad.returncode != 0 and "made with --steps 40" in bad.stderr
+
+
+def test_run_nproc_2_each_rank_its_own_store(tmp_path):
+    """`offload run --nproc 2` starts two ranks through torchrun; each keeps its shard of the state in its own
+    directory under the configured one, and rank 0's report is printed at the end."""
+    store = tmp_path / "store"
+    store.mkdir()
+    out = run(["run", "--nproc", "2", "--set", "state_tier=nvme", "--set", f"nvme_dirs={store}", "--report",
+               str(tmp_path / "rep"), str(ROOT / "examples" / "finetune_ddp.py"), "--steps", "2"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "rank 0: owns" in out.stdout and "rank 1: owns" in out.stdout
+    assert sorted(p.name for p in store.iterdir()) == ["rank0", "rank1"]
+    assert all(any((store / r).iterdir()) for r in ("rank0", "rank1"))
+    assert "== finetune_ddp.py: 2 steps ==" in out.stderr

@@ -1,0 +1,781 @@
+"""Checkpoints: save and resume a run whose weights and optimizer state live on the device, host memory and NVMe,
+streaming them one unit / subgroup / parameter at a time instead of gathering them into memory first.
+
+API
+---
+``save_checkpoint(path, model, optimizer, *, step=None, extra=None, scheduler=None) -> Path``
+    Call between steps (after ``optimizer.step()``, before the next backward). ``model``/``optimizer``: a plain
+    module and torch optimizer, a plain module and an :class:`~offload.OffloadOptimizer`, or the pair
+    :func:`offload.wrap` returned. ``extra`` is the caller's JSON (data position, ...); ``scheduler`` an LR
+    scheduler. Atomic: the previous checkpoint at ``path`` survives a crash at any moment.
+``load_checkpoint(path, model, optimizer, *, scheduler=None) -> dict``
+    Loads into any of those pairs, whatever placement saved it. Returns the metadata: ``step``, ``extra``,
+    ``config`` (the saving run's OffloadConfig as JSON, or None), ``optimizer`` (class name), ``torch``. Weights,
+    persistent buffers, optimizer state and hyperparameters, LR scheduler, loss scaler and the torch / numpy /
+    python RNGs are restored; grads are not saved (as with torch's state dicts). Everything about the checkpoint
+    and the model is checked before anything is changed; a chunk found corrupt while loading raises, naming it,
+    and leaves the model partly loaded (load another checkpoint).
+``CheckpointReader(path)``
+    ``.read(name, key, start=None, stop=None)``: elements ``[start, stop)`` of a saved tensor, flattened,
+    assembled from the entries that cover them; ``.tensor(name, key)`` the whole one in its shape;
+    ``.optimizer_state_dict()`` a plain torch optimizer state dict; ``.verify()`` every checksum.
+
+Format (version 1)
+------------------
+A directory holding ``manifest.json`` and raw data files (``data-00000.bin``). Each **entry** of the manifest
+names a tensor by ``name`` (the fully-qualified name from ``model.named_parameters()`` / ``named_buffers()``, or
+``rng.*``) and ``key`` (``"param"`` the weights in their own dtype, ``"buffer"``, an optimizer state key such as
+``"exp_avg"`` or ``"step"``, ``"master"`` the fp32 master weights of a low-precision param, ``"state"`` for RNG),
+and holds the elements ``[start, stop)`` of that tensor flattened (C order), with its full ``shape``, ``dtype``,
+``file``, byte ``offset``, ``nbytes`` and ``crc32c``. An entry may cover a range only: a state-on-NVMe run writes
+one entry per subgroup piece, and a sharded run (each rank owning a slice of every parameter's state) can write
+its own slices, in its own data file, into one manifest; a reader with any rank count assembles any range.
+Non-tensor state (an optimizer's Python ints) is in ``values``; hyperparameters, scheduler and small RNG parts
+are JSON in the manifest. Nothing is ever unpickled; file paths must be plain names inside the directory.
+
+Masters of fp32 params are not written (they equal the weights, saved as ``"param"``); loading gives a
+master-keeping placement (params on NVMe) the weights as masters, so a checkpoint moves between placements.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import json
+import math
+import os
+import random
+import shutil
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import crc32c
+import numpy as np
+import torch
+from torch import nn
+
+from offload.config import config_to_dict
+from offload.optimizer import OffloadOptimizer, PieceSpan
+from storage.memory import byte_view, memview
+
+FORMAT = "offload-checkpoint"
+VERSION = 1
+MANIFEST = "manifest.json"
+DATA = "data-00000.bin"
+RAW = "raw"  # the only file encoding: bytes as in memory, little-endian on every machine we run on
+RESERVED_KEYS = ("param", "buffer")
+IMPL_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+"""Group keys that say how this process runs the update, not where training is: kept, not restored, so that a
+checkpoint from one implementation (or from offload's own choice) loads into another."""
+DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64, torch.complex128, torch.int8,
+    torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool)}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (damaged, truncated, not ours, unsafe) or that does not fit the model."""
+
+
+# -- writing ------------------------------------------------------------------------------------------------------
+class CheckpointWriter:
+    """Appends entries to a data file in a temporary sibling of ``path``; :meth:`commit` swaps it into place.
+
+    The temporary directory is ``.<name>.tmp-<pid>-<random>`` next to ``path`` (same file system, so the final
+    rename is atomic); a crash leaves it behind and the next save removes it once its process is gone.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).absolute()
+        if self.path.exists() and not _is_checkpoint(self.path):
+            raise CheckpointError(f"save_checkpoint: {self.path} exists and is not an offload checkpoint; refusing to "
+                                  f"replace it: choose a new path or remove it")
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _remove_stale(self.path)
+        self.tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.mkdir(self.tmp, 0o700)
+        os.chmod(self.tmp, 0o700)  # mkdir's mode is filtered by the umask; never wider than owner-only
+        self._fd = os.open(self.tmp / DATA, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self._offset = 0
+        self.entries: list[dict] = []
+        self.values: list[dict] = []
+
+    def add(self, name: str, key: str, tensor: torch.Tensor, *, start: int = 0,
+            shape: Sequence[int] | None = None) -> None:
+        """Write ``tensor``'s values as elements ``[start, start + numel)`` of the flattened tensor of ``shape``
+        (default: the tensor's own shape, whole)."""
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if dtype not in DTYPES:
+            raise NotImplementedError(f"checkpoint: {name!r} {key!r} has dtype {tensor.dtype}; supported: "
+                                      f"{sorted(DTYPES)}")
+        t = tensor.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous()
+        shape = tuple(t.shape) if shape is None else tuple(int(s) for s in shape)
+        stop = start + t.numel()
+        if not 0 <= start <= stop <= math.prod(shape):
+            raise ValueError(f"checkpoint: {name!r} {key!r}: range [{start}, {stop}) is outside a tensor of shape "
+                             f"{list(shape)}")
+        mv = memview(byte_view(t))
+        _write_all(self._fd, mv)
+        self.entries.append({"name": name, "key": key, "dtype": dtype, "shape": list(shape), "start": start,
+                             "stop": stop, "file": 0, "offset": self._offset, "nbytes": len(mv),
+                             "crc32c": crc32c.crc32c(mv)})
+        self._offset += len(mv)
+
+    def add_value(self, name: str, key: str, value) -> None:
+        """A non-tensor value (an optimizer's Python int, say), kept as JSON."""
+        self.values.append({"name": name, "key": key, "value": _json_checked(value, f"{name!r} {key!r}")})
+
+    def commit(self, meta: dict) -> Path:
+        """Write the manifest, make everything durable, and swap the directory into place."""
+        manifest = {"format": FORMAT, "version": VERSION, **meta, "files": [{"path": DATA, "encoding": RAW}],
+                    "entries": self.entries, "values": self.values}
+        text = json.dumps(manifest, indent=1)
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        fd = os.open(self.tmp / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            _write_all(fd, memoryview(text.encode()))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(self.tmp)  # the directory's entries, before it becomes the checkpoint
+        if not self.path.exists():
+            os.rename(self.tmp, self.path)
+        elif _exchange(self.tmp, self.path):  # atomic: there is always a complete checkpoint at path
+            shutil.rmtree(self.tmp)
+        else:  # no RENAME_EXCHANGE here (NFS, old kernels): a short window where path is missing
+            old = self.path.parent / f".{self.path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            os.rename(self.path, old)
+            os.rename(self.tmp, self.path)
+            shutil.rmtree(old)
+        _fsync_dir(self.path.parent)
+        return self.path
+
+    def abort(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                    step: int | None = None, extra: Any = None, scheduler=None) -> Path:
+    """Save ``model``'s weights and buffers and ``optimizer``'s state to the directory ``path`` (see the module
+    docstring), streaming: at most one unit's weights or one subgroup's state is read into memory at a time."""
+    runtime = _runtime_of(model, optimizer)
+    extra = _json_checked(extra, "extra")
+    names = _param_names(model)
+    opt_params = [p for g in optimizer.param_groups for p in g["params"]]
+    for k, p in enumerate(opt_params):
+        if p not in names:
+            raise ValueError(f"save_checkpoint: optimizer parameter {k} is not a parameter of the model: pass the "
+                             f"model the optimizer was built for")
+    index = {p: k for k, p in enumerate(opt_params)}
+    group_of = {p: gi for gi, g in enumerate(optimizer.param_groups) for p in g["params"]}
+    groups = []
+    for gi, g in enumerate(optimizer.param_groups):
+        hp = {k: _json_checked(v, f"param group {gi} {k!r}") for k, v in g.items() if k != "params"}
+        groups.append({**hp, "params": [names[p] for p in g["params"]]})
+    meta = {
+        "step": step, "extra": extra, "torch": torch.__version__,
+        "params": [{"name": n, "shape": list(_shape(p, runtime)), "dtype": _dtype_name(p),
+                    "index": index.get(p), "group": group_of.get(p)} for p, n in names.items()],
+        "buffers": [n for n, _ in _buffers(model)],
+        "optimizer": {"class": _optimizer_class(optimizer).__name__, "param_groups": groups},
+        "config": _config_json(optimizer),
+        "scheduler": None if scheduler is None else _json_checked(scheduler.state_dict(), "scheduler.state_dict()"),
+        "loss_scaler": optimizer.loss_scaler_state() if isinstance(optimizer, OffloadOptimizer) else None,
+    }
+    writer = CheckpointWriter(path)
+    try:
+        for p, value in (runtime.iter_params() if runtime is not None else ((p, p) for p in names)):
+            writer.add(names[p], "param", value)
+        for n, b in _buffers(model):
+            writer.add(n, "buffer", b)
+        for name, key, value, start, shape in _iter_optimizer_state(optimizer, opt_params, names):
+            if torch.is_tensor(value):
+                writer.add(name, key, value, start=start, shape=shape)
+            else:
+                writer.add_value(name, key, value)
+        meta["rng"] = _save_rng(writer)
+        return writer.commit(meta)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _iter_optimizer_state(optimizer, opt_params, names) -> Iterator[tuple]:
+    """(name, key, value, start, full shape) for every piece of optimizer state, streamed."""
+    def check(name, key):
+        if key in RESERVED_KEYS:
+            raise NotImplementedError(f"save_checkpoint: the optimizer keeps state {key!r} for {name!r}, a key the "
+                                      f"checkpoint format reserves for the model ({RESERVED_KEYS})")
+
+    if isinstance(optimizer, OffloadOptimizer):
+        for span, key, value in optimizer.iter_state():
+            p = opt_params[span.index]
+            name = names[p]
+            check(name, key)
+            if key == "master" and _dtype_name(p) == "float32":
+                continue  # equal to the weights, saved as "param"
+            if torch.is_tensor(value) and not span.whole:
+                yield name, key, value, span.start, span.shape
+            else:
+                yield name, key, value, 0, None
+        return
+    for p in opt_params:
+        for key, value in optimizer.state.get(p, {}).items():
+            check(names[p], key)
+            yield names[p], key, value, 0, None
+
+
+# -- reading ------------------------------------------------------------------------------------------------------
+class _Entry:
+    __slots__ = ("id", "name", "key", "dtype", "shape", "start", "stop", "file", "offset", "nbytes", "crc")
+
+    def __init__(self, i: int, e: dict, where: str, nfiles: int):
+        def field(k, typ):
+            v = e.get(k) if isinstance(e, dict) else None
+            if not isinstance(v, typ) or isinstance(v, bool):  # JSON true is a Python int: never a valid field
+                raise CheckpointError(f"{where}: entry {i} field {k!r}: expected {typ.__name__}, got {v!r}")
+            return v
+        self.id = i
+        self.name, self.key = field("name", str), field("key", str)
+        dtype = field("dtype", str)
+        if dtype not in DTYPES:
+            raise CheckpointError(f"{where}: entry {i} ({self.name!r} {self.key!r}) has dtype {dtype!r}; this reader "
+                                  f"knows {sorted(DTYPES)}")
+        self.dtype = DTYPES[dtype]
+        shape = field("shape", list)
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+            raise CheckpointError(f"{where}: entry {i} ({self.name!r} {self.key!r}): bad shape {shape!r}")
+        self.shape = tuple(shape)
+        self.start, self.stop = field("start", int), field("stop", int)
+        self.file, self.offset = field("file", int), field("offset", int)
+        self.nbytes, self.crc = field("nbytes", int), field("crc32c", int)
+        if not 0 <= self.start <= self.stop <= math.prod(self.shape):
+            raise CheckpointError(f"{where}: {self}: range outside a tensor of shape {list(self.shape)}")
+        if self.nbytes != (self.stop - self.start) * self.dtype.itemsize or self.offset < 0:
+            raise CheckpointError(f"{where}: {self}: {self.nbytes} bytes at offset {self.offset} do not hold "
+                                  f"{self.stop - self.start} elements of {dtype}")
+        if not 0 <= self.file < nfiles:
+            raise CheckpointError(f"{where}: {self}: file index {self.file}, but the manifest lists {nfiles} files")
+
+    def __str__(self) -> str:
+        return f"entry {self.name!r} {self.key!r} [{self.start}, {self.stop})"
+
+
+class CheckpointReader:
+    """Reads a checkpoint directory: validates its manifest and files on opening, checks each entry's CRC-32C as
+    it is read. Use as a context manager (it keeps the data files open)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        where = f"checkpoint {self.path}"
+        if not self.path.is_dir():
+            hint = ""
+            if self.path.is_file():
+                hint = (": it is a file, not a checkpoint directory (a torch.save file? this loader reads only its "
+                        "own format and never unpickles)")
+            else:
+                left = _siblings(self.path, ".old-")
+                if left:
+                    hint = f": a save was interrupted while replacing it; the previous checkpoint is {left[-1]}"
+            raise CheckpointError(f"{where} not found{hint}")
+        try:
+            text = (self.path / MANIFEST).read_text()
+        except FileNotFoundError:
+            raise CheckpointError(f"{where}: no {MANIFEST}: not an offload checkpoint") from None
+        try:
+            m = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{where}: {MANIFEST} is not valid JSON ({e}): the checkpoint is damaged") from None
+        if not isinstance(m, dict) or m.get("format") != FORMAT:
+            got = m.get("format") if isinstance(m, dict) else type(m).__name__
+            raise CheckpointError(f"{where}: expected format {FORMAT!r}, got {got!r}: not an offload checkpoint")
+        if m.get("version") != VERSION:
+            raise CheckpointError(f"{where}: format version {m.get('version')!r}; this reader reads version "
+                                  f"{VERSION}: load it with the offload release that wrote it")
+        self.meta = m
+        files = m.get("files")
+        if not isinstance(files, list) or not files:
+            raise CheckpointError(f"{where}: expected a non-empty list of files, got {files!r}")
+        self._fds: list[int] = []
+        try:
+            sizes = []
+            root = os.path.realpath(self.path)
+            for f in files:
+                rel = f.get("path") if isinstance(f, dict) else None
+                enc = f.get("encoding") if isinstance(f, dict) else None
+                if enc != RAW:
+                    raise CheckpointError(f"{where}: file {rel!r} has encoding {enc!r}; only {RAW!r} bytes are read "
+                                          f"(a checkpoint never holds pickles)")
+                full = _inside(root, rel, where)
+                try:
+                    fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    raise CheckpointError(f"{where}: data file {rel!r} is missing") from None
+                self._fds.append(fd)
+                sizes.append(os.fstat(fd).st_size)
+            self._names = [f["path"] for f in files]
+            raw = m.get("entries")
+            if not isinstance(raw, list):
+                raise CheckpointError(f"{where}: expected a list of entries, got {type(raw).__name__}")
+            self._entries = [_Entry(i, e, where, len(files)) for i, e in enumerate(raw)]
+            self._by: dict[tuple[str, str], list[_Entry]] = {}
+            for e in self._entries:
+                if e.offset + e.nbytes > sizes[e.file]:
+                    raise CheckpointError(f"{where}: {e} needs bytes [{e.offset}, {e.offset + e.nbytes}) of "
+                                          f"{self._names[e.file]!r}, which has {sizes[e.file]}: the file is "
+                                          f"truncated (an incomplete copy?)")
+                self._by.setdefault((e.name, e.key), []).append(e)
+            for es in self._by.values():
+                es.sort(key=lambda e: e.start)
+                for a, b in itertools.pairwise(es):
+                    if a.shape != b.shape or a.dtype != b.dtype or b.start < a.stop:
+                        raise CheckpointError(f"{where}: {a} and {b} disagree (shape, dtype) or overlap")
+            self._values = {}
+            for v in m.get("values", []):
+                if not isinstance(v, dict) or not isinstance(v.get("name"), str) or not isinstance(v.get("key"), str):
+                    raise CheckpointError(f"{where}: bad value record {v!r}")
+                self._values[(v["name"], v["key"])] = v.get("value")
+        except BaseException:
+            self.close()
+            raise
+        self._where = where
+        self.verified: set[int] = set()
+
+    # -- queries ------------------------------------------------------------------------------------------------
+    def keys(self, name: str) -> list[str]:
+        """The keys saved for ``name`` (tensors and values)."""
+        return sorted({k for n, k in self._by if n == name} | {k for n, k in self._values if n == name})
+
+    def has(self, name: str, key: str) -> bool:
+        return (name, key) in self._by
+
+    def info(self, name: str, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """(shape, dtype) of a saved tensor."""
+        e = self._entries_for(name, key)[0]
+        return e.shape, e.dtype
+
+    def value(self, name: str, key: str):
+        return self._values[(name, key)]
+
+    def values(self, name: str) -> dict[str, Any]:
+        return {k: v for (n, k), v in self._values.items() if n == name}
+
+    def read(self, name: str, key: str, start: int | None = None, stop: int | None = None, *,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements ``[start, stop)`` of the flattened tensor ``name``/``key`` (default: all of it), from however
+        many entries cover them, each checked against its CRC-32C. ``out``: a contiguous CPU tensor to read into
+        (its shape is kept); returns it, or a new flat tensor."""
+        es = self._entries_for(name, key)
+        shape, dtype = es[0].shape, es[0].dtype
+        numel = math.prod(shape)
+        start = 0 if start is None else start
+        stop = numel if stop is None else stop
+        if not 0 <= start <= stop <= numel:
+            raise ValueError(f"read {name!r} {key!r}: range [{start}, {stop}) is outside [0, {numel})")
+        if out is None:
+            out = torch.empty(stop - start, dtype=dtype)
+        elif out.dtype != dtype or out.numel() != stop - start or not out.is_contiguous() or out.device.type != "cpu":
+            raise ValueError(f"read {name!r} {key!r}: out must be a contiguous CPU {dtype} tensor of {stop - start} "
+                             f"elements, got {out.dtype} {list(out.shape)} on {out.device}")
+        flat = out.view(-1)
+        pos = start
+        for e in es:
+            if e.stop <= start or e.start >= stop or e.start == e.stop:
+                continue
+            if e.start > pos:
+                break
+            lo, hi = max(e.start, start), min(e.stop, stop)
+            if (lo, hi) == (e.start, e.stop):
+                self._read_entry(e, flat[lo - start:hi - start])
+            else:
+                flat[lo - start:hi - start].copy_(self._read_entry(e)[lo - e.start:hi - e.start])
+            pos = hi
+        if pos < stop:
+            have = ", ".join(f"[{e.start}, {e.stop})" for e in es)
+            raise CheckpointError(f"{self._where}: no data for {name!r} {key!r} elements [{pos}, {stop}) (entries "
+                                  f"cover {have}): the run that wrote it did not save that range")
+        return out
+
+    def tensor(self, name: str, key: str) -> torch.Tensor:
+        """The whole tensor in its shape."""
+        return self.read(name, key).view(self.info(name, key)[0])
+
+    def verify(self) -> None:
+        """Check the CRC-32C of every entry not checked yet (one entry in memory at a time)."""
+        for e in self._entries:
+            if e.id not in self.verified:
+                self._read_entry(e)
+
+    def optimizer_state_dict(self, groups: Sequence[Sequence[str]] | None = None, *, masters: bool = False) -> dict:
+        """A plain torch optimizer state dict (``load_state_dict`` of the saved class takes it). ``groups``: the
+        parameter names of each param group in the target optimizer's order (default: as saved); parameters are
+        numbered in that order. ``masters``: include ``"master"`` entries (plain optimizers keep none)."""
+        saved = self.meta["optimizer"]["param_groups"]
+        groups = [g["params"] for g in saved] if groups is None else groups
+        if len(groups) != len(saved):
+            raise CheckpointError(f"{self._where}: saved with {len(saved)} param groups, the optimizer has "
+                                  f"{len(groups)}")
+        state, out_groups, k = {}, [], 0
+        for g, names in zip(saved, groups):
+            ids = []
+            for name in names:
+                entry = {}
+                for key in self.keys(name):
+                    if key in RESERVED_KEYS or key == "master" and not masters:
+                        continue
+                    entry[key] = self.tensor(name, key) if self.has(name, key) else self.value(name, key)
+                if entry:
+                    state[k] = entry
+                ids.append(k)
+                k += 1
+            out_groups.append({**{key: v for key, v in g.items() if key != "params"}, "params": ids})
+        return {"state": state, "param_groups": out_groups}
+
+    # -- internals ----------------------------------------------------------------------------------------------
+    def _entries_for(self, name: str, key: str) -> list[_Entry]:
+        es = self._by.get((name, key))
+        if not es:
+            raise CheckpointError(f"{self._where}: no entry {name!r} {key!r} (keys saved for {name!r}: "
+                                  f"{self.keys(name) or 'none'})")
+        return es
+
+    def _read_entry(self, e: _Entry, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Entry ``e``'s elements (into ``out``, contiguous, when given), after checking their CRC-32C."""
+        if out is None:
+            out = torch.empty(e.stop - e.start, dtype=e.dtype)
+        mv = memview(byte_view(out))
+        got = 0
+        while got < e.nbytes:
+            n = os.preadv(self._fds[e.file], [mv[got:]], e.offset + got)
+            if n == 0:
+                raise CheckpointError(f"{self._where}: {e}: {self._names[e.file]!r} ended early (truncated while "
+                                      f"reading?)")
+            got += n
+        crc = crc32c.crc32c(mv)
+        if crc != e.crc:
+            raise CheckpointError(f"{self._where}: {e} in {self._names[e.file]!r} at byte {e.offset}: CRC-32C "
+                                  f"{crc:#010x}, expected {e.crc:#010x}: the data is corrupt; restore the file or "
+                                  f"use another checkpoint")
+        self.verified.add(e.id)
+        return out
+
+    def close(self) -> None:
+        for fd in getattr(self, "_fds", []):
+            os.close(fd)
+        self._fds = []
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                    scheduler=None) -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint` into ``model`` and ``optimizer`` (any placement);
+    returns its metadata (``step``, ``extra``, ``config``, ...). See the module docstring."""
+    runtime = _runtime_of(model, optimizer)
+    if runtime is not None:
+        runtime._check_between_steps("load a checkpoint")
+    with CheckpointReader(path) as reader:
+        meta = reader.meta
+        if not isinstance(meta.get("params"), list) or not isinstance(meta.get("optimizer"), dict):
+            raise CheckpointError(f"checkpoint {reader.path} holds no model and optimizer (written by "
+                                  f"CheckpointWriter alone?): read it with CheckpointReader")
+        names = _param_names(model)
+        _check_model(reader, model, names, runtime)
+        opt_names = _check_optimizer(reader, optimizer, names)
+        if scheduler is not None and meta.get("scheduler") is None:
+            raise CheckpointError(f"checkpoint {reader.path} has no LR scheduler state, but scheduler= was given: "
+                                  f"it was saved without scheduler=")
+        if meta.get("loss_scaler") is not None and getattr(optimizer, "loss_scale", None) is None:
+            raise CheckpointError(f"checkpoint {reader.path} was saved with fp16 loss scaling; resume with "
+                                  f"OffloadOptimizer and OffloadConfig(loss_scale=...) as it was saved")
+
+        # Weights first: OffloadOptimizer seeds masters it was not given from them.
+        with torch.no_grad():
+            if runtime is not None:
+                runtime.load_params(lambda p, out: reader.read(names[p], "param", out=out))
+            else:
+                for p, name in names.items():
+                    _read_into(reader, name, "param", p.data)
+            for n, b in _buffers(model):
+                _read_into(reader, n, "buffer", b)
+
+        if isinstance(optimizer, OffloadOptimizer):
+            optimizer.load_state_stream(lambda span, master: _fetch(reader, opt_names[span.index], span, master))
+            optimizer.load_loss_scaler_state(meta.get("loss_scaler"))
+            for mine, saved in zip(optimizer.param_groups, meta["optimizer"]["param_groups"]):
+                _restore_hparams(mine, saved)
+        else:
+            sd = reader.optimizer_state_dict([[names[p] for p in g["params"]] for g in optimizer.param_groups])
+            for mine, g in zip(optimizer.param_groups, sd["param_groups"]):
+                g.update({k: mine[k] for k in IMPL_FLAGS if k in mine})
+                for k, v in g.items():  # JSON has no tuples (betas): give back the optimizer's own types
+                    if isinstance(mine.get(k), tuple) and isinstance(v, list):
+                        g[k] = tuple(v)
+            optimizer.load_state_dict(sd)
+        if scheduler is not None:
+            scheduler.load_state_dict(meta["scheduler"])
+        _load_rng(reader, meta.get("rng") or {})
+        reader.verify()  # entries this placement did not need (masters, ...) are checked too
+    return {k: meta.get(k) for k in ("step", "extra", "config", "torch")} | {
+        "optimizer": meta["optimizer"]["class"], "path": str(reader.path)}
+
+
+def _fetch(reader: CheckpointReader, name: str, span: PieceSpan, master: bool) -> dict:
+    """One optimizer piece's state from the checkpoint, in the form OffloadOptimizer.load_state_stream takes."""
+    out: dict[str, Any] = {}
+    for key in reader.keys(name):
+        if key in RESERVED_KEYS or key == "master" and not master:
+            continue
+        if not reader.has(name, key):
+            out[key] = reader.value(name, key)
+            continue
+        shape, _ = reader.info(name, key)
+        if span.whole or shape != span.shape:  # whole, or a per-parameter scalar (step) of a sliced param
+            out[key] = reader.tensor(name, key)
+        else:
+            out[key] = reader.read(name, key, span.start, span.stop)
+    if master and "master" not in out and reader.info(name, "param")[1] == torch.float32:
+        out["master"] = reader.read(name, "param", span.start, span.stop)  # an fp32 param's master is its weights
+    return out
+
+
+def _read_into(reader: CheckpointReader, name: str, key: str, dst: torch.Tensor) -> None:
+    if dst.device.type == "cpu" and dst.is_contiguous():
+        reader.read(name, key, out=dst)
+    else:
+        dst.copy_(reader.read(name, key).view(dst.shape))
+
+
+def _restore_hparams(mine: dict, saved: dict) -> None:
+    for k, v in saved.items():
+        if k == "params" or k in IMPL_FLAGS:
+            continue
+        mine[k] = tuple(v) if isinstance(mine.get(k), tuple) and isinstance(v, list) else v
+
+
+# -- checks -------------------------------------------------------------------------------------------------------
+def _check_model(reader: CheckpointReader, model: nn.Module, names: dict, runtime) -> None:
+    saved = {p["name"]: p for p in reader.meta.get("params", [])}
+    mine = {n: p for p, n in names.items()}
+    missing, unexpected = sorted(mine.keys() - saved.keys()), sorted(saved.keys() - mine.keys())
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {reader.path} is for a different model: parameters not in the checkpoint "
+                              f"{missing[:5]}, in the checkpoint but not in the model {unexpected[:5]}")
+    for n, p in mine.items():
+        shape, dtype = list(_shape(p, runtime)), _dtype_name(p)
+        if saved[n]["shape"] != shape or saved[n]["dtype"] != dtype:
+            raise CheckpointError(f"checkpoint {reader.path} is for a different model: parameter {n!r} was saved as "
+                                  f"{saved[n]['dtype']} {saved[n]['shape']}, the model has {dtype} {shape}")
+    bufs = {n for n, _ in _buffers(model)}
+    if bufs != set(reader.meta.get("buffers", [])):
+        raise CheckpointError(f"checkpoint {reader.path} is for a different model: buffers differ "
+                              f"({sorted(bufs ^ set(reader.meta.get('buffers', [])))[:5]})")
+
+
+def _check_optimizer(reader: CheckpointReader, optimizer, names: dict) -> list[str]:
+    """The optimizer's parameter names in its order, after checking it matches the saved one."""
+    saved = reader.meta["optimizer"]
+    cls = _optimizer_class(optimizer).__name__
+    if saved["class"] != cls:
+        raise CheckpointError(f"checkpoint {reader.path} holds {saved['class']} state; the optimizer is {cls}")
+    groups = optimizer.param_groups
+    if len(groups) != len(saved["param_groups"]):
+        raise CheckpointError(f"checkpoint {reader.path}: saved with {len(saved['param_groups'])} param groups, the "
+                              f"optimizer has {len(groups)}")
+    out = []
+    for gi, (g, sg) in enumerate(zip(groups, saved["param_groups"])):
+        here = []
+        for k, p in enumerate(g["params"]):
+            if p not in names:
+                raise ValueError(f"load_checkpoint: optimizer parameter {k} of group {gi} is not a parameter of the "
+                                 f"model")
+            here.append(names[p])
+        if set(here) != set(sg["params"]):
+            diff = sorted(set(here) ^ set(sg["params"]))
+            raise CheckpointError(f"checkpoint {reader.path}: param group {gi} differs from the saved one in "
+                                  f"{diff[:5]}: build the optimizer's groups as the saving run did")
+        out += here
+    return out
+
+
+# -- helpers ------------------------------------------------------------------------------------------------------
+def _runtime_of(model: nn.Module, optimizer):
+    runtime = getattr(model, "_offload_runtime", None)
+    if runtime is not None and optimizer is not runtime.optimizer:
+        raise ValueError("checkpoint: the model is wrapped by offload.wrap; pass the optimizer wrap returned")
+    if runtime is None and isinstance(optimizer, OffloadOptimizer) and optimizer._runtime is not None:
+        raise ValueError("checkpoint: the optimizer comes from offload.wrap; pass the model wrap returned")
+    return runtime
+
+
+def _param_names(model: nn.Module) -> dict[nn.Parameter, str]:
+    """Each parameter's first fully-qualified name (tied weights are one parameter, saved once)."""
+    return {p: n for n, p in model.named_parameters()}
+
+
+def _shape(p: nn.Parameter, runtime) -> tuple[int, ...]:
+    if runtime is not None:  # released params are empty tensors; the unit recorded the shapes
+        unit, k = runtime._owner[p]
+        return unit.shapes[k]
+    return tuple(p.shape)
+
+
+def _dtype_name(p: nn.Parameter) -> str:
+    return str(p.dtype).removeprefix("torch.")
+
+
+def _buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The buffers ``model.state_dict()`` holds (persistent ones)."""
+    out = []
+    for n, b in model.named_buffers():
+        mod_name, _, leaf = n.rpartition(".")
+        if leaf not in model.get_submodule(mod_name)._non_persistent_buffers_set:
+            out.append((n, b))
+    return out
+
+
+def _optimizer_class(optimizer) -> type:
+    return optimizer.optimizer_class if isinstance(optimizer, OffloadOptimizer) else type(optimizer)
+
+
+def _config_json(optimizer) -> dict | None:
+    """The saving run's OffloadConfig, in the form a config file or ``offload run`` takes."""
+    return config_to_dict(optimizer.config) if isinstance(optimizer, OffloadOptimizer) else None
+
+
+def _json_checked(value, what: str):
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"checkpoint: {what} must be JSON (dict, list, str, number, bool, None), got {value!r} "
+                         f"({e}); tensors belong in the model or optimizer") from None
+    return value
+
+
+def _save_rng(writer: CheckpointWriter) -> dict:
+    """torch, CUDA, numpy and python RNG states as raw entries (never pickled); their small parts as JSON."""
+    writer.add("rng.torch", "state", torch.get_rng_state())
+    cuda = 0
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            writer.add(f"rng.cuda.{i}", "state", s)
+        cuda = torch.cuda.device_count()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    writer.add("rng.numpy", "state", torch.from_numpy(keys.astype(np.int64)))
+    version, internal, gauss_next = random.getstate()
+    writer.add("rng.python", "state", torch.tensor(internal, dtype=torch.int64))
+    return {"cuda": cuda, "numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss),
+                                    "cached_gaussian": float(cached)},
+            "python": {"version": version, "gauss_next": gauss_next}}
+
+
+def _load_rng(reader: CheckpointReader, rng: dict) -> None:
+    if reader.has("rng.torch", "state"):
+        torch.set_rng_state(reader.tensor("rng.torch", "state"))
+    if rng.get("cuda"):
+        if torch.cuda.is_available() and torch.cuda.device_count() == rng["cuda"]:
+            torch.cuda.set_rng_state_all([reader.tensor(f"rng.cuda.{i}", "state") for i in range(rng["cuda"])])
+        else:
+            warnings.warn(f"load_checkpoint: the checkpoint has the RNG state of {rng['cuda']} CUDA devices and this "
+                          f"process sees {torch.cuda.device_count() if torch.cuda.is_available() else 0}; CUDA RNG "
+                          f"not restored", RuntimeWarning, stacklevel=3)
+    if "numpy" in rng:
+        n = rng["numpy"]
+        keys = reader.tensor("rng.numpy", "state").numpy().astype(np.uint32)
+        np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    if "python" in rng:
+        py = rng["python"]
+        random.setstate((py["version"], tuple(reader.tensor("rng.python", "state").tolist()), py["gauss_next"]))
+
+
+def _inside(root: str, rel, where: str) -> str:
+    """``rel`` resolved inside the checkpoint directory ``root``, or an error: never an absolute path, ``..``, or a
+    link leading out."""
+    if not isinstance(rel, str) or not rel or "\0" in rel or os.path.isabs(rel) or ".." in Path(rel).parts:
+        raise CheckpointError(f"{where}: refusing file path {rel!r}: expected a plain relative name inside the "
+                              f"checkpoint directory")
+    full = os.path.realpath(os.path.join(root, rel))
+    if os.path.commonpath([full, root]) != root:
+        raise CheckpointError(f"{where}: refusing file path {rel!r}: it resolves to {full}, outside the checkpoint")
+    return full
+
+
+def _is_checkpoint(path: Path) -> bool:
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _remove_stale(path: Path) -> None:
+    """Temporary directories of saves to ``path`` whose process died (a crash mid-save)."""
+    for d in _siblings(path, ".tmp-"):
+        try:
+            pid = int(d.name.rsplit(".tmp-", 1)[1].split("-")[0])
+        except ValueError:
+            continue
+        if pid == os.getpid() or not _alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _siblings(path: Path, tag: str) -> list[Path]:
+    """``.<name><tag>*`` next to ``path``: a save's temporary (``.tmp-``) or set-aside (``.old-``) directories."""
+    prefix = f".{path.name}{tag}"
+    try:
+        return sorted(path.parent / n for n in os.listdir(path.parent) if n.startswith(prefix))
+    except FileNotFoundError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write_all(fd: int, mv: memoryview) -> None:
+    done = 0
+    while done < len(mv):
+        done += os.write(fd, mv[done:])
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where it is not available."""
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: the file system cannot exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
