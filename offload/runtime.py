@@ -25,6 +25,7 @@ budget is enforced by our accounting exactly as it bounds a GPU. Activations are
 from __future__ import annotations
 
 import collections
+import contextlib
 import concurrent.futures
 import enum
 import os
@@ -658,26 +659,36 @@ class OffloadRuntime:
             raise RuntimeError(f"cannot {what} while a step is in progress (in backward, or updates of the last "
                                f"backward not collected): call optimizer.step() first")
 
+    @contextlib.contextmanager
+    def _weights_of(self, u: Unit, *, load: bool):
+        """The unit's host copy of its weights; for a unit whose weights live in the store, a pool buffer read
+        from it (``load``) or written to it after the caller filled it (not ``load``)."""
+        if u.host is not None:
+            yield u.host
+            return
+        buf = self.pool.acquire(u.nbytes)
+        flat = buf.tensor[:u.nbytes]
+        try:
+            if load:
+                self._store.read(u.key, out=flat).wait()
+                self.stats["disk_read_bytes"] += u.nbytes
+            yield flat
+            if not load:
+                self._store.write(u.key, flat).wait()
+                self.stats["disk_write_bytes"] += u.nbytes
+        finally:
+            buf.release()
+
     def iter_params(self) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
         """Every param's current weights, one unit at a time, without gathering the model: views into the unit's
         host buffer, or into one buffer the unit is read into from the store (valid until the next unit; copy
         what you keep). The host copy is the authority: device copies are only read by compute."""
         self._check_between_steps("read the weights")
         for u in self.units:
-            if not u.nbytes:
-                continue
-            flat, release = u.host, None
-            if flat is None:
-                buf = self.pool.acquire(u.nbytes)
-                flat, release = buf.tensor[:u.nbytes], buf.release
-                self._store.read(u.key, out=flat).wait()
-                self.stats["disk_read_bytes"] += u.nbytes
-            try:
-                for k, p in enumerate(u.params):
-                    yield p, u.view(flat, k)
-            finally:
-                if release is not None:
-                    release()
+            if u.nbytes:
+                with self._weights_of(u, load=True) as flat:
+                    for k, p in enumerate(u.params):
+                        yield p, u.view(flat, k)
 
     @torch.no_grad()
     def load_params(self, fill: Callable[[nn.Parameter, torch.Tensor], None]) -> None:
@@ -687,21 +698,10 @@ class OffloadRuntime:
         self._check_between_steps("load weights")
         for u in self.units:
             self._release(u)
-            if not u.nbytes:
-                continue
-            flat, release = u.host, None
-            if flat is None:
-                buf = self.pool.acquire(u.nbytes)
-                flat, release = buf.tensor[:u.nbytes], buf.release
-            try:
-                for k, p in enumerate(u.params):
-                    fill(p, u.view(flat, k))
-                if release is not None:
-                    self._store.write(u.key, flat).wait()
-                    self.stats["disk_write_bytes"] += u.nbytes
-            finally:
-                if release is not None:
-                    release()
+            if u.nbytes:
+                with self._weights_of(u, load=False) as flat:
+                    for k, p in enumerate(u.params):
+                        fill(p, u.view(flat, k))
 
     def _state_dict_hook(self, module, state_dict, prefix, local_metadata) -> None:
         """``model.state_dict()`` gives the real weights, not the empty tensors released params hold."""
