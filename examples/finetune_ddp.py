@@ -5,6 +5,11 @@
 Each rank trains on its own rows of every global batch. ShardedOffloadOptimizer reduce-scatters the grads
 during backward, updates this rank's 1/N of the state in its own store (<nvme>/rank<r>) and all-gathers the new
 weights. With GPUs the same command runs on NCCL, one GPU per rank; `offload run --nproc N` launches it too.
+
+`--checkpoint DIR` saves every `--save-every` steps and when Ctrl-C (or SIGTERM) stops the run after its
+current step: every rank writes its own shard into DIR, which must be on a file system all ranks share.
+`--resume` continues from it on any number of ranks, with the same results as a run that was never stopped
+when the number of ranks is the same.
 """
 
 import argparse
@@ -17,6 +22,7 @@ import torch.distributed as dist
 
 import offload
 from offload import OffloadConfig, ShardedOffloadOptimizer
+from offload.signals import StopOnSignal
 from scheduler.workload import TransformerShape, build_transformer
 
 
@@ -35,6 +41,9 @@ def main():
     ap.add_argument("--nvme", help="directory for the optimizer state (default: a temporary one per rank)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=16, help="global batch (sequences), split over the ranks")
+    ap.add_argument("--checkpoint", help="checkpoint directory, the same for every rank")
+    ap.add_argument("--save-every", type=int, default=50)
+    ap.add_argument("--resume", action="store_true")
     args = ap.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -56,18 +65,30 @@ def main():
                                         config=config)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.steps)
 
-    for step in range(args.steps):
-        rows = batch(step, args.batch, shape.n_pos, shape.vocab, device)[rank::world]  # this rank's rows
-        logits = model(rows[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, shape.vocab), rows[:, 1:].reshape(-1))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        scheduler.step()
-        mean = loss.detach().clone()
-        dist.all_reduce(mean)
-        if rank == 0:
-            print(f"step {step:4d}  loss {mean.item() / world:.4f}  lr {scheduler.get_last_lr()[0]:.2e}", flush=True)
+    start = 0
+    if args.resume:  # every rank: weights, its shard of the state, scheduler, RNG; the data position is the step
+        start = offload.load_checkpoint(args.checkpoint, model, optimizer, scheduler=scheduler)["step"]
+    with StopOnSignal() as stop:  # Ctrl-C: finish the step, save, stop
+        for step in range(start, args.steps):
+            rows = batch(step, args.batch, shape.n_pos, shape.vocab, device)[rank::world]  # this rank's rows
+            logits = model(rows[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, shape.vocab), rows[:, 1:].reshape(-1))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            scheduler.step()
+            # One all-reduce gives the mean loss and whether any rank was asked to stop: the signal reaches the
+            # ranks at different moments, and saving is collective, so all must stop after the same step.
+            flags = torch.stack([loss.detach(), torch.tensor(float(stop.requested is not None), device=device)])
+            dist.all_reduce(flags)
+            stopping = flags[1].item() > 0
+            if rank == 0:
+                print(f"step {step:4d}  loss {flags[0].item() / world:.6f}  lr {scheduler.get_last_lr()[0]:.2e}",
+                      flush=True)
+            if args.checkpoint and (stopping or (step + 1) % args.save_every == 0):
+                offload.save_checkpoint(args.checkpoint, model, optimizer, step=step + 1, scheduler=scheduler)
+            if stopping:
+                break
 
     r = optimizer.report()
     state = r["inner"]["state_bytes_by_tier"] if r["inner"] else {}

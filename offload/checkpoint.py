@@ -8,13 +8,15 @@ API
     module and torch optimizer, a plain module and an :class:`~offload.OffloadOptimizer`, or the pair
     :func:`offload.wrap` returned. ``extra`` is the caller's JSON (data position, ...); ``scheduler`` an LR
     scheduler. Atomic: the previous checkpoint at ``path`` survives a crash at any moment.
+    With a :class:`~offload.ShardedOffloadOptimizer`: on every rank (see "Sharded runs").
 ``load_checkpoint(path, model, optimizer, *, scheduler=None) -> dict``
-    Loads into any of those pairs, whatever placement saved it. Returns the metadata: ``step``, ``extra``,
-    ``config`` (the saving run's OffloadConfig as JSON, or None), ``optimizer`` (class name), ``torch``. Weights,
-    persistent buffers, optimizer state and hyperparameters, LR scheduler, loss scaler and the torch / numpy /
-    python RNGs are restored; grads are not saved (as with torch's state dicts). Everything about the checkpoint
-    and the model is checked before anything is changed; a chunk found corrupt while loading raises, naming it,
-    and leaves the model partly loaded (load another checkpoint).
+    Loads into any of those pairs, whatever placement or world size saved it. Returns the metadata: ``step``,
+    ``extra``, ``config`` (the saving run's OffloadConfig as JSON, or None), ``optimizer`` (class name),
+    ``world`` (the saving world size), ``torch``. Weights, persistent buffers, optimizer state and
+    hyperparameters, LR scheduler, loss scaler and the torch / numpy / python RNGs are restored; grads are not
+    saved (as with torch's state dicts). Everything about the checkpoint and the model is checked before anything
+    is changed; a chunk found corrupt while loading raises, naming it, and leaves the model partly loaded (load
+    another checkpoint).
 ``CheckpointReader(path)``
     ``.read(name, key, start=None, stop=None)``: elements ``[start, stop)`` of a saved tensor, flattened,
     assembled from the entries that cover them; ``.tensor(name, key)`` the whole one in its shape;
@@ -35,10 +37,36 @@ are JSON in the manifest. Nothing is ever unpickled; file paths must be plain na
 
 Masters of fp32 params are not written (they equal the weights, saved as ``"param"``); loading gives a
 master-keeping placement (params on NVMe) the weights as masters, so a checkpoint moves between placements.
+
+Sharded runs
+------------
+With a :class:`~offload.ShardedOffloadOptimizer` both functions are collective: every rank of its process group
+calls them, with the same ``path`` on a file system every rank sees. Saving: rank 0 makes the temporary
+directory; each rank writes the ranges of the weights and of the state it owns (``shard_ranges()``) into its own
+``data-<rank>.bin``, so the I/O of weights and state alike is spread over the ranks as training spreads it, and
+rank 0 adds what no rank owns (frozen params, buffers). A per-parameter value (Adam's ``step``), held by every
+rank that owns part of the parameter, is written once, by the owner of its first element. Each rank makes its
+file durable; rank 0 merges the ranks' parts into one ``manifest.json`` (``files`` name the rank of each) and
+commits as above; then every rank returns. Loading: each rank reads only the ranges it owns now, whatever world
+size saved the checkpoint (the reader assembles a range across the saving ranks' entries), then the weights are
+all-gathered as at the end of a step. A one-process checkpoint loads into a sharded run and a sharded one into
+one process (plain optimizer, OffloadOptimizer or ``offload.wrap``). Every step that can fail (the checks, the
+writes, the commit, the reads) is followed by an exchange: if it failed on one rank, every rank raises, naming
+that rank, instead of waiting forever in a collective the failed rank will not join; a save that fails anywhere
+leaves the previous checkpoint in place. A rank killed mid-save breaks its peers' next collective (gloo and
+NCCL report a closed connection), so they raise, and rank 0 removes the temporary directory.
+
+RNG: each rank saves its own generators (``rng.rank<r>.*``, with ``rng`` a list in rank order). Loading, rank
+*r* restores saved rank *r*'s, also when the world size changes: a rank keeps its own random stream (dropout
+masks, sampling) across a resume, which is all the resumed run can reproduce when the world size differs,
+since the data and the masks are spread over other ranks. A rank the save did not have (rank 1 of a 1-process
+checkpoint) keeps its own state, with a warning: giving it another rank's would make two ranks draw the same
+numbers. Saved ranks beyond the new world are not used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import json
@@ -54,16 +82,17 @@ from typing import Any, Iterator, Sequence
 import crc32c
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from offload.config import config_to_dict
+from offload.distributed import ShardedOffloadOptimizer
 from offload.optimizer import OffloadOptimizer, PieceSpan
 from storage.memory import byte_view, memview
 
 FORMAT = "offload-checkpoint"
 VERSION = 1
 MANIFEST = "manifest.json"
-DATA = "data-00000.bin"
 RAW = "raw"  # the only file encoding: bytes as in memory, little-endian on every machine we run on
 RESERVED_KEYS = ("param", "buffer")
 IMPL_FLAGS = ("fused", "foreach", "capturable", "differentiable")
@@ -83,21 +112,35 @@ class CheckpointWriter:
     """Appends entries to a data file in a temporary sibling of ``path``; :meth:`commit` swaps it into place.
 
     The temporary directory is ``.<name>.tmp-<pid>-<random>`` next to ``path`` (same file system, so the final
-    rename is atomic); a crash leaves it behind and the next save removes it once its process is gone.
+    rename is atomic); a crash leaves it behind and the next save removes it once its process is gone. In a
+    sharded save rank 0 creates it and commits; each other rank writes its own data file into it (``tmp=``,
+    ``rank=``) and hands rank 0 its part of the manifest (:meth:`finish`).
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, tmp: str | os.PathLike | None = None, rank: int = 0):
         self.path = Path(path).absolute()
-        if self.path.exists() and not _is_checkpoint(self.path):
-            raise CheckpointError(f"save_checkpoint: {self.path} exists and is not an offload checkpoint; refusing to "
-                                  f"replace it: choose a new path or remove it")
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        _remove_stale(self.path)
-        self.tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.mkdir(self.tmp, 0o700)
-        os.chmod(self.tmp, 0o700)  # mkdir's mode is filtered by the umask; never wider than owner-only
-        self._fd = os.open(self.tmp / DATA, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.rank = rank
+        self.file = _data_file(rank)
+        self._owns_tmp = tmp is None
+        if tmp is None:
+            if self.path.exists() and not _is_checkpoint(self.path):
+                raise CheckpointError(f"save_checkpoint: {self.path} exists and is not an offload checkpoint; "
+                                      f"refusing to replace it: choose a new path or remove it")
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _remove_stale(self.path)
+            self.tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            os.mkdir(self.tmp, 0o700)
+            os.chmod(self.tmp, 0o700)  # mkdir's mode is filtered by the umask; never wider than owner-only
+        else:
+            self.tmp = Path(tmp)
+            if not self.tmp.is_dir():
+                raise CheckpointError(f"save_checkpoint: rank {rank} does not see {self.tmp}, the temporary "
+                                      f"directory rank 0 made for {self.path}: every rank must pass the same path, "
+                                      f"on a file system all ranks share")
+        self._fd = os.open(self.tmp / self.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self._offset = 0
+        self._part: dict | None = None
+        self._committed = False
         self.entries: list[dict] = []
         self.values: list[dict] = []
 
@@ -121,7 +164,7 @@ class CheckpointWriter:
         mv = memview(byte_view(t))
         _write_all(self._fd, mv)
         self.entries.append({"name": name, "key": key, "dtype": dtype, "shape": list(shape), "start": start,
-                             "stop": stop, "file": 0, "offset": self._offset, "nbytes": len(mv),
+                             "stop": stop, "file": self.rank, "offset": self._offset, "nbytes": len(mv),
                              "crc32c": crc32c.crc32c(mv)})
         self._offset += len(mv)
 
@@ -129,14 +172,28 @@ class CheckpointWriter:
         """A non-tensor value (an optimizer's Python int, say), kept as JSON."""
         self.values.append({"name": name, "key": key, "value": _json_checked(value, f"{name!r} {key!r}")})
 
-    def commit(self, meta: dict) -> Path:
-        """Write the manifest, make everything durable, and swap the directory into place."""
-        manifest = {"format": FORMAT, "version": VERSION, **meta, "files": [{"path": DATA, "encoding": RAW}],
-                    "entries": self.entries, "values": self.values}
+    def finish(self) -> dict:
+        """Make this writer's data file durable and close it; returns its part of the manifest (the same part when
+        called again)."""
+        if self._part is None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+            self._part = {"rank": self.rank, "file": self.file, "entries": self.entries, "values": self.values}
+        return self._part
+
+    def commit(self, meta: dict, parts: Sequence[dict] | None = None) -> Path:
+        """Write the manifest, make everything durable, and swap the directory into place. ``parts``: in a
+        sharded save, every rank's :meth:`finish` in rank order, each already durable (rank 0 commits)."""
+        parts = [self.finish()] if parts is None else parts
+        assert [p["rank"] for p in parts] == list(range(len(parts))), "parts out of rank order"
+        files = [{"path": p["file"], "encoding": RAW, **({"rank": p["rank"]} if len(parts) > 1 else {})}
+                 for p in parts]
+        manifest = {"format": FORMAT, "version": VERSION, **meta, "files": files,
+                    "entries": [e for p in parts for e in p["entries"]],
+                    "values": [v for p in parts for v in p["values"]]}
         text = json.dumps(manifest, indent=1)
-        os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = None
+        self.finish()
         fd = os.open(self.tmp / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             _write_all(fd, memoryview(text.encode()))
@@ -153,24 +210,65 @@ class CheckpointWriter:
             os.rename(self.path, old)
             os.rename(self.tmp, self.path)
             shutil.rmtree(old)
+        self._committed = True
         _fsync_dir(self.path.parent)
         return self.path
 
     def abort(self) -> None:
+        """Drop this save (after a commit: nothing to drop). The temporary directory goes with its creator's
+        abort: in a sharded save, rank 0's."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self._owns_tmp and not self._committed:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                     step: int | None = None, extra: Any = None, scheduler=None) -> Path:
     """Save ``model``'s weights and buffers and ``optimizer``'s state to the directory ``path`` (see the module
-    docstring), streaming: at most one unit's weights or one subgroup's state is read into memory at a time."""
-    runtime = _runtime_of(model, optimizer)
+    docstring), streaming: at most one unit's weights or one subgroup's state is read into memory at a time.
+    With a :class:`~offload.ShardedOffloadOptimizer`, call it on every rank with the same ``path``."""
+    ranks = _Ranks(optimizer)
+    path = Path(path).absolute()
+    writer = None
+    try:
+        with ranks.together("save_checkpoint") as mine:  # checks first, on every rank: none starts writing alone
+            runtime = _runtime_of(model, optimizer)
+            if ranks.sharded:
+                optimizer.check_between_steps("save a checkpoint")
+            names = _param_names(model)
+            opt_params = [p for g in optimizer.param_groups for p in g["params"]]
+            meta = _meta(model, optimizer, runtime, names, opt_params, step, extra, scheduler, ranks.world)
+            if ranks.rank == 0:  # rank 0 makes the temporary directory every rank writes into
+                writer = CheckpointWriter(path)
+                mine["tmp"] = str(writer.tmp)
+            mine["path"] = str(path)
+        with ranks.together("save_checkpoint") as mine:  # each rank its own data file
+            path0 = ranks.shared[0]["path"]
+            if str(path) != path0:
+                raise ValueError(f"save_checkpoint: every rank must pass the same path: rank 0 passed {path0}, rank "
+                                 f"{ranks.rank} {path}")
+            if writer is None:
+                writer = CheckpointWriter(path, tmp=ranks.shared[0]["tmp"], rank=ranks.rank)
+            _write_rank(writer, model, optimizer, runtime, names, opt_params, ranks.rank)
+            mine["rng"] = _save_rng(writer, _rng_prefix(ranks.rank, ranks.world))
+            mine["part"] = writer.finish()  # durable before rank 0 can commit it
+        with ranks.together("save_checkpoint"):  # rank 0 commits; no rank returns before the checkpoint is in place
+            if ranks.rank == 0:
+                rngs = [m["rng"] for m in ranks.shared]
+                meta["rng"] = rngs[0] if ranks.world == 1 else rngs
+                writer.commit(meta, [m["part"] for m in ranks.shared])
+        return path
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+
+
+def _meta(model, optimizer, runtime, names, opt_params, step, extra, scheduler, world: int) -> dict:
+    """The manifest's description of the run (everything but the entries and the RNG), after checking it."""
     extra = _json_checked(extra, "extra")
-    names = _param_names(model)
-    opt_params = [p for g in optimizer.param_groups for p in g["params"]]
     for k, p in enumerate(opt_params):
         if p not in names:
             raise ValueError(f"save_checkpoint: optimizer parameter {k} is not a parameter of the model: pass the "
@@ -181,8 +279,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     for gi, g in enumerate(optimizer.param_groups):
         hp = {k: _json_checked(v, f"param group {gi} {k!r}") for k, v in g.items() if k != "params"}
         groups.append({**hp, "params": [names[p] for p in g["params"]]})
-    meta = {
-        "step": step, "extra": extra, "torch": torch.__version__,
+    return {
+        "step": step, "extra": extra, "torch": torch.__version__, "world": world,
         "params": [{"name": n, "shape": list(_shape(p, runtime)), "dtype": _dtype_name(p),
                     "index": index.get(p), "group": group_of.get(p)} for p, n in names.items()],
         "buffers": [n for n, _ in _buffers(model)],
@@ -191,22 +289,28 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         "scheduler": None if scheduler is None else _json_checked(scheduler.state_dict(), "scheduler.state_dict()"),
         "loss_scaler": optimizer.loss_scaler_state() if isinstance(optimizer, OffloadOptimizer) else None,
     }
-    writer = CheckpointWriter(path)
-    try:
-        for p, value in (runtime.iter_params() if runtime is not None else ((p, p) for p in names)):
-            writer.add(names[p], "param", value)
+
+
+def _write_rank(writer: CheckpointWriter, model, optimizer, runtime, names, opt_params, rank: int) -> None:
+    """This rank's weights, buffers and optimizer state into ``writer``. A sharded rank writes the ranges it owns
+    (so the weights' I/O is spread over the ranks like the state's, each to its own file); rank 0 also writes
+    what no rank owns: frozen params and buffers (equal on every rank)."""
+    if isinstance(optimizer, ShardedOffloadOptimizer):
+        for span, view in optimizer.iter_params():
+            writer.add(names[opt_params[span.index]], "param", view, start=span.start, shape=span.shape)
+        params = ((p, p) for p in names if rank == 0 and not optimizer.sharded(p))
+    else:
+        params = runtime.iter_params() if runtime is not None else ((p, p) for p in names)
+    for p, value in params:
+        writer.add(names[p], "param", value)
+    if rank == 0:
         for n, b in _buffers(model):
             writer.add(n, "buffer", b)
-        for name, key, value, start, shape in _iter_optimizer_state(optimizer, opt_params, names):
-            if torch.is_tensor(value):
-                writer.add(name, key, value, start=start, shape=shape)
-            else:
-                writer.add_value(name, key, value)
-        meta["rng"] = _save_rng(writer)
-        return writer.commit(meta)
-    except BaseException:
-        writer.abort()
-        raise
+    for name, key, value, start, shape in _iter_optimizer_state(optimizer, opt_params, names):
+        if torch.is_tensor(value):
+            writer.add(name, key, value, start=start, shape=shape)
+        else:
+            writer.add_value(name, key, value)
 
 
 def _iter_optimizer_state(optimizer, opt_params, names) -> Iterator[tuple]:
@@ -216,16 +320,20 @@ def _iter_optimizer_state(optimizer, opt_params, names) -> Iterator[tuple]:
             raise NotImplementedError(f"save_checkpoint: the optimizer keeps state {key!r} for {name!r}, a key the "
                                       f"checkpoint format reserves for the model ({RESERVED_KEYS})")
 
-    if isinstance(optimizer, OffloadOptimizer):
+    if isinstance(optimizer, (OffloadOptimizer, ShardedOffloadOptimizer)):
+        # Per-parameter values (Adam's step) come from every rank owning part of the parameter: the owner of its
+        # first element writes the one copy.
+        first = (None if isinstance(optimizer, OffloadOptimizer)
+                 else {s.index for s in optimizer.shard_ranges() if s.start == 0})
         for span, key, value in optimizer.iter_state():
             p = opt_params[span.index]
             name = names[p]
             check(name, key)
             if key == "master" and _dtype_name(p) == "float32":
                 continue  # equal to the weights, saved as "param"
-            if torch.is_tensor(value) and not span.whole:
+            if torch.is_tensor(value) and value.dim() > 0 and value.numel() == span.stop - span.start:
                 yield name, key, value, span.start, span.shape
-            else:
+            elif first is None or span.index in first:
                 yield name, key, value, 0, None
         return
     for p in opt_params:
@@ -307,7 +415,7 @@ class CheckpointReader:
             raise CheckpointError(f"{where}: expected a non-empty list of files, got {files!r}")
         self._fds: list[int] = []
         try:
-            sizes = []
+            sizes, self._names = [], []
             root = os.path.realpath(self.path)
             for f in files:
                 rel = f.get("path") if isinstance(f, dict) else None
@@ -316,13 +424,15 @@ class CheckpointReader:
                     raise CheckpointError(f"{where}: file {rel!r} has encoding {enc!r}; only {RAW!r} bytes are read "
                                           f"(a checkpoint never holds pickles)")
                 full = _inside(root, rel, where)
+                rank = f.get("rank")  # which rank of a sharded save wrote it: errors name it
+                self._names.append(f"{rel!r}" + (f" (rank {rank}'s part of a {m.get('world')}-rank save)"
+                                                 if isinstance(rank, int) else ""))
                 try:
                     fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC)
                 except FileNotFoundError:
-                    raise CheckpointError(f"{where}: data file {rel!r} is missing") from None
+                    raise CheckpointError(f"{where}: data file {self._names[-1]} is missing") from None
                 self._fds.append(fd)
                 sizes.append(os.fstat(fd).st_size)
-            self._names = [f["path"] for f in files]
             raw = m.get("entries")
             if not isinstance(raw, list):
                 raise CheckpointError(f"{where}: expected a list of entries, got {type(raw).__name__}")
@@ -331,7 +441,7 @@ class CheckpointReader:
             for e in self._entries:
                 if e.offset + e.nbytes > sizes[e.file]:
                     raise CheckpointError(f"{where}: {e} needs bytes [{e.offset}, {e.offset + e.nbytes}) of "
-                                          f"{self._names[e.file]!r}, which has {sizes[e.file]}: the file is "
+                                          f"{self._names[e.file]}, which has {sizes[e.file]}: the file is "
                                           f"truncated (an incomplete copy?)")
                 self._by.setdefault((e.name, e.key), []).append(e)
             for es in self._by.values():
@@ -409,9 +519,10 @@ class CheckpointReader:
         """The whole tensor in its shape."""
         return self.read(name, key).view(self.info(name, key)[0])
 
-    def verify(self) -> None:
-        """Check the CRC-32C of every entry not checked yet (one entry in memory at a time)."""
-        for e in self._entries:
+    def verify(self, rank: int = 0, world: int = 1) -> None:
+        """Check the CRC-32C of every entry not checked yet (one entry in memory at a time); with ``world`` > 1,
+        only this ``rank``'s 1/world of them (every rank of a sharded load checks its own share)."""
+        for e in self._entries[rank::world]:
             if e.id not in self.verified:
                 self._read_entry(e)
 
@@ -457,12 +568,12 @@ class CheckpointReader:
         while got < e.nbytes:
             n = os.preadv(self._fds[e.file], [mv[got:]], e.offset + got)
             if n == 0:
-                raise CheckpointError(f"{self._where}: {e}: {self._names[e.file]!r} ended early (truncated while "
+                raise CheckpointError(f"{self._where}: {e}: {self._names[e.file]} ended early (truncated while "
                                       f"reading?)")
             got += n
         crc = crc32c.crc32c(mv)
         if crc != e.crc:
-            raise CheckpointError(f"{self._where}: {e} in {self._names[e.file]!r} at byte {e.offset}: CRC-32C "
+            raise CheckpointError(f"{self._where}: {e} in {self._names[e.file]} at byte {e.offset}: CRC-32C "
                                   f"{crc:#010x}, expected {e.crc:#010x}: the data is corrupt; restore the file or "
                                   f"use another checkpoint")
         self.verified.add(e.id)
@@ -482,55 +593,77 @@ class CheckpointReader:
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                     scheduler=None) -> dict:
-    """Load a checkpoint written by :func:`save_checkpoint` into ``model`` and ``optimizer`` (any placement);
-    returns its metadata (``step``, ``extra``, ``config``, ...). See the module docstring."""
-    runtime = _runtime_of(model, optimizer)
-    if runtime is not None:
-        runtime._check_between_steps("load a checkpoint")
-    with CheckpointReader(path) as reader:
-        meta = reader.meta
-        if not isinstance(meta.get("params"), list) or not isinstance(meta.get("optimizer"), dict):
-            raise CheckpointError(f"checkpoint {reader.path} holds no model and optimizer (written by "
-                                  f"CheckpointWriter alone?): read it with CheckpointReader")
-        names = _param_names(model)
-        _check_model(reader, model, names, runtime)
-        opt_names = _check_optimizer(reader, optimizer, names)
-        if scheduler is not None and meta.get("scheduler") is None:
-            raise CheckpointError(f"checkpoint {reader.path} has no LR scheduler state, but scheduler= was given: "
-                                  f"it was saved without scheduler=")
-        if meta.get("loss_scaler") is not None and getattr(optimizer, "loss_scale", None) is None:
-            raise CheckpointError(f"checkpoint {reader.path} was saved with fp16 loss scaling; resume with "
-                                  f"OffloadOptimizer and OffloadConfig(loss_scale=...) as it was saved")
-
-        # Weights first: OffloadOptimizer seeds masters it was not given from them.
-        with torch.no_grad():
+    """Load a checkpoint written by :func:`save_checkpoint` into ``model`` and ``optimizer`` (any placement, any
+    world size); returns its metadata (``step``, ``extra``, ``config``, ``world``, ...). With a
+    :class:`~offload.ShardedOffloadOptimizer`, call it on every rank. See the module docstring."""
+    ranks = _Ranks(optimizer)
+    reader = None
+    try:
+        with ranks.together("load_checkpoint"):  # every rank checks everything before any rank changes anything
+            runtime = _runtime_of(model, optimizer)
             if runtime is not None:
+                runtime._check_between_steps("load a checkpoint")
+            if ranks.sharded:
+                optimizer.check_between_steps("load a checkpoint")
+            reader = CheckpointReader(path)
+            meta = reader.meta
+            if not isinstance(meta.get("params"), list) or not isinstance(meta.get("optimizer"), dict):
+                raise CheckpointError(f"checkpoint {reader.path} holds no model and optimizer (written by "
+                                      f"CheckpointWriter alone?): read it with CheckpointReader")
+            names = _param_names(model)
+            _check_model(reader, model, names, runtime)
+            opt_names = _check_optimizer(reader, optimizer, names)
+            if scheduler is not None and meta.get("scheduler") is None:
+                raise CheckpointError(f"checkpoint {reader.path} has no LR scheduler state, but scheduler= was "
+                                      f"given: it was saved without scheduler=")
+            if meta.get("loss_scaler") is not None and getattr(optimizer, "loss_scale", None) is None:
+                raise CheckpointError(f"checkpoint {reader.path} was saved with fp16 loss scaling; resume with "
+                                      f"OffloadOptimizer and OffloadConfig(loss_scale=...) as it was saved")
+
+        # Weights first: OffloadOptimizer seeds masters it was not given from them. A sharded rank reads the ranges
+        # it owns, then the all-gather gives every rank all of them, as at the end of a step.
+        with ranks.together("load_checkpoint"), torch.no_grad():
+            if ranks.sharded:
+                for span, view in optimizer.iter_params():
+                    _read_into(reader, opt_names[span.index], "param", view, span.start, span.stop)
+                whole = [(p, name) for p, name in names.items() if not optimizer.sharded(p)]
+            elif runtime is not None:
                 runtime.load_params(lambda p, out: reader.read(names[p], "param", out=out))
+                whole = []
             else:
-                for p, name in names.items():
-                    _read_into(reader, name, "param", p.data)
+                whole = names.items()
+            for p, name in whole:
+                _read_into(reader, name, "param", p.data)
             for n, b in _buffers(model):
                 _read_into(reader, n, "buffer", b)
+        if ranks.sharded:
+            optimizer.gather_params()
 
-        if isinstance(optimizer, OffloadOptimizer):
-            optimizer.load_state_stream(lambda span, master: _fetch(reader, opt_names[span.index], span, master))
-            optimizer.load_loss_scaler_state(meta.get("loss_scaler"))
-            for mine, saved in zip(optimizer.param_groups, meta["optimizer"]["param_groups"]):
-                _restore_hparams(mine, saved)
-        else:
-            sd = reader.optimizer_state_dict([[names[p] for p in g["params"]] for g in optimizer.param_groups])
-            for mine, g in zip(optimizer.param_groups, sd["param_groups"]):
-                g.update({k: mine[k] for k in IMPL_FLAGS if k in mine})
-                for k, v in g.items():  # JSON has no tuples (betas): give back the optimizer's own types
-                    if isinstance(mine.get(k), tuple) and isinstance(v, list):
-                        g[k] = tuple(v)
-            optimizer.load_state_dict(sd)
-        if scheduler is not None:
-            scheduler.load_state_dict(meta["scheduler"])
-        _load_rng(reader, meta.get("rng") or {})
-        reader.verify()  # entries this placement did not need (masters, ...) are checked too
+        with ranks.together("load_checkpoint"):
+            if isinstance(optimizer, (OffloadOptimizer, ShardedOffloadOptimizer)):  # each piece's own range
+                optimizer.load_state_stream(
+                    lambda span, master: _fetch(reader, opt_names[span.index], span, master))
+                if isinstance(optimizer, OffloadOptimizer):
+                    optimizer.load_loss_scaler_state(meta.get("loss_scaler"))
+                for mine, saved in zip(optimizer.param_groups, meta["optimizer"]["param_groups"]):
+                    _restore_hparams(mine, saved)
+            else:
+                sd = reader.optimizer_state_dict([[names[p] for p in g["params"]] for g in optimizer.param_groups])
+                for mine, g in zip(optimizer.param_groups, sd["param_groups"]):
+                    g.update({k: mine[k] for k in IMPL_FLAGS if k in mine})
+                    for k, v in g.items():  # JSON has no tuples (betas): give back the optimizer's own types
+                        if isinstance(mine.get(k), tuple) and isinstance(v, list):
+                            g[k] = tuple(v)
+                optimizer.load_state_dict(sd)
+            if scheduler is not None:
+                scheduler.load_state_dict(meta["scheduler"])
+            _load_rng(reader, ranks.rank, ranks.world)
+            reader.verify(ranks.rank, ranks.world)  # entries no rank needed (masters, ...) are checked too
+    finally:
+        if reader is not None:
+            reader.close()
     return {k: meta.get(k) for k in ("step", "extra", "config", "torch")} | {
-        "optimizer": meta["optimizer"]["class"], "path": str(reader.path)}
+        "optimizer": meta["optimizer"]["class"], "world": meta.get("world", 1), "path": str(reader.path)}
 
 
 def _fetch(reader: CheckpointReader, name: str, span: PieceSpan, master: bool) -> dict:
@@ -552,11 +685,12 @@ def _fetch(reader: CheckpointReader, name: str, span: PieceSpan, master: bool) -
     return out
 
 
-def _read_into(reader: CheckpointReader, name: str, key: str, dst: torch.Tensor) -> None:
+def _read_into(reader: CheckpointReader, name: str, key: str, dst: torch.Tensor, start: int | None = None,
+               stop: int | None = None) -> None:
     if dst.device.type == "cpu" and dst.is_contiguous():
-        reader.read(name, key, out=dst)
+        reader.read(name, key, start, stop, out=dst)
     else:
-        dst.copy_(reader.read(name, key).view(dst.shape))
+        dst.copy_(reader.read(name, key, start, stop).view(dst.shape))
 
 
 def _restore_hparams(mine: dict, saved: dict) -> None:
@@ -648,12 +782,14 @@ def _buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def _optimizer_class(optimizer) -> type:
-    return optimizer.optimizer_class if isinstance(optimizer, OffloadOptimizer) else type(optimizer)
+    return (optimizer.optimizer_class if isinstance(optimizer, (OffloadOptimizer, ShardedOffloadOptimizer))
+            else type(optimizer))
 
 
 def _config_json(optimizer) -> dict | None:
     """The saving run's OffloadConfig, in the form a config file or ``offload run`` takes."""
-    return config_to_dict(optimizer.config) if isinstance(optimizer, OffloadOptimizer) else None
+    return (config_to_dict(optimizer.config) if isinstance(optimizer, (OffloadOptimizer, ShardedOffloadOptimizer))
+            else None)
 
 
 def _json_checked(value, what: str):
@@ -665,40 +801,106 @@ def _json_checked(value, what: str):
     return value
 
 
-def _save_rng(writer: CheckpointWriter) -> dict:
+def _rng_prefix(rank: int, world: int) -> str:
+    """The RNG entries' names: ``rng.torch``, ... for one process; ``rng.rank<r>.torch``, ... for rank ``r`` of a
+    sharded save (a world-1 save is a one-process checkpoint)."""
+    return "rng." if world == 1 else f"rng.rank{rank}."
+
+
+def _save_rng(writer: CheckpointWriter, prefix: str) -> dict:
     """torch, CUDA, numpy and python RNG states as raw entries (never pickled); their small parts as JSON."""
-    writer.add("rng.torch", "state", torch.get_rng_state())
+    writer.add(f"{prefix}torch", "state", torch.get_rng_state())
     cuda = 0
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            writer.add(f"rng.cuda.{i}", "state", s)
+            writer.add(f"{prefix}cuda.{i}", "state", s)
         cuda = torch.cuda.device_count()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    writer.add("rng.numpy", "state", torch.from_numpy(keys.astype(np.int64)))
+    writer.add(f"{prefix}numpy", "state", torch.from_numpy(keys.astype(np.int64)))
     version, internal, gauss_next = random.getstate()
-    writer.add("rng.python", "state", torch.tensor(internal, dtype=torch.int64))
+    writer.add(f"{prefix}python", "state", torch.tensor(internal, dtype=torch.int64))
     return {"cuda": cuda, "numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss),
                                     "cached_gaussian": float(cached)},
             "python": {"version": version, "gauss_next": gauss_next}}
 
 
-def _load_rng(reader: CheckpointReader, rng: dict) -> None:
-    if reader.has("rng.torch", "state"):
-        torch.set_rng_state(reader.tensor("rng.torch", "state"))
+def _load_rng(reader: CheckpointReader, rank: int, world: int) -> None:
+    """This rank's RNGs: rank ``r`` restores saved rank ``r``'s, whatever the two world sizes (the module
+    docstring says why); a rank the save did not have keeps its own, with a warning."""
+    saved = reader.meta.get("rng") or {}
+    per_rank = saved if isinstance(saved, list) else [saved]
+    if not all(isinstance(r, dict) for r in per_rank):
+        raise CheckpointError(f"checkpoint {reader.path}: bad RNG record {saved!r}")
+    if rank >= len(per_rank):
+        warnings.warn(f"load_checkpoint: the checkpoint has the RNG states of {len(per_rank)} rank(s); this is rank "
+                      f"{rank} of {world}, which keeps its own RNG state (another rank's would repeat that rank's "
+                      f"random numbers: dropout masks, sampling)", RuntimeWarning, stacklevel=3)
+        return
+    rng, prefix = per_rank[rank], _rng_prefix(rank, len(per_rank))
+    if reader.has(f"{prefix}torch", "state"):
+        torch.set_rng_state(reader.tensor(f"{prefix}torch", "state"))
     if rng.get("cuda"):
         if torch.cuda.is_available() and torch.cuda.device_count() == rng["cuda"]:
-            torch.cuda.set_rng_state_all([reader.tensor(f"rng.cuda.{i}", "state") for i in range(rng["cuda"])])
+            torch.cuda.set_rng_state_all([reader.tensor(f"{prefix}cuda.{i}", "state") for i in range(rng["cuda"])])
         else:
             warnings.warn(f"load_checkpoint: the checkpoint has the RNG state of {rng['cuda']} CUDA devices and this "
                           f"process sees {torch.cuda.device_count() if torch.cuda.is_available() else 0}; CUDA RNG "
                           f"not restored", RuntimeWarning, stacklevel=3)
     if "numpy" in rng:
         n = rng["numpy"]
-        keys = reader.tensor("rng.numpy", "state").numpy().astype(np.uint32)
+        keys = reader.tensor(f"{prefix}numpy", "state").numpy().astype(np.uint32)
         np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
     if "python" in rng:
         py = rng["python"]
-        random.setstate((py["version"], tuple(reader.tensor("rng.python", "state").tolist()), py["gauss_next"]))
+        random.setstate((py["version"], tuple(reader.tensor(f"{prefix}python", "state").tolist()), py["gauss_next"]))
+
+
+class _Ranks:
+    """Who takes part in a save or load: one process, or every rank of a ShardedOffloadOptimizer's group, which
+    must act as one (module docstring, "Sharded runs")."""
+
+    def __init__(self, optimizer):
+        self.sharded = isinstance(optimizer, ShardedOffloadOptimizer)
+        self.group = optimizer._pg if self.sharded else None
+        self.rank, self.world = (optimizer.rank, optimizer.world) if self.sharded else (0, 1)
+        self.shared: list[dict] = []
+
+    @contextlib.contextmanager
+    def together(self, what: str) -> Iterator[dict]:
+        """Run the block on every rank, then exchange: the dict it yields, filled by the block, is in
+        ``self.shared[rank]`` on every rank. If the block raised on any rank, every rank raises (its own error, or
+        one naming the rank that failed), so that no rank goes on to a collective that a failed one never joins."""
+        mine: dict = {}
+        if not self.sharded:
+            yield mine
+            self.shared = [mine]
+            return
+        error = None
+        try:
+            yield mine
+        except Exception as e:  # told to the other ranks, then raised again below
+            error = e
+        got: list = [None] * self.world
+        try:
+            dist.all_gather_object(got, (None if error is None else f"{type(error).__name__}: {error}",
+                                         None if error is not None else mine), group=self.group)
+        except Exception as e:
+            if error is not None:
+                raise error from e
+            raise CheckpointError(f"{what}: rank {self.rank} of {self.world} lost the other ranks (one died, or its "
+                                  f"connection did): {e}") from e
+        if error is not None:
+            raise error
+        failed = [(r, e) for r, (e, _) in enumerate(got) if e is not None]
+        if failed:
+            r, e = failed[0]
+            raise CheckpointError(f"{what}: rank {r} of {self.world} failed, so every rank stops: {e}")
+        self.shared = [m for _, m in got]
+
+
+def _data_file(rank: int) -> str:
+    """The data file of one process, or of rank ``rank`` of a sharded save."""
+    return f"data-{rank:05d}.bin"
 
 
 def _inside(root: str, rel, where: str) -> str:

@@ -176,8 +176,9 @@ class ShardedOffloadOptimizer(torch.optim.Optimizer):
     Use it *instead of* ``DistributedDataParallel`` (it does the reduction). Rank 0's params are broadcast at
     construction; ``param.data`` becomes a view into a flat buffer. Gradient accumulation: run every backward
     but the last under ``with opt.no_sync():``. ``state_dict()`` is the plain class's, gathered (loadable at any
-    world size, or by the plain class); ``shard_ranges()``, ``iter_state()`` and ``load_state_stream()`` save
-    and load a rank's own part without ever holding the whole (OffloadOptimizer's streaming contract). The
+    world size, or by the plain class); ``offload.save_checkpoint`` / ``load_checkpoint`` (called on every rank)
+    save and load each rank's own part without ever holding the whole, resharding to any world size, through
+    ``shard_ranges()``, ``iter_params()``, ``iter_state()`` and ``load_state_stream()``. The
     optimizer class must be elementwise (``offload.optimizer.ELEMENTWISE``: AdamW, SGD, Adagrad, ...), since
     params are cut into ranges.
     """
@@ -434,15 +435,20 @@ class ShardedOffloadOptimizer(torch.optim.Optimizer):
             finally:
                 for own in self._owned:
                     own.param.grad = None
-        # Each rank's new share into every rank's params. NCCL: wait() only makes the current stream wait, so the
-        # next forward queues behind the gathers without blocking the CPU; gloo: the gathers overlap each other.
+        self.gather_params()
+        self._reset()
+        self._stats["steps"] += 1
+        return loss
+
+    def gather_params(self) -> None:
+        """Collective: each rank's share of every bucket into every rank's params (the all-gather that ends a
+        step; a checkpoint load runs it after writing this rank's ranges)."""
+        # NCCL: wait() only makes the current stream wait, so the next forward queues behind the gathers without
+        # blocking the CPU; gloo: the gathers overlap each other.
         works = [_all_gather(b.flat, b.flat[b.lo:b.lo + b.share], group=self._pg, async_op=True)
                  for b in self._buckets]
         for w in works:
             w.wait()
-        self._reset()
-        self._stats["steps"] += 1
-        return loss
 
     def _sync_hparams(self) -> None:
         """LR schedulers (and users) change the outer groups; the inner groups follow before each update."""
@@ -486,6 +492,25 @@ class ShardedOffloadOptimizer(torch.optim.Optimizer):
                 yield outer, key, value.view(outer.shape) if outer.whole else value.reshape(-1)
             else:
                 yield PieceSpan(own.span.index, 0, math.prod(own.span.shape), own.span.shape), key, value
+
+    def sharded(self, param: torch.Tensor) -> bool:
+        """Whether ``param``'s weights are cut across ranks (trainable, in a bucket): :meth:`iter_params` has this
+        rank's range of it. Any other param (frozen) is whole on every rank, as the user's code left it."""
+        return param in self._where
+
+    def iter_params(self) -> Iterator[tuple[PieceSpan, torch.Tensor]]:
+        """This rank's ranges of the weights, the ranges of :meth:`shard_ranges`: ``(span, view)``, a flat view
+        into the params' bucket. Between steps every rank's params are equal, so a sharded checkpoint writes each
+        range once, from its owner; a load writes into these views, then calls :meth:`gather_params`."""
+        for o in self._owned:
+            yield o.span, o.param.detach()
+
+    def check_between_steps(self, what: str) -> None:
+        """Refuse ``what`` (a checkpoint) while a step's gradients are being reduced: between ``step()`` (or
+        ``zero_grad()``) and the next backward, every rank's params are whole and no collective is in flight."""
+        if self._next or any(b.ready or b.state is not GradState.ACCUMULATING for b in self._buckets):
+            raise RuntimeError(f"ShardedOffloadOptimizer: cannot {what} after backward and before step(): gradient "
+                               f"reductions are in flight; call it after opt.step() (or opt.zero_grad())")
 
     def load_state_stream(self, fetch: Callable[[PieceSpan, bool], dict[str, Any]]) -> None:
         """Load this rank's optimizer state one inner subgroup at a time, on
