@@ -95,6 +95,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"offload plan: {e}", file=sys.stderr)
         return 2
+    if args.measure:
+        return _plan_measure(args, hw)
     res = planner.plan(w, hw)
     rows = report.compare(w, hw, res)
     if args.json:
@@ -105,6 +107,50 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         for f in report.write(args.out, w, hw, res, rows):
             print(f"wrote {f}", file=sys.stderr)
     return 0 if res.fits else 1
+
+
+def _plan_measure(args: argparse.Namespace, hw) -> int:
+    """``offload plan --measure``: the fastest plan offload.wrap can run here, run for a few iterations (fp32, on
+    this machine's CPU), predicted vs measured per resource and in total."""
+    import importlib
+    import shutil
+
+    import torch
+
+    from offload.measure import measure, plan_to_config, runnable_plan, temp_store_dir, workload_of
+    from scheduler import workload
+
+    if args.model in workload.PRESETS:
+        shape = workload.PRESETS[args.model][0]
+    else:
+        try:
+            mod_name, _, fn_name = args.model.partition(":")
+            with torch.device("meta"):
+                shape = getattr(getattr(importlib.import_module(mod_name), fn_name)(), "shape", None)
+        except (ImportError, AttributeError, ValueError):
+            shape = None
+        if not isinstance(shape, workload.TransformerShape):
+            print(f"offload plan --measure: expected a preset or a module:function returning "
+                  f"scheduler.workload.build_transformer(...) (a model with a .shape), got {args.model!r}; --measure "
+                  f"trains the model for real on random tokens", file=sys.stderr)
+            return 2
+    if args.iters < 1:
+        print(f"offload plan --measure: expected --iters >= 1, got {args.iters}", file=sys.stderr)
+        return 2
+    w = workload_of(shape, batch=args.batch, seq=args.seq, name=args.model)
+    plan, pred = runnable_plan(w, hw)
+    d = temp_store_dir(args.dir)
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (lambda m: print(m, flush=True))
+    log(f"measuring {args.model} ({w.params / 1e6:.1f}M params, fp32, batch {args.batch} x seq {args.seq}) on "
+        f"profile {hw.name}: the fastest placement offload.wrap runs, {plan.compact()} (predicted "
+        f"{pred.iteration_s:.2f} s), 1 warm-up + {args.iters} iterations; NVMe store in {d}")
+    try:
+        c = measure(shape, plan_to_config(plan, w, nvme_dirs=d), hw, batch=args.batch, seq=args.seq,
+                    iters=args.iters, name=args.model, progress=log)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    print(json.dumps(c.to_dict(), indent=1) if args.json else c.text())
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "rtx4090-pcie4-gen4nvme --device-memory 24GiB --host-memory 128GiB --nvme 2TB\n"
                               "  offload plan gpt2 --batch 8 --seq 1024 --out plan/\n"
                               "  offload plan mypkg.models:build --batch 1 --seq 4096 --json\n"
+                              "  offload plan gpt2 --batch 2 --seq 256 --measure   # predicted vs measured here\n"
                               "models: a preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, llama-7b, llama-13b, "
                               "llama-70b, gpt3-175b), module:function, or a HF config.json",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -179,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nvme", type=_parse_bytes, help="override NVMe capacity, e.g. 2TB")
     p.add_argument("--out", help="directory for plan.json, trace.json (Chrome trace) and timeline.svg")
     p.add_argument("--json", action="store_true", help="print JSON for tools instead of text")
+    p.add_argument("--measure", action="store_true",
+                   help="run the fastest plan offload.wrap can run for a few real iterations here (fp32, CPU) and "
+                        "print predicted vs measured per resource and in total (presets and module:function)")
+    p.add_argument("--iters", type=int, default=3, help="with --measure: iterations after one warm-up (default 3)")
+    p.add_argument("--dir", help="with --measure: where the NVMe store goes (default: a temp dir)")
     p.set_defaults(func=_cmd_plan)
     return parser
 

@@ -80,6 +80,24 @@ def lr_schedule(opt, lr: float, steps: int):
                                                pct_start=min(0.5, max(0.1, 2.5 / steps)))
 
 
+def predict(shape, cfg, batch: int, seq: int) -> dict | None:
+    """The cost model's prediction for one iteration of this run, on this machine's profile (``offload probe``'s
+    cached one, else the shipped profile of our 2-core development machine): the report shows it beside the
+    measured figures. ``None`` where the cost model cannot price the placement."""
+    from offload.measure import config_to_plan, predicted_dict, workload_of
+    from scheduler import profile
+    from scheduler.cost import CostModel
+
+    try:
+        w = workload_of(shape, batch=batch, seq=seq, name="demo")
+        hw = profile.resolve(None)
+        out = predicted_dict(CostModel(w, hw).predict(config_to_plan(cfg, w), events=True))
+        return {**out, "profile": hw.name}
+    except (NotImplementedError, ValueError) as e:
+        print(f"offload demo: no prediction for this placement ({e})", file=sys.stderr)
+        return None
+
+
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="offload demo", description=__doc__,
                                           formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -149,7 +167,8 @@ def run(args: argparse.Namespace) -> dict:
                                extra={"seed": args.seed, "batch": args.batch, "seq": args.seq, "steps": args.steps})
         print(f"checkpoint at step {step}: {path}", file=sys.stderr, flush=True)
 
-    report = RunReport(model, opt, total_steps=args.steps - start, name="offload demo", progress=not args.quiet)
+    report = RunReport(model, opt, total_steps=args.steps - start, name="offload demo", progress=not args.quiet,
+                       predicted=predict(shape, cfg, args.batch, args.seq))
     interrupted = False
     try:
         with StopOnSignal() as stop:

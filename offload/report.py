@@ -227,11 +227,13 @@ class RunReport:
             lines.append(f"optimizer: {o['class']} ({o['impl']}), {o['subgroups']} subgroups, state {tiers}")
         if "busy_s_median" in s:
             pred = (self.predicted or {}).get("busy_s", {})
-            lines.append("per iteration (median)      measured" + ("    predicted" if pred else ""))
+            prof = (self.predicted or {}).get("profile")
+            lines.append("per iteration (median)      measured" + (f"    predicted (cost model, profile {prof})"
+                                                                      if pred else ""))
             rows = [("iteration", s["iteration_s_median"], (self.predicted or {}).get("iteration_s"))]
             rows += [(r, v, pred.get(r)) for r, v in s["busy_s_median"].items() if v > 0 or pred.get(r)]
             for name, v, p in rows:
-                extra = f"   {p * 1e3:8.0f} ms  ({v / p:.2f}x)" if p else ""
+                extra = f"   {p * 1e3:8.0f} ms  (measured {v / p:.2f}x of it)" if p else ""
                 lines.append(f"  {name:<24} {v * 1e3:8.0f} ms{extra}")
             eff = s.get("overlap_efficiency")
             if eff:

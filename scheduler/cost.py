@@ -1,27 +1,45 @@
 """CostModel: bytes, busy times and a simulated timeline of one iteration, for a workload, a profile and a plan.
 
-Everything here is a plain formula with units in its name, or a simulation built from those formulas.
+Everything here is a plain formula with units in its name, or a simulation built from those formulas. Both
+describe what the runtime does (offload/runtime.py, offload/optimizer.py), so that a prediction can be checked
+against a measured iteration (offload/measure.py).
 
-Bytes per link (exact accounting; ``pb``, ``gb``, ``sb`` = a unit's param, grad and state bytes, ``P`` its params):
+Bytes per link (exact accounting; ``pb``, ``gb``, ``sb`` = a unit's param, grad and state bytes, ``P`` its params;
+``sb`` includes an fp32 master where the workload needs one for this placement, workload.py):
 
 ====================  =========================================================================================
-params on host        h2d ``2 pb`` (fetched for forward and again for backward)
-params on nvme        disk read ``2 pb`` and h2d ``2 pb`` (staged through host buffers)
+params on host        h2d ``f pb``; a block is fetched for forward and again for backward (``f = 2``), except the
+                      last ``prefetch_depth`` blocks, kept on the device from their forward into backward
+                      (``f = 1``); the rest unit is fetched once and held through the iteration (``f = 1``)
+params on nvme        disk read ``f pb`` and h2d ``f pb`` (staged through host buffers)
 update on cpu         d2h ``gb`` (grads leave as they complete); state on nvme: disk read + write ``sb``;
-                      new params: to the device h2d ``pb`` (params on device), none (host), disk write ``pb`` (nvme)
+                      new params: to the device h2d ``pb`` (params on device), none (host), disk write ``pb`` (nvme);
+                      grads on nvme: disk write + read ``gb`` when the update waits for backward (spilled after
+                      backward, read back by the step), none when it overlaps backward (they go straight to it)
 update on device      state on host: h2d + d2h ``sb``; on nvme: also disk read + write ``sb``;
                       new params: none (device), d2h ``pb`` (host), d2h + disk write ``pb`` (nvme)
 ====================  =========================================================================================
 
-The ``rest`` unit (embeddings and head) keeps its params on the device: it is used at both ends of forward and
-backward, so holding it costs no more memory than streaming it twice would, and saves the transfers.
+The ``rest`` unit (embeddings and head) is used at both ends of forward and backward: on the device it stays
+there; elsewhere it is fetched once, before the first forward, and held until the end of backward (so keeping it
+on the device costs no more device memory, and saves the fetch: the planner does).
 
 Busy time of a resource = its work / its rate: compute FLOPs / (``device_tflops`` x ``compute_efficiency``),
 link bytes / ``h2d_gbps`` or ``d2h_gbps``, disk bytes / ``disk_read_gbps`` or ``disk_write_gbps``, params /
 ``cpu_update_params_per_s`` (``..._under_io`` when the plan also streams the disk) or
-``device_update_params_per_s``. When both directions of a link (or of the disk) carry bytes, both durations are
-stretched by the same factor so that their sum respects ``bidir_gbps`` (``disk_mixed_gbps``): an approximation
-of how two directions share a link, exact when both are busy all the time.
+``device_update_params_per_s``. When both directions of the link carry bytes, both durations are stretched by
+the same factor so that their sum respects ``bidir_gbps``: an approximation of how two directions share a link,
+exact when both are busy all the time. The disk is one queue: the store's worker threads serve reads and writes
+alike, so the simulation runs disk reads and writes one at a time, each at its own rate (``disk_mixed_gbps``, the
+probe's interleaved rate, comes out close to that: on the development VM 2.6 GB/s against 2.5 for one queue).
+
+Shared cores: host work can slow the device's compute. Each operation of kind copy (h2d, d2h), update
+(cpu_update) or disk (disk_read, disk_write) that takes ``d`` seconds also puts ``cpu_steal[kind] x d`` seconds
+of work on the compute stream, ready when the operation is (named ``steal <operation>``). On a GPU the factors
+are 0 and nothing changes; where the device is the CPU, compute, copies, updates and the store's checksums share
+its cores, and ``offload probe`` measures what each second of that work costs the compute (about 1 or more). The
+stolen time is part of the compute's busy time; an operation that runs while compute waits steals nothing extra,
+since its steal fits in the wait.
 
 Memory per tier is what the runtime allocates: resident chunks plus fixed pools (pools are allocated once and
 reused, DESIGN.md "Tiers"), so the peak equals the total; see :meth:`CostModel.memory`.
@@ -30,7 +48,19 @@ The simulation (:meth:`CostModel.simulate`) is a discrete-event list schedule: e
 duration and the operations it waits for; an operation becomes ready when all of those have ended, and each
 resource runs its ready operations one at a time in the order they became ready (creation order on ties), which is
 how a runtime that issues each copy or update as soon as its inputs are there behaves on FIFO streams. The
-iteration ends when the last update has put the new params where the next forward reads them.
+operations and their order follow the runtime:
+
+- fetches run on one copy thread, one after another (a unit's disk read, then its h2d); the fetch for the compute
+  at position ``p`` (forward blocks, the rest unit's forward and backward, backward blocks) is issued when the
+  compute at ``p - prefetch_depth - 1`` is done, i.e. by the pre-hook ``prefetch_depth`` units ahead;
+- grads leave on one grad thread in the order backward completes them;
+- updates run on one update thread. Overlapped with backward, each unit in the order its grads land goes through
+  read state, write the previous unit's new params (nvme params), update, write state, one after another. After
+  backward, host-state units come first, then nvme-state ones, in unit order; state reads run ahead within
+  ``state_buffers``, and each unit's new params (nvme) are written before the next unit's update starts.
+
+The iteration ends when the last operation does (the last update has put the new params where the next forward
+reads them).
 """
 
 from __future__ import annotations
@@ -48,6 +78,8 @@ if TYPE_CHECKING:
 
 RESOURCES = ("compute", "h2d", "d2h", "disk_read", "disk_write", "cpu_update")
 LINKS = ("h2d", "d2h", "disk_read", "disk_write")
+STEAL_OF = {"h2d": "copy", "d2h": "copy", "cpu_update": "update", "disk_read": "disk", "disk_write": "disk"}
+"""The ``HardwareProfile.cpu_steal`` kind of each host-side resource."""
 D, H, N = Tier.DEVICE, Tier.HOST, Tier.NVME
 
 
@@ -72,16 +104,21 @@ class Traffic(NamedTuple):
         return Traffic(*(k * a for a in self))
 
 
-def unit_traffic(pb: int, gb: int, sb: int, params: int, pl: "UnitPlacement") -> Traffic:
-    """The table in the module note, for one unit."""
+def unit_traffic(pb: int, gb: int, sb: int, params: int, pl: "UnitPlacement", *, fetches: int = 2,
+                 overlap: bool = True) -> Traffic:
+    """The table in the module note, for one unit fetched ``fetches`` times (when its params are off the device),
+    its update overlapped with backward or not."""
     h2d = d2h = rd = wr = 0
     if pl.params is H:
-        h2d += 2 * pb
+        h2d += fetches * pb
     elif pl.params is N:
-        rd += 2 * pb
-        h2d += 2 * pb
+        rd += fetches * pb
+        h2d += fetches * pb
     if pl.update == "cpu":
         d2h += gb
+        if pl.grad_tier is N and not overlap:
+            wr += gb
+            rd += gb
         if pl.state is N:
             rd += sb
             wr += sb
@@ -122,7 +159,8 @@ class Prediction:
     iteration_s: float
     traffic: Traffic
     busy_s: dict
-    """Resource -> seconds it is busy (sum of its operations' durations, after the sharing stretch)."""
+    """Resource -> seconds it is busy (sum of its operations' durations, after the sharing stretch; compute
+    includes ``steal_s``)."""
     memory_bytes: dict
     """Tier value -> bytes the plan places there (resident chunks plus pools)."""
     lower_bound_s: float
@@ -130,9 +168,12 @@ class Prediction:
     """Unavoidable time with the compute stream idle: fetching the first unit's params before the first forward,
     and after the last backward, the update chain of the unit whose grads complete last (``rest``)."""
     bound_by: str
-    """The term of the lower bound that is largest: ``compute+fill``, a link, ``disk`` or ``cpu_update``."""
+    """The term of the lower bound that is largest: ``compute+fill``, ``h2d``, ``d2h``, ``link``, ``disk`` or
+    ``cpu_update``."""
     bottleneck: str
     """The resource busiest in the simulated iteration."""
+    steal_s: float = 0.0
+    """Compute time taken by host work on shared cores (module note, "Shared cores"); part of compute's busy."""
     events: tuple[Event, ...] = ()
 
     def tokens_per_s(self, workload: Workload) -> float:
@@ -154,6 +195,8 @@ class CostModel:
         self.pb = [workload.param_bytes(i) for i in range(n)]
         self.gb = [workload.grad_bytes(i) for i in range(n)]
         self.sb = [workload.state_bytes(i) for i in range(n)]
+        """State chunks without a master; :meth:`state_bytes` adds one where a placement needs it."""
+        self.sb_master = [workload.state_bytes(i, master=True) for i in range(n)]
         self.params = [u.params for u in workload.units]
         self.has_rest = workload.units[0].kind == REST
         self.blocks = list(range(1, n)) if self.has_rest else list(range(n))
@@ -162,29 +205,54 @@ class CostModel:
         self.act_bytes = sum(u.act_bytes for u in workload.units) + max(u.work_bytes for u in workload.units)
         """Device bytes for activations: every unit's checkpointed input plus the largest working set."""
         self.bwd_s = [(u.bwd_flops + recompute * u.fwd_flops) / self.flops_per_s for u in workload.units]
+        self.steal = {r: profile.cpu_steal[k] for r, k in STEAL_OF.items()}
 
     # -- validation -------------------------------------------------------------------------------------------------
     def check(self, plan: "Plan") -> None:
         if len(plan.units) != len(self.w.units):
             raise ValueError(f"plan {plan.strategy!r}: expected one placement per unit ({len(self.w.units)}), got "
                              f"{len(plan.units)}; was it made for another workload?")
-        if self.has_rest and plan.units[0].params is not D:
-            raise ValueError(f"plan {plan.strategy!r}: the rest unit (embeddings, head): expected params on 'device',"
-                             f" got {plan.units[0].params.value!r}; it is used at both ends of the iteration, so "
-                             f"streaming it costs more than holding it")
 
     # -- bytes --------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def needs_master(pl: "UnitPlacement") -> bool:
+        """Whether the state carries an fp32 master: the update cannot change the params in place where they
+        live (a CPU update of params not in host memory, a device update of params not on the device)."""
+        return pl.params is not (H if pl.update == "cpu" else D)
+
+    def state_bytes(self, i: int, pl: "UnitPlacement") -> int:
+        return self.sb_master[i] if self.needs_master(pl) else self.sb[i]
+
+    def kept(self, plan: "Plan") -> set[int]:
+        """Blocks whose params stay on the device from their forward into backward: the last ``prefetch_depth``
+        (the runtime keeps them resident instead of fetching them again; the ``prefetch_depth + 1`` param
+        buffers of :meth:`memory` hold them)."""
+        k = plan.prefetch_depth
+        return set(self.blocks[len(self.blocks) - k:]) if k else set()
+
+    def fetches(self, i: int, plan: "Plan", kept: set[int] | None = None) -> int:
+        """Times unit ``i``'s params travel to the device per iteration when they live off it."""
+        if self.has_rest and i == 0:
+            return 1
+        return 1 if i in (self.kept(plan) if kept is None else kept) else 2
+
+    def unit_traffic(self, i: int, pl: "UnitPlacement", *, fetches: int = 2, overlap: bool = True) -> Traffic:
+        return unit_traffic(self.pb[i], self.gb[i], self.state_bytes(i, pl), self.params[i], pl, fetches=fetches,
+                            overlap=overlap)
+
     def traffic(self, plan: "Plan") -> Traffic:
-        total = Traffic()
+        total, kept = Traffic(), self.kept(plan)
         for i, pl in enumerate(plan.units):
-            total = total + unit_traffic(self.pb[i], self.gb[i], self.sb[i], self.params[i], pl)
+            total = total + self.unit_traffic(i, pl, fetches=self.fetches(i, plan, kept),
+                                              overlap=plan.overlap_update)
         return total
 
     def memory(self, plan: "Plan") -> dict[str, int]:
         """Bytes per tier (resident chunks + pools). Each term, so a report can show where memory goes:
 
-        device: params on device; ``prefetch_depth + 1`` buffers of the largest streamed param chunk; state on
-        device; the rest unit's grads plus ``grad_buffers`` grads of the largest block (all device-updated grads until the step when the
+        device: params on device (and the rest unit's, held through the iteration wherever it lives);
+        ``prefetch_depth + 1`` buffers of the largest streamed param chunk; state on device; the rest unit's grads
+        plus ``grad_buffers`` grads of the largest block (all device-updated grads until the step when the
         update waits for backward); ``state_buffers`` of the largest offloaded state updated on the device; every
         unit's checkpointed input plus the largest unit's working activations.
         host: params and state on host; grads of CPU-updated units (``grad_buffers`` of them, or all when the update
@@ -201,13 +269,13 @@ class CostModel:
     def memory_terms_of(self, plan: "Plan", items) -> dict[str, dict[str, int]]:
         """:meth:`memory` by term, for ``items`` = (unit index, placement, how many such units): the planner
         evaluates groups of identical units with counts instead of one entry per unit."""
-        pb, gb, sb = self.pb, self.gb, self.sb
-        items = [(i, pl, c) for i, pl, c in items if c]
+        pb, gb = self.pb, self.gb
+        items = [(i, pl, c, self.state_bytes(i, pl)) for i, pl, c in items if c]
         mx = lambda xs: max(xs, default=0)  # noqa: E731
-        streamed = mx(pb[i] for i, pl, c in items if pl.params is not D)
-        dev_upd_off = mx(sb[i] for i, pl, c in items if pl.update == "device" and pl.state is not D)
-        rest = [(i, pl, c) for i, pl, c in items if self.has_rest and i == 0]
-        blocks = [(i, pl, c) for i, pl, c in items if not (self.has_rest and i == 0)]
+        rest = [(i, pl, c) for i, pl, c, _ in items if self.has_rest and i == 0]
+        blocks = [(i, pl, c) for i, pl, c, _ in items if not (self.has_rest and i == 0)]
+        streamed = mx(pb[i] for i, pl, c in blocks if pl.params is not D)
+        dev_upd_off = mx(sb for i, pl, c, sb in items if pl.update == "device" and pl.state is not D)
         # The rest unit's grads stay whole through backward (the embedding's complete last); blocks rotate
         # through grad_buffers, or all stay until the step when device updates wait for backward.
         dev_grads = sum(gb[i] for i, pl, c in rest) + (
@@ -215,20 +283,21 @@ class CostModel:
             plan.grad_buffers * mx(gb[i] for i, pl, c in blocks if pl.update == "cpu")
             + sum(c * gb[i] for i, pl, c in blocks if pl.update == "device"))
         acts = self.act_bytes
-        device = {"params": sum(c * pb[i] for i, pl, c in items if pl.params is D),
+        device = {"params": sum(c * pb[i] for i, pl, c, _ in items if pl.params is D or (self.has_rest and i == 0)),
                   "param_buffers": (plan.prefetch_depth + 1) * streamed,
-                  "state": sum(c * sb[i] for i, pl, c in items if pl.state is D),
+                  "state": sum(c * sb for i, pl, c, sb in items if pl.state is D),
                   "grads": dev_grads, "state_buffers": plan.state_buffers * dev_upd_off, "activations": acts}
-        cpu_g = [(gb[i], c) for i, pl, c in items if pl.update == "cpu"]
-        host = {"params": sum(c * pb[i] for i, pl, c in items if pl.params is H),
-                "state": sum(c * sb[i] for i, pl, c in items if pl.state is H),
+        cpu_g = [(gb[i], c) for i, pl, c, _ in items if pl.update == "cpu"]
+        host = {"params": sum(c * pb[i] for i, pl, c, _ in items if pl.params is H),
+                "state": sum(c * sb for i, pl, c, sb in items if pl.state is H),
                 "grads": plan.grad_buffers * mx(g for g, c in cpu_g) if plan.overlap_update else
                 sum(g * c for g, c in cpu_g),
-                "param_staging": (plan.prefetch_depth + 1) * mx(pb[i] for i, pl, c in items if pl.params is N),
-                "state_staging": plan.state_buffers * mx(sb[i] for i, pl, c in items if pl.state is N)}
-        nv_chunks = [pb[i] for i, pl, c in items if pl.params is N] + [sb[i] for i, pl, c in items if pl.state is N]
-        nvme = {"params": sum(c * pb[i] for i, pl, c in items if pl.params is N),
-                "state": sum(c * sb[i] for i, pl, c in items if pl.state is N),
+                "param_staging": (plan.prefetch_depth + 1) * mx(pb[i] for i, pl, c, _ in items if pl.params is N),
+                "state_staging": plan.state_buffers * mx(sb for i, pl, c, sb in items if pl.state is N)}
+        nv_chunks = [pb[i] for i, pl, c, _ in items if pl.params is N] + [sb for i, pl, c, sb in items
+                                                                          if pl.state is N]
+        nvme = {"params": sum(c * pb[i] for i, pl, c, _ in items if pl.params is N),
+                "state": sum(c * sb for i, pl, c, sb in items if pl.state is N),
                 "write_room": plan.state_buffers * mx(nv_chunks)}
         return {"device": device, "host": host, "nvme": nvme}
 
@@ -250,10 +319,6 @@ class CostModel:
             alone = max(t.h2d_bytes * h2d, t.d2h_bytes * d2h)
             stretch = max(1.0, (t.h2d_bytes + t.d2h_bytes) / (hw.bidir_gbps * 1e9) / alone)
             h2d, d2h = h2d * stretch, d2h * stretch
-        if t.disk_read_bytes and t.disk_write_bytes:
-            alone = max(t.disk_read_bytes * rd, t.disk_write_bytes * wr)
-            stretch = max(1.0, (t.disk_read_bytes + t.disk_write_bytes) / (hw.disk_mixed_gbps * 1e9) / alone)
-            rd, wr = rd * stretch, wr * stretch
         disk_busy = t.disk_read_bytes or t.disk_write_bytes
         cpu = 1 / (hw.cpu_update_params_per_s_under_io if disk_busy else hw.cpu_update_params_per_s)
         return {"h2d": h2d, "d2h": d2h, "disk_read": rd, "disk_write": wr, "cpu_update": cpu,
@@ -261,36 +326,57 @@ class CostModel:
 
     def busy(self, t: Traffic) -> dict[str, float]:
         r = self.rates(t)
-        return {"compute": sum(self.fwd_s) + sum(self.bwd_s) + t.device_update_params * r["device_update"],
-                "h2d": t.h2d_bytes * r["h2d"], "d2h": t.d2h_bytes * r["d2h"],
-                "disk_read": t.disk_read_bytes * r["disk_read"], "disk_write": t.disk_write_bytes * r["disk_write"],
-                "cpu_update": t.cpu_update_params * r["cpu_update"]}
+        out = {"compute": sum(self.fwd_s) + sum(self.bwd_s) + t.device_update_params * r["device_update"],
+               "h2d": t.h2d_bytes * r["h2d"], "d2h": t.d2h_bytes * r["d2h"],
+               "disk_read": t.disk_read_bytes * r["disk_read"], "disk_write": t.disk_write_bytes * r["disk_write"],
+               "cpu_update": t.cpu_update_params * r["cpu_update"]}
+        out["compute"] += sum(s * out[res] for res, s in self.steal.items())  # shared cores (module note)
+        return out
+
+    def update_order(self, plan: "Plan") -> list[int]:
+        """Units in the order the update thread takes them: as their grads land (backward order, the rest unit's
+        embedding last) when the update overlaps backward; else host-state units, then nvme-state ones, each in
+        unit order (``OffloadOptimizer._update_subgroups``)."""
+        grad_order = list(reversed(self.blocks)) + ([0] if self.has_rest else [])
+        if plan.overlap_update:
+            return grad_order
+        n = len(plan.units)
+        return [i for i in range(n) if plan.units[i].state is not N] + [i for i in range(n)
+                                                                        if plan.units[i].state is N]
 
     def fill_s(self, plan: "Plan", r: dict[str, float]) -> float:
-        """Head: the first block's params must arrive before the first forward. Tail: the unit whose grads
-        complete last (``rest``, or the first block) is updated after the last backward, and its new params must
-        reach their tier before the iteration ends."""
+        """Head: the rest unit's and the first block's params must arrive (one after the other, on the copy thread)
+        before the first forward. Tail, after the last backward: the update chain of the last unit (module note);
+        when the update waits for backward, every CPU update runs after it."""
         head = 0.0
-        if self.blocks:
-            first = self.blocks[0]
-            pl = plan.units[first]
-            if pl.params is not D:
-                head = self.pb[first] * r["h2d"] + (self.pb[first] * r["disk_read"] if pl.params is N else 0.0)
-        last = 0
-        pl, pb, gb, sb = plan.units[last], self.pb[last], self.gb[last], self.sb[last]
+        first = [0] if self.has_rest and plan.units[0].params is not D else []
+        first += [self.blocks[0]] if self.blocks and plan.units[self.blocks[0]].params is not D else []
+        for i in first:
+            head += self.pb[i] * r["h2d"] + (self.pb[i] * r["disk_read"] if plan.units[i].params is N else 0.0)
+        last = self.update_order(plan)[-1]
+        pl, pb, p = plan.units[last], self.pb[last], self.params[last]
+        sb = self.state_bytes(last, pl)
         if pl.update == "cpu":
-            tail = gb * r["d2h"] + self.params[last] * r["cpu_update"]
-            after = [pb * r["h2d"] if pl.params is D else pb * r["disk_write"] if pl.params is N else 0.0,
-                     sb * r["disk_write"] if pl.state is N else 0.0]
-        else:
-            tail = self.params[last] * r["device_update"]
-            after = [sb * r["d2h"] + (sb * r["disk_write"] if pl.state is N else 0.0) if pl.state is not D else 0.0,
-                     pb * r["d2h"] if pl.params is not D else 0.0]
+            g_last = 0 if self.has_rest else self.blocks[0]  # the unit whose grads complete with the last backward
+            tail = self.gb[g_last] * r["d2h"] if plan.units[g_last].update == "cpu" else 0.0
+            tail += p * r["cpu_update"] if plan.overlap_update else sum(
+                self.params[i] * r["cpu_update"] for i, u in enumerate(plan.units) if u.update == "cpu")
+            if pl.state is N and plan.overlap_update:  # read when the update thread takes it, not ahead
+                tail += sb * r["disk_read"]
+            after = sb * r["disk_write"] if pl.state is N else 0.0
+            if pl.params is N:  # written once its update and state write are done (after_step)
+                after += pb * r["disk_write"]
+            elif pl.params is D:  # beside the state write
+                after = max(after, pb * r["h2d"])
+            return head + tail + after
+        tail = p * r["device_update"]
+        after = [sb * r["d2h"] + (sb * r["disk_write"] if pl.state is N else 0.0) if pl.state is not D else 0.0,
+                 pb * r["d2h"] if pl.params is not D else 0.0]
         return head + tail + max(after)
 
     def bound(self, plan: "Plan", t: Traffic | None = None) -> tuple[float, float, str, dict[str, float]]:
         """(lower bound, fill, the term that sets it, busy times). The bound is
-        ``max(forward/backward compute + fill, all compute, h2d, d2h, both link directions / bidir, disk read, write, both / mixed, cpu update)``:
+        ``max(forward/backward compute + fill, all compute, h2d, d2h, both link directions / bidir, disk reads + writes, cpu update)``:
         no schedule of this placement beats it. The fill is added to compute only: the head fetch and the tail
         update are themselves link and CPU work, so adding it to those terms would double count."""
         t = t if t is not None else self.traffic(plan)
@@ -301,10 +387,8 @@ class CostModel:
         fwd_bwd = sum(self.fwd_s) + sum(self.bwd_s)
         # Device updates may run after the last backward, beside the tail fill, so they join compute, not the fill.
         terms = {"compute+fill": max(fwd_bwd + fill, b["compute"]), "h2d": b["h2d"], "d2h": b["d2h"],
-                 "link": (t.h2d_bytes + t.d2h_bytes) / (hw.bidir_gbps * 1e9), "disk_read": b["disk_read"],
-                 "disk_write": b["disk_write"],
-                 "disk": (t.disk_read_bytes + t.disk_write_bytes) / (hw.disk_mixed_gbps * 1e9)
-                 if t.disk_read_bytes and t.disk_write_bytes else 0.0, "cpu_update": b["cpu_update"]}
+                 "link": (t.h2d_bytes + t.d2h_bytes) / (hw.bidir_gbps * 1e9),
+                 "disk": b["disk_read"] + b["disk_write"], "cpu_update": b["cpu_update"]}
         by = max(terms, key=terms.get)
         return terms[by], fill, by, b
 
@@ -313,10 +397,10 @@ class CostModel:
         self.check(plan)
         t = self.traffic(plan)
         lb, fill, by, _ = self.bound(plan, t)
-        end_s, busy, evs = self._simulate(plan, t, events)
+        end_s, busy, steal_s, evs = self._simulate(plan, t, events)
         return Prediction(iteration_s=end_s, traffic=t, busy_s=busy, memory_bytes=self.memory(plan),
                           lower_bound_s=lb, fill_s=fill, bound_by=by, bottleneck=max(busy, key=busy.get),
-                          events=tuple(evs))
+                          steal_s=steal_s, events=tuple(evs))
 
     def _simulate(self, plan: "Plan", t: Traffic, want_events: bool):
         r = self.rates(t)
@@ -325,37 +409,41 @@ class CostModel:
         op_dur: list[float] = []
         op_name: list[str] = []
         op_deps: list[list[int]] = []
+        op_bytes: list[int] = []
 
-        def add(res: str, name: str, dur: float, deps) -> int:
+        def add(res: str, name: str, dur: float, deps, nbytes: int = 0) -> int:
             op_res.append(res_idx[res])
             op_dur.append(dur)
             op_name.append(name)
             op_deps.append([d for d in deps if d is not None])
+            op_bytes.append(nbytes)
             return len(op_res) - 1
 
         units, blocks, k = plan.units, self.blocks, plan.prefetch_depth
         names = [u.name for u in self.w.units]
-        # Compute order: forward blocks, head (rest), head backward, blocks in reverse. Each streamed block is
-        # fetched twice (forward, backward) through prefetch_depth + 1 device buffers, in this order.
+        pb, gb = self.pb, self.gb
+        sb = [self.state_bytes(i, pl) for i, pl in enumerate(units)]
+        kept = self.kept(plan)
+        # Compute order: forward blocks, head (rest), head backward, blocks in reverse.
         compute_seq = [("F", i) for i in blocks] + ([("F", 0), ("B", 0)] if self.has_rest else []) + \
                       [("B", i) for i in reversed(blocks)]
-        fetch_for: dict[int, tuple[int, int]] = {}  # position in compute_seq -> (disk op or None, h2d op)
-        fetch_consumer: list[int] = []  # per fetch: position in compute_seq of the compute that uses it
-        for pos, (_, i) in enumerate(compute_seq):
-            if units[i].params is not D:
-                fetch_consumer.append(pos)
-        compute_op: list[int | None] = [None] * len(compute_seq)
-        # Fetch j may start once the compute that used fetch j - (k + 1) is done (its buffer is free). Those are
-        # forward references: created as placeholders first, deps patched below.
-        fetch_ops = []
-        for j, pos in enumerate(fetch_consumer):
-            i = compute_seq[pos][1]
-            kind = compute_seq[pos][0]
-            rd = add("disk_read", f"{kind} fetch {names[i]}", self.pb[i] * r["disk_read"], []) \
+
+        def fetch(kind: str, i: int, prev_h2d):
+            """Disk (nvme params) then h2d, on the one copy thread: after the previous fetch."""
+            rd = add("disk_read", f"{kind} fetch {names[i]}", pb[i] * r["disk_read"], [prev_h2d], pb[i]) \
                 if units[i].params is N else None
-            h2d = add("h2d", f"{kind} fetch {names[i]}", self.pb[i] * r["h2d"], [rd])
-            fetch_ops.append((rd, h2d))
-            fetch_for[pos] = (rd, h2d)
+            return rd, add("h2d", f"{kind} fetch {names[i]}", pb[i] * r["h2d"], [rd, prev_h2d], pb[i])
+
+        prev_h2d = rest_fetch = None
+        if self.has_rest and units[0].params is not D:  # fetched once, before the first forward, held
+            _, rest_fetch = fetch("F", 0, None)
+            prev_h2d = rest_fetch
+        fetch_for: dict[int, tuple[int | None, int]] = {}  # position in compute_seq -> (disk op or None, h2d op)
+        for pos, (kind, i) in enumerate(compute_seq):
+            if units[i].params is not D and not (self.has_rest and i == 0) and not (kind == "B" and i in kept):
+                fetch_for[pos] = fetch(kind, i, prev_h2d)
+                prev_h2d = fetch_for[pos][1]
+        compute_op: list[int] = []
         prev = None
         grad_order = list(reversed(blocks)) + ([0] if self.has_rest else [])
         grad_pos = {u: g for g, u in enumerate(grad_order)}
@@ -363,9 +451,7 @@ class CostModel:
         bwd_ops: dict[int, int] = {}
         pending_grad_deps: list[tuple[int, int]] = []  # (op, grad index whose release it waits for)
         for pos, (kind, i) in enumerate(compute_seq):
-            deps = [prev]
-            if pos in fetch_for:
-                deps.append(fetch_for[pos][1])
+            deps = [prev, fetch_for[pos][1] if pos in fetch_for else None, rest_fetch if pos == 0 else None]
             dur = self.fwd_s[i] if kind == "F" else self.bwd_s[i]
             op = add("compute", f"{'forward' if kind == 'F' else 'backward'} {names[i]}", dur, deps)
             if kind == "B":
@@ -375,60 +461,91 @@ class CostModel:
                 # buffer for the whole backward, outside the rotating ones.
                 if g - plan.grad_buffers >= 0 and not (self.has_rest and i == 0):
                     pending_grad_deps.append((op, g - plan.grad_buffers))
-            compute_op[pos] = op
+            compute_op.append(op)
             prev = op
-        for j, (rd, h2d) in enumerate(fetch_ops):
-            if j - (k + 1) >= 0:
-                op_deps[h2d].append(compute_op[fetch_consumer[j - (k + 1)]])
-                if rd is not None:
-                    op_deps[rd].append(fetch_ops[j - (k + 1)][1])
+        # A fetch is issued by the pre-hook of the compute prefetch_depth positions before its own: once the
+        # compute before that one is done.
+        for pos, (rd, h2d) in fetch_for.items():
+            if pos - k - 1 >= 0:
+                op_deps[rd if rd is not None else h2d].append(compute_op[pos - k - 1])
         last_fwd = compute_op[len(blocks) - 1 + (1 if self.has_rest else 0)] if compute_seq else None
         last_bwd = prev
-        # Updates, in the order grads complete. The rest unit's grads (embedding) complete with the last backward.
-        state_release: list[int] = []  # per offloaded-state update, in order: op that frees its staging buffer
+        # Grads leave on the grad thread as backward completes them (the rest unit's with the last backward).
+        done_grad = {i: bwd_ops[i] if i != 0 or not self.has_rest else last_bwd for i in grad_order}
+        grad_d2h: dict[int, int] = {}
         for g, i in enumerate(grad_order):
+            if units[i].update == "cpu":
+                grad_d2h[i] = grad_release[g] = add("d2h", f"grad {names[i]}", gb[i] * r["d2h"], [done_grad[i]],
+                                                    gb[i])
+        spill = {i: add("disk_write", f"grads {names[i]}", gb[i] * r["disk_write"], [grad_d2h[i]], gb[i])
+                 for i in grad_order if i in grad_d2h and units[i].grad_tier is N and not plan.overlap_update}
+        landed = list(grad_d2h.values())[-1:]  # the step starts once every grad has landed
+        # Updates, on the update thread, in its order (module note).
+        state_release: list[int] = []  # per offloaded-state update, in order: op that frees its staging buffer
+        chain = None  # overlapped: the update thread's last op; after backward: the last update
+        flush_after: tuple[int, int] | None = None  # (unit, op) whose new params (nvme) the next update writes first
+        for i in self.update_order(plan):
             pl = units[i]
-            done_grad = bwd_ops[i] if i != 0 or not self.has_rest else last_bwd
-            gate = done_grad if plan.overlap_update else last_bwd
-            pb, gb, sb, p = self.pb[i], self.gb[i], self.sb[i], self.params[i]
+            p = self.params[i]
             slot = state_release[-plan.state_buffers] if len(state_release) >= plan.state_buffers else None
             if pl.update == "cpu":
-                d2h = add("d2h", f"grad {names[i]}", gb * r["d2h"], [done_grad])
-                grad_release[g] = d2h
-                rd = add("disk_read", f"state {names[i]}", sb * r["disk_read"], [last_fwd, slot]) \
-                    if pl.state is N else None
-                upd = add("cpu_update", f"update {names[i]}", p * r["cpu_update"], [d2h, rd, gate])
+                gate = [grad_d2h[i], chain] if plan.overlap_update else [last_bwd, chain, *landed]
+                rd = None
                 if pl.state is N:
-                    state_release.append(add("disk_write", f"state {names[i]}", sb * r["disk_write"], [upd]))
+                    rd = add("disk_read", f"state {names[i]}", sb[i] * r["disk_read"],
+                             gate if plan.overlap_update else [last_bwd, *landed, slot], sb[i])
+                flush = None
+                if flush_after is not None:  # before_update writes the previous unit's new params, and waits
+                    j, after = flush_after
+                    flush = add("disk_write", f"new params {names[j]}", pb[j] * r["disk_write"], [after, rd], pb[j])
+                grad_rd = add("disk_read", f"grads {names[i]}", gb[i] * r["disk_read"], [spill[i], flush, rd], gb[i]) \
+                    if i in spill else None
+                upd = add("cpu_update", f"update {names[i]}", p * r["cpu_update"], [*gate, rd, flush, grad_rd])
+                wr = None
+                if pl.state is N:
+                    wr = add("disk_write", f"state {names[i]}", sb[i] * r["disk_write"], [upd], sb[i])
+                    state_release.append(wr)
                 if pl.params is D:
-                    add("h2d", f"new params {names[i]}", pb * r["h2d"], [upd])
-                elif pl.params is N:
-                    add("disk_write", f"new params {names[i]}", pb * r["disk_write"], [upd])
+                    add("h2d", f"new params {names[i]}", pb[i] * r["h2d"], [upd], pb[i])
+                flush_after = (i, wr if plan.overlap_update and wr is not None else upd) if pl.params is N else None
+                chain = wr if plan.overlap_update and wr is not None else upd
             else:
+                gate = done_grad[i] if plan.overlap_update else last_bwd
                 up = None
                 if pl.state is not D:
-                    rd = add("disk_read", f"state {names[i]}", sb * r["disk_read"], [last_fwd, slot]) \
+                    rd = add("disk_read", f"state {names[i]}", sb[i] * r["disk_read"], [last_fwd, slot], sb[i]) \
                         if pl.state is N else None
-                    up = add("h2d", f"state {names[i]}", sb * r["h2d"], [rd, last_fwd, slot])
-                upd = add("compute", f"update {names[i]}", p * r["device_update"], [done_grad, up, gate])
-                grad_release[g] = upd
+                    up = add("h2d", f"state {names[i]}", sb[i] * r["h2d"], [rd, last_fwd, slot], sb[i])
+                upd = add("compute", f"update {names[i]}", p * r["device_update"], [done_grad[i], up, gate])
+                grad_release[grad_pos[i]] = upd
                 if pl.state is not D:
-                    down = add("d2h", f"state {names[i]}", sb * r["d2h"], [upd])
-                    state_release.append(add("disk_write", f"state {names[i]}", sb * r["disk_write"], [down])
-                                         if pl.state is N else down)
+                    down = add("d2h", f"state {names[i]}", sb[i] * r["d2h"], [upd], sb[i])
+                    state_release.append(add("disk_write", f"state {names[i]}", sb[i] * r["disk_write"], [down],
+                                             sb[i]) if pl.state is N else down)
                 if pl.params is not D:
-                    pd = add("d2h", f"new params {names[i]}", pb * r["d2h"], [upd])
+                    pd = add("d2h", f"new params {names[i]}", pb[i] * r["d2h"], [upd], pb[i])
                     if pl.params is N:
-                        add("disk_write", f"new params {names[i]}", pb * r["disk_write"], [pd])
+                        add("disk_write", f"new params {names[i]}", pb[i] * r["disk_write"], [pd], pb[i])
+        if flush_after is not None:  # the last unit's new params: written at the end of the step
+            j, after = flush_after
+            add("disk_write", f"new params {names[j]}", pb[j] * r["disk_write"], [after, *state_release[-1:]], pb[j])
         for op, g in pending_grad_deps:
             # A device grad buffer frees when its grads left (d2h) or were applied (device update). When updates
             # wait for backward, device-updated grads are all held instead (CostModel.memory counts them).
             if g in grad_release and (plan.overlap_update or op_name[grad_release[g]].startswith("grad")):
                 op_deps[op].append(grad_release[g])
-        return self._run(op_res, op_dur, op_name, op_deps, want_events)
+        # Shared cores: host work puts its steal on the compute stream, ready when that work is (module note).
+        steal_s = 0.0
+        for o in range(len(op_res)):
+            s = self.steal.get(RESOURCES[op_res[o]], 0.0)
+            if s > 0 and op_dur[o] > 0:
+                add("compute", f"steal {op_name[o]}", s * op_dur[o], list(op_deps[o]))
+                steal_s += s * op_dur[o]
+        end_s, busy, evs = self._run(op_res, op_dur, op_name, op_deps, op_bytes, want_events)
+        return end_s, busy, steal_s, evs
 
     @staticmethod
-    def _run(op_res, op_dur, op_name, op_deps, want_events):
+    def _run(op_res, op_dur, op_name, op_deps, op_bytes, want_events):
         n = len(op_res)
         waiting = [len(d) for d in op_deps]
         users: list[list[int]] = [[] for _ in range(n)]
@@ -438,13 +555,15 @@ class CostModel:
         ready_at = [0.0] * n
         end = [0.0] * n
         start = [0.0] * n
+        # One queue per resource, except the disk: reads and writes share the store's (module note).
+        server = [RESOURCES.index("disk_read") if r == "disk_write" else k for k, r in enumerate(RESOURCES)]
         free = [0.0] * len(RESOURCES)
         heap = [(0.0, o) for o in range(n) if waiting[o] == 0]
         heapq.heapify(heap)
         done = 0
         while heap:
             t_ready, o = heapq.heappop(heap)
-            rs = op_res[o]
+            rs = server[op_res[o]]
             s = free[rs] if free[rs] > t_ready else t_ready
             e = s + op_dur[o]
             start[o], end[o], free[rs] = s, e, e
@@ -459,5 +578,6 @@ class CostModel:
         busy = {name: 0.0 for name in RESOURCES}
         for o in range(n):
             busy[RESOURCES[op_res[o]]] += op_dur[o]
-        evs = [Event(RESOURCES[op_res[o]], op_name[o], start[o], end[o]) for o in range(n)] if want_events else []
+        evs = [Event(RESOURCES[op_res[o]], op_name[o], start[o], end[o], op_bytes[o]) for o in range(n)] \
+            if want_events else []
         return (max(end) if n else 0.0), busy, evs

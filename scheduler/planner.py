@@ -11,7 +11,8 @@
 2. **Placement in order.** Counts become per-unit placements in two arrangements (faster options first, since the
    first blocks' updates finish last; or spread evenly, so update work interleaves with backward), each simulated.
 3. **Local search on the simulation**: change one unit's option, or swap two neighbours, keep improvements, within
-   a fixed number of simulations (deterministic, not a time limit).
+   a fixed number of simulations (deterministic, not a time limit); from the best arrangement and, as a second
+   start, from the best uniform plan.
 
 The counts are tried at each prefetch depth; the fastest fitting plan wins. A plan that cannot fit comes back with
 :class:`Shortfall`: the tier, how many bytes it lacks under the placement that needs least of it, and the
@@ -24,7 +25,7 @@ import dataclasses
 import itertools
 from typing import Sequence
 
-from scheduler.cost import CostModel, Prediction, unit_traffic
+from scheduler.cost import CostModel, Prediction
 from scheduler.profile import HardwareProfile
 from scheduler.workload import Workload
 from storage import Tier, format_bytes
@@ -36,14 +37,18 @@ SITES = ("cpu", "device")
 @dataclasses.dataclass(frozen=True)
 class UnitPlacement:
     """One unit: where its 16-bit params and its optimizer state (fp32 master + moments) live between uses,
-    and where its update runs. Its grads follow the update: device for a device update, host for a CPU one."""
+    and where its update runs. Its grads follow the update: device for a device update, host for a CPU one
+    (``grad_tier`` nvme: spilled to the store when the update waits for backward)."""
 
     params: Tier
     state: Tier
     update: str
+    grad_tier: Tier = Tier.HOST
+    """Where a CPU update's grads wait between backward and the update: host, or nvme (the runtime's
+    ``OffloadConfig.grad_tier``; the planner's options keep them on the host)."""
 
     def __post_init__(self):
-        for f in ("params", "state"):
+        for f in ("params", "state", "grad_tier"):
             v = getattr(self, f)
             if not isinstance(v, Tier):
                 try:
@@ -56,10 +61,13 @@ class UnitPlacement:
         if self.state is D and self.update == "cpu":
             raise ValueError("UnitPlacement: state on 'device' with update on 'cpu': expected update='device' "
                              "(a CPU update of device state would copy it out and back every step)")
+        if self.grad_tier is D or (self.grad_tier is N and self.update == "device"):
+            raise ValueError(f"UnitPlacement.grad_tier: expected 'host' (or 'nvme' with a CPU update), got "
+                             f"{self.grad_tier.value!r} with update {self.update!r}")
 
     @property
     def grads(self) -> Tier:
-        return D if self.update == "device" else H
+        return D if self.update == "device" else self.grad_tier
 
     @property
     def code(self) -> str:
@@ -130,7 +138,8 @@ class Result:
 
 
 def uniform(workload: Workload, pl: UnitPlacement, strategy: str, **kw) -> Plan:
-    """Every block at ``pl``; the rest unit keeps its params on the device (cost.py explains why)."""
+    """Every block at ``pl``; the rest unit keeps its params on the device: it is held there through the
+    iteration wherever it lives (cost.py), so elsewhere it would only add a fetch."""
     units = [pl] * len(workload.units)
     if workload.units[0].kind == "rest":
         units[0] = dataclasses.replace(pl, params=D)
@@ -151,8 +160,7 @@ class _Search:
                      for g in self.groups]
         if any(not o for o in self.opts):
             raise ValueError("plan: the options given leave the rest unit none (it needs params on 'device')")
-        self.traffic = [[unit_traffic(cm.pb[g[0]], cm.gb[g[0]], cm.sb[g[0]], cm.params[g[0]], o) for o in opts]
-                        for g, opts in zip(self.groups, self.opts)]
+        self.traffic = [[cm.unit_traffic(g[0], o) for o in opts] for g, opts in zip(self.groups, self.opts)]
         self.cap = cm.capacity()
 
     def evaluate(self, counts, proto: Plan) -> tuple[float, dict]:
@@ -165,7 +173,7 @@ class _Search:
         b = self.cm.busy(t)
         hw = self.cm.hw
         proxy = max(b.values()) + 0.02 * sum(b.values())  # the small sum breaks ties towards less traffic
-        proxy = max(proxy, (t.h2d_bytes + t.d2h_bytes) / (hw.bidir_gbps * 1e9))
+        proxy = max(proxy, (t.h2d_bytes + t.d2h_bytes) / (hw.bidir_gbps * 1e9), b["disk_read"] + b["disk_write"])
         items = [(self.groups[gi][0], self.opts[gi][oi], c) for gi, cs in enumerate(counts) for oi, c in
                  enumerate(cs)]
         mem = {k: sum(v.values()) for k, v in self.cm.memory_terms_of(proto, items).items()}
@@ -295,7 +303,6 @@ def plan(workload: Workload, profile: HardwareProfile, *, options: Sequence[Unit
     search = _Search(cm, options)
     if max_sims is None:  # enough for small models to converge; bounded for big ones (~ms per simulation)
         max_sims = 3000 if len(workload.units) <= 8 else 60
-    best: tuple[float, Plan] | None = None
     # The greedy runs at one depth (the middle one; smaller ones if nothing fits): depth changes only the param
     # buffers, so its counts are then tried at every depth, which costs a simulation each, not a search.
     order = sorted(depths, key=lambda k: (abs(k - sorted(depths)[len(depths) // 2]), k))
@@ -306,21 +313,34 @@ def plan(workload: Workload, profile: HardwareProfile, *, options: Sequence[Unit
         counts = search.greedy(proto)
         if counts is not None:
             break
-    for k in (depths if counts is not None else ()):
+    # Two starts for local search: the best arrangement of the greedy's counts, and the best uniform plan. The
+    # proxy does not see which blocks stay on the device from forward into backward (cost.py), so the greedy
+    # can end where local search needs several moves to improve, which a uniform start may not.
+    starts: dict[str, tuple[float, Plan]] = {}
+    for k in depths:
         proto = Plan(strategy="ours", units=(), prefetch_depth=k, grad_buffers=grad_buffers,
                      state_buffers=state_buffers)
-        for cand in search.arrangements(counts, proto):
+        seeds = [("greedy", c) for c in (search.arrangements(counts, proto) if counts is not None else [])]
+        seeds += [("uniform", dataclasses.replace(uniform(workload, o, "ours"), prefetch_depth=k,
+                                                  grad_buffers=grad_buffers, state_buffers=state_buffers))
+                  for o in options]
+        for how, cand in seeds:
             if not _fits(cm, cand):
                 continue
             t = cm.predict(cand).iteration_s
-            if best is None or t < best[0] * (1 - 1e-9):
-                best = (t, cand)
-    if best is None:
+            if how not in starts or t < starts[how][0] * (1 - 1e-9):
+                starts[how] = (t, cand)
+    if not starts:
         fallback = uniform(workload, UnitPlacement(N, N, "cpu"), "ours", prefetch_depth=min(depths),
                            grad_buffers=grad_buffers, state_buffers=state_buffers)
         return Result(fallback, cm.predict(fallback, events=True), False, diagnose(cm, fallback))
-    p, _ = local_search(cm, best[1], options, max_sims=max_sims)
-    return Result(p, cm.predict(p, events=True), True)
+    best: tuple[float, Plan] | None = None
+    for how in ("greedy", "uniform"):  # fixed order: deterministic
+        if how in starts:
+            p, t = local_search(cm, starts[how][1], options, max_sims=max_sims)
+            if best is None or t < best[0] * (1 - 1e-9):
+                best = (t, p)
+    return Result(best[1], cm.predict(best[1], events=True), True)
 
 
 def diagnose(cm: CostModel, proto: Plan) -> Shortfall:
@@ -349,9 +369,10 @@ def diagnose(cm: CostModel, proto: Plan) -> Shortfall:
         return Shortfall("host", mh["host"] - cap["host"],
                          f"at least {format_bytes(mh['host'])} of host memory (--host-memory), or fewer buffers")
     # Everything that is on neither the device nor the host must fit on nvme.
-    total = sum(cm.pb) + sum(cm.sb)
+    sb = [cm.state_bytes(i, pl) for i, pl in enumerate(least_host.units)]
+    total = sum(cm.pb) + sum(sb)
     room = max(0, cap["device"] - mem["device"]) + max(0, cap["host"] - mh["host"])
-    need_nvme = max(0, total - room) + least_host.state_buffers * max(cm.sb)
+    need_nvme = max(0, total - room) + least_host.state_buffers * max(sb)
     return Shortfall("nvme", max(0, need_nvme - cap["nvme"]),
                      f"at least {format_bytes(need_nvme)} of NVMe (--nvme), or more host memory")
 

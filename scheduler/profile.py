@@ -18,15 +18,20 @@ from types import MappingProxyType
 from typing import Mapping
 
 PROFILE_FORMAT = "offload-hardware-profile"
-PROFILE_VERSION = 1
-"""Bump when a field changes meaning; ``load`` refuses other versions (re-run ``offload probe``)."""
+PROFILE_VERSION = 2
+"""Bump when a field changes meaning; ``load`` refuses other versions (re-run ``offload probe``). 2: adds
+``cpu_steal``, and ``compute_efficiency`` is measured on a training step instead of assumed 1.0."""
 SHIPPED_DIR = Path(__file__).resolve().parent / "profiles"
 DTYPES = ("fp32", "bf16", "fp16")
+STEAL_KINDS = ("copy", "update", "disk")
+"""Host-side work that may slow the device's compute (``HardwareProfile.cpu_steal``): host<->device copies, CPU
+optimizer updates, the NVMe store's I/O and checksum threads."""
 
-# Numeric fields: each needs an entry in ``sources``. ``device_tflops`` (a per-dtype mapping) is one of them.
+# Numeric fields: each needs an entry in ``sources``. ``device_tflops`` (a per-dtype mapping) and ``cpu_steal``
+# (per kind) are among them.
 RATE_FIELDS = ("device_tflops", "compute_efficiency", "h2d_gbps", "d2h_gbps", "bidir_gbps", "disk_read_gbps",
                "disk_write_gbps", "disk_mixed_gbps", "disk_block_bytes", "cpu_update_params_per_s",
-               "cpu_update_params_per_s_under_io", "device_update_params_per_s")
+               "cpu_update_params_per_s_under_io", "device_update_params_per_s", "cpu_steal")
 CAPACITY_FIELDS = ("device_memory_bytes", "host_memory_bytes", "nvme_bytes")
 
 
@@ -44,7 +49,8 @@ class HardwareProfile:
     """Dense matmul rate per compute dtype (``fp32``, ``bf16``, ``fp16``), 1e12 FLOP/s."""
     compute_efficiency: float = 1.0
     """Fraction of ``device_tflops`` a whole training step reaches (MFU of the compute alone): the cost model
-    divides FLOPs by ``device_tflops * compute_efficiency``."""
+    divides FLOPs by ``device_tflops * compute_efficiency``. The probe measures it on a small LM's training step,
+    which also prices the work FLOPs do not count (norms, softmax, embedding backward, the loss)."""
     h2d_gbps: float
     """Host -> device copy rate from pinned memory, 1e9 B/s. On a CPU-only machine: a memcpy."""
     d2h_gbps: float
@@ -64,6 +70,11 @@ class HardwareProfile:
     """The same while the disk streams at full rate (the store's threads and memory traffic compete)."""
     device_update_params_per_s: float
     """fp32 AdamW parameters updated per second on the device."""
+    cpu_steal: Mapping[str, float]
+    """Per kind of host work (:data:`STEAL_KINDS`): seconds of device compute lost per second that work runs beside
+    it. 0 for a GPU (its kernels run on its own SMs); about 1 where the device *is* the CPU and the work shares its
+    cores at no extra cost; above 1 when sharing costs more than it takes (oversubscribed OpenMP threads spin).
+    Measured by ``offload probe``: a training step timed alone and beside that work (cost.py, "Shared cores")."""
     device_memory_bytes: int
     host_memory_bytes: int
     """Host memory the runtime may use (pinned pool plus staging), not the machine's total."""
@@ -84,7 +95,12 @@ class HardwareProfile:
             raise ValueError("HardwareProfile.device_tflops: expected at least one dtype, e.g. {'bf16': 756.0}")
         object.__setattr__(self, "device_tflops", MappingProxyType(tf))
         object.__setattr__(self, "sources", MappingProxyType(dict(self.sources)))
-        for f in RATE_FIELDS[1:] + CAPACITY_FIELDS:
+        steal = dict(self.cpu_steal)
+        if set(steal) != set(STEAL_KINDS) or not all(isinstance(v, (int, float)) and v >= 0 for v in steal.values()):
+            raise ValueError(f"HardwareProfile.cpu_steal: expected a number >= 0 for each of {STEAL_KINDS} (0 for a "
+                             f"GPU), got {steal!r}; `offload probe` measures them")
+        object.__setattr__(self, "cpu_steal", MappingProxyType(steal))
+        for f in RATE_FIELDS[1:-1] + CAPACITY_FIELDS:
             v = getattr(self, f)
             if not (isinstance(v, (int, float)) and v > 0):
                 raise ValueError(f"HardwareProfile.{f}: expected a positive number, got {v!r}")

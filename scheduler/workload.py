@@ -9,7 +9,10 @@ Assumptions (each a field of :class:`Workload`, so a different recipe is a diffe
 
 - mixed precision: params and grads on the device in a 16-bit dtype (2 B/param each); the optimizer holds an
   fp32 master copy plus AdamW's two moments: ``state_bytes_per_param = 12`` (4 + 4 + 4), as in ZeRO
-  (Rajbhandari et al. 2020, sec. 3.1, "K = 12"). Plain fp32 training: 4 / 4 / 8 (the master is the param).
+  (Rajbhandari et al. 2020, sec. 3.1, "K = 12"). Plain fp32 training (:func:`precision` ``"fp32"``): 4 / 4 / 8,
+  the param is its own master, except where the update cannot change it in place (params on NVMe, or on the
+  device for a CPU update): there the state carries an fp32 master too (``master_bytes_per_param = 4``), as
+  offload/optimizer.py does.
 - FLOPs: a matmul with an ``n``-parameter weight costs ``2 n`` FLOPs per token forward and twice that backward
   (the ``6 N`` rule: Kaplan et al. 2020, sec. 2.1); attention adds ``4 * seq * d_model`` FLOPs per token per
   layer forward for ``QK^T`` and ``AV`` (PaLM, Chowdhery et al. 2022, app. B: ``6N + 12 L H Q T`` per token
@@ -51,8 +54,15 @@ class UnitWork:
     """Bytes kept on the device from the unit's forward until its backward (its checkpointed input)."""
     work_bytes: int
     """Transient device bytes while the unit computes (its full activations during recompute and backward)."""
+    tensor_numels: tuple[int, ...] = ()
+    """Elements of each of the unit's tensors (all trained: frozen params are not modelled), when the workload lays
+    chunks out tensor by tensor (``Workload.chunk_align_bytes``); empty otherwise."""
 
     def __post_init__(self):
+        object.__setattr__(self, "tensor_numels", tuple(self.tensor_numels))
+        if self.tensor_numels and sum(self.tensor_numels) != self.params:
+            raise ValueError(f"UnitWork.tensor_numels of {self.name!r}: expected them to sum to params "
+                             f"({self.params}), got {sum(self.tensor_numels)}")
         if self.kind not in (BLOCK, REST):
             raise ValueError(f"UnitWork.kind: expected 'block' or 'rest', got {self.kind!r}")
         for f in ("params", "fwd_flops", "bwd_flops", "act_bytes", "work_bytes"):
@@ -74,8 +84,15 @@ class Workload:
     grad_bytes_per_param: int = 2
     state_bytes_per_param: int = 12
     """Optimizer-side bytes: fp32 master + AdamW exp_avg + exp_avg_sq."""
+    master_bytes_per_param: int = 0
+    """Bytes of an fp32 master the state adds where the update cannot change the params in place (fp32 training
+    with params on NVMe, or on the device for a CPU update); 0 when ``state_bytes_per_param`` already holds one."""
     checkpointing: bool = True
     """Backward recomputes each unit's forward (adds ``fwd_flops`` to backward time, not to model FLOPs)."""
+    chunk_align_bytes: int = 0
+    """Each tensor of a param or state chunk starts at a multiple of this (the runtime's ``PARAM_ALIGN`` and the
+    optimizer's ``SLOT_ALIGN``), so a chunk is the sum of its tensors' padded bytes; needs units with
+    ``tensor_numels``. 0: a chunk is params x bytes per param. Grads are not padded (one flat fp32 buffer)."""
 
     def __post_init__(self):
         object.__setattr__(self, "units", tuple(self.units))
@@ -87,6 +104,9 @@ class Workload:
         rests = [i for i, u in enumerate(self.units) if u.kind == REST]
         if rests not in ([], [0]):
             raise ValueError(f"Workload.units: expected at most one 'rest' unit, first; got rest at {rests}")
+        if self.chunk_align_bytes and any(u.params and not u.tensor_numels for u in self.units):
+            raise ValueError(f"Workload.chunk_align_bytes={self.chunk_align_bytes}: expected every unit to list its "
+                             f"tensor_numels (from_module records them when chunk_align_bytes is given)")
 
     @property
     def tokens(self) -> int:
@@ -96,14 +116,25 @@ class Workload:
     def params(self) -> int:
         return sum(u.params for u in self.units)
 
+    def _chunk(self, i: int, bytes_per_elem: int, tensors: int = 1) -> int:
+        """``tensors`` tensors of ``bytes_per_elem`` per element for each of unit ``i``'s, padded per tensor."""
+        u, a = self.units[i], self.chunk_align_bytes
+        if not a:
+            return u.params * bytes_per_elem * tensors
+        return tensors * sum((n * bytes_per_elem + a - 1) // a * a for n in u.tensor_numels)
+
     def param_bytes(self, i: int) -> int:
-        return self.units[i].params * self.param_bytes_per_param
+        return self._chunk(i, self.param_bytes_per_param)
 
     def grad_bytes(self, i: int) -> int:
         return self.units[i].params * self.grad_bytes_per_param
 
-    def state_bytes(self, i: int) -> int:
-        return self.units[i].params * self.state_bytes_per_param
+    def state_bytes(self, i: int, *, master: bool = False) -> int:
+        """The unit's state chunk; ``master``: plus an fp32 master (see ``master_bytes_per_param``). State is
+        fp32, one tensor per 4 bytes per param (AdamW: exp_avg, exp_avg_sq), each padded on its own."""
+        sb = self._chunk(i, 4, self.state_bytes_per_param // 4) if self.state_bytes_per_param % 4 == 0 else \
+            self.units[i].params * self.state_bytes_per_param
+        return sb + (self._chunk(i, self.master_bytes_per_param) if master and self.master_bytes_per_param else 0)
 
     @property
     def model_flops(self) -> float:
@@ -114,8 +145,23 @@ class Workload:
         return {"name": self.name, "batch": self.batch, "seq": self.seq, "params": self.params,
                 "compute_dtype": self.compute_dtype, "param_bytes_per_param": self.param_bytes_per_param,
                 "grad_bytes_per_param": self.grad_bytes_per_param,
-                "state_bytes_per_param": self.state_bytes_per_param, "checkpointing": self.checkpointing,
+                "state_bytes_per_param": self.state_bytes_per_param,
+                "master_bytes_per_param": self.master_bytes_per_param, "checkpointing": self.checkpointing,
+                "chunk_align_bytes": self.chunk_align_bytes,
                 "units": [dataclasses.asdict(u) for u in self.units]}
+
+
+def precision(dtype: str) -> dict:
+    """Workload fields for a training recipe: ``"bf16"``/``"fp16"`` (16-bit params and grads, fp32 master and
+    moments in the state, the defaults) or ``"fp32"`` (4-byte params and grads, 8-byte AdamW state, a master
+    only where the update cannot work in place)."""
+    if dtype == "fp32":
+        return {"compute_dtype": "fp32", "param_bytes_per_param": 4, "grad_bytes_per_param": 4,
+                "state_bytes_per_param": 8, "master_bytes_per_param": 4}
+    if dtype in ("bf16", "fp16"):
+        return {"compute_dtype": dtype, "param_bytes_per_param": 2, "grad_bytes_per_param": 2,
+                "state_bytes_per_param": 12, "master_bytes_per_param": 0}
+    raise ValueError(f"dtype: expected 'fp32', 'bf16' or 'fp16', got {dtype!r}")
 
 
 # -- shapes ------------------------------------------------------------------------------------------------------------
@@ -320,6 +366,7 @@ def from_module(model, *, batch: int, seq: int, name: str = "model", d_model: in
         d_model = w.shape[1] if isinstance(first[0], nn.Linear) else w.shape[0]
     d_model = int(d_model or 0)
     units, in_blocks = [], set()
+    sizes = bool(kw.get("chunk_align_bytes"))  # chunks laid out tensor by tensor: record each tensor's size
     for i, blk in enumerate(blocks):
         ps = list(blk.parameters())
         in_blocks.update(id(p) for p in ps)
@@ -330,8 +377,10 @@ def from_module(model, *, batch: int, seq: int, name: str = "model", d_model: in
         fwd = 2 * mm * tokens + 4 * seq * d_model * tokens
         kept, work = block_act_bytes(seq, batch, d_model, d_ff, gated)
         units.append(UnitWork(name=f"blocks.{i}", kind=BLOCK, params=sum(p.numel() for p in ps), fwd_flops=fwd,
-                              bwd_flops=2 * fwd, act_bytes=kept, work_bytes=work))
-    rest_params = sum(p.numel() for p in model.parameters() if id(p) not in in_blocks)
+                              bwd_flops=2 * fwd, act_bytes=kept, work_bytes=work,
+                              tensor_numels=tuple(p.numel() for p in ps) if sizes else ()))
+    rest_ps = [p for p in model.parameters() if id(p) not in in_blocks]
+    rest_params = sum(p.numel() for p in rest_ps)
     block_mods = {id(m) for m in blocks.modules()}
     rest_mm = [m for m in matmuls(model) if id(m) not in block_mods]
     if rest_params:
@@ -339,7 +388,8 @@ def from_module(model, *, batch: int, seq: int, name: str = "model", d_model: in
         head_fwd = 2 * sum(m.weight.numel() for m in rest_mm) * tokens
         rk, rw = rest_act_bytes(seq, batch, d_model, vocab)
         units.insert(0, UnitWork(name="rest", kind=REST, params=rest_params, fwd_flops=head_fwd,
-                                 bwd_flops=2 * head_fwd, act_bytes=rk, work_bytes=rw))
+                                 bwd_flops=2 * head_fwd, act_bytes=rk, work_bytes=rw,
+                                 tensor_numels=tuple(p.numel() for p in rest_ps) if sizes else ()))
     return Workload(name=name, batch=batch, seq=seq, units=tuple(units), **kw)
 
 

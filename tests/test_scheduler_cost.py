@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from scheduler import profile
-from scheduler.cost import CostModel
+from scheduler import profile, workload
+from scheduler.cost import CostModel, Traffic
 from scheduler.planner import Plan, UnitPlacement
 from scheduler.workload import REST, UnitWork, Workload
 from storage import Tier
@@ -23,10 +25,11 @@ def _tiny() -> Workload:
 
 def test_bytes_per_link_equal_a_hand_count():
     w, hw = _tiny(), profile.resolve("h100-pcie5-gen4nvme")
-    plan = Plan(strategy="t", units=(UnitPlacement(D, H, "cpu"),      # rest: grads out 2000, new params in 2000
-                                     UnitPlacement(H, N, "cpu"),      # b0: fetch 2x200, grads 200, state r/w 1200
-                                     UnitPlacement(N, H, "device"),   # b1: fetch 2x400 (disk + h2d), state in/out
-                                     UnitPlacement(D, N, "device")))  # 2400, new params: none; b2 state 3600 r/w
+    plan = Plan(strategy="t", prefetch_depth=1,                       # b2 (on the device) is the block kept
+                units=(UnitPlacement(D, H, "cpu"),      # rest: grads out 2000, new params in 2000
+                       UnitPlacement(H, N, "cpu"),      # b0: fetch 2x200, grads 200, state r/w 1200
+                       UnitPlacement(N, H, "device"),   # b1: fetch 2x400 (disk + h2d), state in/out
+                       UnitPlacement(D, N, "device")))  # 2400, new params: none; b2 state 3600 r/w
     t = CostModel(w, hw).traffic(plan)
     # h2d: rest new params 2000 + b0 fetches 400 + b1 fetches 800 + b1 state 2400 + b2 state 3600
     assert t.h2d_bytes == 2000 + 400 + 800 + 2400 + 3600
@@ -36,6 +39,28 @@ def test_bytes_per_link_equal_a_hand_count():
     assert t.disk_read_bytes == 1200 + 800 + 3600
     assert t.disk_write_bytes == 1200 + 400 + 3600
     assert (t.cpu_update_params, t.device_update_params) == (1100, 500)
+    # Prefetch depth 2 keeps b1 too from its forward into backward: one fetch (disk + h2d) of 400 fewer.
+    t2 = CostModel(w, hw).traffic(dataclasses.replace(plan, prefetch_depth=2))
+    assert t - t2 == Traffic(h2d_bytes=400, disk_read_bytes=400)
+
+
+def test_bytes_with_the_rest_unit_off_the_device_grads_on_nvme_and_fp32_masters():
+    """fp32 (4/4/8 B per param, a 4-byte master where the update cannot work in place), the rest unit on nvme
+    (fetched once), grads on nvme (spilled only when the update waits for backward), no kept blocks."""
+    w = dataclasses.replace(_tiny(), **workload.precision("fp32"))
+    hw = profile.resolve("cpu-dev-2core")
+    rest, b0 = UnitPlacement(N, N, "cpu", grad_tier=N), UnitPlacement(H, N, "cpu")
+    b1, b2 = UnitPlacement(N, H, "cpu"), UnitPlacement(H, H, "cpu", grad_tier=N)
+    for overlap in (True, False):
+        t = CostModel(w, hw).traffic(Plan(strategy="t", prefetch_depth=0, overlap_update=overlap,
+                                          units=(rest, b0, b1, b2)))
+        spill = 0 if overlap else 4 * 1000 + 4 * 300  # rest's and b2's grads, written and read back
+        # h2d: rest once 4000, b0 2x400, b1 2x800, b2 2x1200; d2h: every grad, 4 B per param
+        assert t.h2d_bytes == 4000 + 800 + 1600 + 2400 and t.d2h_bytes == 4 * 1600
+        # disk read: rest params once 4000 + rest state with master 12000 + b0 state 800 + b1 fetches 1600
+        assert t.disk_read_bytes == 4000 + 12000 + 800 + 1600 + spill
+        # disk write: rest new params 4000 + rest state 12000 + b0 state 800 + b1 new params 800
+        assert t.disk_write_bytes == 4000 + 12000 + 800 + 800 + spill
 
 
 def test_memory_equals_a_hand_count():
@@ -75,3 +100,40 @@ def test_no_offload_is_pure_compute():
     assert p.traffic.h2d_bytes == p.traffic.d2h_bytes == p.traffic.disk_read_bytes == 0
     assert p.iteration_s == pytest.approx(p.busy_s["compute"])
     assert p.bottleneck == "compute"
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("params,state,grads", [(H, H, H), (N, N, N), (H, N, H), (N, H, N)])
+def test_runtime_placements_simulate_between_bound_and_serial_sum(params, state, grads, overlap):
+    """The placements offload.wrap runs (every unit alike, the rest unit fetched once), fp32, on a CPU device
+    whose host work takes compute time (cpu_steal > 0)."""
+    w = dataclasses.replace(_tiny(), **workload.precision("fp32"))
+    hw = profile.resolve("cpu-dev-2core")
+    assert min(hw.cpu_steal.values()) > 0
+    pl = UnitPlacement(params, state, "cpu", grad_tier=grads)
+    for k in (0, 1, 3):
+        p = CostModel(w, hw).predict(Plan(strategy="t", units=(pl,) * 4, prefetch_depth=k, overlap_update=overlap,
+                                          grad_buffers=3), events=True)
+        assert p.lower_bound_s * (1 - 1e-9) <= p.iteration_s <= sum(p.busy_s.values()) * (1 + 1e-9)
+        moved = {r: sum(e.nbytes for e in p.events if e.resource == r) for r in ("h2d", "d2h", "disk_read",
+                                                                                 "disk_write")}
+        t = p.traffic  # the simulated operations move exactly the accounted bytes
+        assert moved == {"h2d": t.h2d_bytes, "d2h": t.d2h_bytes, "disk_read": t.disk_read_bytes,
+                         "disk_write": t.disk_write_bytes}
+
+
+def test_shared_cores_put_host_work_on_the_compute_stream():
+    """cpu_steal: each host operation of d seconds adds steal x d to compute; zero on a GPU profile."""
+    w = dataclasses.replace(_tiny(), **workload.precision("fp32"))
+    base = profile.resolve("cpu-dev-2core")
+    plan = Plan(strategy="t", units=(UnitPlacement(N, N, "cpu"),) * 4)
+    free = dataclasses.replace(base, cpu_steal={"copy": 0.0, "update": 0.0, "disk": 0.0})
+    shared = dataclasses.replace(base, cpu_steal={"copy": 1.0, "update": 2.0, "disk": 0.5})
+    p0, p1 = CostModel(w, free).predict(plan, events=True), CostModel(w, shared).predict(plan, events=True)
+    b = p0.busy_s
+    expect = b["h2d"] + b["d2h"] + 2.0 * b["cpu_update"] + 0.5 * (b["disk_read"] + b["disk_write"])
+    assert p0.steal_s == 0 and not any(e.name.startswith("steal") for e in p0.events)
+    assert p1.steal_s == pytest.approx(expect)
+    assert p1.busy_s["compute"] == pytest.approx(b["compute"] + expect)
+    assert CostModel(w, shared).busy(p1.traffic)["compute"] == pytest.approx(p1.busy_s["compute"])
+    assert p1.iteration_s > p0.iteration_s

@@ -72,9 +72,11 @@ def test_plan_validation_errors():
         UnitPlacement(D, H, "gpu")
     with pytest.raises(ValueError, match="prefetch_depth: expected >= 0"):
         Plan(strategy="x", units=(), prefetch_depth=-1)
+    with pytest.raises(ValueError, match="grad_tier: expected 'host' \\(or 'nvme' with a CPU update\\)"):
+        UnitPlacement(H, H, "device", grad_tier=N)
     w, hw = _small(4096, 4096)
-    bad = Plan(strategy="x", units=(UnitPlacement(H, H, "cpu"),) * len(w.units))
-    with pytest.raises(ValueError, match="rest unit"):
+    bad = Plan(strategy="x", units=(UnitPlacement(H, H, "cpu"),) * (len(w.units) - 1))
+    with pytest.raises(ValueError, match="expected one placement per unit"):
         CostModel(w, hw).predict(bad)
 
 

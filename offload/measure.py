@@ -1,0 +1,322 @@
+"""Predicted vs measured: a few real iterations of a placement through :func:`offload.wrap`, beside what the
+cost model predicts for the same placement (issue 5's validation; ``offload plan --measure``,
+``benchmarks/plan_validate.py``).
+
+The seam between the scheduler and the runtime is two functions: :func:`config_to_plan` (the placement an
+:class:`~offload.OffloadConfig` runs, as a :class:`~scheduler.Plan`) and :func:`plan_to_config` (the config
+that runs a plan). The runtime places every unit alike today (one ``param_tier``, ``state_tier``,
+``grad_tier``; CPU updates), so a plan that mixes placements, or keeps blocks on the device, has no config yet:
+:func:`plan_to_config` says so, and :func:`runnable_plan` picks the fastest plan the runtime can run.
+
+What is compared, per iteration (medians over the measured ones):
+
+- iteration time: wall time of forward, backward, ``step()`` and ``zero_grad()``;
+- per resource, busy time as :meth:`offload.timeline.Timeline.busy_s` defines it (the union of a resource's
+  spans), measured from the runtime's timeline and computed the same way from the predicted one. Compute is the
+  forward and backward spans (so it includes time spent waiting for fetches, as the runtime records it); when
+  the update waits for backward, the runtime does not record the step's updates, so the ``step()`` call is
+  recorded as the cpu_update span here;
+- bytes per link: h2d and d2h counted by the runtime and its optimizer, disk reads and writes counted by the
+  store (``nvme.read``, ``nvme.write``); the cost model's byte accounting must equal them exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from offload.config import OffloadConfig
+from offload.optimizer import SLOT_ALIGN
+from offload.runtime import PARAM_ALIGN, wrap
+from scheduler.cost import LINKS, RESOURCES, CostModel, Prediction
+from scheduler.planner import Plan, UnitPlacement
+from scheduler.profile import HardwareProfile
+from scheduler.workload import REST, TransformerShape, Workload, build_transformer, from_module, precision
+from storage import Tier, format_bytes
+
+D, H, N = Tier.DEVICE, Tier.HOST, Tier.NVME
+RUNNABLE = tuple(UnitPlacement(p, s, "cpu") for p in (H, N) for s in (H, N))
+"""The uniform placements :func:`offload.wrap` runs: params and state each on host or nvme, updated on the CPU."""
+
+
+# -- the seam: config <-> plan -----------------------------------------------------------------------------------------
+def _overlaps(config: OffloadConfig) -> bool:
+    """Whether the runtime overlaps the update with backward (it cannot with clipping or loss scaling)."""
+    return config.overlap_update and config.max_grad_norm is None and config.loss_scale is None
+
+
+def config_to_plan(config: OffloadConfig, workload: Workload, *, strategy: str = "config") -> Plan:
+    """The placement ``offload.wrap(model, opt, config)`` runs, in the cost model's terms.
+
+    Every unit gets ``param_tier`` (the rest unit too: the runtime fetches it once per iteration and holds it),
+    ``state_tier`` and ``grad_tier``, updated on the CPU. ``prefetch`` is the prefetch depth, ``buffers`` the
+    state buffers. The runtime does not bound the grads waiting on the device (each leaves as it completes), so
+    ``grad_buffers`` is every block's."""
+    if not isinstance(config.update_on, str) or config.update_on != "cpu" or config.state_tier is D:
+        raise NotImplementedError(f"config_to_plan: expected update_on='cpu' and state_tier 'host' or 'nvme', got "
+                                  f"update_on={config.update_on!r}, state_tier={config.state_tier.value!r}; the cost "
+                                  f"model prices device updates, but offload.wrap's are the CPU's own on this "
+                                  f"runtime: measure CPU updates")
+    if config.accumulation_steps != 1:
+        raise NotImplementedError(f"config_to_plan: expected accumulation_steps=1, got {config.accumulation_steps}; "
+                                  f"the cost model prices one backward per step")
+    pl = UnitPlacement(config.param_tier, config.state_tier, "cpu", grad_tier=config.grad_tier)
+    blocks = sum(u.kind != REST for u in workload.units)
+    return Plan(strategy=strategy, units=(pl,) * len(workload.units), prefetch_depth=config.prefetch,
+                grad_buffers=max(1, blocks), state_buffers=config.buffers, overlap_update=_overlaps(config))
+
+
+def plan_to_config(plan: Plan, workload: Workload, **base) -> OffloadConfig:
+    """The :class:`~offload.OffloadConfig` that runs ``plan`` (``base``: the other fields, e.g. ``nvme_dirs``).
+
+    The rest unit may keep its params on the device in the plan (the planner's choice): the runtime fetches it
+    once per iteration instead. Raises ``NotImplementedError`` for a plan the runtime cannot run yet."""
+    rest = workload.units[0].kind == REST
+    blocks = plan.units[1:] if rest else plan.units
+    kinds = sorted({u.code + ("g" if u.grad_tier is N else "") for u in blocks})
+    if len(kinds) > 1:
+        raise NotImplementedError(f"plan_to_config: the plan places blocks differently ({plan.compact()}); "
+                                  f"expected one placement for every block: offload.wrap has one param_tier and "
+                                  f"one state_tier for all units (per-unit placement is not built yet)")
+    pl = blocks[0] if blocks else plan.units[0]
+    if pl not in RUNNABLE and dataclasses.replace(pl, grad_tier=H) not in RUNNABLE:
+        raise NotImplementedError(f"plan_to_config: blocks placed {pl.code} (params {pl.params.value}, state "
+                                  f"{pl.state.value}, update on {pl.update}); offload.wrap runs params and state on "
+                                  f"host or nvme with CPU updates: expected one of "
+                                  f"{[u.code for u in RUNNABLE]}")
+    if rest:
+        r = plan.units[0]
+        if (r.state, r.update, r.grad_tier) != (pl.state, pl.update, pl.grad_tier) or r.params not in (D, pl.params):
+            raise NotImplementedError(f"plan_to_config: the rest unit is placed {r.code}, the blocks {pl.code}; "
+                                      f"expected the same state and update (offload.wrap places all units alike)")
+    return OffloadConfig(param_tier=pl.params, state_tier=pl.state, grad_tier=pl.grad_tier, update_on="cpu",
+                         prefetch=plan.prefetch_depth, buffers=plan.state_buffers,
+                         overlap_update=plan.overlap_update, **base)
+
+
+def runnable_plan(workload: Workload, profile: HardwareProfile, *, depths=(1, 2, 3), buffers: int = 4,
+                  overlap: bool = True) -> tuple[Plan, Prediction]:
+    """The fastest plan :func:`offload.wrap` can run (:data:`RUNNABLE`, each prefetch depth) that fits (else the
+    fastest of them: none fits), and its prediction."""
+    cm = CostModel(workload, profile)
+    proto = OffloadConfig(nvme_dirs=".")  # the tiers below need a directory to validate; never opened here
+    best = None
+    for pl in RUNNABLE:
+        for k in depths:
+            cfg = dataclasses.replace(proto, param_tier=pl.params, state_tier=pl.state, prefetch=k, buffers=buffers,
+                                      overlap_update=overlap)
+            plan = config_to_plan(cfg, workload, strategy="runnable")
+            key = (bool(cm.shortfall(plan)), cm.predict(plan).iteration_s)
+            if best is None or key < best[0]:
+                best = (key, plan)
+    return best[1], cm.predict(best[1], events=True)
+
+
+# -- the workload of a real model --------------------------------------------------------------------------------------
+def workload_of(shape: TransformerShape, *, batch: int, seq: int, name: str = "model") -> Workload:
+    """The workload :func:`offload.wrap` runs for our :class:`TransformerLM` of ``shape`` in fp32: no activation
+    checkpointing (the model does not recompute), chunks laid out tensor by tensor as the runtime does."""
+    assert PARAM_ALIGN == SLOT_ALIGN, "one chunk alignment for params and state (Workload.chunk_align_bytes)"
+    return from_module(build_transformer(shape), batch=batch, seq=seq, name=name, checkpointing=False,
+                       chunk_align_bytes=PARAM_ALIGN, **precision("fp32"))
+
+
+def cpu_seconds() -> tuple[float, float] | None:
+    """(seconds the machine's CPUs were busy, seconds this process used) so far; ``None`` where /proc/stat is not
+    readable. Their difference over an interval is what other processes took (steal by other VMs included)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK"), r.ru_utime + r.ru_stime
+
+
+def foreign_share(before, after, wall_s: float) -> float | None:
+    """The share of the machine other processes used between two :func:`cpu_seconds` readings."""
+    if before is None or after is None or wall_s <= 0:
+        return None
+    return max(0.0, ((after[0] - before[0]) - (after[1] - before[1])) / (wall_s * (os.cpu_count() or 1)))
+
+
+def _lm_loss(model, idx: torch.Tensor) -> torch.Tensor:
+    logits = model(idx[:, :-1])
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
+
+
+# -- one placement, run for real ---------------------------------------------------------------------------------------
+class Run:
+    """A model of ``shape`` wrapped with ``config``, trained one iteration at a time on random tokens; each
+    :meth:`iteration` returns what it measured. Several runs can be alive at once, so that a benchmark can
+    interleave placements (the machine's load then weighs on all alike)."""
+
+    def __init__(self, shape: TransformerShape, config: OffloadConfig, *, batch: int, seq: int, seed: int = 0):
+        torch.manual_seed(seed)
+        model = build_transformer(shape, device="cpu")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        self.model, self.opt = wrap(model, opt, config)
+        self.rt = self.model._offload_runtime
+        self.config = config
+        gen = torch.Generator().manual_seed(seed + 1)
+        self.data = [torch.randint(0, shape.vocab, (batch, seq + 1), generator=gen) for _ in range(4)]
+        self.done = 0
+
+    def counters(self) -> dict[str, int]:
+        """Bytes moved so far, per link: h2d and d2h as the runtime and its optimizer count them, the disk as the
+        store does (every byte that goes through it), and the runtime's and optimizer's own disk counts."""
+        rt, opt = self.rt.report(), self.opt.report()
+        store = opt.get("store") or {}
+        return {"h2d": rt["h2d_bytes"] + opt["h2d_bytes"], "d2h": rt["d2h_bytes"] + opt["d2h_bytes"],
+                "disk_read": store.get("nvme.read", {}).get("bytes", 0),
+                "disk_write": store.get("nvme.write", {}).get("bytes", 0),
+                "disk_read_counted_by_runtime": rt["disk_read_bytes"] + opt["read_bytes"],
+                "disk_write_counted_by_runtime": rt["disk_write_bytes"] + opt["write_bytes"]}
+
+    def iteration(self) -> dict:
+        before = self.counters()
+        idx = self.data[self.done % len(self.data)]
+        cpu0 = cpu_seconds()
+        t0 = time.perf_counter()
+        _lm_loss(self.model, idx).backward()
+        tl = self.rt.timeline  # this iteration's (a new one starts at the next forward)
+        step_t0 = tl.now()
+        self.opt.step()
+        step_t1 = tl.now()
+        self.opt.zero_grad()
+        wall = time.perf_counter() - t0
+        # The share of the machine other processes used meanwhile: a shared machine slows us where the model
+        # cannot see it, so a benchmark can set such iterations aside.
+        foreign = foreign_share(cpu0, cpu_seconds(), wall)
+        if not self.rt.overlap:  # the step's updates are not on the timeline: the step() call is their span
+            tl.add("cpu_update", "step", step_t0, step_t1)
+        after = self.counters()
+        self.done += 1
+        return {"iteration_s": wall, "busy_s": tl.busy_s(), "bytes": {k: after[k] - before[k] for k in after},
+                "foreign_cpu": foreign}
+
+    def close(self) -> None:
+        self.rt.close()
+
+
+# -- predicted vs measured ---------------------------------------------------------------------------------------------
+def predicted_busy(p: Prediction) -> dict[str, float]:
+    """Busy time per resource from a predicted timeline, defined as the runtime's Timeline defines it: compute
+    is the forward span (from the start, fetches waited for included, to the head's forward) plus the backward
+    span (the head's backward to the last block's); the others, the union of their operations (one at a time:
+    the sum of their durations)."""
+    busy = {r: v for r, v in p.busy_s.items()}
+    fwd = [e for e in p.events if e.resource == "compute" and e.name.startswith("forward")]
+    bwd = [e for e in p.events if e.resource == "compute" and e.name.startswith("backward")]
+    if fwd and bwd:  # the runtime's forward span starts before it waits for the first fetches: at 0
+        busy["compute"] = max(e.end_s for e in fwd) + (max(e.end_s for e in bwd) - min(e.start_s for e in bwd))
+    return busy
+
+
+def predicted_dict(p: Prediction) -> dict:
+    """The prediction in the form ``offload.report.RunReport(predicted=...)`` takes."""
+    t = p.traffic
+    return {"iteration_s": p.iteration_s, "busy_s": predicted_busy(p),
+            "bytes": {"h2d": t.h2d_bytes, "d2h": t.d2h_bytes, "disk_read": t.disk_read_bytes,
+                      "disk_write": t.disk_write_bytes}}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Comparison:
+    """One placement: the cost model's prediction and the medians of the measured iterations."""
+
+    name: str
+    placement: str
+    predicted_s: float
+    measured_s: float
+    iterations_s: tuple[float, ...]
+    busy_predicted_s: dict
+    busy_measured_s: dict
+    bytes_predicted: dict
+    bytes_counted: dict
+    steal_s: float
+
+    @property
+    def ratio(self) -> float:
+        """Predicted over measured iteration time."""
+        return self.predicted_s / self.measured_s
+
+    @property
+    def bytes_equal(self) -> bool:
+        return all(self.bytes_predicted[k] == self.bytes_counted[k] for k in LINKS)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "ratio": self.ratio, "bytes_equal": self.bytes_equal}
+
+    def text(self) -> str:
+        out = [f"{self.name}: {self.placement}",
+               f"  {'':12s} {'predicted':>10s} {'measured':>10s} {'ratio':>6s}",
+               f"  {'iteration':12s} {self.predicted_s:9.3f}s {self.measured_s:9.3f}s {self.ratio:6.2f}"]
+        for r in RESOURCES:
+            p, m = self.busy_predicted_s[r], self.busy_measured_s[r]
+            out.append(f"  {r:12s} {p:9.3f}s {m:9.3f}s {p / m if m > 0 else float('nan'):6.2f}"
+                       + (f"   (incl. {self.steal_s:.3f}s taken by host work)" if r == "compute" and self.steal_s
+                          else ""))
+        out.append(f"  {'bytes':12s} {'predicted':>12s} {'counted':>12s}")
+        for k in LINKS:
+            p, c = self.bytes_predicted[k], self.bytes_counted[k]
+            out.append(f"  {k:12s} {format_bytes(p):>12s} {format_bytes(c):>12s}   {'equal' if p == c else 'DIFFER'}")
+        return "\n".join(out)
+
+
+def compare(name: str, plan: Plan, prediction: Prediction, records: list[dict]) -> Comparison:
+    """Medians of measured ``records`` (from :meth:`Run.iteration`) against ``prediction``. Bytes must not vary
+    from iteration to iteration: the counted bytes are those of the last one, and every one is checked equal."""
+    med = statistics.median
+    counted = records[-1]["bytes"]
+    for r in records:
+        if any(r["bytes"][k] != counted[k] for k in LINKS):
+            raise AssertionError(f"{name}: bytes per link changed between iterations: {[r['bytes'] for r in records]}")
+    return Comparison(name=name, placement=plan.compact() + f", prefetch {plan.prefetch_depth}, buffers "
+                                                            f"{plan.state_buffers}, overlap "
+                                                            f"{'on' if plan.overlap_update else 'off'}",
+                      predicted_s=prediction.iteration_s, measured_s=med(r["iteration_s"] for r in records),
+                      iterations_s=tuple(r["iteration_s"] for r in records),
+                      busy_predicted_s=predicted_busy(prediction),
+                      busy_measured_s={k: med(r["busy_s"][k] for r in records) for k in RESOURCES},
+                      bytes_predicted=predicted_dict(prediction)["bytes"], bytes_counted=dict(counted),
+                      steal_s=prediction.steal_s)
+
+
+def measure(shape: TransformerShape, config: OffloadConfig, profile: HardwareProfile, *, batch: int, seq: int,
+            iters: int = 3, warmup: int = 1, name: str = "model",
+            progress: Callable[[str], None] | None = None) -> Comparison:
+    """Run ``config`` for ``warmup + iters`` iterations of a model of ``shape`` and compare the measured ones
+    with the cost model's prediction for the same placement on ``profile``."""
+    if iters < 1 or warmup < 0:
+        raise ValueError(f"measure: expected iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
+    w = workload_of(shape, batch=batch, seq=seq, name=name)
+    plan = config_to_plan(config, w)
+    pred = CostModel(w, profile).predict(plan, events=True)
+    run = Run(shape, config, batch=batch, seq=seq)
+    try:
+        records = []
+        for i in range(warmup + iters):
+            rec = run.iteration()
+            if progress is not None:
+                progress(f"  {'warm-up' if i < warmup else 'iteration'} {i + 1}: {rec['iteration_s']:.2f} s")
+            if i >= warmup:
+                records.append(rec)
+    finally:
+        run.close()
+    return compare(name, plan, pred, records)
+
+
+def temp_store_dir(base: str | None = None) -> str:
+    """A fresh directory for a run's NVMe store (under ``base``, else the temp dir)."""
+    if base is not None:
+        Path(base).mkdir(parents=True, exist_ok=True)
+    return tempfile.mkdtemp(prefix="offload-measure-", dir=base)
