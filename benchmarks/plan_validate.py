@@ -129,8 +129,8 @@ def main(argv=None) -> int:
         plain_pred = CostModel(w, hw).predict(uniform(w, UnitPlacement(Tier.DEVICE, Tier.DEVICE, "device"), "plain",
                                                       prefetch_depth=0)).iteration_s
         # Rounds interleave the placements (and plain). A disturbed iteration (FOREIGN_MAX, CANARY_SLACK) is set
-        # aside, and rounds go on until each has --iters clean ones (at most 4 x --iters rounds; then the disturbed
-        # ones count too, and the summary says so).
+        # aside, and rounds go on until each has --iters clean ones (at most 4 x --iters rounds; then the clean
+        # ones it has count, or all when none is, and the summary says so).
         clean = {label: [] for label in ["plain"] + [r[0] for r in runs]}
         every = {label: [] for label in clean}
         best_canary = min(canary() for _ in range(5))
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
                     f"  (set aside: the CPU ran {rec['canary_s'] / best_canary:.2f}x slower than its best)")
                 print(f"  {'warm-up' if not it else f'round {it}':8s} {label:58s} {rec['iteration_s']:6.2f} s "
                       f"(predicted {predicted:6.2f} s){note}", flush=True)
-        records = {label: clean[label] if len(clean[label]) >= args.iters else every[label] for label in clean}
+        records = {label: clean[label] or every[label] for label in clean}  # disturbed ones only if none is clean
         disturbed_used = [label for label in clean if len(clean[label]) < args.iters]
         plain_s = [r["iteration_s"] for r in records["plain"]]
     finally:
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     print(f"\n{within} of {len(results)} placements within {BAR:.0%}, bytes per link "
           f"{'equal' if bytes_ok else 'NOT equal'} on all: bar {'PASS' if passed else 'FAIL'} (load average now "
           f"{os.getloadavg()[0]:.2f}; a shared machine inflates and scatters measured times"
-          + (f"; disturbed iterations had to count for: {', '.join(disturbed_used)}" if disturbed_used else "") + ")"
+          + (f"; fewer than --iters clean iterations for: {'; '.join(disturbed_used)}" if disturbed_used else "") + ")"
           + ("; --quick: a tiny model, whose times are overheads the model does not price" if args.quick else ""))
     out = {"model": name, "params": w.params, "batch": args.batch, "seq": args.seq, "iters": args.iters,
            "bar": BAR, "within": within, "bytes_equal": bytes_ok, "pass": passed,
