@@ -143,7 +143,8 @@ def run(args: argparse.Namespace) -> dict:
     store_dir = Path(args.nvme) if args.nvme else Path(tempfile.mkdtemp(prefix="offload-demo-"))
     cfg = OffloadConfig(param_tier=args.params, grad_tier=args.params, state_tier=args.state,
                         nvme_dirs=str(store_dir), device_budget_bytes=device_budget(shape, model), prefetch=1)
-    # beta2 = 0.95 as GPT pre-training uses: with torch's 0.999 this small model has loss spikes (plain torch too).
+    # beta2 = 0.95 as GPT pre-training uses. Both 0.95 and 0.999 give a one-step loss spike near the end of the
+    # warm-up (step 23: 3.2 -> 9.8 -> 3.3), identical in plain torch: a quirk of this small model, not of offload.
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     model, opt = wrap(model, opt, cfg)
     sched = lr_schedule(opt, args.lr, args.steps)
