@@ -60,16 +60,14 @@ def _cmd_store(args: argparse.Namespace) -> int:
 
 
 def _parse_bytes(text: str) -> int:
-    """``24GiB``, ``2TB``, ``512MB``, ``1048576`` -> bytes (GiB/MiB are powers of 2, GB/TB powers of 10)."""
-    import re
+    """``24GiB``, ``2TB``, ``512MB``, ``1048576`` -> bytes: :func:`offload.config.parse_bytes`, as argparse wants
+    its errors."""
+    from offload.config import parse_bytes
 
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B?|B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"expected a size like 24GiB, 128GiB or 2TB, got {text!r}")
-    unit = (m.group(2) or "B").upper().rstrip("B") or "B"
-    power = {"B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30,
-             "TI": 2**40}
-    return int(float(m.group(1)) * power[unit])
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:

@@ -76,7 +76,6 @@ class RunReport:
         self._t_start = self._t_last = time.perf_counter()
         self._last_draw = 0.0
         self._drawn = False
-        self._first_iteration = None
         rt = runtime_of(model, optimizer)
         self._first_iteration = rt.iterations if rt is not None else 0
         global _current

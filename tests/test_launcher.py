@@ -78,7 +78,6 @@ def test_demo_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
     gives, step for step, the same losses as a run never stopped: weights, AdamW state on NVMe, LR schedule,
     data position all came back."""
     import signal
-    import time
 
     common = ["demo", "--steps", "40", "--layers", "2", "--width", "64", "--batch", "4", "--seq", "32"]
     full = run(common + ["--out", str(tmp_path / "full"), "--nvme", str(tmp_path)], cwd=tmp_path)
