@@ -581,7 +581,7 @@ def main(argv=None) -> int:
 
         ref_path = os.path.join(work, "ref.dat")
         residency: list[float] = []
-        busy0, total0, own0, wall0 = *cpu_jiffies(), own_cpu_s(), time.perf_counter()
+        busy0, total0, own0 = *cpu_jiffies(), own_cpu_s()
         for rep in range(args.reps):
             for d in ("write", "read"):
                 # fio and dd first, then the Python loop and the store side by side, alternating which goes first:
@@ -658,7 +658,7 @@ def main(argv=None) -> int:
                         "bar_met": all(passed.values()), "passed": passed, "checksum": ck, "store_queue": qd,
                         "store_config": {k: getattr(store.store.config, k) for k in
                                          ("block_bytes", "workers", "verify", "durable")} |
-                                        {"workers_effective": store.store._pool._max_workers,
+                                        {"workers_effective": store.store._pool.threads,
                                          "direct": store.store.direct},
                         "ref_resident_fraction_before_read": [round(r, 4) for r in residency],
                         "elapsed_s": round(time.perf_counter() - T0, 1)})
@@ -695,7 +695,7 @@ def main(argv=None) -> int:
         print(f"  store queue depth: write {qd['write']['mean_queue_depth']} (max {qd['write']['max_in_flight']}), "
               f"read {qd['read']['mean_queue_depth']} (max {qd['read']['max_in_flight']}); "
               f"{qd['write']['requests_per_rep']} requests of {human(size // qd['write']['requests_per_rep'])} per rep, "
-              f"{store.store._pool._max_workers} workers")
+              f"{store.store._pool.threads} workers")
         print(f"  buffers (HostPool, shared by the raw loop, the store and the references): "
               f"{100 * results['hostpool_huge_page_share']:.0f}% in 2 MiB pages")
         print(f"  other processes used {100 * results['other_processes_cpu_share']:.0f}% of the CPUs during the "

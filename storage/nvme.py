@@ -56,6 +56,7 @@ from storage.journal import Journal
 from storage.memory import aligned_empty, byte_view, is_aligned, memview
 from storage.stats import TransferStats
 from storage.tiers import format_bytes
+from storage.workers import BACKGROUND, URGENT, PriorityWorkers
 
 MANIFEST = "offload-store.json"
 DATA = "chunks.dat"
@@ -269,10 +270,12 @@ class NvmeStore:
             self._journal.close()
             raise
         nworkers = self.config.workers or 8 * len(self.paths)
-        self._pool = concurrent.futures.ThreadPoolExecutor(nworkers, thread_name_prefix="nvme-store")
-        # Checksums of writes are computed here, beside the I/O threads, so that hashing a block never leaves an
-        # I/O thread without a request in flight (CRC-32C releases the GIL, so the two run in parallel).
-        self._hash_pool = concurrent.futures.ThreadPoolExecutor(max(1, nworkers // 4), thread_name_prefix="nvme-hash")
+        # Reads before writes, in both pools (storage/workers.py): a read is on a caller's critical path, a
+        # write is write-back.
+        self._pool = PriorityWorkers(nworkers, "nvme-store")
+        # Checksums are computed here, beside the I/O threads, so that hashing a block never leaves an I/O
+        # thread without a request in flight (CRC-32C releases the GIL, so the two run in parallel).
+        self._hash_pool = PriorityWorkers(max(1, nworkers // 4), "nvme-hash")
         self.stats = TransferStats(("nvme.write", "nvme.read", "nvme.checksum"))
 
     def _create(self, capacity_bytes: int) -> None:
@@ -531,8 +534,8 @@ class NvmeStore:
         op.remaining = 2 * len(blocks)  # each block: its write and its checksum
         start = 0
         for b in blocks:
-            self._pool.submit(self._write_block, op, b, start)
-            self._hash_pool.submit(self._hash_block, op, b, start)
+            self._pool.submit(self._write_block, op, b, start, priority=BACKGROUND)
+            self._hash_pool.submit(self._hash_block, op, b, start, priority=BACKGROUND)
             start += b.length
         return handle
 
@@ -585,7 +588,7 @@ class NvmeStore:
             return handle
         start = 0
         for b in chunk.blocks:
-            self._pool.submit(self._read_block, op, b, start)
+            self._pool.submit(self._read_block, op, b, start, priority=URGENT)
             start += b.length
         return handle
 
@@ -811,7 +814,7 @@ class NvmeStore:
                     op.mem[start + body:start + b.length].copy_(tail[:b.length - body])
                 if self.config.verify and op.error is None:
                     # Verify on the hash threads, so this thread goes straight on to its next request.
-                    self._hash_pool.submit(self._verify_block, op, b, start)
+                    self._hash_pool.submit(self._verify_block, op, b, start, priority=URGENT)
                     return
         except BaseException as e:  # noqa: BLE001
             self._fail(op, e, b)

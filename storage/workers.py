@@ -1,0 +1,112 @@
+"""Worker threads that serve reads before writes.
+
+A read is on someone's critical path: a training step waits for the state or weights it brings. A write is
+write-back: it only has to finish before its buffer is needed again. Served first-come first-served, a read
+issued behind a few chunk writes waits for all of their blocks, and what waits on it (an update, a forward)
+waits too, while the disk is no busier. Linux's I/O schedulers favour reads for the same reason (deadline gives
+reads a 500 ms deadline, writes 5 s).
+
+So the pool keeps one FIFO per priority, and a free thread takes the oldest task of the most urgent non-empty
+one. Writes are not starved in practice: whoever issues reads waits for them, so reads arrive in bounded bursts
+(the optimizer's read-ahead is capped by its buffers), and every write is served in the gaps between.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import threading
+import weakref
+from typing import Callable
+
+URGENT = 0
+"""Reads (and checking what a read brought): someone waits for them."""
+BACKGROUND = 1
+"""Writes (and hashing what a write sends): they only have to finish before their memory is reused."""
+
+
+_LIVE: "weakref.WeakSet[PriorityWorkers]" = weakref.WeakSet()
+
+
+@atexit.register
+def _drain_at_exit() -> None:
+    # The threads are daemons (an idle one must not keep the interpreter alive), so a store the program forgot
+    # to close would lose its queued writes at exit: finish them first, as ThreadPoolExecutor does.
+    for pool in list(_LIVE):
+        pool.shutdown(wait=True)
+
+
+class PriorityWorkers:
+    """A fixed-size thread pool with two FIFO queues, :data:`URGENT` before :data:`BACKGROUND`.
+
+    Threads start on demand, up to ``threads``. A task must handle its own errors (the store's tasks hand them
+    to their handle): one that raises anyway is dropped, and its thread lives on.
+    """
+
+    def __init__(self, threads: int, name: str):
+        if threads < 1:
+            raise ValueError(f"PriorityWorkers: expected >= 1 thread, got {threads}")
+        self._max = threads
+        self._name = name
+        self._queues = (collections.deque(), collections.deque())
+        self._cv = threading.Condition()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+        self._shutdown = False
+        _LIVE.add(self)
+
+    def submit(self, fn: Callable, *args, priority: int = BACKGROUND) -> None:
+        with self._cv:
+            if self._shutdown:
+                raise RuntimeError(f"{self._name}: cannot submit after shutdown")
+            self._queues[priority].append((fn, args))
+            if self._idle:
+                self._cv.notify()
+            elif len(self._threads) < self._max:
+                t = threading.Thread(target=self._run, name=f"{self._name}_{len(self._threads)}", daemon=True)
+                self._threads.append(t)
+                t.start()
+
+    @property
+    def threads(self) -> int:
+        """The most threads this pool runs."""
+        return self._max
+
+    def pending(self) -> int:
+        """Tasks queued and not yet started."""
+        with self._cv:
+            return sum(len(q) for q in self._queues)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._queues[0] or self._queues[1] or self._shutdown):
+                    self._idle += 1
+                    self._cv.wait()
+                    self._idle -= 1
+                q = self._queues[0] or self._queues[1]
+                if not q:  # shut down and nothing left
+                    return
+                fn, args = q.popleft()
+            try:
+                fn(*args)
+            except BaseException:  # noqa: BLE001 - a task reports its own errors; keep the thread serving
+                pass
+            # An idle thread must not keep the last task's objects alive (a bound method holds its store, whose
+            # __del__ releases the files of a store the program forgot to close).
+            fn = args = None
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop taking tasks. ``cancel_futures``: drop the queued ones (what ``kill -9`` would leave undone);
+        otherwise they run first. ``wait``: return when the threads have finished."""
+        with self._cv:
+            self._shutdown = True
+            if cancel_futures:
+                for q in self._queues:
+                    q.clear()
+            self._cv.notify_all()
+            threads = list(self._threads)
+        if wait:
+            for t in threads:
+                if t is not threading.current_thread():
+                    t.join()

@@ -1,0 +1,94 @@
+"""The store's worker pool serves reads before writes (storage/workers.py), and the store uses it that way."""
+
+import os
+import threading
+
+import torch
+
+from storage import NvmeStore, StoreConfig
+from storage.workers import BACKGROUND, URGENT, PriorityWorkers
+
+
+def _gated(pool: PriorityWorkers) -> threading.Event:
+    """Occupy the pool's only thread until the returned event is set."""
+    gate, started = threading.Event(), threading.Event()
+    pool.submit(lambda: (started.set(), gate.wait()))
+    assert started.wait(5)
+    return gate
+
+
+def test_urgent_tasks_overtake_queued_background_ones_fifo_within_each():
+    pool = PriorityWorkers(1, "t")
+    order, done = [], threading.Event()
+    gate = _gated(pool)
+    for name in ("w1", "w2"):
+        pool.submit(order.append, name, priority=BACKGROUND)
+    for name in ("r1", "r2"):
+        pool.submit(order.append, name, priority=URGENT)
+    pool.submit(done.set, priority=BACKGROUND)
+    assert pool.pending() == 5
+    gate.set()
+    assert done.wait(5)
+    assert order == ["r1", "r2", "w1", "w2"]
+    pool.shutdown()
+
+
+def test_shutdown_runs_queued_tasks_unless_cancelled():
+    for cancel, expect in ((False, ["a", "b"]), (True, [])):
+        pool = PriorityWorkers(1, "t")
+        order = []
+        gate = _gated(pool)
+        pool.submit(order.append, "a")
+        pool.submit(order.append, "b", priority=URGENT)
+        threading.Timer(0.05, gate.set).start()
+        pool.shutdown(wait=True, cancel_futures=cancel)
+        assert sorted(order) == expect
+        try:
+            pool.submit(order.append, "c")
+        except RuntimeError as e:
+            assert "after shutdown" in str(e)
+        else:
+            raise AssertionError("submit after shutdown was accepted")
+
+
+def test_a_failing_task_does_not_kill_its_thread():
+    pool = PriorityWorkers(1, "t")
+    done = threading.Event()
+    pool.submit(lambda: 1 / 0)
+    pool.submit(done.set)
+    assert done.wait(5)
+    pool.shutdown()
+
+
+def test_store_read_overtakes_writes_queued_before_it(tmp_path, monkeypatch):
+    """One I/O thread, held inside its first write: a read issued after three more chunk writes completes
+    before them, and every byte still lands where it should."""
+    cfg = StoreConfig(block_bytes=64 << 10, workers=1)
+    with NvmeStore(tmp_path, capacity_bytes=8 << 20, config=cfg) as s:
+        s.write("r", torch.arange(50_000, dtype=torch.float32)).wait()
+        real, gate, inside = os.pwritev, threading.Event(), threading.Event()
+
+        def held_pwritev(*a):
+            inside.set()
+            gate.wait(5)
+            return real(*a)
+
+        monkeypatch.setattr(os, "pwritev", held_pwritev)
+        finished = []
+        handles = []
+        for i in range(4):
+            h = s.write(f"w{i}", torch.full((50_000,), float(i)))
+            h.future.add_done_callback(lambda _f, k=f"w{i}": finished.append(k))
+            handles.append(h)
+            if i == 0:
+                assert inside.wait(5)  # the thread is now stuck in w0's first block
+        rh = s.read("r")
+        rh.future.add_done_callback(lambda _f: finished.append("r"))
+        gate.set()
+        out = rh.wait()
+        for h in handles:
+            h.wait()
+        assert finished.index("r") < finished.index("w1"), finished
+        assert torch.equal(out, torch.arange(50_000, dtype=torch.float32))
+        for i in range(4):
+            assert torch.equal(s.read(f"w{i}").wait(), torch.full((50_000,), float(i)))
