@@ -194,12 +194,13 @@ def test_same_directory_twice_is_an_error(tmp_path):
 def test_reopen_keeps_every_chunk(store_dir):
     tensors = {f"k{i}": random_tensor((1000 * (i + 1),), DTYPES[i], seed=i) for i in range(6)}
     with NvmeStore(store_dir, capacity_bytes=2 << 20, config=SMALL) as s:
-        for k, t in tensors.items():
-            s.write(k, t)
+        handles = [s.write(k, t) for k, t in tensors.items()]
         s.write("k0", tensors["k0"] + 1)  # overwritten...
         s.write("k0", tensors["k0"]).wait()  # ...and back
         s.write("gone", torch.ones(10)).wait()
         s.delete("gone")
+        for h in handles:  # committed before their versions are read (several threads: any order)
+            h.wait()
         versions = {k: s.info(k).version for k in tensors}
     with NvmeStore(store_dir, capacity_bytes=2 << 20) as s:  # the same capacity is accepted
         assert sorted(s.keys()) == sorted(tensors) and len(s) == 6 and "gone" not in s
