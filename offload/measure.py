@@ -2,11 +2,11 @@
 cost model predicts for the same placement (issue 5's validation; ``offload plan --measure``,
 ``benchmarks/plan_validate.py``).
 
-The seam between the scheduler and the runtime is two functions: :func:`config_to_plan` (the placement an
-:class:`~offload.OffloadConfig` runs, as a :class:`~scheduler.Plan`) and :func:`plan_to_config` (the config
-that runs a plan). The runtime places every unit alike today (one ``param_tier``, ``state_tier``,
-``grad_tier``; CPU updates), so a plan that mixes placements, or keeps blocks on the device, has no config yet:
-:func:`plan_to_config` says so, and :func:`runnable_plan` picks the fastest plan the runtime can run.
+The seam between the scheduler and the runtime: :func:`config_to_plan` (the placement a uniform
+:class:`~offload.OffloadConfig` runs, as a :class:`~scheduler.Plan`), :func:`plan_to_config` (the config that
+runs a plan, with ``offload.wrap(..., plan=plan)`` when the plan places units differently), and ``plan=`` on
+:func:`measure` and :class:`Run`, which run any plan as it is. :func:`runnable_plan` picks the fastest uniform
+placement with CPU updates (what ``offload plan --measure`` runs).
 
 What is compared, per iteration (medians over the measured ones):
 
@@ -22,6 +22,7 @@ What is compared, per iteration (medians over the measured ones):
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import resource
@@ -75,31 +76,25 @@ def config_to_plan(config: OffloadConfig, workload: Workload, *, strategy: str =
 
 
 def plan_to_config(plan: Plan, workload: Workload, **base) -> OffloadConfig:
-    """The :class:`~offload.OffloadConfig` that runs ``plan`` (``base``: the other fields, e.g. ``nvme_dirs``).
+    """The :class:`~offload.OffloadConfig` for ``plan`` (``base``: the other fields, e.g. ``nvme_dirs``).
 
-    The rest unit may keep its params on the device in the plan (the planner's choice): the runtime fetches it
-    once per iteration instead. Raises ``NotImplementedError`` for a plan the runtime cannot run yet."""
+    When every unit is placed alike (the rest unit may keep its params on the device: a config fetches it once
+    per iteration instead), the config alone runs the plan. Otherwise its placement fields hold the most common
+    block placement and ``offload.wrap(model, opt, config, plan=plan)`` runs the plan itself, unit by unit."""
+    _check_units(plan, workload)
     rest = workload.units[0].kind == REST
     blocks = plan.units[1:] if rest else plan.units
-    kinds = sorted({u.code + ("g" if u.grad_tier is N else "") for u in blocks})
-    if len(kinds) > 1:
-        raise NotImplementedError(f"plan_to_config: the plan places blocks differently ({plan.compact()}); "
-                                  f"expected one placement for every block: offload.wrap has one param_tier and "
-                                  f"one state_tier for all units (per-unit placement is not built yet)")
-    pl = blocks[0] if blocks else plan.units[0]
-    if pl not in RUNNABLE and dataclasses.replace(pl, grad_tier=H) not in RUNNABLE:
-        raise NotImplementedError(f"plan_to_config: blocks placed {pl.code} (params {pl.params.value}, state "
-                                  f"{pl.state.value}, update on {pl.update}); offload.wrap runs params and state on "
-                                  f"host or nvme with CPU updates: expected one of "
-                                  f"{[u.code for u in RUNNABLE]}")
-    if rest:
-        r = plan.units[0]
-        if (r.state, r.update, r.grad_tier) != (pl.state, pl.update, pl.grad_tier) or r.params not in (D, pl.params):
-            raise NotImplementedError(f"plan_to_config: the rest unit is placed {r.code}, the blocks {pl.code}; "
-                                      f"expected the same state and update (offload.wrap places all units alike)")
-    return OffloadConfig(param_tier=pl.params, state_tier=pl.state, grad_tier=pl.grad_tier, update_on="cpu",
+    counts = collections.Counter(blocks or plan.units)
+    pl = max(counts, key=lambda u: counts[u])  # the first of the most common (Counter keeps insertion order)
+    return OffloadConfig(param_tier=pl.params, state_tier=pl.state, grad_tier=pl.grad_tier, update_on=pl.update,
                          prefetch=plan.prefetch_depth, buffers=plan.state_buffers,
                          overlap_update=plan.overlap_update, **base)
+
+
+def _check_units(plan: Plan, workload: Workload) -> None:
+    if len(plan.units) != len(workload.units):
+        raise ValueError(f"expected a plan with one placement per unit of {workload.name!r} ({len(workload.units)}), "
+                         f"got {len(plan.units)}; was it made for another workload?")
 
 
 def runnable_plan(workload: Workload, profile: HardwareProfile, *, depths=(1, 2, 3), buffers: int = 4,
@@ -155,15 +150,16 @@ def _lm_loss(model, idx: torch.Tensor) -> torch.Tensor:
 
 # -- one placement, run for real ---------------------------------------------------------------------------------------
 class Run:
-    """A model of ``shape`` wrapped with ``config``, trained one iteration at a time on random tokens; each
-    :meth:`iteration` returns what it measured. Several runs can be alive at once, so that a benchmark can
-    interleave placements (the machine's load then weighs on all alike)."""
+    """A model of ``shape`` wrapped with ``config`` (and ``plan``, placing each unit, when given), trained one
+    iteration at a time on random tokens; each :meth:`iteration` returns what it measured. Several runs can be
+    alive at once, so that a benchmark can interleave placements (the machine's load then weighs on all alike)."""
 
-    def __init__(self, shape: TransformerShape, config: OffloadConfig, *, batch: int, seq: int, seed: int = 0):
+    def __init__(self, shape: TransformerShape, config: OffloadConfig, *, batch: int, seq: int, seed: int = 0,
+                 plan: Plan | None = None):
         torch.manual_seed(seed)
         model = build_transformer(shape, device="cpu")
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        self.model, self.opt = wrap(model, opt, config)
+        self.model, self.opt = wrap(model, opt, config, plan=plan)
         self.rt = self.model._offload_runtime
         self.config = config
         gen = torch.Generator().manual_seed(seed + 1)
@@ -292,16 +288,24 @@ def compare(name: str, plan: Plan, prediction: Prediction, records: list[dict]) 
 
 
 def measure(shape: TransformerShape, config: OffloadConfig, profile: HardwareProfile, *, batch: int, seq: int,
-            iters: int = 3, warmup: int = 1, name: str = "model",
+            iters: int = 3, warmup: int = 1, name: str = "model", plan: Plan | None = None,
             progress: Callable[[str], None] | None = None) -> Comparison:
-    """Run ``config`` for ``warmup + iters`` iterations of a model of ``shape`` and compare the measured ones
-    with the cost model's prediction for the same placement on ``profile``."""
+    """Run ``config`` (or ``plan``, unit by unit, with ``config`` for the rest: ``nvme_dirs``, budgets) for
+    ``warmup + iters`` iterations of a model of ``shape`` and compare the measured ones with the cost model's
+    prediction for the same placement on ``profile``.
+
+    The runtime sends every unit's grads to the host, also those of units updated on the device (where the cost
+    model keeps them): for such units the counted d2h bytes exceed the prediction by their grads."""
     if iters < 1 or warmup < 0:
         raise ValueError(f"measure: expected iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
     w = workload_of(shape, batch=batch, seq=seq, name=name)
-    plan = config_to_plan(config, w)
+    if plan is None:
+        plan, run_plan = config_to_plan(config, w), None
+    else:
+        _check_units(plan, w)
+        run_plan = plan
     pred = CostModel(w, profile).predict(plan, events=True)
-    run = Run(shape, config, batch=batch, seq=seq)
+    run = Run(shape, config, batch=batch, seq=seq, plan=run_plan)
     try:
         records = []
         for i in range(warmup + iters):

@@ -82,6 +82,10 @@ class ParamHome:
         """The weights of a parameter whose ``weights()`` is ``None``, read into a new tensor."""
         raise NotImplementedError
 
+    def on_device(self, param: torch.Tensor) -> bool:
+        """Whether ``weights()`` is device memory (by tier: on a CPU-only machine device memory is CPU memory)."""
+        return False
+
     def before_update(self, sub: "_Subgroup") -> None:
         """Called before a subgroup's update (e.g. to make its weights addressable)."""
 
@@ -223,11 +227,14 @@ class OffloadOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params_or_optimizer, optimizer_class: type[torch.optim.Optimizer] | None = None, *,
                  config: OffloadConfig | None = None, _homes: dict | None = None, _store: NvmeStore | None = None,
-                 _pool: HostPool | None = None, **optimizer_kwargs):
+                 _pool: HostPool | None = None, _device_budget: TierBudget | None = None,
+                 _placement: Callable[[int], tuple[Tier, str] | None] | None = None, **optimizer_kwargs):
         # No config: the one `offload run` passed through the environment, else the defaults.
         self.config = config or config_from_env() or OffloadConfig()
-        # For the parameter-offload runtime: {param: (unit index, ParamHome)}; subgroups are then its units.
+        # For the parameter-offload runtime: {param: (unit index, ParamHome)}; subgroups are then its units, and
+        # ``_placement(unit)`` gives each one's (state tier, update site) when they differ (a scheduler Plan).
         self._homes = _homes
+        self._placement = _placement
         if isinstance(params_or_optimizer, torch.optim.Optimizer):
             if optimizer_class is not None or optimizer_kwargs:
                 raise ValueError("OffloadOptimizer: given an optimizer instance, pass no optimizer_class or kwargs "
@@ -263,6 +270,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
         self._unscaled = False
         self._runtime = None  # set by offload.wrap
         self._shared_pool = _pool  # offload.wrap's pool: one host budget for params, grads and state
+        self._shared_device_budget = _device_budget  # and its device budget: one device
         self._param_shapes = {p: tuple(p.shape) for g in self.param_groups for p in g["params"]}
         self._setup_memory()
         self._store, self._own_store = _store, _store is None
@@ -296,7 +304,8 @@ class OffloadOptimizer(torch.optim.Optimizer):
         else:
             self._host_budget = TierBudget(Tier.HOST, cfg.host_budget_bytes or psutil.virtual_memory().total)
             self._host_pool = HostPool(budget=self._host_budget, slab_bytes=64 << 20)
-        self._device_budget = TierBudget(Tier.DEVICE, cfg.device_budget_bytes or (1 << 62))
+        self._device_budget = self._shared_device_budget or TierBudget(Tier.DEVICE,
+                                                                       cfg.device_budget_bytes or (1 << 62))
 
     def _device_of(self) -> torch.device:
         devices = {p.device for g in self.param_groups for p in g["params"] if p.requires_grad}
@@ -332,9 +341,11 @@ class OffloadOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _needs_master(pc: _Piece, site: str) -> bool:
         """fp32 master weights are kept in the chunk unless the piece's weights are fp32, always addressable, and
-        in the memory the update runs in (then the update works on them in place)."""
-        if pc.home is not None and pc.home.weights(pc.param) is None:
-            return True
+        in the memory the update runs in (then the update works on them in place). With a home, "in the memory"
+        is by tier, so that a CPU-only machine takes a GPU's path (copies and all; DESIGN.md "Tiers")."""
+        if pc.home is not None:
+            w = pc.home.weights(pc.param)
+            return w is None or w.dtype != torch.float32 or pc.home.on_device(pc.param) != (site == "device")
         w = pc.weights()
         return w.dtype != torch.float32 or (w.device.type != "cpu" and site == "cpu")
 
@@ -421,9 +432,13 @@ class OffloadOptimizer(torch.optim.Optimizer):
         total = start + len(packs)
         for j, pieces in enumerate(packs):
             i = start + j
-            tier = cfg.state_tier
-            site = "device" if tier is Tier.DEVICE else cfg.update_site(i, total) if not isinstance(
-                cfg.update_on, str) else cfg.update_on
+            placed = self._placement(self._unit_of_pack[j]) if self._homes is not None and self._placement else None
+            if placed is not None:
+                tier, site = placed
+            else:
+                tier = cfg.state_tier
+                site = "device" if tier is Tier.DEVICE else cfg.update_site(i, total) if not isinstance(
+                    cfg.update_on, str) else cfg.update_on
             has_master = any(self._needs_master(pc, site) for pc in pieces)
             sub = _Subgroup(i, gi, pieces, tier, site, has_master)
             sub.home = pieces[0].home
@@ -617,6 +632,66 @@ class OffloadOptimizer(torch.optim.Optimizer):
                 raise err
         return wb
 
+    def _relocate(self, sub: _Subgroup, tier: Tier, site: str,
+                  master_of: Callable[[_Piece], torch.Tensor]) -> None:
+        """Between steps: put ``sub``'s chunk on ``tier`` and run its updates on ``site`` (the runtime's
+        ``apply_plan``, once the unit's params are in their new place: that decides whether a master is needed).
+
+        A master that becomes needed is ``master_of(piece)``, the fp32 weights, which is what the master would hold
+        (fp32 params are copies of it; low-precision params always keep theirs), so dropping or adding one changes
+        no value. The old copy is freed: its memory released, its store chunk deleted."""
+        has_master = any(self._needs_master(pc, site) for pc in sub.pieces)
+        if (sub.tier, sub.site, sub.has_master) == (tier, site, has_master):
+            return
+        # The inner optimizer of a resident chunk stays bound to it from step to step (see _update): unbind.
+        sub.bound_mem = None
+        sub.inner.state.clear()
+        for pc in sub.pieces:
+            pc.proxy.data = torch.empty(0)
+        old_tier, src_dev, dst_dev = sub.tier, self._home(sub) == "device", tier is Tier.DEVICE
+        mem, release_read = sub.mem, None
+        if sub.residency is Residency.STORED:  # read it into a host buffer, freed once re-packed
+            mem, release_read = self._alloc(sub.chunk_bytes, "host")
+            with self._span("disk_read", f"replan state {sub.key}", sub.chunk_bytes):
+                self._store_for().read(sub.key, out=mem).wait()
+            self._stats["read_bytes"] += sub.chunk_bytes
+        try:
+            tensors, crossing = [], 0  # crossing: bytes copied between host and device memory
+            for pi, pc in enumerate(sub.pieces):
+                have = {s.key: s.view(mem) for s in sub.slots if s.piece == pi}
+                old_master = have.pop("master", None)
+                if has_master:
+                    m = old_master if old_master is not None else master_of(pc)  # master_of: host memory
+                    tensors.append((pi, "master", m))
+                    crossing += m.numel() * m.element_size() if (src_dev and old_master is not None) != dst_dev else 0
+                tensors += [(pi, k, v) for k, v in have.items()]
+                crossing += sum(v.numel() * v.element_size() for v in have.values()) if src_dev != dst_dev else 0
+            sub.tier, sub.site, sub.has_master = tier, site, has_master
+            link = ("h2d" if dst_dev else "d2h") if crossing else None
+            with self._span(link, f"replan state {sub.key}", crossing):
+                if tensors:
+                    self._repack(sub, tensors, where=self._home(sub))  # copies, then frees the old memory
+                else:
+                    if sub.release is not None:
+                        sub.release()
+                    sub.slots, sub.chunk_bytes, sub.mem, sub.release = [], 0, None, None
+                    sub.residency = Residency.EMPTY
+            if link:
+                self._stats[f"{link}_bytes"] += crossing
+        finally:
+            if release_read is not None:
+                release_read()
+        if tier is Tier.NVME and sub.residency is Residency.RESIDENT:
+            self._write_out(sub, wait=True)
+        elif old_tier is Tier.NVME and tier is not Tier.NVME and sub.key in self._store_for():
+            self._store_for().delete(sub.key)
+
+    def _span(self, resource: str | None, name: str, nbytes: int):
+        """A span on the runtime's timeline (none without a runtime or a resource)."""
+        if resource is None or self._runtime is None:
+            return contextlib.nullcontext()
+        return self._runtime.timeline.span(resource, name, nbytes)
+
     # -- the step ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
@@ -729,10 +804,11 @@ class OffloadOptimizer(torch.optim.Optimizer):
             elif release_dev is not None:
                 host_mem.copy_(mem, non_blocking=True)
                 self._stats["d2h_bytes"] += sub.chunk_bytes
-            if cuda and sub.tier is not Tier.DEVICE:
+            if cuda and (sub.tier is not Tier.DEVICE or sub.home is not None):
                 # Copies queued on the current stream read or write host memory that is handed on next (the
-                # state chunk back from the device; new weights from the host masters to the params): the store's
-                # threads or the next read reuse that memory, so the copies must have finished first.
+                # state chunk back from the device; new weights from the host masters to the params; with the
+                # runtime, its host grads and the new weights of host params): the store's threads, the runtime's
+                # copy threads or the next read reuse that memory, so the copies must have finished first.
                 torch.cuda.current_stream(self.device).synchronize()
         finally:
             release_grads()

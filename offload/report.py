@@ -191,9 +191,13 @@ class RunReport:
         if rt is not None:
             out["device_peak_bytes"] = rt.device_budget.peak_bytes
             out["device_budget_bytes"] = rt.device_budget.capacity_bytes
-            out["placement"] = {"params": rt.param_tier.value, "grads": rt.config.grad_tier.value,
-                                "state": rt.config.state_tier.value, "overlap_update": rt.overlap,
-                                "units": len(rt.units)}
+            same = _uniform(rt)
+            out["placement"] = {"params": same["params"] if same else "mixed",
+                                "grads": same["grads"] if same else "mixed",
+                                "state": (same["state"] or rt.config.state_tier.value) if same else "mixed",
+                                "overlap_update": rt.overlap, "units": len(rt.units)}
+            if not same:
+                out["placement"]["per_unit"] = [{"units": names, **pl} for names, pl in placement_groups(rt)]
         pool = getattr(rt, "pool", None) or getattr(opt, "_host_pool", None)
         if pool is not None:
             out["host_pool"] = pool.stats()
@@ -218,8 +222,13 @@ class RunReport:
             lines.append(f"step time {s['step_s_median'] * 1e3:.0f} ms (median){tok}")
         if "placement" in s:
             p = s["placement"]
-            lines.append(f"placement: params on {p['params']}, grads on {p['grads']}, optimizer state on {p['state']}"
-                         f"; {p['units']} units; update {'overlapped with backward' if p['overlap_update'] else 'after backward'}")
+            when = f"update {'overlapped with backward' if p['overlap_update'] else 'after backward'}"
+            if "per_unit" in p:
+                lines.append(f"placement per unit ({p['units']} units; {when}):")
+                lines += [f"  {g['units']}: {_placement_words(g)}" for g in p["per_unit"]]
+            else:
+                lines.append(f"placement: params on {p['params']}, grads on {p['grads']}, optimizer state on "
+                             f"{p['state']}; {p['units']} units; {when}")
         if "optimizer" in s:
             o = s["optimizer"]
             tiers = ", ".join(f"{format_bytes(b)} on {t}" for t, b in o["state_bytes_by_tier"].items())
@@ -267,8 +276,37 @@ class RunReport:
         return paths
 
 
+def _uniform(rt) -> dict | None:
+    """The placement every unit shares (units without trainable params match any state), or ``None``."""
+    rows = rt.placements()
+    keys = ("params", "grads", "state", "update")
+    stated = [r for r in rows if r["state"] is not None] or rows
+    first = stated[0]
+    if all(r[k] == first[k] for r in rows for k in keys if r["state"] is not None or k in ("params", "grads")):
+        return {k: first[k] for k in keys}
+    return None
+
+
+def placement_groups(rt) -> list[tuple[str, dict]]:
+    """Runs of consecutive units placed alike, as ``(names, placement)``: ``("blocks.0 .. blocks.3", {...})``."""
+    out: list[tuple[list[str], dict]] = []
+    for r in rt.placements():
+        pl = {k: r[k] for k in ("params", "grads", "state", "update")}
+        if out and out[-1][1] == pl:
+            out[-1][0].append(r["unit"])
+        else:
+            out.append(([r["unit"]], pl))
+    return [(names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}", pl) for names, pl in out]
+
+
+def _placement_words(pl: dict) -> str:
+    state = f", state on {pl['state']}, updated on {pl['update']}" if pl["state"] else ", no trainable params"
+    return f"params on {pl['params']}, grads on {pl['grads']}{state}"
+
+
 def placement_text(runtime) -> str:
-    """What a wrapped model's runtime placed where, in a few lines (printed by ``offload run`` before training)."""
+    """What a wrapped model's runtime placed where, in a few lines (printed by ``offload run`` before training);
+    unit by unit when the units differ (a plan)."""
     rt, opt = runtime, runtime.optimizer
     cfg = rt.config
     r = opt.report()
@@ -277,12 +315,22 @@ def placement_text(runtime) -> str:
     budget_txt = f"a device budget of {format_bytes(budget)}" if budget < 1 << 60 else "no device budget"
     state = ", ".join(f"{format_bytes(b)} on {t}" for t, b in r["state_bytes_by_tier"].items()) or "none"
     sites = sorted({s["update_on"] for s in r["subgroups"]})
-    return "\n".join([
-        f"plan: {len(rt.units)} units, {format_bytes(pbytes)} of params on {rt.param_tier.value}, on the device only "
-        f"while their unit computes ({budget_txt}, prefetch {cfg.prefetch})",
-        f"  grads: on {cfg.grad_tier.value} between backward and the update",
-        f"  optimizer state: {state}; {r['optimizer']} ({r['impl']}), {len(r['subgroups'])} subgroups updated on "
-        f"{'/'.join(sites)}, {'overlapped with backward' if rt.overlap else 'after backward'}"])
+    tail = (f"  optimizer state: {state}; {r['optimizer']} ({r['impl']}), {len(r['subgroups'])} subgroups updated on "
+            f"{'/'.join(sites)}, {'overlapped with backward' if rt.overlap else 'after backward'}")
+    same = _uniform(rt)
+    if same is not None and same["params"] != "device":
+        return "\n".join([
+            f"plan: {len(rt.units)} units, {format_bytes(pbytes)} of params on {same['params']}, on the device only "
+            f"while their unit computes ({budget_txt}, prefetch {cfg.prefetch})",
+            f"  grads: on {same['grads']} between backward and the update", tail])
+    by_tier: dict[str, int] = {}
+    for u in rt.units:
+        by_tier[u.param_tier.value] = by_tier.get(u.param_tier.value, 0) + u.nbytes
+    held = ", ".join(f"{format_bytes(b)} {'kept on the device' if t == 'device' else 'on ' + t}"
+                     for t, b in by_tier.items())
+    return "\n".join([f"plan: {len(rt.units)} units placed one by one{f' ({rt.plan.compact()})' if rt.plan else ''}, "
+                      f"{format_bytes(pbytes)} of params: {held} ({budget_txt}, prefetch {cfg.prefetch})"]
+                     + [f"  {names}: {_placement_words(pl)}" for names, pl in placement_groups(rt)] + [tail])
 
 
 def current() -> RunReport | None:

@@ -18,6 +18,12 @@ they exist only while needed:
 - step: the user's ``optimizer.step()`` runs :class:`~offload.optimizer.OffloadOptimizer` over the units,
   reading weights and gradients from the units' host buffers (its ``ParamHome`` interface).
 
+Placement is uniform (the config's ``param_tier``, ``grad_tier``, ``state_tier``, ``update_on``) or per unit: a
+:class:`scheduler.Plan` gives each unit its own, and a unit whose params the plan keeps on the ``device`` is fetched
+once and never released. :meth:`OffloadRuntime.apply_plan` switches plans between iterations, moving what changed
+(see its docstring); ``runtime.on_iteration`` callbacks may return the next plan after each step (the re-planner's
+seam).
+
 Device memory is a :class:`~storage.TierBudget` that every fetch reserves from, so on a CPU-only machine the
 budget is enforced by our accounting exactly as it bounds a GPU. Activations are not counted.
 """
@@ -27,6 +33,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import concurrent.futures
+import dataclasses
 import enum
 import os
 import sys
@@ -42,6 +49,7 @@ from offload.config import OffloadConfig, config_from_env
 from offload.optimizer import OffloadOptimizer, ParamHome
 from offload.report import placement_text, report_at_exit
 from offload.timeline import Timeline
+from scheduler.planner import Plan, UnitPlacement
 from storage import HostPool, NvmeStore, Tier, TierBudget, TierFullError, format_bytes
 from storage.memory import aligned_empty
 
@@ -85,7 +93,10 @@ class Unit:
         self.grad_nbytes = goff
         self.trainable = sum(p.requires_grad for p in params)
         self.state = ParamState.RELEASED
+        self.param_tier = Tier.HOST  # where the params live between uses (device: resident, never released)
+        self.grad_tier = Tier.HOST  # where accumulated grads wait for the update
         self.host: torch.Tensor | None = None  # flat params on the host (host tier)
+        self._host_release: Callable[[], None] | None = None
         self.device_buf: torch.Tensor | None = None
         self.fetch: concurrent.futures.Future | None = None
         self.grad_host: torch.Tensor | None = None  # flat fp32 grads, while on the host
@@ -96,6 +107,10 @@ class Unit:
         self.grad_key = f"unit{index}.grads"
         self.pending = 0  # trainable params whose grad has not arrived in this backward
         self.key = f"unit{index}.params"
+
+    def padded_bytes(self, k: int) -> int:
+        """Bytes of param ``k``'s slot in the flat buffer (what moves with it, padding included)."""
+        return (self.offsets[k + 1] if k + 1 < len(self.offsets) else self.nbytes) - self.offsets[k]
 
     def view(self, flat: torch.Tensor, k: int) -> torch.Tensor:
         dtype = self.dtypes[k]
@@ -133,10 +148,15 @@ class _Home(ParamHome):
 
     def weights(self, param):
         unit, k = self.rt._owner[param]
-        if self.rt.param_tier is Tier.NVME:
+        if unit.param_tier is Tier.NVME:
             staging = self.rt._staging.get(unit.index)
             return None if staging is None else unit.view(staging, k)
+        if unit.param_tier is Tier.DEVICE:
+            return unit.view(unit.device_buf, k)
         return unit.view(unit.host, k)
+
+    def on_device(self, param):
+        return self.rt._owner[param][0].param_tier is Tier.DEVICE
 
     def load_weights(self, param):
         return self.rt.param_value(param)
@@ -155,45 +175,51 @@ class _Home(ParamHome):
     def before_update(self, sub):
         self.rt._before_update(sub)
 
+    def after_update(self, sub):
+        self.rt._after_update(sub)
 
 
 class OffloadRuntime:
     """Owns the units, their memory on each tier, the hooks and the timeline of one wrapped model."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: OffloadConfig,
-                 units: Callable[[nn.Module], list[tuple[str, list[nn.Module]]]] | None = None):
+                 units: Callable[[nn.Module], list[tuple[str, list[nn.Module]]]] | None = None,
+                 plan: Plan | None = None):
         self.model = model
-        self.config = config
-        self.param_tier = config.param_tier
-        if self.param_tier is Tier.DEVICE:
+        if plan is None and config.param_tier is Tier.DEVICE:
             raise NotImplementedError("OffloadConfig(param_tier='device'): keeping every param on the device needs "
-                                      "no wrap; use OffloadOptimizer alone")
+                                      "no wrap; use OffloadOptimizer alone (or give wrap a plan that keeps some "
+                                      "units on the device)")
+        if plan is not None:
+            _check_plan_type(plan)
+            config = _with_plan(config, plan)
+        self.config = config
         devices = {p.device for p in model.parameters()}
         if len(devices) != 1:
             raise ValueError(f"offload.wrap: expected the model on one device, got {sorted(map(str, devices))}")
         self.device = next(iter(devices))
         self.timeline = Timeline()
         self.stats = {"fetches": 0, "fetch_wait_s": 0.0, "h2d_bytes": 0, "d2h_bytes": 0, "disk_read_bytes": 0,
-                      "disk_write_bytes": 0}
+                      "disk_write_bytes": 0, "replans": 0, "replan_h2d_bytes": 0, "replan_d2h_bytes": 0,
+                      "replan_disk_read_bytes": 0, "replan_disk_write_bytes": 0}
         self._build_units(units or default_units)
         self._owner: dict[nn.Parameter, tuple[Unit, int]] = {}
         for u in self.units:
             for k, p in enumerate(u.params):
                 self._owner[p] = (u, k)
+        if plan is not None:
+            self._check_plan(plan, "offload.wrap")
+        for i, u in enumerate(self.units):
+            u.param_tier = plan.units[i].params if plan else config.param_tier
+            u.grad_tier = plan.units[i].grad_tier if plan else config.grad_tier
         self.device_budget = TierBudget(Tier.DEVICE, config.device_budget_bytes or (1 << 62))
-        need = self.units[0].nbytes + max((u.nbytes for u in self.units[1:]), default=0)
-        if need > self.device_budget.capacity_bytes:
-            big = max(self.units[1:], key=lambda u: u.nbytes, default=self.units[0])
-            raise ValueError(
-                f"offload.wrap: the device budget of {format_bytes(self.device_budget.capacity_bytes)} cannot hold "
-                f"unit {self.units[0].name!r} ({format_bytes(self.units[0].nbytes)}, resident through forward and "
-                f"backward) plus the largest block {big.name!r} ({format_bytes(big.nbytes)}): raise "
-                f"device_budget_bytes to at least {need} or cut the model into smaller units")
+        self._check_device_budget([u.param_tier for u in self.units], "offload.wrap")
         # One pool, one budget for everything this runtime and its optimizer keep on the host. Without a budget
         # in the config, the machine's memory is the limit.
         self.pool = HostPool(budget_bytes=config.host_budget_bytes or psutil.virtual_memory().total)
         self._store: NvmeStore | None = None
-        if Tier.NVME in (self.param_tier, config.state_tier, config.grad_tier):
+        states = [pl.state for pl in plan.units] if plan else [config.state_tier]
+        if Tier.NVME in [u.param_tier for u in self.units] + [u.grad_tier for u in self.units] + states:
             self._store = self._open_store()
         self._copy_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="offload-fetch")
         # One thread runs the overlapped updates, in the order units finish backward (the CPU-update resource).
@@ -222,8 +248,16 @@ class OffloadRuntime:
         self._fwd_seq: list[int] = []
         self._bwd_seq: list[int] = []
         self._in_backward = False
+        self._at_boundary = True  # between iterations: no training forward since the last step (apply_plan may run)
+        self.on_iteration: list[Callable[[dict], Plan | None]] = []
+        """Called after each step with the history record just appended; a returned plan is applied before the
+        next forward starts (the re-planner's seam)."""
+        self._pending_plan: tuple[Plan, int] | None = None  # (plan, the iteration whose callback returned it)
+        self._replan_record: dict | None = None  # what the last apply_plan did, for the next history record
         self._empty = {}
         self._released_once = False  # until then, params still hold their weights in param.data
+        self.plan: Plan | None = plan
+        """The plan running now (``None``: the config's uniform placement)."""
         self._init_tiers()
         self.optimizer = self._make_optimizer(optimizer)
         self._release_all_initial()
@@ -253,12 +287,45 @@ class OffloadRuntime:
         for i, u in enumerate(self.units):
             u.index, u.key = i, f"unit{i}.params"
 
+    def _check_plan(self, plan: Plan, who: str) -> None:
+        _check_plan_type(plan)
+        if len(plan.units) != len(self.units):
+            raise ValueError(f"{who}: expected a plan with one placement per unit ({len(self.units)}: 'rest', then "
+                             f"the blocks), got {len(plan.units)}; make it from this model's workload "
+                             f"(offload.measure.workload_of, scheduler.workload.from_module)")
+
+    def _check_device_budget(self, tiers: list[Tier], who: str, other_bytes: int = 0) -> None:
+        """The device must hold the units kept there, the rest unit (held through forward and backward) and the
+        largest streamed block at once; ``other_bytes``: device state that stays."""
+        kept = [u for u, t in zip(self.units, tiers) if t is Tier.DEVICE and u.nbytes]
+        rest = self.units[0] if tiers[0] is not Tier.DEVICE else None
+        streamed = [u for u, t in zip(self.units[1:], tiers[1:]) if t is not Tier.DEVICE]
+        big = max(streamed, key=lambda u: u.nbytes, default=None)
+        need = sum(u.nbytes for u in kept) + (rest.nbytes if rest else 0) + (big.nbytes if big else 0) + other_bytes
+        if need <= self.device_budget.capacity_bytes:
+            return
+        parts = []
+        if rest is not None:
+            parts.append(f"unit {rest.name!r} ({format_bytes(rest.nbytes)}, resident through forward and backward)")
+        if big is not None:
+            parts.append(f"the largest block {big.name!r} ({format_bytes(big.nbytes)})")
+        if kept:
+            kept_bytes = format_bytes(sum(u.nbytes for u in kept))
+            parts.append(f"the {len(kept)} units the plan keeps on the device ({kept_bytes})")
+        if other_bytes:
+            parts.append(f"optimizer state on the device ({format_bytes(other_bytes)})")
+        raise ValueError(f"{who}: the device budget of {format_bytes(self.device_budget.capacity_bytes)} cannot hold "
+                         f"{' plus '.join(parts)}: raise device_budget_bytes to at least {need}, keep fewer units on "
+                         f"the device, or cut the model into smaller units")
+
     def _open_store(self) -> NvmeStore:
         cfg = self.config
         if not cfg.nvme_dirs:
-            raise ValueError("offload.wrap: an NVMe tier needs OffloadConfig(nvme_dirs=...)")
+            raise ValueError("offload.wrap: an NVMe tier (in the config or the plan) needs "
+                             "OffloadConfig(nvme_dirs=...)")
         params = sum(u.nbytes for u in self.units)
-        numel = sum(p.numel() for u in self.units for p in u.params if p.requires_grad)
+        # From the recorded sizes: apply_plan may open the store once params are released (empty).
+        numel = sum(n for u in self.units for n, p in zip(u.numels, u.params) if p.requires_grad)
         state = numel * 16  # AdamW-like state plus fp32 masters, an upper estimate
         cap = cfg.nvme_capacity_bytes or int((params + state) * 2.2) + (64 << 20)
         return NvmeStore(list(cfg.nvme_dirs), cap, config=cfg.store, reset=True)
@@ -267,7 +334,7 @@ class OffloadRuntime:
         """Copy every unit's params to their tier, and give each unit its fp32 grad buffer."""
         for u in self.units:
             u.grad_key = f"unit{u.index}.grads"
-            if u.grad_nbytes and self.config.grad_tier is Tier.HOST:
+            if u.grad_nbytes and u.grad_tier is Tier.HOST:
                 buf = self.pool.acquire(u.grad_nbytes)
                 u.grad_host, u.grad_release = buf.tensor[:u.grad_nbytes], buf.release
             if not u.nbytes:
@@ -277,12 +344,15 @@ class OffloadRuntime:
             with torch.no_grad():
                 for k, p in enumerate(u.params):
                     u.view(flat, k).copy_(p.data)
-            if self.param_tier is Tier.HOST:
+            if u.param_tier is Tier.HOST:
                 u.host, u._host_release = flat, buf.release
-            else:
+                continue
+            if u.param_tier is Tier.NVME:
                 self._store.write(u.key, flat).wait()
                 self.stats["disk_write_bytes"] += u.nbytes
-                buf.release()
+            else:
+                self._fetch_now(u, flat)  # the plan keeps it on the device: fetched once, here
+            buf.release()
 
     def _make_optimizer(self, optimizer) -> OffloadOptimizer:
         homes = {}
@@ -293,7 +363,12 @@ class OffloadRuntime:
         if isinstance(optimizer, OffloadOptimizer):
             raise ValueError("offload.wrap: pass the plain optimizer (e.g. torch.optim.AdamW(...)); wrap builds "
                              "the OffloadOptimizer itself")
-        opt = OffloadOptimizer(optimizer, config=self.config, _homes=homes, _store=self._store, _pool=self.pool)
+        def placement(unit: int) -> tuple[Tier, str] | None:  # the plan's, when there is one: read when needed
+            return None if self.plan is None else (self.plan.units[unit].state, self.plan.units[unit].update)
+
+        # One device, one budget: state kept on the device and device updates count against the params' budget.
+        opt = OffloadOptimizer(optimizer, config=self.config, _homes=homes, _store=self._store, _pool=self.pool,
+                               _device_budget=self.device_budget, _placement=placement)
         opt._runtime = self
         return opt
 
@@ -306,13 +381,16 @@ class OffloadRuntime:
     def _release_all_initial(self) -> None:
         self._released_once = True
         for u in self.units:
+            if u.param_tier is Tier.DEVICE:
+                continue  # resident since _init_tiers, for good
             for p in u.params:
                 p.data = self._empty_like(p)
             u.state = ParamState.RELEASED
 
     # -- fetch / release ----------------------------------------------------------------------------------------
-    def _issue_fetch(self, u: Unit, *, required: bool) -> bool:
-        """Start bringing ``u``'s params to the device. A prefetch that does not fit the budget is skipped."""
+    def _issue_fetch(self, u: Unit, *, required: bool, src: torch.Tensor | None = None) -> bool:
+        """Start bringing ``u``'s params to the device (from ``src``, a host copy, when given; else from their
+        tier). A prefetch that does not fit the budget is skipped."""
         if u.state is not ParamState.RELEASED or not u.nbytes:
             if not u.nbytes and u.state is ParamState.RELEASED:
                 u.state = ParamState.RESIDENT
@@ -331,13 +409,18 @@ class OffloadRuntime:
             u.device_buf = aligned_empty(u.nbytes)[:u.nbytes]
         u.state = ParamState.FETCHING
         self.stats["fetches"] += 1
-        u.fetch = self._copy_pool.submit(self._fetch_work, u)
+        u.fetch = self._copy_pool.submit(self._fetch_work, u, src)
         return True
 
-    def _fetch_work(self, u: Unit):
+    def _fetch_now(self, u: Unit, src: torch.Tensor) -> None:
+        """Make ``u`` resident from the host copy ``src`` now (a unit the plan keeps on the device)."""
+        self._issue_fetch(u, required=True, src=src)
+        self._wait_resident(u)
+
+    def _fetch_work(self, u: Unit, src: torch.Tensor | None = None):
         """On the copy thread: (disk ->) host -> device. Returns a CUDA event when the copy is asynchronous."""
         tl = self.timeline
-        src, release = u.host, None
+        src, release = (u.host if src is None else src), None
         if src is None:
             buf = self.pool.acquire(u.nbytes)
             src, release = buf.tensor[:u.nbytes], buf.release
@@ -378,6 +461,12 @@ class OffloadRuntime:
             u.state = ParamState.RESIDENT
 
     def _release(self, u: Unit) -> None:
+        """Take ``u``'s params off the device after use, unless the plan keeps them there."""
+        if u.param_tier is not Tier.DEVICE:
+            self._evict(u)
+
+    def _evict(self, u: Unit) -> None:
+        """Take ``u``'s params off the device: the device copy is dropped (the weights are on their tier)."""
         if u.state is ParamState.FETCHING:
             u.fetch.result()
         if u.state is ParamState.RELEASED:
@@ -424,6 +513,13 @@ class OffloadRuntime:
             self._new_iteration = False
             if self.timeline.events:
                 self.last_timeline, self.timeline = self.timeline, Timeline()
+        if self._pending_plan is not None:  # an on_iteration callback chose it after the last step
+            plan, after = self._pending_plan
+            self._pending_plan = None
+            self.apply_plan(plan)
+            self._replan_record["requested_after"] = after
+        if torch.is_grad_enabled():
+            self._at_boundary = False  # a training iteration starts: placement is fixed until its step
         self._fwd_t0 = self.timeline.now()
         self._wait_resident(self.units[0])
         self._prefetch(self._fwd_order, -1)
@@ -549,7 +645,7 @@ class OffloadRuntime:
         """On the grad thread: all of ``u``'s grads of this backward are in its host buffer."""
         if self._overlapping:
             self._submit_update(u)
-        elif self.config.grad_tier is Tier.NVME:
+        elif u.grad_tier is Tier.NVME:
             self._spill_grads(u)
 
     def _grad_buffer(self, u: Unit, *, load: bool) -> None:
@@ -580,7 +676,7 @@ class OffloadRuntime:
 
     def _drop_grads(self, u: Unit) -> None:
         """After ``u``'s update with grads on NVMe: the grads are consumed; free their buffer."""
-        if self.config.grad_tier is not Tier.NVME:
+        if u.grad_tier is not Tier.NVME:
             return
         if u.grad_host is not None:
             release = u.grad_release
@@ -636,7 +732,7 @@ class OffloadRuntime:
         for u in self.units:
             u.has_grads, u.grads_on_nvme = False, False
             u.got = [False] * len(u.params)
-            if self.config.grad_tier is Tier.NVME and u.grad_host is not None:
+            if u.grad_tier is Tier.NVME and u.grad_host is not None:
                 release = u.grad_release
                 u.grad_host = u.grad_release = None
                 release()
@@ -661,8 +757,8 @@ class OffloadRuntime:
 
     @contextlib.contextmanager
     def _weights_of(self, u: Unit, *, load: bool):
-        """The unit's host copy of its weights; for a unit whose weights live in the store, a pool buffer read
-        from it (``load``) or written to it after the caller filled it (not ``load``)."""
+        """The unit's host copy of its weights; for a unit whose weights live in the store or on the device, a
+        pool buffer read from there (``load``) or written there after the caller filled it (not ``load``)."""
         if u.host is not None:
             yield u.host
             return
@@ -670,14 +766,34 @@ class OffloadRuntime:
         flat = buf.tensor[:u.nbytes]
         try:
             if load:
-                self._store.read(u.key, out=flat).wait()
-                self.stats["disk_read_bytes"] += u.nbytes
+                self._read_weights(u, flat)
             yield flat
             if not load:
-                self._store.write(u.key, flat).wait()
-                self.stats["disk_write_bytes"] += u.nbytes
+                if u.param_tier is Tier.DEVICE:
+                    self._sync_compute()  # compute may still read the old weights
+                    u.device_buf.copy_(flat)
+                    self.stats["h2d_bytes"] += u.nbytes
+                else:
+                    self._store.write(u.key, flat).wait()
+                    self.stats["disk_write_bytes"] += u.nbytes
         finally:
             buf.release()
+
+    def _read_weights(self, u: Unit, out: torch.Tensor, tier: Tier | None = None) -> None:
+        """Copy ``u``'s weights from the device (a unit kept there) or the store (``tier``, default the unit's)
+        into the host buffer ``out``."""
+        if (tier or u.param_tier) is Tier.DEVICE:
+            # The last writes to the device weights (the update's copies) were queued on the compute stream.
+            self._sync_compute()
+            out.copy_(u.device_buf)
+            self.stats["d2h_bytes"] += u.nbytes
+        else:
+            self._store.read(u.key, out=out).wait()
+            self.stats["disk_read_bytes"] += u.nbytes
+
+    def _sync_compute(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
 
     def iter_params(self) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
         """Every param's current weights, one unit at a time, without gathering the model: views into the unit's
@@ -721,9 +837,9 @@ class OffloadRuntime:
         self._updating = u
         if prev is not None and not (self._overlapping or self._step_pending):
             self._drop_grads(prev)  # with the overlapped update, _update_unit drops them
-        if self.param_tier is not Tier.NVME:
-            return
         self._flush_staging()
+        if u.param_tier is not Tier.NVME:
+            return
         buf = self.pool.acquire(u.nbytes)
         staging = buf.tensor[:u.nbytes]
         if not all(p.requires_grad for p in u.params):  # frozen params keep their stored values
@@ -731,6 +847,18 @@ class OffloadRuntime:
                 self._store.read(u.key, out=staging).wait()
             self.stats["disk_read_bytes"] += u.nbytes
         self._staging[u.index], self._staging_release[u.index] = staging, buf.release
+
+    def _after_update(self, sub) -> None:
+        """Count the new weights' trip from the fp32 master to where the params live, when it crosses the link:
+        a CPU update of params kept on the device (h2d), a device update of params on the host or NVMe (d2h)."""
+        if not sub.has_master:
+            return
+        u = self.units[sub.unit]
+        on_device = u.param_tier is Tier.DEVICE
+        if on_device == (sub.site == "device"):
+            return
+        nbytes = sum(u.padded_bytes(self._owner[pc.param][1]) for pc in sub.pieces)
+        self.stats["h2d_bytes" if on_device else "d2h_bytes"] += nbytes
 
     def _flush_staging(self) -> None:
         for idx in list(self._staging):
@@ -746,18 +874,179 @@ class OffloadRuntime:
         self._flush_staging()
         self._updating = None
         for u in self.units:  # grads on NVMe are consumed by the step
-            if self.config.grad_tier is Tier.NVME and u.has_grads:
+            if u.grad_tier is Tier.NVME and u.has_grads:
                 self._drop_grads(u)
         self._backwards = 0
         self._new_iteration = True
+        self._at_boundary = True
         self.iterations += 1
-        self.history.append({"iteration": self.iterations, "wall_s": self.timeline.now(),
-                             "timeline": self.timeline.summary(), "stats": dict(self.stats)})
+        record = {"iteration": self.iterations, "wall_s": self.timeline.now(), "timeline": self.timeline.summary(),
+                  "stats": dict(self.stats)}
+        if self._replan_record is not None:  # this iteration ran under a plan applied before its forward
+            record["replan"], self._replan_record = self._replan_record, None
+        self.history.append(record)
+        for fn in list(self.on_iteration):
+            plan = fn(record)
+            if plan is not None:  # checked now, so that a bad plan fails where it was made; applied at the next forward
+                self._check_plan(plan, "runtime.on_iteration")
+                self._pending_plan = (plan, self.iterations)
+
+    # -- placement per unit, and switching it between iterations ------------------------------------------------
+    @property
+    def param_tier(self) -> Tier | None:
+        """Where every unit's params live, or ``None`` when units differ (see :meth:`placements`)."""
+        tiers = {u.param_tier for u in self.units}
+        return tiers.pop() if len(tiers) == 1 else None
+
+    def placements(self) -> list[dict]:
+        """Each unit's placement now: params, grads, optimizer state and update site (the state and site of the
+        unit's subgroups; a unit without trainable params has none)."""
+        subs: dict[int, object] = {}
+        for s in self.optimizer._subgroups:
+            subs.setdefault(s.unit, s)
+        return [{"unit": u.name, "params": u.param_tier.value, "grads": u.grad_tier.value,
+                 "state": subs[u.index].tier.value if u.index in subs else None,
+                 "update": subs[u.index].site if u.index in subs else None} for u in self.units]
+
+    def apply_plan(self, plan: Plan) -> None:
+        """Run ``plan`` from now on. Call it between iterations (after ``optimizer.step()``, before the next
+        forward), or return the plan from a :attr:`on_iteration` callback to have it applied before the next
+        forward starts.
+
+        For each unit whose placement changed, its params, grad buffer and optimizer state (fp32 masters and
+        moments) go to their new tiers and the old copies are freed (store chunks deleted, pool buffers and device
+        budget given back); the plan's ``prefetch_depth``, ``state_buffers`` and ``overlap_update`` take effect.
+        Nothing changes value: every move is a copy. A unit whose update now needs an fp32 master (its params no
+        longer in the memory its update runs in) gets one copied from its fp32 weights, which equal the master it
+        would have had; one that no longer needs it drops it. What moved, per link, is added to ``stats`` (and to
+        ``replan_*_bytes``) and drawn on the timeline; the next history record says so under ``"replan"``.
+        """
+        self._check_plan(plan, "apply_plan")
+        backward = self._in_backward or self._backward_running()
+        if backward or self._step_pending or not self._at_boundary:
+            where = "during backward" if backward else (
+                "after backward, before optimizer.step()" if self._step_pending or self._backwards
+                else "after a training forward, before its backward and optimizer.step()")
+            raise RuntimeError(f"apply_plan: expected a call between iterations (after optimizer.step(), before the "
+                               f"next forward), got one {where}: call it after opt.step(), or return the plan from "
+                               f"a runtime.on_iteration callback (applied before the next forward)")
+        self._pending_plan = None  # a callback's earlier choice, superseded by this one
+        t0 = time.perf_counter()
+        before = self._link_bytes()
+        if self._store is None and any(Tier.NVME in (pl.params, pl.state, pl.grad_tier) for pl in plan.units):
+            self._store = self._open_store()
+            self.optimizer._store, self.optimizer._own_store = self._store, False
+        # State bound for the device, at its current size (a master added or dropped changes it a little).
+        device_state = sum(s.chunk_bytes for s in self.optimizer._subgroups
+                           if plan.units[s.unit].state is Tier.DEVICE)
+        self._check_device_budget([pl.params for pl in plan.units], "apply_plan", device_state)
+        def leaves_device(u: Unit) -> bool:
+            pl = plan.units[u.index]
+            return (u.param_tier is Tier.DEVICE and pl.params is not Tier.DEVICE) or any(
+                s.unit == u.index and s.tier is Tier.DEVICE and pl.state is not Tier.DEVICE
+                for s in self.optimizer._subgroups)
+
+        # Units that leave the device go first, so that those joining it find the budget they free.
+        order = sorted(self.units, key=lambda u: not leaves_device(u))
+        moved = [u.name for u in order if self._move_unit(u, plan.units[u.index])]
+        self.config = self.optimizer.config = _with_plan(self.config, plan)
+        self.overlap = self.config.overlap_update and self.config.max_grad_norm is None \
+            and self.config.loss_scale is None
+        self.plan = plan
+        after = self._link_bytes()
+        delta = {k: after[k] - before[k] for k in after}
+        for k, v in delta.items():
+            self.stats[f"replan_{k}_bytes"] += v
+        self.stats["replans"] += 1
+        self._replan_record = {"plan": plan.compact(), "units_moved": moved, "bytes": delta,
+                               "s": time.perf_counter() - t0}
+
+    def _link_bytes(self) -> dict[str, int]:
+        """Bytes moved so far per link, by the runtime and its optimizer together."""
+        s, o = self.stats, self.optimizer._stats
+        return {"h2d": s["h2d_bytes"] + o["h2d_bytes"], "d2h": s["d2h_bytes"] + o["d2h_bytes"],
+                "disk_read": s["disk_read_bytes"] + o["read_bytes"],
+                "disk_write": s["disk_write_bytes"] + o["write_bytes"]}
+
+    @torch.no_grad()
+    def _move_unit(self, u: Unit, new: UnitPlacement) -> bool:
+        """Give ``u`` the placement ``new`` (between iterations). Returns whether anything changed."""
+        opt = self.optimizer
+        subs = [s for s in opt._subgroups if s.unit == u.index]
+        old = u.param_tier
+        if old is new.params and u.grad_tier is new.grad_tier and all(
+                (s.tier, s.site) == (new.state, new.update) for s in subs):
+            return False
+        copy: dict = {}  # a host copy of the weights, made at most once: for the move and for new fp32 masters
+
+        def on_host() -> torch.Tensor:
+            if u.host is not None:
+                return u.host
+            if "flat" not in copy:
+                buf = self.pool.acquire(u.nbytes)
+                copy["flat"], copy["release"] = buf.tensor[:u.nbytes], buf.release
+                with self.timeline.span("d2h" if old is Tier.DEVICE else "disk_read", f"replan params {u.name}",
+                                        u.nbytes):
+                    self._read_weights(u, copy["flat"], old)  # from where they were: that copy goes last
+            return copy["flat"]
+
+        try:
+            if u.nbytes and new.params is not old:  # the new copy first; the old one goes last
+                flat = on_host()
+                if new.params is Tier.HOST:
+                    u.host, u._host_release = flat, copy.pop("release")
+                elif new.params is Tier.NVME:
+                    with self.timeline.span("disk_write", f"replan params {u.name}", u.nbytes):
+                        self._store.write(u.key, flat).wait()
+                    self.stats["disk_write_bytes"] += u.nbytes
+                else:
+                    self._fetch_now(u, flat)
+            u.param_tier = new.params
+            for s in subs:  # where the weights are now decides which subgroups need masters
+                opt._relocate(s, new.state, new.update,
+                              master_of=lambda pc: pc.of(u.view(on_host(), self._owner[pc.param][1])).float())
+            if u.nbytes and new.params is not old:
+                if old is Tier.HOST:
+                    release, u.host, u._host_release = u._host_release, None, None
+                    release()
+                elif old is Tier.NVME:
+                    self._store.delete(u.key)
+                else:
+                    self._evict(u)
+            self._move_grads(u, new.grad_tier)
+        finally:
+            if "release" in copy:
+                copy["release"]()
+        return True
+
+    def _move_grads(self, u: Unit, tier: Tier) -> None:
+        """Between iterations: host grads not zeroed yet (``zero_grad()`` not called after the step) go to the
+        store with their buffer, to be added to as a plain optimizer's would."""
+        if tier is u.grad_tier:
+            return
+        if tier is Tier.NVME:
+            if u.grad_host is not None:
+                if u.has_grads:
+                    with self.timeline.span("disk_write", f"replan grads {u.name}", u.grad_nbytes):
+                        self._store.write(u.grad_key, u.grad_host).wait()
+                    self.stats["disk_write_bytes"] += u.grad_nbytes
+                    u.grads_on_nvme = True
+                release, u.grad_host, u.grad_release = u.grad_release, None, None
+                release()
+        else:  # a step consumes NVMe grads, so none wait in the store here: the unit gets its own host buffer
+            if u.grad_nbytes:
+                self._grad_buffer(u, load=True)
+            u.grads_on_nvme = False
+            if self._store is not None and u.grad_key in self._store:
+                self._store.delete(u.grad_key)
+        u.grad_tier = tier
 
     def report(self) -> dict:
         return {"units": [{"name": u.name, "params": sum(p.numel() for p in u.params), "bytes": u.nbytes,
                            "state": u.state.value} for u in self.units],
-                "param_tier": self.param_tier.value, "device_budget_bytes": self.device_budget.capacity_bytes,
+                "param_tier": self.param_tier.value if self.param_tier else "mixed",
+                "placement": self.placements(), "plan": self.plan.compact() if self.plan else None,
+                "device_budget_bytes": self.device_budget.capacity_bytes,
                 "device_peak_bytes": self.device_budget.peak_bytes, **self.stats,
                 "timeline": self.timeline.summary()}
 
@@ -785,17 +1074,36 @@ def _tensors(obj) -> Iterable[torch.Tensor]:
         yield from _tensors(obj.to_tuple())
 
 
+def _check_plan_type(plan) -> None:
+    if not isinstance(plan, Plan):
+        raise ValueError(f"offload.wrap: expected plan to be a scheduler.Plan (one UnitPlacement per unit), got "
+                         f"{type(plan).__name__}")
+
+
+def _with_plan(config: OffloadConfig, plan: Plan) -> OffloadConfig:
+    """The config with the plan's pipeline sizes; placement comes from the plan, the rest from the config."""
+    return dataclasses.replace(config, prefetch=plan.prefetch_depth, buffers=plan.state_buffers,
+                               overlap_update=plan.overlap_update)
+
+
 def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, config: OffloadConfig | None = None, *,
-         units: Callable[[nn.Module], list[tuple[str, list[nn.Module]]]] | None = None
-         ) -> tuple[nn.Module, OffloadOptimizer]:
+         units: Callable[[nn.Module], list[tuple[str, list[nn.Module]]]] | None = None,
+         plan: Plan | None = None) -> tuple[nn.Module, OffloadOptimizer]:
     """Offload ``model``'s params, grads and ``optimizer``'s state per ``config``; returns the same module
     (changed in place: hooks, params emptied between uses) and the :class:`OffloadOptimizer` to use instead of
     ``optimizer``. The training loop stays ``loss = model(x); loss.backward(); opt.step(); opt.zero_grad()``.
 
     Clip with ``opt.clip_grad_norm_(max_norm)``: the grads are no longer in ``param.grad``. Without ``config``,
     the one ``offload run`` was given (``OFFLOAD_CONFIG``) is used, else the defaults.
+
+    ``plan``: a :class:`scheduler.Plan` placing each unit on its own (unit 0 is ``rest``, then the blocks, the
+    order of :func:`offload.measure.workload_of`): params on host, nvme or device (kept resident), grads on host or
+    nvme, state on host, nvme or device, updated on cpu or device; its ``prefetch_depth``, ``state_buffers`` and
+    ``overlap_update`` replace the config's. The config gives the rest (``nvme_dirs``, budgets, clipping, ...).
+    ``model._offload_runtime.apply_plan(plan)`` switches plans between iterations.
     """
-    runtime = OffloadRuntime(model, optimizer, config or config_from_env() or OffloadConfig(), units=units)
+    runtime = OffloadRuntime(model, optimizer, config or config_from_env() or OffloadConfig(), units=units,
+                             plan=plan)
     model._offload_runtime = runtime
     orig_zero_grad = model.zero_grad
 

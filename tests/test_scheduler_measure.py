@@ -43,17 +43,21 @@ def test_config_to_plan_to_config_round_trips(fields, tmp_path):
     assert plan.grad_buffers == SHAPE.n_layer  # grads leave as they complete: nothing bounds them on the device
 
 
-def test_plan_to_config_takes_a_planner_plan_and_refuses_what_wrap_cannot_run(tmp_path):
+def test_plan_to_config_takes_any_planner_plan(tmp_path):
     w = _w()
     planned = Plan(strategy="ours", units=(UnitPlacement(D, N, "cpu"),) + (UnitPlacement(N, N, "cpu"),) * 3)
     cfg = plan_to_config(planned, w, nvme_dirs=str(tmp_path))  # the rest unit on the device: fetched once instead
     assert (cfg.param_tier, cfg.state_tier, cfg.update_on) == (N, N, "cpu")
+    # Mixed: the most common block placement, and wrap(..., plan=mixed) runs the plan unit by unit
+    # (tests/test_runtime_plan.py).
     mixed = dataclasses.replace(planned, units=planned.units[:2] + (UnitPlacement(H, N, "cpu"),) * 2)
-    with pytest.raises(NotImplementedError, match="places blocks differently .*per-unit placement is not built"):
-        plan_to_config(mixed, w, nvme_dirs=str(tmp_path))
+    cfg = plan_to_config(mixed, w, nvme_dirs=str(tmp_path))
+    assert (cfg.param_tier, cfg.state_tier, cfg.update_on, cfg.prefetch) == (H, N, "cpu", mixed.prefetch_depth)
     on_device = Plan(strategy="x", units=(UnitPlacement(D, D, "device"),) * 4)
-    with pytest.raises(NotImplementedError, match="expected one of"):
-        plan_to_config(on_device, w)
+    cfg = plan_to_config(on_device, w)
+    assert (cfg.param_tier, cfg.state_tier, cfg.update_on) == (D, D, "device")
+    with pytest.raises(ValueError, match=r"one placement per unit of 'model' \(4\), got 3"):
+        plan_to_config(dataclasses.replace(planned, units=planned.units[:3]), w)
     with pytest.raises(NotImplementedError, match="update_on='cpu'"):
         config_to_plan(OffloadConfig(update_on="device"), w)
     with pytest.raises(NotImplementedError, match="accumulation_steps=1"):
