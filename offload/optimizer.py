@@ -262,12 +262,20 @@ class OffloadOptimizer(torch.optim.Optimizer):
         self.optimizer_class = cls
         super().__init__(groups, defaults)
         self._stats = {"steps": 0, "skipped_steps": 0, "read_bytes": 0, "write_bytes": 0, "h2d_bytes": 0,
-                       "d2h_bytes": 0, "update_s": 0.0, "wait_read_s": 0.0, "step_s": 0.0}
+                       "d2h_bytes": 0, "update_s": 0.0, "cpu_update_s": 0.0, "wait_read_s": 0.0,
+                       "step_s": 0.0}
         self._scale = None
         if self.config.loss_scale is not None:
             self._scale = 65536.0 if self.config.loss_scale == "dynamic" else float(self.config.loss_scale)
         self._good_steps = 0
         self._unscaled = False
+        # The overlapped update (offload.wrap) updates one unit at a time as backward completes them; between
+        # those calls: NVMe chunks read ahead of their unit's update ({subgroup index: (buffer, release, read
+        # handle, chunk bytes)}) and write-backs still in flight. Both are settled by _finish_unit_io at the step's
+        # end, so nothing outlives a step.
+        self._ahead: dict[int, tuple] = {}
+        self._late_writes: deque = deque()
+        self._late_errors: list[BaseException] = []
         self._runtime = None  # set by offload.wrap
         self._shared_pool = _pool  # offload.wrap's pool: one host budget for params, grads and state
         self._shared_device_budget = _device_budget  # and its device budget: one device
@@ -738,13 +746,76 @@ class OffloadOptimizer(torch.optim.Optimizer):
                 subs = [s for s in subs if s.unit == unit]
         return [s for s in subs if s.has_grads()]
 
-    def _update_subgroups(self, subs: list[_Subgroup]) -> None:
+    def _update_subgroups(self, subs: list[_Subgroup], *, late_writes: bool = False) -> None:
+        """Update ``subs``. ``late_writes`` (the overlapped update, one unit per call): return once the NVMe
+        chunks' write-backs are issued; :meth:`_finish_unit_io` waits for them at the end of the step."""
         for sub in subs:
             if sub.tier is not Tier.NVME:
                 self._update(sub, sub.mem)
         stored = [s for s in subs if s.tier is Tier.NVME]
         if stored:
-            self._step_streamed(stored)
+            self._step_streamed(stored, late_writes=late_writes)
+
+    def _subgroups_of(self, unit: int) -> list[_Subgroup]:
+        """The subgroups of one of the runtime's units, grads or not."""
+        return [s for s in self._subgroups if s.unit == unit]
+
+    def _buffer_bytes(self, sub: _Subgroup) -> tuple[int, int]:
+        """A streamed chunk's buffer: (chunk bytes rounded to 4 KiB, those plus the grad scratch of a CPU update)."""
+        chunk = (sub.chunk_bytes + 4095) // 4096 * 4096
+        return chunk, chunk + (self._scratch_bytes(sub, torch.device("cpu")) if sub.site == "cpu" else 0)
+
+    def _reap_late_writes(self) -> list[BaseException]:
+        """Forget finished write-backs; returns the errors of failed ones (their chunks are back in memory)."""
+        errors = []
+        while self._late_writes and self._late_writes[0].handle.done():
+            err = self._late_writes.popleft().check()
+            if err is not None:
+                errors.append(err)
+        return errors
+
+    def prefetch_state(self, subs: list[_Subgroup]) -> int:
+        """Start reading the stored NVMe chunks of ``subs`` (in the order their updates will come) into host
+        buffers, as far as ``config.buffers`` allows, keeping one for the update itself (chunks read ahead and
+        write-backs in flight count), and as far as the host budget gives buffers without waiting. The
+        overlapped update calls it so that a unit's state is on its way before its grads land, instead of being
+        read after them (Fuyou's and ZeRO-Infinity's read-ahead). Returns how many reads it started."""
+        started = 0
+        for sub in subs:
+            if sub.tier is not Tier.NVME or sub.index in self._ahead or sub.residency is not Residency.STORED \
+                    or not sub.chunk_bytes:
+                continue
+            # A failed write-back put its chunk back in memory; the step's end raises its error.
+            self._late_errors += self._reap_late_writes()
+            if len(self._ahead) + len(self._late_writes) + 1 >= self.config.buffers:
+                break
+            chunk, total = self._buffer_bytes(sub)
+            try:
+                buf, release = self._alloc(total, "host", wait=False)
+            except TierFullError:
+                break
+            self._stats["read_bytes"] += sub.chunk_bytes
+            handle = self._store_for().read(sub.key, out=buf[:sub.chunk_bytes])
+            self._trace("disk_read", f"state {sub.key}", handle, sub.chunk_bytes)
+            self._ahead[sub.index] = (buf, release, handle, chunk)
+            started += 1
+        return started
+
+    def _drop_ahead(self) -> None:
+        """Give back the buffers of chunks read ahead and not used (their reads are waited for first)."""
+        ahead, self._ahead = self._ahead, {}
+        for _buf, release, handle, _chunk in ahead.values():
+            concurrent.futures.wait([handle.future])
+            release()
+
+    def _finish_unit_io(self) -> None:
+        """End of an overlapped step: wait for the write-backs still in flight and drop unused read-ahead; raise
+        the first write failure (its chunk stays in memory, as in :meth:`_step_streamed`)."""
+        self._drop_ahead()
+        concurrent.futures.wait([wb.handle.future for wb in self._late_writes])
+        failed, self._late_errors = self._late_errors + self._reap_late_writes(), []
+        if failed:
+            raise failed[0]
 
     def _end_step(self, t0: float) -> None:
         self._unscaled = False
@@ -794,7 +865,10 @@ class OffloadOptimizer(torch.optim.Optimizer):
                 # Grads of CUDA params were copied into host scratch with non_blocking copies: a CPU update must
                 # not read them before they have landed.
                 torch.cuda.current_stream(self.device).synchronize()
+            t_inner = time.perf_counter()
             sub.inner.step()
+            if sub.site == "cpu":  # the CPU update proper, without the waits and copies around it (re-planning)
+                self._stats["cpu_update_s"] += time.perf_counter() - t_inner
             repack = self._unbind(sub, mem)
             if sub.home is not None:
                 sub.home.after_update(sub)
@@ -821,7 +895,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
                     pc.proxy.data = torch.empty(0)
         self._stats["update_s"] += time.perf_counter() - t0
 
-    def _step_streamed(self, subs: list[_Subgroup]) -> None:
+    def _step_streamed(self, subs: list[_Subgroup], *, late_writes: bool = False) -> None:
         """Update NVMe-tier subgroups as a pipeline: read ahead while one updates and earlier ones write back.
 
         At most ``config.buffers`` chunk buffers exist at once (reads ahead + the one updating + writes in
@@ -830,7 +904,8 @@ class OffloadOptimizer(torch.optim.Optimizer):
         Steps alternate direction, and the last ``buffers // 2`` chunks of a step stay in memory instead of being
         written back: the next step starts with them, so it neither writes nor reads them, and begins updating
         at once instead of waiting for its first read. (With offload.wrap the order is the units' and every
-        chunk is written back.)
+        chunk is written back.) Chunks :meth:`prefetch_state` read ahead are taken as they are. ``late_writes``:
+        return once the write-backs are issued (they count against the buffers until done).
         """
         store = self._store_for()
         keep = 0 if self._homes else self.config.buffers // 2  # the rest of the buffers read ahead meanwhile
@@ -840,21 +915,23 @@ class OffloadOptimizer(torch.optim.Optimizer):
         writes: deque = deque()
         nxt = 0
 
-        def buffer_bytes(sub: _Subgroup) -> tuple[int, int]:
-            chunk = (sub.chunk_bytes + 4095) // 4096 * 4096
-            return chunk, chunk + (self._scratch_bytes(sub, torch.device("cpu")) if sub.site == "cpu" else 0)
-
         def issue(sub: _Subgroup, wait: bool) -> bool:
             if sub.residency is Residency.RESIDENT:  # kept in memory after a failed write-back
                 ahead.append((sub, sub.mem, sub.release, None, sub.chunk_bytes))
                 return True
-            chunk, total = buffer_bytes(sub)
+            if sub.index in self._ahead:  # read ahead of its unit's update
+                ahead.append((sub, *self._ahead.pop(sub.index)))
+                return True
+            chunk, total = self._buffer_bytes(sub)
             try:
-                buf, release = self._alloc(total, "host", wait=wait)
+                buf, release = self._alloc(total, "host", wait=False)
             except TierFullError:
-                if wait:
-                    raise
-                return False
+                if not wait:
+                    return False
+                # Chunks read ahead for later units may hold the budget this one needs, and only this thread
+                # frees them: give them back rather than wait for ever.
+                self._drop_ahead()
+                buf, release = self._alloc(total, "host", wait=True)
             handle = None
             if sub.residency is Residency.STORED:
                 self._stats["read_bytes"] += sub.chunk_bytes
@@ -872,13 +949,17 @@ class OffloadOptimizer(torch.optim.Optimizer):
                 err = writes.popleft().check()
                 if err is not None:
                     failed.append(err)
-            return len(ahead) + len(writes)
+            self._late_errors += self._reap_late_writes()
+            return len(ahead) + len(writes) + len(self._ahead) + len(self._late_writes)
+
+        def oldest_write():
+            return (writes or self._late_writes)[0].handle.future
 
         try:
             for pos in range(len(subs)):
                 if not ahead:
-                    while writes and in_use() >= self.config.buffers:
-                        concurrent.futures.wait([writes[0].handle.future])
+                    while (writes or self._late_writes) and in_use() >= self.config.buffers:
+                        concurrent.futures.wait([oldest_write()])
                     issue(subs[nxt], wait=True)  # may wait for a write-back to free pool budget
                     nxt += 1
                 # Read ahead while this one updates, as far as the buffer count and the pool's budget allow.
@@ -910,6 +991,9 @@ class OffloadOptimizer(torch.optim.Optimizer):
                 if handle is not None:
                     concurrent.futures.wait([handle.future])
                 release()
+            if late_writes and not failed:
+                self._late_writes.extend(writes)
+                writes.clear()
             concurrent.futures.wait([wb.handle.future for wb in writes])
         failed += [err for err in (wb.check() for wb in writes) if err is not None]
         if failed:
@@ -1198,6 +1282,9 @@ class OffloadOptimizer(torch.optim.Optimizer):
 
     def close(self) -> None:
         """Release host/device memory and close the NVMe store (its files stay until the directory is removed)."""
+        self._drop_ahead()
+        concurrent.futures.wait([wb.handle.future for wb in self._late_writes])
+        self._late_writes.clear()
         for sub in self._subgroups:
             if sub.release is not None:
                 sub.release()

@@ -37,6 +37,7 @@ import dataclasses
 import enum
 import os
 import sys
+import threading
 import time
 import weakref
 from typing import Callable, Iterable, Iterator
@@ -233,6 +234,10 @@ class OffloadRuntime:
         self._step_pending = False  # updates ran (or run) in backward; step() must collect them
         self._update_futures: list[concurrent.futures.Future] = []
         self._submitted: set[int] = set()
+        self._spare: dict[int, list[torch.Tensor]] = {}  # released device buffers by size (CPU device)
+        self._spare_bytes = 0
+        self._spare_lock = threading.Lock()
+        self._update_seq: list[int] = []  # unit indices in the order the overlapped update reaches them
         self.last_timeline: Timeline | None = None
         # One record per iteration (the last 1000): its measured time, timeline summary and the byte counters
         # after it. Run reports (offload/report.py) and `offload run` read it; it costs a few µs per step.
@@ -403,10 +408,7 @@ class OffloadRuntime:
             resident = ", ".join(x.name for x in self.units if x.state is not ParamState.RELEASED)
             raise TierFullError("device", f"unit {u.name!r} (resident now: {resident})", u.nbytes,
                                 self.device_budget.used_bytes, self.device_budget.capacity_bytes) from None
-        if self.device.type == "cuda":
-            u.device_buf = torch.empty(u.nbytes, dtype=torch.uint8, device=self.device)
-        else:
-            u.device_buf = aligned_empty(u.nbytes)[:u.nbytes]
+        u.device_buf = self._device_buffer(u.nbytes)
         u.state = ParamState.FETCHING
         self.stats["fetches"] += 1
         u.fetch = self._copy_pool.submit(self._fetch_work, u, src)
@@ -478,9 +480,42 @@ class OffloadRuntime:
                 # The buffer may still be read by kernels queued on the compute stream; the caching allocator
                 # keeps it from reuse by other streams until they finish when we record it on that stream.
                 u.device_buf.record_stream(torch.cuda.current_stream(self.device))
-            u.device_buf = None
+            buf, u.device_buf = u.device_buf, None
             self.device_budget.release(u.nbytes)
+            self._spare_buffer(buf, u.nbytes)
         u.state = ParamState.RELEASED
+
+    # A CPU device's memory: CUDA's caching allocator reuses the blocks of released units, but on a CPU device
+    # torch hands large blocks back to the OS and the next fetch into fresh memory pays a page fault per 4 KiB
+    # (157 MB: 50 ms into fresh memory, 14 ms into reused, here). So released buffers are kept for the next fetch
+    # of the same size, as the caching allocator does: at most prefetch + 2 per size (what the fetch pipeline has
+    # alive at once), and live plus spare bytes within the device budget (spares go first when room is needed).
+    def _device_buffer(self, nbytes: int) -> torch.Tensor:
+        """Memory for ``nbytes`` of a unit's params on the device (the budget is already reserved)."""
+        if self.device.type == "cuda":
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        with self._spare_lock:
+            free = self._spare.get(nbytes)
+            if free:
+                self._spare_bytes -= nbytes
+                return free.pop()
+            room = self.device_budget.capacity_bytes - self.device_budget.used_bytes
+            for size in sorted(self._spare, reverse=True):  # make room: the largest spares go first
+                while self._spare[size] and self._spare_bytes > room:
+                    self._spare[size].pop()
+                    self._spare_bytes -= size
+        return aligned_empty(nbytes)[:nbytes]
+
+    def _spare_buffer(self, buf: torch.Tensor, nbytes: int) -> None:
+        """Keep a released unit's device buffer for reuse (CPU device only; see above)."""
+        if self.device.type == "cuda":
+            return
+        with self._spare_lock:
+            free = self._spare.setdefault(nbytes, [])
+            if len(free) < self.config.prefetch + 2 and \
+                    self.device_budget.used_bytes + self._spare_bytes + nbytes <= self.device_budget.capacity_bytes:
+                free.append(buf)
+                self._spare_bytes += nbytes
 
     def _prefetch(self, seq: list[int], pos: int) -> None:
         for idx in seq[pos + 1:pos + 1 + self.config.prefetch]:
@@ -585,6 +620,11 @@ class OffloadRuntime:
                     self._overlapping = False
             self._bwd_seq = list(reversed(self._fwd_order))
             self._bwd_pos = -1
+            if self._overlapping:
+                # Updates follow backward (the rest unit's grads complete last); start reading the first units'
+                # state now, while backward computes.
+                self._update_seq = self._bwd_seq + [0]
+                self._update_futures.append(self._update_pool.submit(self._prefetch_state, None))
             self._bwd_t0 = self.timeline.now()
             for x in self.units:
                 x.pending = x.trainable
@@ -692,9 +732,21 @@ class OffloadRuntime:
         self._submitted.add(u.index)
         self._update_futures.append(self._update_pool.submit(self._update_unit, u))
 
+    def _prefetch_state(self, after: int | None) -> None:
+        """On the update thread: start reading the NVMe state of the units updated next (after unit ``after``;
+        ``None``: from the first), as far as the optimizer's buffers allow. Units are updated in the order
+        backward completes them: ``_update_seq``."""
+        seq = self._update_seq
+        start = 0 if after is None or after not in seq else seq.index(after) + 1
+        subs = [s for idx in seq[start:start + self.optimizer.config.buffers]
+                for s in self.optimizer._subgroups_of(idx)]
+        if subs:
+            self.optimizer.prefetch_state(subs)
+
     def _update_unit(self, u: Unit) -> None:
+        self._prefetch_state(u.index)  # the next units' state reads run while this one updates
         with self.timeline.span("cpu_update", f"update {u.name}"):
-            self.optimizer._update_subgroups(self.optimizer._update_order(u.index))
+            self.optimizer._update_subgroups(self.optimizer._update_order(u.index), late_writes=True)
         self._drop_grads(u)
 
     def overlap_started(self) -> bool:
@@ -708,8 +760,13 @@ class OffloadRuntime:
         concurrent.futures.wait(self._update_futures)
         self._step_pending = False
         try:
-            for f in self._update_futures:
-                f.result()  # the first failure, if any
+            try:
+                for f in self._update_futures:
+                    f.result()  # the first failure, if any
+            finally:
+                # Write-backs the updates left in flight, read-ahead no update used: settled on the update
+                # thread, which owns them (the only one that touches them).
+                self._update_pool.submit(self.optimizer._finish_unit_io).result()
         finally:
             self._update_futures = []
             self.optimizer._end_step(self._step_t0)
@@ -880,8 +937,10 @@ class OffloadRuntime:
         self._new_iteration = True
         self._at_boundary = True
         self.iterations += 1
+        # cpu_update_s: seconds the CPU updates themselves took, so far (the update spans also hold waits for
+        # state reads and the previous unit's params written: scheduler/replan.py calibrates from this).
         record = {"iteration": self.iterations, "wall_s": self.timeline.now(), "timeline": self.timeline.summary(),
-                  "stats": dict(self.stats)}
+                  "stats": {**self.stats, "cpu_update_s": self.optimizer._stats["cpu_update_s"]}}
         if self._replan_record is not None:  # this iteration ran under a plan applied before its forward
             record["replan"], self._replan_record = self._replan_record, None
         self.history.append(record)

@@ -54,9 +54,13 @@ operations and their order follow the runtime:
   at position ``p`` (forward blocks, the rest unit's forward and backward, backward blocks) is issued when the
   compute at ``p - prefetch_depth - 1`` is done, i.e. by the pre-hook ``prefetch_depth`` units ahead;
 - grads leave on one grad thread in the order backward completes them;
-- updates run on one update thread. Overlapped with backward, each unit in the order its grads land goes through
-  read state, write the previous unit's new params (nvme params), update, write state, one after another. After
-  backward, host-state units come first, then nvme-state ones, in unit order; state reads run ahead within
+- updates run on one update thread. Overlapped with backward, units are updated in the order their grads land;
+  nvme state is read ahead: the first units' reads are issued when backward starts, the next one's when the
+  update ``state_buffers`` units before it starts, each once one of the ``state_buffers - 1`` buffers the update
+  does not hold is free (a write-back frees its buffer when it ends); with one buffer, a unit's state is read
+  after its grads land and the previous write-back ended. Before its update, a unit writes the previous unit's
+  new params (nvme params); after it, its state write-back is issued and the thread goes on. After backward,
+  host-state units come first, then nvme-state ones, in unit order; state reads run ahead within
   ``state_buffers``, and each unit's new params (nvme) are written before the next unit's update starts.
 
 The iteration ends when the last operation does (the last update has put the new params where the next forward
@@ -361,7 +365,7 @@ class CostModel:
             tail = self.gb[g_last] * r["d2h"] if plan.units[g_last].update == "cpu" else 0.0
             tail += p * r["cpu_update"] if plan.overlap_update else sum(
                 self.params[i] * r["cpu_update"] for i, u in enumerate(plan.units) if u.update == "cpu")
-            if pl.state is N and plan.overlap_update:  # read when the update thread takes it, not ahead
+            if pl.state is N and plan.overlap_update and plan.state_buffers == 1:  # no read-ahead: read after
                 tail += sb * r["disk_read"]
             after = sb * r["disk_write"] if pl.state is N else 0.0
             if pl.params is N:  # written once its update and state write are done (after_step)
@@ -484,16 +488,30 @@ class CostModel:
         state_release: list[int] = []  # per offloaded-state update, in order: op that frees its staging buffer
         chain = None  # overlapped: the update thread's last op; after backward: the last update
         flush_after: tuple[int, int] | None = None  # (unit, op) whose new params (nvme) the next update writes first
-        for i in self.update_order(plan):
+        upd_ops: list[int] = []  # the update thread's updates, in order (the overlapped read-ahead's issue points)
+        bufs = plan.state_buffers
+        order = self.update_order(plan)
+        for i in order:
             pl = units[i]
             p = self.params[i]
-            slot = state_release[-plan.state_buffers] if len(state_release) >= plan.state_buffers else None
+            slot = state_release[-bufs] if len(state_release) >= bufs else None
             if pl.update == "cpu":
                 gate = [grad_d2h[i], chain] if plan.overlap_update else [last_bwd, chain, *landed]
                 rd = None
                 if pl.state is N:
-                    rd = add("disk_read", f"state {names[i]}", sb[i] * r["disk_read"],
-                             gate if plan.overlap_update else [last_bwd, *landed, slot], sb[i])
+                    if not plan.overlap_update:
+                        deps = [last_bwd, *landed, slot]
+                    elif bufs == 1:  # no read-ahead: after the grads, the update before and its write-back
+                        deps = [*gate, state_release[-1] if state_release else None]
+                    else:
+                        # Read ahead (module note): the first bufs units' reads are issued when backward starts,
+                        # unit k's when the update k - bufs starts (the one before it ended, or the first unit's
+                        # grads landed), once one of the bufs - 1 buffers the update does not hold is free.
+                        k = len(upd_ops)
+                        issued = None if k < bufs else upd_ops[k - bufs - 1] if k > bufs else grad_d2h.get(order[0])
+                        deps = [last_fwd, issued,
+                                state_release[-(bufs - 1)] if len(state_release) >= bufs - 1 else None]
+                    rd = add("disk_read", f"state {names[i]}", sb[i] * r["disk_read"], deps, sb[i])
                 flush = None
                 if flush_after is not None:  # before_update writes the previous unit's new params, and waits
                     j, after = flush_after
@@ -507,8 +525,9 @@ class CostModel:
                     state_release.append(wr)
                 if pl.params is D:
                     add("h2d", f"new params {names[i]}", pb[i] * r["h2d"], [upd], pb[i])
-                flush_after = (i, wr if plan.overlap_update and wr is not None else upd) if pl.params is N else None
-                chain = wr if plan.overlap_update and wr is not None else upd
+                flush_after = (i, upd) if pl.params is N else None
+                chain = upd  # write-backs run on while the next units update
+                upd_ops.append(upd)
             else:
                 gate = done_grad[i] if plan.overlap_update else last_bwd
                 up = None

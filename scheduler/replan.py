@@ -13,9 +13,9 @@ After each iteration the runtime hands over its history record (``OffloadRuntime
      (the union of its spans: overlapping requests count once, as one queue would); h2d and d2h after the cost
      model's sharing stretch (``bidir_gbps``), which the calibrated profile keeps, so that it predicts the measured
      rates for the plan that ran;
-   - ``cpu_update_params_per_s``: params updated on the CPU / the update thread's busy seconds less its other work
-     (the runtime's ``update`` span of a unit holds its state read and write, the previous unit's new params
-     written, and device updates: cost.py's module note). The rate the plan was priced with (``..._under_io``
+   - ``cpu_update_params_per_s``: params updated on the CPU / the seconds the updates themselves took (the
+     runtime's ``stats["cpu_update_s"]``; for records without it, the update thread's busy seconds less a model
+     of its other work: waits for state reads, the previous unit's new params written, device updates). The rate the plan was priced with (``..._under_io``
      when it streams the disk) takes the measured value and the other is scaled alike. Not measured when the
      other work is most of the span: the difference would be noise;
    - ``compute_efficiency``: the forward and backward spans less the fetch waits (``stats["fetch_wait_s"]``) and
@@ -117,7 +117,14 @@ def _per_iteration(prev, rec, cm: CostModel, plan: Plan, pred: dict[str, float],
     t = cm.traffic(plan)
     # The update thread's own time: its spans less its other work, at this iteration's link rates where measured.
     cpu_s = busy.get("cpu_update", 0.0)
-    if t.cpu_update_params and cpu_s >= min_busy_s:
+    own_measured = _counter_delta(prev, rec, "cpu_update_s")
+    if t.cpu_update_params and own_measured is not None and own_measured >= min_busy_s:
+        # The runtime timed the updates themselves (offload/optimizer.py ``cpu_update_s``): no model of what
+        # else the update spans hold is needed.
+        out["cpu_update_params_per_s"] = (t.cpu_update_params / own_measured,
+                                          t.cpu_update_params / own_measured / pred["cpu_update_params_per_s"])
+        cpu_s = own_measured
+    elif t.cpu_update_params and cpu_s >= min_busy_s:
         r = dict(cm.rates(t))
         r.update({LINK_FIELDS[f]: 1 / (v * 1e9) for f, (v, _) in out.items()})  # this iteration's, where measured
         other = _update_thread_other_s(cm, plan, r)
@@ -147,15 +154,25 @@ def _per_iteration(prev, rec, cm: CostModel, plan: Plan, pred: dict[str, float],
     return out
 
 
+def _counter_delta(prev, rec, key: str) -> float | None:
+    """The growth of the cumulative runtime counter ``key`` over ``rec``'s iteration; ``None`` when the record
+    lacks it or there is no record of the iteration before to subtract (and this is not the first)."""
+    stats = rec.get("stats") or {}
+    if key not in stats:
+        return None
+    if rec["iteration"] == 1:
+        return stats[key]
+    if prev is None or prev["iteration"] != rec["iteration"] - 1:
+        return None
+    return stats[key] - (prev.get("stats") or {}).get(key, 0.0)
+
+
 def _fetch_wait_s(prev, rec) -> float | None:
     """Seconds compute waited for fetches in ``rec``'s iteration (the counters are cumulative); ``None`` when
     there is no record of the iteration before to subtract (and this is not the first)."""
-    now = (rec.get("stats") or {}).get("fetch_wait_s", 0.0)
-    if rec["iteration"] == 1:
-        return now
-    if prev is None or prev["iteration"] != rec["iteration"] - 1:
-        return None
-    return now - (prev.get("stats") or {}).get("fetch_wait_s", 0.0)
+    if "fetch_wait_s" not in (rec.get("stats") or {}):
+        rec = {**rec, "stats": {**(rec.get("stats") or {}), "fetch_wait_s": 0.0}}
+    return _counter_delta(prev, rec, "fetch_wait_s")
 
 
 def _predicted(cm: CostModel, plan: Plan) -> dict[str, float]:
