@@ -18,6 +18,7 @@ run again (the machine's load is what the model cannot see). Writes ``benchmarks
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -56,6 +57,18 @@ def canary() -> float:
     for _ in range(5):
         torch.mm(a, a)
     return time.perf_counter() - t0
+def planner_choice(w, hw, share: float = 0.5):
+    """What the planner chooses when the host may hold only ``share`` of the model's params, grads and state
+    (the rest must go to NVMe), updates on the CPU: a per-unit plan mixing host and NVMe, run as it is."""
+    from scheduler.planner import OPTIONS
+    from scheduler.planner import plan as make_plan
+
+    total = sum(w.param_bytes(i) + w.grad_bytes(i) + w.state_bytes(i) for i in range(len(w.units)))
+    options = [o for o in OPTIONS if o.update == "cpu"]
+    res = make_plan(w, hw.with_capacities(host_memory_bytes=int(share * total)), options=options)
+    return dataclasses.replace(res.plan, strategy="planner")
+
+
 # (name, OffloadConfig fields): the runtime's placements, from everything in host memory to everything on NVMe.
 PLACEMENTS = [
     ("host params, host state", dict(param_tier="host", state_tier="host")),
@@ -98,6 +111,7 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=3, help="measured iterations per placement (after one warm-up)")
     ap.add_argument("--dir", help="where the NVMe stores go (default: under benchmarks/results)")
     ap.add_argument("--quick", action="store_true", help="a tiny model, one iteration each: checks the pipeline")
+    ap.add_argument("--no-planner", action="store_true", help="skip the planner's own mixed per-unit placement")
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "plan_validate.json"))
     args = ap.parse_args(argv)
     shape, name = (TINY, "tiny") if args.quick else (PRESETS["gpt2"][0], "gpt2")
@@ -113,7 +127,7 @@ def main(argv=None) -> int:
     w = workload_of(shape, batch=args.batch, seq=args.seq, name=name)
     base = Path(args.dir) if args.dir else Path(args.json).parent
     print(f"plan validation: {name} ({w.params / 1e6:.1f}M params) fp32, batch {args.batch} x seq {args.seq}, "
-          f"{len(PLACEMENTS)} placements, 1 warm-up + {args.iters} iterations each, interleaved; profile "
+          f"{len(PLACEMENTS) + (not args.no_planner)} placements, 1 warm-up + {args.iters} iterations each, interleaved; profile "
           f"{hw.name}; load average {os.getloadavg()[0]:.2f}", flush=True)
     runs, dirs = [], []
     try:
@@ -124,6 +138,13 @@ def main(argv=None) -> int:
             plan = config_to_plan(cfg, w, strategy=label)
             runs.append((label, plan, CostModel(w, hw).predict(plan, events=True), Run(shape, cfg, batch=args.batch,
                                                                                        seq=args.seq)))
+        if not args.no_planner:  # the planner's own per-unit choice, run as it is (offload.wrap(plan=...))
+            d = temp_store_dir(str(base))
+            dirs.append(d)
+            plan = planner_choice(w, hw)
+            label = f"planner, host for half the model: {plan.compact()}"
+            runs.append((label, plan, CostModel(w, hw).predict(plan, events=True),
+                         Run(shape, OffloadConfig(nvme_dirs=d), batch=args.batch, seq=args.seq, plan=plan)))
         plain = Plain(shape, batch=args.batch, seq=args.seq)
         # No offload: everything on the device (the CPU), the update there too.
         plain_pred = CostModel(w, hw).predict(uniform(w, UnitPlacement(Tier.DEVICE, Tier.DEVICE, "device"), "plain",

@@ -9,6 +9,9 @@ runs now, which switches plans when measured rates make another one faster (sche
     replanner = offload.autoplan.enable(model, batch=8, seq=1024)     # batch, seq: guesses are fine
     ...                                                                # train as before
     print(offload.autoplan.decisions(model))                         # what it decided, and why
+
+Or from the config: ``OffloadConfig(replan=True, profile=...)`` (``offload run --set replan=true``), which
+:func:`from_config` turns into the same call.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import dataclasses
 
 import torch
 
+from offload.config import OffloadConfig
 from offload.measure import config_to_plan
 from offload.runtime import PARAM_ALIGN, OffloadRuntime
 from scheduler.cost import CostModel
@@ -110,7 +114,7 @@ def enable(model_or_runtime, *, profile: HardwareProfile | str | None = None, wo
     its capacities. ``replanner_kw`` go to :class:`scheduler.replan.Replanner` (``drift``, ``patience``,
     ``min_gain``, ``options``, ...). Returns the Replanner; its ``log`` lists the decisions (:func:`decisions`)."""
     rt = _runtime(model_or_runtime)
-    if any(isinstance(getattr(fn, "replanner", None), Replanner) for fn in rt.on_iteration):
+    if replanner_of(rt) is not None:
         raise ValueError("autoplan.enable: expected a runtime without a Replanner, got one that has one (two would "
                          "each apply their own plans); call enable once per wrapped model")
     if rt.config.accumulation_steps != 1:
@@ -134,6 +138,25 @@ def enable(model_or_runtime, *, profile: HardwareProfile | str | None = None, wo
     observe.replanner = replanner
     rt.on_iteration.append(observe)
     return replanner
+
+
+def from_config(model_or_runtime, config: OffloadConfig) -> Replanner | None:
+    """What ``config`` asks of a wrapped model: re-planning (:func:`enable` on ``config.profile``) when
+    ``config.replan``, else nothing. Returns the model's Replanner, or ``None``; called again (by ``offload.wrap``
+    and by a script), it returns the one already attached instead of adding another."""
+    rt = _runtime(model_or_runtime)
+    if not config.replan:
+        return None
+    attached = replanner_of(rt)
+    return attached if attached is not None else enable(rt, profile=config.profile)
+
+
+def replanner_of(model_or_runtime) -> Replanner | None:
+    """The Replanner :func:`enable` attached to a wrapped model (or its runtime), or ``None``."""
+    for fn in _runtime(model_or_runtime).on_iteration:
+        if isinstance(getattr(fn, "replanner", None), Replanner):
+            return fn.replanner
+    return None
 
 
 def decisions(model_or_runtime) -> list[dict]:

@@ -25,6 +25,31 @@ def _tier(value, field: str) -> Tier:
         raise ValueError(f"OffloadConfig.{field}: expected one of {[t.value for t in Tier]}, got {value!r}") from None
 
 
+def _check_profile(name_or_path, *, read: bool) -> None:
+    """A profile :func:`scheduler.profile.resolve` loads. Made in code, a config checks the name; read from a file,
+    the command line or the environment (``read``), it also reads a path's profile, so that ``offload run`` refuses
+    a bad one before the script starts. Not on every copy of a config (the runtime makes some while training)."""
+    from scheduler.profile import HardwareProfile, shipped_profiles
+
+    what = f"OffloadConfig.profile = {name_or_path!r}"
+    if not isinstance(name_or_path, str) or not name_or_path:
+        raise ValueError(f"{what}: expected a shipped profile name or the path of a JSON profile")
+    if os.path.sep not in name_or_path and not name_or_path.endswith(".json"):
+        if name_or_path not in shipped_profiles():
+            raise ValueError(f"{what}: expected one of {shipped_profiles()} or the path of a JSON profile "
+                             f"(offload probe --json > my.json)")
+        return
+    if not read:
+        return
+    if not os.path.isfile(name_or_path):
+        raise ValueError(f"{what}: no such file; give the path of a JSON profile (offload probe --json > my.json) "
+                         f"or a shipped name ({', '.join(shipped_profiles())})")
+    try:
+        HardwareProfile.load(name_or_path)
+    except (ValueError, OSError) as e:  # its message names the file and what is wrong in it
+        raise ValueError(f"{what}: {e}") from None
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OffloadConfig:
     """Where optimizer state lives and how it is updated.
@@ -87,6 +112,14 @@ class OffloadConfig:
     loss_scale: str | float | None = None
     """fp16 loss scaling: ``"dynamic"`` (start 2**16, halve on inf/NaN and skip the step, double after 2000 good
     steps), a fixed float, or ``None`` (bf16 and fp32 need none)."""
+    replan: bool = False
+    """With :func:`offload.wrap`: re-plan during training from measured rates (:mod:`offload.autoplan`): when the
+    disk, the links, the CPU update or compute run more than 20% off the profile for a few iterations, switch to
+    the plan the corrected profile says is faster, between iterations. Results are the same either way."""
+    profile: str | None = None
+    """The hardware profile re-planning starts from: a shipped name (``scheduler/profiles/``) or the path of a
+    JSON profile (``offload probe --json``). ``None``: this machine's cached ``offload probe``, else
+    ``cpu-dev-2core`` (as ``offload plan`` resolves it). Calibration corrects its rates as the run goes."""
 
     def __post_init__(self):
         object.__setattr__(self, "state_tier", _tier(self.state_tier, "state_tier"))
@@ -123,6 +156,12 @@ class OffloadConfig:
                 isinstance(self.loss_scale, (int, float)) and self.loss_scale > 0):
             raise ValueError(f"OffloadConfig.loss_scale: expected 'dynamic', a positive number or None, got "
                              f"{self.loss_scale!r}")
+        if self.replan and self.accumulation_steps != 1:
+            raise ValueError(f"OffloadConfig.replan: expected accumulation_steps=1 to re-plan, got "
+                             f"{self.accumulation_steps}; the cost model prices one backward per step: set "
+                             f"replan=false to accumulate")
+        if self.profile is not None:
+            _check_profile(self.profile, read=False)
         if Tier.NVME in (self.state_tier, self.param_tier, self.grad_tier) and not self.nvme_dirs:
             raise ValueError("OffloadConfig.nvme_dirs: state_tier='nvme' needs a directory on a local disk, e.g. "
                              "nvme_dirs='/mnt/nvme/offload'")
@@ -194,6 +233,7 @@ def _kind(cls, name: str) -> str:
 
 _EXAMPLES = {"tier": '"nvme"', "bool": "true", "bytes": '"8GiB"', "int": "4", "float": "1.0", "strs": '"/mnt/nvme/offload"',
              "str_or_float": '"dynamic"', "str": '"auto"'}
+_FIELD_EXAMPLES = {"profile": '"cpu-dev-2core"'}  # where the kind's example is no value of the field
 
 
 def _check_value(cls, name: str, value, where: str, prefix: str):
@@ -201,7 +241,8 @@ def _check_value(cls, name: str, value, where: str, prefix: str):
     what = f"{where}{prefix}{name} = {value!r}"
 
     def bad(expected: str):
-        return ConfigError(f"{what}: expected {expected}; e.g. {prefix}{name} = {_EXAMPLES.get(kind, '...')}")
+        example = _FIELD_EXAMPLES.get(name) or _EXAMPLES.get(kind, "...")
+        return ConfigError(f"{what}: expected {expected}; e.g. {prefix}{name} = {example}")
 
     if kind == "bytes":
         try:
@@ -267,6 +308,11 @@ def _build(cls, data: dict, where: str, prefix: str = ""):
 def config_from_dict(data: dict, *, source: str = "") -> OffloadConfig:
     """Validate a dict (a parsed config file) into an :class:`OffloadConfig`. ``source`` prefixes errors."""
     cfg = _build(OffloadConfig, data, f"{source}: " if source else "")
+    if cfg.profile is not None:
+        try:
+            _check_profile(cfg.profile, read=True)
+        except ValueError as e:
+            raise ConfigError(f"{source + ': ' if source else ''}{e}") from None
     total = _physical_memory()
     if cfg.host_budget_bytes is not None and total and cfg.host_budget_bytes > total:
         from storage import format_bytes

@@ -640,6 +640,16 @@ class OffloadOptimizer(torch.optim.Optimizer):
                 raise err
         return wb
 
+    def _chunk_bytes_as(self, sub: _Subgroup, params_on_device: bool, site: str) -> int:
+        """The bytes ``sub``'s chunk will take once its params are on the device or not and it is updated on
+        ``site``: its state as now, plus an fp32 master where the cost model's rule then needs one (low-precision
+        params, or params not in the memory the update runs in), minus the one it has where not (apply_plan's
+        budget check: a unit moving params and state to the device drops its master)."""
+        align = lambda n: (n + SLOT_ALIGN - 1) // SLOT_ALIGN * SLOT_ALIGN  # noqa: E731
+        state = sum(align(sl.nbytes) for sl in sub.slots if sl.key != "master")
+        need = any(pc.param.dtype != torch.float32 or params_on_device != (site == "device") for pc in sub.pieces)
+        return state + (sum(align(4 * pc.numel) for pc in sub.pieces) if need else 0)
+
     def _relocate(self, sub: _Subgroup, tier: Tier, site: str,
                   master_of: Callable[[_Piece], torch.Tensor]) -> None:
         """Between steps: put ``sub``'s chunk on ``tier`` and run its updates on ``site`` (the runtime's

@@ -1,6 +1,7 @@
 """Run reports: a progress line while training, then what happened: the loss curve, time per step, each
 resource's busy time (against the plan's prediction when there is one), bytes moved per link, bytes held per
-tier and the overlap efficiency; as text for a person, JSON for tools, and the last iteration as a Chrome trace.
+tier, the overlap efficiency, and each plan switched to during the run (re-plans: when, why, what it moved); as
+text for a person, JSON for tools, and the last iteration as a Chrome trace.
 
     report = RunReport(model, opt, total_steps=200)
     for x, y in data:
@@ -15,6 +16,7 @@ exits, from the runtime's own per-iteration history (with losses, if the script 
 from __future__ import annotations
 
 import atexit
+import itertools
 import json
 import math
 import os
@@ -198,6 +200,7 @@ class RunReport:
                                 "overlap_update": rt.overlap, "units": len(rt.units)}
             if not same:
                 out["placement"]["per_unit"] = [{"units": names, **pl} for names, pl in placement_groups(rt)]
+            out.update(replans_of(rt))
         pool = getattr(rt, "pool", None) or getattr(opt, "_host_pool", None)
         if pool is not None:
             out["host_pool"] = pool.stats()
@@ -223,12 +226,14 @@ class RunReport:
         if "placement" in s:
             p = s["placement"]
             when = f"update {'overlapped with backward' if p['overlap_update'] else 'after backward'}"
+            at_end = " at the end" if s.get("replans") else ""
             if "per_unit" in p:
-                lines.append(f"placement per unit ({p['units']} units; {when}):")
+                lines.append(f"placement{at_end} per unit ({p['units']} units; {when}):")
                 lines += [f"  {g['units']}: {_placement_words(g)}" for g in p["per_unit"]]
             else:
-                lines.append(f"placement: params on {p['params']}, grads on {p['grads']}, optimizer state on "
+                lines.append(f"placement{at_end}: params on {p['params']}, grads on {p['grads']}, optimizer state on "
                              f"{p['state']}; {p['units']} units; {when}")
+        lines += _replans_text(s)
         if "optimizer" in s:
             o = s["optimizer"]
             tiers = ", ".join(f"{format_bytes(b)} on {t}" for t, b in o["state_bytes_by_tier"].items())
@@ -333,6 +338,80 @@ def placement_text(runtime) -> str:
                      + [f"  {names}: {_placement_words(pl)}" for names, pl in placement_groups(rt)] + [tail])
 
 
+# -- re-plans: placements switched during the run --------------------------------------------------------------------
+_started_with: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # runtime -> its placement code at wrap
+
+
+def placement_code(rt) -> str:
+    """The runtime's placement now as the planner's run-length codes (``Plan.compact``: ``NNc x4 | HHc x2``,
+    params/state tier and update site per unit)."""
+    if rt.plan is not None:
+        return rt.plan.compact()
+    # The config's placement. A unit without trainable params has no subgroup: the config's state and a CPU
+    # update, as offload.measure.config_to_plan says.
+    codes = [r["params"][0].upper() + (r["state"] or rt.config.state_tier.value)[0].upper() + (r["update"] or "c")[0]
+             for r in rt.placements()]
+    return " | ".join(f"{c} x{len(list(g))}" for c, g in itertools.groupby(codes))
+
+
+def replans_of(rt) -> dict:
+    """``{"replans": [...], "replan_decisions": [...]}`` for the run report, each key only when non-empty.
+
+    ``replans``: each plan applied (history records holding a ``"replan"``, offload/runtime.py), with the
+    iteration it first ran, who chose it and after which iteration, what drifted and the predicted iteration
+    times (the re-planner's decision, on its calibrated profile), old and new placement codes, and the bytes the
+    switch moved per link. ``replan_decisions``: every decision of :mod:`offload.autoplan`, kept plans included."""
+    # A Replanner exists only if offload.autoplan was imported: no need to import it (and the scheduler's
+    # re-planner) for every report.
+    autoplan = sys.modules.get("offload.autoplan")
+    decisions = autoplan.decisions(rt) if autoplan is not None else []
+    chosen = {d["iteration"]: d for d in decisions if d["decision"] == "replan"}
+    records = [h for h in rt.history if "replan" in h]
+    # The history keeps the last 1000 iterations: an older switch is gone, and with it the next one's "old".
+    old = _started_with.get(rt) if len(records) == rt.stats["replans"] else None
+    out = []
+    for h in records:
+        r = h["replan"]
+        after = r.get("requested_after")
+        d = chosen.get(after)
+        out.append({"iteration": h["iteration"], "chosen_after": after,
+                    "by": "autoplan" if d else "runtime.on_iteration" if after is not None else "runtime.apply_plan",
+                    "drifted": d["drifted"] if d else None, "old_plan": d["old_plan"] if d else old,
+                    "new_plan": r["plan"], "predicted_old_s": d["old_s"] if d else None,
+                    "predicted_new_s": d["new_s"] if d else None, "units_moved": list(r["units_moved"]),
+                    "bytes": dict(r["bytes"]), "switch_s": r["s"]})
+        old = r["plan"]
+    res = {"replans": out} if out else {}
+    if decisions:
+        res["replan_decisions"] = decisions
+    return res
+
+
+def _replans_text(s: dict) -> list[str]:
+    applied, decided = s.get("replans", []), s.get("replan_decisions", [])
+    if not applied and not decided:
+        return []
+    lines = [f"re-plans: {len(applied)} applied" + (f", {len(decided)} decided by autoplan" if decided else "")]
+    for e in applied:
+        who = f"{e['by']} after iteration {e['chosen_after']}" if e["chosen_after"] is not None else e["by"]
+        why = ""
+        if e["drifted"]:
+            why = ": " + ", ".join(f"{f} at {x:.2g}x" for f, x in e["drifted"].items()) + " of the profile"
+        lines.append(f"  from iteration {e['iteration']} ({who}{why})")
+        pred = ""
+        if e["predicted_old_s"] is not None and e["predicted_new_s"] is not None:
+            pred = f"; predicted {e['predicted_old_s'] * 1e3:.0f} -> {e['predicted_new_s'] * 1e3:.0f} ms per iteration"
+        moved = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in e["bytes"].items() if v)
+        lines.append(f"    {e['old_plan'] or '?'} -> {e['new_plan']}{pred}; {len(e['units_moved'])} units moved "
+                     f"({moved or 'no bytes'}) in {e['switch_s'] * 1e3:.0f} ms")
+    kept = [d for d in decided if d["decision"] != "replan"]
+    if kept:
+        more = f" and {len(kept) - 5} more" if len(kept) > 5 else ""
+        lines.append("  kept the plan after iteration " + ", ".join(f"{d['iteration']} ({d['why']})"
+                                                                  for d in kept[:5]) + more)
+    return lines
+
+
 def current() -> RunReport | None:
     """The RunReport made last in this process, if it is still alive."""
     return _current() if _current is not None else None
@@ -359,7 +438,11 @@ def _write_at_exit() -> None:
 
 
 def report_at_exit(model, optimizer) -> None:
-    """Under ``offload run``: write this run's report to ``OFFLOAD_REPORT_DIR`` when the process exits."""
+    """Called by ``offload.wrap``: note the placement the run starts with (the first re-plan's "old"), and under
+    ``offload run``, write this run's report to ``OFFLOAD_REPORT_DIR`` when the process exits."""
+    rt = runtime_of(model, optimizer)
+    if rt is not None:
+        _started_with[rt] = placement_code(rt)
     if os.environ.get(REPORT_DIR_ENV):
         if not _at_exit:
             atexit.register(_write_at_exit)

@@ -39,6 +39,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 import weakref
 from typing import Callable, Iterable, Iterator
 
@@ -257,6 +258,7 @@ class OffloadRuntime:
         self.on_iteration: list[Callable[[dict], Plan | None]] = []
         """Called after each step with the history record just appended; a returned plan is applied before the
         next forward starts (the re-planner's seam)."""
+        self.refused_plans: list[dict] = []  # callbacks' plans the budgets refused (kept the current one)
         self._pending_plan: tuple[Plan, int] | None = None  # (plan, the iteration whose callback returned it)
         self._replan_record: dict | None = None  # what the last apply_plan did, for the next history record
         self._empty = {}
@@ -551,8 +553,17 @@ class OffloadRuntime:
         if self._pending_plan is not None:  # an on_iteration callback chose it after the last step
             plan, after = self._pending_plan
             self._pending_plan = None
-            self.apply_plan(plan)
-            self._replan_record["requested_after"] = after
+            try:
+                self.apply_plan(plan)
+            except ValueError as e:
+                # A plan the budgets refuse (apply_plan checks before it moves anything) must not end the run
+                # the callback was only trying to speed up: keep the current plan, say so, and record it.
+                warnings.warn(f"offload: the plan chosen after iteration {after} was not applied, training goes "
+                              f"on with the current one: {e}", RuntimeWarning, stacklevel=2)
+                self.stats["replans_refused"] = self.stats.get("replans_refused", 0) + 1
+                self.refused_plans.append({"requested_after": after, "plan": plan.compact(), "error": str(e)})
+            else:
+                self._replan_record["requested_after"] = after
         if torch.is_grad_enabled():
             self._at_boundary = False  # a training iteration starts: placement is fixed until its step
         self._fwd_t0 = self.timeline.now()
@@ -995,9 +1006,11 @@ class OffloadRuntime:
         if self._store is None and any(Tier.NVME in (pl.params, pl.state, pl.grad_tier) for pl in plan.units):
             self._store = self._open_store()
             self.optimizer._store, self.optimizer._own_store = self._store, False
-        # State bound for the device, at its current size (a master added or dropped changes it a little).
-        device_state = sum(s.chunk_bytes for s in self.optimizer._subgroups
-                           if plan.units[s.unit].state is Tier.DEVICE)
+        # State bound for the device, at the size it will have there (a master added or dropped: the cost model's
+        # rule, as the move applies it).
+        device_state = sum(self.optimizer._chunk_bytes_as(s, plan.units[s.unit].params is Tier.DEVICE,
+                                                          plan.units[s.unit].update)
+                           for s in self.optimizer._subgroups if plan.units[s.unit].state is Tier.DEVICE)
         self._check_device_budget([pl.params for pl in plan.units], "apply_plan", device_state)
         def leaves_device(u: Unit) -> bool:
             pl = plan.units[u.index]
@@ -1159,7 +1172,8 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, config: OffloadConf
     order of :func:`offload.measure.workload_of`): params on host, nvme or device (kept resident), grads on host or
     nvme, state on host, nvme or device, updated on cpu or device; its ``prefetch_depth``, ``state_buffers`` and
     ``overlap_update`` replace the config's. The config gives the rest (``nvme_dirs``, budgets, clipping, ...).
-    ``model._offload_runtime.apply_plan(plan)`` switches plans between iterations.
+    ``model._offload_runtime.apply_plan(plan)`` switches plans between iterations; with
+    ``OffloadConfig(replan=True)`` the runtime re-plans from its measured rates (:mod:`offload.autoplan`).
     """
     runtime = OffloadRuntime(model, optimizer, config or config_from_env() or OffloadConfig(), units=units,
                              plan=plan)
@@ -1171,6 +1185,10 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, config: OffloadConf
         orig_zero_grad(set_to_none)
 
     model.zero_grad = zero_grad
+    if runtime.config.replan:  # re-plan from measured rates (offload/autoplan.py; imported here: it imports us)
+        from offload import autoplan
+
+        autoplan.from_config(model, runtime.config)
     if os.environ.get("OFFLOAD_PRINT_PLAN") and int(os.environ.get("RANK", "0")) == 0:  # under `offload run`
         print(placement_text(runtime), file=sys.stderr, flush=True)
     report_at_exit(model, runtime.optimizer)

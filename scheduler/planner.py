@@ -116,6 +116,19 @@ class Plan:
                 "units": [{"unit": n, "params": u.params.value, "grads": u.grads.value, "state": u.state.value,
                            "update": u.update} for n, u in zip(names, self.units)]}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        """The inverse of :meth:`to_dict`: a plan from ``offload plan --json`` (its ``"plan"``) or ``plan.json``."""
+        try:
+            units = tuple(UnitPlacement(u["params"], u["state"], u["update"],
+                                        grad_tier=u["grads"] if u["update"] == "cpu" else H) for u in d["units"])
+            return cls(strategy=d["strategy"], units=units, prefetch_depth=d["prefetch_depth"],
+                       grad_buffers=d["grad_buffers"], state_buffers=d["state_buffers"],
+                       overlap_update=d["overlap_update"])
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"Plan.from_dict: expected Plan.to_dict()'s form (the \"plan\" of offload plan --json), "
+                             f"got {d!r:.200} (missing or wrong: {e})") from None
+
 
 @dataclasses.dataclass(frozen=True)
 class Shortfall:
@@ -187,8 +200,11 @@ class _Search:
         return tuple(tuple(cs) for cs in counts)
 
     def greedy(self, proto: Plan) -> list[list[int]] | None:
+        # Start from everything on the device (or, where the options leave that out, the first option: OPTIONS
+        # lists the most device-resident first) and move units off where a tier is short or it pays.
         start = UnitPlacement(D, D, "device")
-        counts = [[len(g) if o == start else 0 for o in opts] for g, opts in zip(self.groups, self.opts)]
+        counts = [[len(g) if o == (start if start in opts else opts[0]) else 0 for o in opts]
+                  for g, opts in zip(self.groups, self.opts)]
         proxy, mem = self.evaluate(counts, proto)
         seen = {self._key(counts)}  # freeing one tier may fill another: never revisit a state, so no ping-pong
         for _ in range(10_000):  # bounded: each move frees bytes on the short tier or lowers the proxy

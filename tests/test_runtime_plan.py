@@ -337,3 +337,59 @@ def test_measure_runs_a_mixed_plan_and_its_bytes_match_the_cost_model(tmp_path):
     c = measure(shape, OffloadConfig(nvme_dirs=str(tmp_path)), hw, batch=2, seq=8, iters=2, warmup=1, plan=dev)
     diff = {k: c.bytes_counted[k] - c.bytes_predicted[k] for k in c.bytes_predicted}
     assert diff == {"h2d": 0, "d2h": sum(w.grad_bytes(i) for i in range(3)), "disk_read": 0, "disk_write": 0}
+
+
+def test_apply_plan_sizes_device_state_without_the_masters_it_drops(tmp_path):
+    """After a step, a unit's state on NVMe carries an fp32 master (its params are off the device); moved to the
+    device with its params it drops the master. The budget check counts what the state will be there, so a switch
+    that fits is accepted, and the device then holds no more than its budget."""
+    shape = dataclasses.replace(SHAPE, n_layer=3, d_model=128, d_ff=512, vocab=256, n_pos=32)
+    torch.manual_seed(0)
+    m = build_transformer(shape, device="cpu")
+    budget = 4 << 20
+    m, opt = wrap(m, torch.optim.AdamW(m.parameters()), OffloadConfig(
+        param_tier="nvme", state_tier="nvme", nvme_dirs=str(tmp_path), device_budget_bytes=budget))
+    rt = m._offload_runtime
+    idx = torch.randint(0, shape.vocab, (4, 17))
+    m(idx[:, :-1]).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    assert all(s.has_master for s in opt._subgroups)  # params on NVMe: masters in the chunks
+    target = plan((up(D, H, "cpu"), up(D, D, "device"), up(D, H, "cpu"), up(D, H, "cpu")))
+    with_masters = sum(s.chunk_bytes for s in opt._subgroups if s.unit == 1)
+    rt.apply_plan(target)
+    unit1 = [s for s in opt._subgroups if s.unit == 1]
+    assert not any(s.has_master for s in unit1) and sum(s.chunk_bytes for s in unit1) < with_masters
+    assert rt.device_budget.used_bytes <= budget
+    close(rt)
+
+
+def test_a_plan_the_budget_refuses_from_a_callback_is_skipped_not_fatal(tmp_path):
+    """An on_iteration callback's plan that does not fit the device budget: a warning, the run goes on under the
+    current plan (bit-identical to plain torch), and the refusal is recorded."""
+    ref, m = gpt(), gpt()
+    data = batches(3)
+    plain = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    budget = sum(p.numel() * p.element_size() for p in m.parameters()) // 2
+    model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2), OffloadConfig(
+        param_tier="host", state_tier="host", nvme_dirs=str(tmp_path), device_budget_bytes=budget, impl="as_given"))
+    rt = model._offload_runtime
+    all_device = plan((up(D, D, "device"),) * UNITS)
+    rt.on_iteration.append(lambda rec: all_device if rec["iteration"] == 1 else None)
+    for i, idx in enumerate(data):
+        ref_loss = lm_loss(ref, idx)
+        ref_loss.backward()
+        plain.step()
+        plain.zero_grad()
+        if i == 1:
+            with pytest.warns(RuntimeWarning, match="not applied"):
+                loss = lm_loss(model, idx)
+        else:
+            loss = lm_loss(model, idx)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        assert loss.item() == ref_loss.item()
+    assert rt.stats["replans_refused"] == 1 and rt.refused_plans[0]["requested_after"] == 1
+    assert rt.plan is None or rt.plan != all_device
+    close(rt)

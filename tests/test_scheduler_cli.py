@@ -9,6 +9,8 @@ import sys
 import tempfile
 import time
 
+import pytest
+
 from offload.cli import main
 
 GiB = 1 << 30
@@ -97,3 +99,89 @@ def test_plan_that_cannot_fit_exits_1_and_says_what_to_change(capsys):
 def test_bad_input_errors(capsys):
     assert main(["plan", "no-such-model"]) == 2
     assert "expected a preset" in capsys.readouterr().err
+
+
+# -- `offload plan --measure` runs the planner's own plan; `offload plan --json` feeds offload.wrap -------------------
+TINY = ("from scheduler.workload import TransformerShape, build_transformer\n"
+        "SHAPE = TransformerShape(n_layer=3, d_model=36, n_head=4, d_ff=70, vocab=97, n_pos=16, bias=True, "
+        "norm='layernorm', tied=True)\n"
+        "def make():\n    return build_transformer(SHAPE)\n")
+
+
+def _tiny(tmp_path, monkeypatch):
+    (tmp_path / "tinyplanned.py").write_text(TINY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    return importlib.import_module("tinyplanned").SHAPE
+
+
+def test_plan_measure_runs_the_planners_mixed_plan(tmp_path, monkeypatch, capsys):
+    """A device of 260 KiB makes the planner mix placements (the rest unit updated on the device, the blocks on
+    the CPU from the host): that plan is what runs, and its bytes per link are the cost model's, but for the grads
+    of the device-updated unit, which this runtime sends to the host (said in one line)."""
+    from offload.measure import workload_of
+    from scheduler import planner, profile
+
+    shape = _tiny(tmp_path, monkeypatch)
+    args = ["--batch", "2", "--seq", "8", "--profile", "cpu-dev-2core", "--device-memory", "260KiB"]
+    w = workload_of(shape, batch=2, seq=8)
+    hw = profile.resolve("cpu-dev-2core").with_capacities(device_memory_bytes=260 << 10)
+    chosen = planner.plan(w, hw).plan
+    assert len(set(chosen.units)) > 1 and any(u.update == "device" for u in chosen.units), chosen.compact()
+    assert main(["plan", "tinyplanned:make", *args, "--measure", "--iters", "1", "--dir", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert f"the fastest placement offload.wrap runs (the planner's plan), {chosen.compact()}, prefetch" in out
+    assert f"tinyplanned:make: {chosen.compact()}, prefetch {chosen.prefetch_depth}" in out
+    lines = out.splitlines()
+    for r in ("iteration", "compute", "h2d", "d2h", "disk_read", "disk_write", "cpu_update"):
+        assert any(ln.split()[:1] == [r] and ln.count("s ") >= 2 for ln in lines), r
+    bytes_lines = {ln.split()[0]: ln.split()[-1] for ln in lines if ln.split()[-1:] in (["equal"], ["DIFFER"])}
+    assert bytes_lines == {"h2d": "equal", "d2h": "DIFFER", "disk_read": "equal", "disk_write": "equal"}
+    grads = sum(w.grad_bytes(i) for i, u in enumerate(chosen.units) if u.update == "device")
+    from storage import format_bytes
+
+    assert (f"d2h counted exceeds the prediction by {format_bytes(grads)}: exactly the grads of the device-updated "
+            f"units") in out
+
+
+def test_plan_measure_falls_back_to_a_uniform_plan_when_the_planners_does_not_fit(tmp_path, monkeypatch, capsys):
+    _tiny(tmp_path, monkeypatch)
+    assert main(["plan", "tinyplanned:make", "--batch", "2", "--seq", "8", "--profile", "cpu-dev-2core",
+                 "--device-memory", "100KiB", "--measure", "--iters", "1", "--json"]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["measured_plan"] == "runnable" and "does not fit the profile (device memory is short" in out["note"]
+    note = [ln for ln in captured.err.splitlines() if ln.startswith("note: ")]
+    assert len(note) == 1 and note[0].endswith("measuring the fastest uniform placement instead")
+    assert "the fastest uniform placement offload.wrap runs, HHc x4" in captured.err
+    assert out["bytes_equal"] and out["d2h_grads_of_device_updates"] == 0
+
+
+def test_plan_json_runs_in_wrap(tmp_path, monkeypatch, capsys):
+    """README: the plan `offload plan --json` prints is `Plan.from_dict`'s input and offload.wrap's `plan=`."""
+    import torch
+
+    from offload import OffloadConfig, wrap
+    from scheduler.planner import Plan
+
+    shape = _tiny(tmp_path, monkeypatch)
+    assert main(["plan", "tinyplanned:make", "--batch", "2", "--seq", "8", "--profile", "cpu-dev-2core",
+                 "--device-memory", "230KiB", "--host-memory", "800KiB", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)["plan"]
+    plan = Plan.from_dict(d)
+    assert plan.to_dict() == {**d, "units": [{**u, "unit": str(i)} for i, u in enumerate(d["units"])]}
+    assert len(set(plan.units)) > 1, plan.compact()
+    from scheduler.workload import build_transformer
+
+    torch.manual_seed(0)
+    model = build_transformer(shape, device="cpu")
+    model, opt = wrap(model, torch.optim.AdamW(model.parameters()), OffloadConfig(nvme_dirs=str(tmp_path)), plan=plan)
+    idx = torch.randint(0, 97, (2, 9))
+    model(idx[:, :-1]).sum().backward()
+    opt.step()
+    assert model._offload_runtime.plan is plan
+    assert [r["params"] for r in model._offload_runtime.placements()] == [u["params"] for u in d["units"]]
+    model._offload_runtime.close()
+    with pytest.raises(ValueError, match=r"Plan.from_dict: expected Plan.to_dict\(\)'s form"):
+        Plan.from_dict({"units": [{"params": "host"}]})

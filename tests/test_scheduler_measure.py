@@ -109,7 +109,10 @@ def test_plan_measure_prints_predicted_vs_measured(tmp_path, monkeypatch, capsys
     assert any(ln.split()[:1] == ["iteration"] and ln.count("s ") >= 2 for ln in lines)
     for r in ("compute", "h2d", "d2h", "disk_read", "disk_write", "cpu_update"):
         assert any(ln.split()[:1] == [r] for ln in lines), r
-    assert sum(ln.strip().endswith("equal") for ln in lines) == len(LINKS)
+    # The planner's plan may update units on the device: the runtime's d2h then also carries their grads, which
+    # the output says in one line (offload/cli.py); every other link's bytes equal the prediction.
+    explained = any("exactly the grads of the device-updated units" in ln for ln in lines)
+    assert sum(ln.strip().endswith("equal") for ln in lines) == len(LINKS) - explained
 
 
 def test_plan_measure_bad_input(tmp_path, capsys):

@@ -103,3 +103,16 @@ def test_planner_within_5_percent_of_exhaustive_over_all_options(device_mib, hos
     res = planner.plan(w, hw, depths=(2,))
     assert best is not None and res.fits
     assert res.prediction.iteration_s <= best[1] * 1.05
+
+
+def test_plan_with_options_that_leave_out_device_updates():
+    """Options without the all-on-device placement (e.g. CPU updates only) are searched too: the greedy starts
+    from the first option instead of failing."""
+    from scheduler.planner import OPTIONS, plan
+    from scheduler.profile import resolve
+    from scheduler.workload import preset
+
+    w = preset("gpt2", batch=2, seq=256)
+    options = [o for o in OPTIONS if o.update == "cpu"]
+    res = plan(w, resolve("cpu-dev-2core"), options=options)
+    assert res.plan is not None and all(u.update == "cpu" for u in res.plan.units)
