@@ -25,22 +25,29 @@ BACKGROUND = 1
 """Writes (and hashing what a write sends): they only have to finish before their memory is reused."""
 
 
-_LIVE: "weakref.WeakSet[PriorityWorkers]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet = weakref.WeakSet()
 
 
-@atexit.register
 def _drain_at_exit() -> None:
-    # The threads are daemons (an idle one must not keep the interpreter alive), so a store the program forgot
-    # to close would lose its queued writes at exit: finish them first, as ThreadPoolExecutor does.
+    # Queued writes of a store the program forgot to close still finish, and the threads end, before the
+    # interpreter joins its threads and finalizes (as ThreadPoolExecutor does, through the same hook): a thread
+    # still inside torch's C++ code while the interpreter tears down can abort the process.
     for pool in list(_LIVE):
         pool.shutdown(wait=True)
+
+
+try:  # runs before threading joins non-daemon threads at exit (CPython >= 3.9); plain atexit runs after
+    threading._register_atexit(_drain_at_exit)
+except AttributeError:  # pragma: no cover - other interpreters
+    atexit.register(_drain_at_exit)
 
 
 class PriorityWorkers:
     """A fixed-size thread pool with two FIFO queues, :data:`URGENT` before :data:`BACKGROUND`.
 
-    Threads start on demand, up to ``threads``. A task must handle its own errors (the store's tasks hand them
-    to their handle): one that raises anyway is dropped, and its thread lives on.
+    Threads start on demand, up to ``threads``, and end at ``shutdown`` (at the latest when the interpreter
+    exits). A task must handle its own errors (the store's tasks hand them to their handle): one that raises
+    anyway is dropped, and its thread lives on.
     """
 
     def __init__(self, threads: int, name: str):
@@ -63,7 +70,7 @@ class PriorityWorkers:
             if self._idle:
                 self._cv.notify()
             elif len(self._threads) < self._max:
-                t = threading.Thread(target=self._run, name=f"{self._name}_{len(self._threads)}", daemon=True)
+                t = threading.Thread(target=self._run, name=f"{self._name}_{len(self._threads)}")
                 self._threads.append(t)
                 t.start()
 

@@ -92,3 +92,19 @@ def test_store_read_overtakes_writes_queued_before_it(tmp_path, monkeypatch):
         assert torch.equal(out, torch.arange(50_000, dtype=torch.float32))
         for i in range(4):
             assert torch.equal(s.read(f"w{i}").wait(), torch.full((50_000,), float(i)))
+
+
+def test_a_store_left_open_finishes_its_writes_and_the_process_exits(tmp_path):
+    """Queued writes of a store nobody closed still commit at exit, and the worker threads do not keep the
+    process alive (they are drained before the interpreter joins its threads)."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from storage import NvmeStore, StoreConfig\n"
+            f"s = NvmeStore({str(tmp_path)!r}, capacity_bytes=16 << 20, config=StoreConfig(block_bytes=64 << 10))\n"
+            "for i in range(8): s.write(f'k{i}', torch.full((100_000,), float(i)))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    with NvmeStore(tmp_path) as s:
+        for i in range(8):
+            assert torch.equal(s.read(f"k{i}").wait(), torch.full((100_000,), float(i)))
