@@ -3,9 +3,12 @@ placements of a >= 100M-param model on this machine (CPU device, NVMe tier), and
 the bytes the runtime and the store count.
 
     .venv/bin/python benchmarks/plan_validate.py --probe  # probe this machine, then GPT-2 small (124M) fp32,
-                                                          # batch 2 x seq 256, 6 placements (~8 min on 2 cores)
+                                                          # batch 2 x seq 256, 7 placements (~6-10 min on 2 cores)
     .venv/bin/python benchmarks/plan_validate.py          # the same from the last probe (`offload probe`)
     .venv/bin/python benchmarks/plan_validate.py --quick  # a tiny model, for CI (times not meaningful)
+
+The seventh placement is the planner's own per-unit choice when the host may hold only half the model (params,
+grads and state), run as it is through ``offload.wrap(plan=...)`` (``--no-planner`` skips it).
 
 The profile is ``--profile``, else this machine's cached probe (``offload probe``), else the shipped
 ``cpu-dev-2core``; ``--probe`` measures a fresh one first. Placements are built up front and their iterations
