@@ -470,6 +470,8 @@ class OffloadOptimizer(torch.optim.Optimizer):
             buf = self._host_pool.acquire(max(nbytes, 1), wait=wait)
             return buf.tensor[:nbytes], buf.release
         self._device_budget.reserve(nbytes, what="device chunk")
+        if self._runtime is not None:  # one device: the runtime's spare param buffers make room
+            self._runtime.trim_spares()
         if self.device.type == "cuda":
             mem = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         else:

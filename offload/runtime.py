@@ -501,12 +501,18 @@ class OffloadRuntime:
             if free:
                 self._spare_bytes -= nbytes
                 return free.pop()
+        self.trim_spares()
+        return aligned_empty(nbytes)[:nbytes]
+
+    def trim_spares(self) -> None:
+        """Drop spare device buffers (largest first) until live plus spare bytes fit the device budget again:
+        called after a reservation (a fetch's, or the optimizer's device state)."""
+        with self._spare_lock:
             room = self.device_budget.capacity_bytes - self.device_budget.used_bytes
-            for size in sorted(self._spare, reverse=True):  # make room: the largest spares go first
+            for size in sorted(self._spare, reverse=True):
                 while self._spare[size] and self._spare_bytes > room:
                     self._spare[size].pop()
                     self._spare_bytes -= size
-        return aligned_empty(nbytes)[:nbytes]
 
     def _spare_buffer(self, buf: torch.Tensor, nbytes: int) -> None:
         """Keep a released unit's device buffer for reuse (CPU device only; see above)."""
