@@ -30,7 +30,8 @@ link bytes / ``h2d_gbps`` or ``d2h_gbps``, disk bytes / ``disk_read_gbps`` or ``
 ``device_update_params_per_s``. When both directions of the link carry bytes, both durations are stretched by
 the same factor so that their sum respects ``bidir_gbps``: an approximation of how two directions share a link,
 exact when both are busy all the time. The disk is one queue: the store's worker threads serve reads and writes
-alike, so the simulation runs disk reads and writes one at a time, each at its own rate (``disk_mixed_gbps``, the
+(reads first when both wait; the simulation keeps ready order), so it runs disk reads and writes one at a time,
+each at its own rate (``disk_mixed_gbps``, the
 probe's interleaved rate, comes out close to that: on the development VM 2.6 GB/s against 2.5 for one queue).
 
 Shared cores: host work can slow the device's compute. Each operation of kind copy (h2d, d2h), update

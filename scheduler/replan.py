@@ -154,25 +154,23 @@ def _per_iteration(prev, rec, cm: CostModel, plan: Plan, pred: dict[str, float],
     return out
 
 
-def _counter_delta(prev, rec, key: str) -> float | None:
-    """The growth of the cumulative runtime counter ``key`` over ``rec``'s iteration; ``None`` when the record
-    lacks it or there is no record of the iteration before to subtract (and this is not the first)."""
-    stats = rec.get("stats") or {}
-    if key not in stats:
+def _counter_delta(prev, rec, key: str, missing: float | None = None) -> float | None:
+    """The growth of the cumulative runtime counter ``key`` over ``rec``'s iteration; ``None`` when there is no
+    record of the iteration before to subtract (and this is not the first). A record without the counter counts
+    as ``missing`` (``None``: not measured)."""
+    now = (rec.get("stats") or {}).get(key, missing)
+    if now is None:
         return None
     if rec["iteration"] == 1:
-        return stats[key]
+        return now
     if prev is None or prev["iteration"] != rec["iteration"] - 1:
         return None
-    return stats[key] - (prev.get("stats") or {}).get(key, 0.0)
+    return now - (prev.get("stats") or {}).get(key, missing or 0.0)
 
 
 def _fetch_wait_s(prev, rec) -> float | None:
-    """Seconds compute waited for fetches in ``rec``'s iteration (the counters are cumulative); ``None`` when
-    there is no record of the iteration before to subtract (and this is not the first)."""
-    if "fetch_wait_s" not in (rec.get("stats") or {}):
-        rec = {**rec, "stats": {**(rec.get("stats") or {}), "fetch_wait_s": 0.0}}
-    return _counter_delta(prev, rec, "fetch_wait_s")
+    """Seconds compute waited for fetches in ``rec``'s iteration (the counters are cumulative)."""
+    return _counter_delta(prev, rec, "fetch_wait_s", missing=0.0)
 
 
 def _predicted(cm: CostModel, plan: Plan) -> dict[str, float]:

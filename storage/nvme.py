@@ -72,10 +72,10 @@ class StoreConfig:
     """Bytes per I/O request and stripe unit. 4-16 MiB reach full bandwidth here; much smaller adds per-request
     overhead, much larger leaves too few requests in flight to keep a drive's queue full."""
     workers: int = 0
-    """Threads issuing requests; 0 means 8 per directory (a quarter as many more compute write checksums beside
-    them). Reads verify their block's checksum in the I/O thread, during which it has no request in flight: with
-    4 per directory the store reached ~0.85-0.9x of a raw O_DIRECT loop's bandwidth here, with 8 ~0.9x; with 16
-    the threads (2 cores, one GIL) got in each other's way (benchmarks/storage_bench.py)."""
+    """Threads issuing requests; 0 means 8 per directory. A quarter as many more compute the checksums (of writes,
+    and verify reads) beside them, so an I/O thread always goes straight to its next request; both serve reads
+    first (storage/workers.py). With 8 per directory the store reached ~0.85-0.95x of a raw O_DIRECT loop's
+    bandwidth here; 4 or 16 were no better (benchmarks/storage_bench.py, issue notes)."""
     direct: bool | None = None
     """O_DIRECT: ``None`` uses it where the file system supports it (tmpfs does not: buffered I/O, with a
     warning); ``True`` requires it; ``False`` never uses it."""
