@@ -11,10 +11,14 @@ smoke run for CI), ``--json PATH`` (default ``benchmarks/results/storage_bench.j
 What it measures, all on the same directory, in one run:
 
 * raw baselines (the best of them is "best raw", separately for write and read):
-  - a plain Python loop: N threads (1, 2, 4, 8, 16) issuing ``os.pwritev`` / ``os.preadv`` with ``O_DIRECT`` on one
-    pre-allocated file, over chunks of ``--chunk-mib`` (and the same split into 1/8-size requests), from a
-    page-aligned, pre-touched buffer;
-  - fio where installed (engines psync / libaio / io_uring, whichever work; a few queue depths and job counts;
+  - a plain Python loop: N threads (1, 2, 4, 8, 16) issuing ``os.pwritev`` / ``os.preadv`` with ``O_DIRECT``, over
+    chunks of ``--chunk-mib`` (and the same split into 1/8-size requests), from a page-aligned, pre-touched buffer,
+    on the very extents the store uses: its reads read the store's committed chunks, its writes go to the free
+    half of the store's file that the store's next write takes. Where a file lies on this virtual disk changes
+    its speed: three pre-allocated 1 GiB files in one directory, written by the same loop in turn, gave medians
+    of 3.25, 3.5 and 3.85 GB/s (7 reps), and a separate raw file put a run-long bias of that size, either way,
+    into the comparison;
+  - fio where installed (on a separate pre-allocated file, as dd) (engines psync / libaio / io_uring, whichever work; a few queue depths and job counts;
     ``direct=1``; JSON output parsed);
   - dd with ``oflag=direct`` / ``iflag=direct``;
 * our store: ``NvmeStore`` writing ``size / chunk`` chunks from HostPool buffers, waiting for every handle, then
@@ -228,14 +232,14 @@ def pattern_fill(buf: torch.Tensor, seed: int) -> None:
 
 
 # -- raw baselines -----------------------------------------------------------------------------------------------
-def py_loop(path: str, bufs: list[torch.Tensor], req: int, threads: int, write: bool) -> float:
+def py_loop(path: str, bufs: list[torch.Tensor], req: int, threads: int, write: bool, base: int = 0) -> float:
     """N threads, each taking the next request off a shared counter: one ``pwritev`` / ``preadv`` of ``req`` bytes
-    (at most) per request, between the file (chunk after chunk) and the chunk buffers ``bufs``."""
+    (at most) per request, between the file (chunk after chunk, from byte ``base``) and the chunk buffers ``bufs``."""
     reqs, off = [], 0
     for buf in bufs:
         for o in range(0, buf.numel(), req):
             n = min(req, buf.numel() - o)
-            reqs.append((off + o, buf, o, n))
+            reqs.append((base + off + o, buf, o, n))
         off += buf.numel()
     fd = os.open(path, os.O_RDWR | os.O_DIRECT)
     try:
@@ -349,6 +353,25 @@ class StoreBench:
     def close(self) -> None:
         self.store.close()
 
+    def raw_target(self, write: bool) -> tuple[str, int]:
+        """Where a raw loop moves the same bytes on the same disk locations as the store: (the store's data file,
+        first byte). A write goes to the free run the store's next write will take (first fit: after two warm-up
+        writes the two versions alternate between the file's two halves), a read to the committed chunks' extents.
+        Neither touches a committed byte, which the final verify checks."""
+        st = self.store
+        path = os.path.join(st.paths[0], "chunks.dat")
+        if write:
+            alloc = st._alloc[0]
+            for off, length in zip(alloc._offsets, alloc._lengths):
+                if length >= self.size:
+                    return path, off
+            raise RuntimeError("the store has no free run of the benchmark's size: cannot place the raw loop")
+        blocks = [b for i in range(len(self.lengths)) for b in st._index[f"chunk{i:04d}"].blocks]
+        for a, b in zip(blocks, blocks[1:]):
+            if b.file != a.file or b.offset != a.offset + a.length:
+                raise RuntimeError("the store's chunks are not laid out back to back: cannot place the raw loop")
+        return path, blocks[0].offset
+
 
 # -- references (buffered) -----------------------------------------------------------------------------------------
 def torch_save(path: str, ts: list[torch.Tensor]) -> float:
@@ -404,15 +427,15 @@ def aio_read(path: str, bufs: list[torch.Tensor]) -> float:
 
 
 def checksum_speeds(bufs: list[torch.Tensor]) -> dict[str, float]:
-    """Single-thread GB/s of CRC-32C (the store's block checksum) and zlib.crc32 over the same bytes."""
+    """Single-thread GB/s of the store's block checksums and zlib.crc32 over the same bytes."""
     import zlib
 
-    import crc32c
+    from storage.nvme import CHECKSUMS
 
     views = [memview(b) for b in bufs]
     nbytes = sum(len(v) for v in views)
     out = {}
-    for name, fn in (("crc32c", crc32c.crc32c), ("crc32", zlib.crc32)):
+    for name, fn in (*CHECKSUMS.items(), ("crc32", zlib.crc32)):
         t0 = time.perf_counter()
         for v in views:
             fn(v)
@@ -440,8 +463,9 @@ def raw_variants(args, chunk: int, have_fio: bool) -> list[dict]:
 
 def run_raw(v: dict, path: str, sb: "StoreBench", write: bool) -> float:
     size = sb.size
-    if v["kind"] == "py":
-        return py_loop(path, [b.tensor for b in (sb.src if write else sb.dst)], v["req"], v["threads"], write)
+    if v["kind"] == "py":  # on the store's own extents (see raw_target)
+        target, base = sb.raw_target(write)
+        return py_loop(target, [b.tensor for b in (sb.src if write else sb.dst)], v["req"], v["threads"], write, base)
     if v["kind"] == "fio":
         return run_fio(path, size, write, v["engine"], v["bs"], v["iodepth"], v["numjobs"])
     return run_dd(path, size, write, v["bs"])
@@ -467,6 +491,7 @@ def main(argv=None) -> int:
     ap.add_argument("--store-workers", type=int, default=0, help="StoreConfig.workers (default: the store's default)")
     ap.add_argument("--store-block-mib", type=int, default=0, help="StoreConfig.block_bytes in MiB (default: the "
                                                                    "store's default)")
+    ap.add_argument("--store-checksum", default="", help="StoreConfig.checksum (default: the store's default)")
     ap.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "storage_bench.json"),
                     help="where to write the results (default benchmarks/results/storage_bench.json)")
     args = ap.parse_args(argv)
@@ -513,6 +538,8 @@ def main(argv=None) -> int:
         # chunks, page-aligned and pre-touched. On a VM, which host memory backs a buffer changes O_DIRECT speed
         # by up to ~25% here, so comparing runs that used different buffers would measure the buffers.
         cfg = {"workers": args.store_workers} if args.store_workers else {}
+        if args.store_checksum:
+            cfg["checksum"] = args.store_checksum
         if args.store_block_mib:
             cfg["block_bytes"] = args.store_block_mib * MiB
         store = StoreBench(os.path.join(work, "store"), size, chunk, StoreConfig(**cfg))
@@ -658,7 +685,7 @@ def main(argv=None) -> int:
                         "bar_met": all(passed.values()), "passed": passed, "checksum": ck, "store_queue": qd,
                         "store_config": {k: getattr(store.store.config, k) for k in
                                          ("block_bytes", "workers", "verify", "durable")} |
-                                        {"workers_effective": store.store._pool.threads,
+                                        {"checksum": store.store.checksum, "workers_effective": store.store._pool.threads,
                                          "direct": store.store.direct},
                         "ref_resident_fraction_before_read": [round(r, 4) for r in residency],
                         "elapsed_s": round(time.perf_counter() - T0, 1)})
@@ -687,11 +714,11 @@ def main(argv=None) -> int:
               f"{len(results['sweep'])} raw variants ran" + (f", unavailable: {', '.join(broken)}" if broken else ""))
         print(f"  cold first write into fresh extents (not in the table): raw {cold['raw_write']:.2f}, "
               f"store {cold['store_write']:.2f}")
-        print(f"  store checksums (crc32c): {human(ck['bytes'])} hashed; the hash calls took {ck['call_s_per_gib']:.3f} "
+        print(f"  store checksums ({store.store.checksum}): {human(ck['bytes'])} hashed; the hash calls took {ck['call_s_per_gib']:.3f} "
               f"s per GiB summed over threads (wall time, so waiting for a core counts), on average "
               f"{ck['threads_hashing_on_average']:.2f} threads hashing while the store ran, {ck['gbps_while_busy']:.1f} "
-              f"GB/s while any was; one thread alone: crc32c {results['checksum_gbps_one_thread']['crc32c']:.1f}, "
-              f"crc32 {results['checksum_gbps_one_thread']['crc32']:.1f} GB/s")
+              f"GB/s while any was; one thread alone: " +
+              ", ".join(f"{k} {v:.1f}" for k, v in results['checksum_gbps_one_thread'].items()) + " GB/s")
         print(f"  store queue depth: write {qd['write']['mean_queue_depth']} (max {qd['write']['max_in_flight']}), "
               f"read {qd['read']['mean_queue_depth']} (max {qd['read']['max_in_flight']}); "
               f"{qd['write']['requests_per_rep']} requests of {human(size // qd['write']['requests_per_rep'])} per rep, "

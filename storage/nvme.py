@@ -46,8 +46,9 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import torch
 import crc32c
+import torch
+import xxhash
 
 from storage.alloc import ALIGN, ExtentAllocator, round_up
 from storage.errors import (ChecksumError, ChunkKeyError, ChunkMismatchError, DiskFullError, StoreCorruptError,
@@ -61,7 +62,9 @@ from storage.workers import BACKGROUND, URGENT, PriorityWorkers
 MANIFEST = "offload-store.json"
 DATA = "chunks.dat"
 FORMAT = 1
-CHECKSUM = "crc32c"
+# Block checksums the store can use: name -> function of a buffer, releasing the GIL on large inputs (both do).
+# A store keeps the one it was created with (its manifest names it).
+CHECKSUMS = {"xxh3_64": xxhash.xxh3_64_intdigest, "crc32c": crc32c.crc32c}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -72,15 +75,21 @@ class StoreConfig:
     """Bytes per I/O request and stripe unit. 4-16 MiB reach full bandwidth here; much smaller adds per-request
     overhead, much larger leaves too few requests in flight to keep a drive's queue full."""
     workers: int = 0
-    """Threads issuing requests; 0 means 8 per directory. A quarter as many more compute the checksums (of writes,
+    """Threads issuing requests; 0 means 16 per directory. A quarter as many more compute the checksums (of writes,
     and verify reads) beside them, so an I/O thread always goes straight to its next request; both serve reads
-    first (storage/workers.py). With 8 per directory the store reached ~0.85-0.95x of a raw O_DIRECT loop's
-    bandwidth here; 4 or 16 were no better (benchmarks/storage_bench.py, issue notes)."""
+    first (storage/workers.py). On one store file, alternating the two (9 reps, disk at ~3.4 GB/s write and
+    ~2.4 read), 16 was 1-2% ahead of 8 in both directions, and 16-thread raw loops win most write sweeps of
+    benchmarks/storage_bench.py: the store keeps as many requests in flight as the best raw loop."""
     direct: bool | None = None
     """O_DIRECT: ``None`` uses it where the file system supports it (tmpfs does not: buffered I/O, with a
     warning); ``True`` requires it; ``False`` never uses it."""
     verify: bool = True
-    """Check each block's CRC-32C on read: ~1/16 of a core per GB/s (SSE4.2 hardware CRC, GIL released)."""
+    """Check each block's checksum on read."""
+    checksum: str = "xxh3_64"
+    """The block checksum of a new store (a reopened store keeps the one it was made with): ``"xxh3_64"``
+    (XXH3, 64-bit, ~22 GB/s per core here) or ``"crc32c"`` (hardware CRC-32C, ~12-16 GB/s). Both release the
+    GIL. The checksum is the store's only CPU work besides issuing requests; on this 2-core VM it competes with
+    the hypervisor's copy of the data, so the cheaper one is the default (benchmarks/storage_bench.py)."""
     durable: bool = False
     """fdatasync data and fsync the journal at every commit: survive power loss, not only ``kill -9``."""
     wait_for_space_s: float = 0.0
@@ -92,7 +101,9 @@ class StoreConfig:
             raise ValueError(f"StoreConfig.block_bytes: expected a positive multiple of {ALIGN}, got "
                              f"{self.block_bytes}; try 8 << 20")
         if self.workers < 0:
-            raise ValueError(f"StoreConfig.workers: expected >= 0 (0 = 8 per directory), got {self.workers}")
+            raise ValueError(f"StoreConfig.workers: expected >= 0 (0 = 16 per directory), got {self.workers}")
+        if self.checksum not in CHECKSUMS:
+            raise ValueError(f"StoreConfig.checksum: expected one of {sorted(CHECKSUMS)}, got {self.checksum!r}")
         if self.wait_for_space_s < 0:
             raise ValueError(f"StoreConfig.wait_for_space_s: expected >= 0, got {self.wait_for_space_s}")
 
@@ -269,12 +280,13 @@ class NvmeStore:
         except BaseException:
             self._journal.close()
             raise
-        nworkers = self.config.workers or 8 * len(self.paths)
+        self._hash = CHECKSUMS[self.checksum]
+        nworkers = self.config.workers or 16 * len(self.paths)
         # Reads before writes, in both pools (storage/workers.py): a read is on a caller's critical path, a
         # write is write-back.
         self._pool = PriorityWorkers(nworkers, "nvme-store")
         # Checksums are computed here, beside the I/O threads, so that hashing a block never leaves an I/O
-        # thread without a request in flight (CRC-32C releases the GIL, so the two run in parallel).
+        # thread without a request in flight (the checksums release the GIL, so the two run in parallel).
         self._hash_pool = PriorityWorkers(max(1, nworkers // 4), "nvme-hash")
         self.stats = TransferStats(("nvme.write", "nvme.read", "nvme.checksum"))
 
@@ -284,6 +296,7 @@ class NvmeStore:
         n = len(self.paths)
         file_bytes = round_up(-(-capacity_bytes // n), max(ALIGN, 1))
         self.uuid = uuid.uuid4().hex
+        self.checksum = self.config.checksum
         self.file_bytes = file_bytes
         created: list[str] = []
         try:
@@ -330,7 +343,8 @@ class NvmeStore:
                 else:
                     raise StoreOpenError(f"cannot pre-allocate {path}: {e.strerror}") from e
             manifest = {"format": FORMAT, "uuid": self.uuid, "stripe_index": i, "stripe_count": n,
-                        "file_bytes": file_bytes, "block_bytes": self.config.block_bytes, "checksum": CHECKSUM}
+                        "file_bytes": file_bytes, "block_bytes": self.config.block_bytes,
+                        "checksum": self.config.checksum}
             created.append(os.path.join(p, MANIFEST))
             self._write_manifest(created[-1], manifest)
 
@@ -350,8 +364,10 @@ class NvmeStore:
         if first.get("format") != FORMAT:
             raise StoreOpenError(f"{manifests[0]} is store format {first.get('format')}; this version reads "
                                  f"format {FORMAT}")
-        if first.get("checksum") != CHECKSUM:
-            raise StoreOpenError(f"{manifests[0]} uses checksum {first.get('checksum')!r}; expected {CHECKSUM!r}")
+        if first.get("checksum") not in CHECKSUMS:
+            raise StoreOpenError(f"{manifests[0]} uses checksum {first.get('checksum')!r}, which this version does "
+                                 f"not know (it knows {sorted(CHECKSUMS)}): open it with the version that made it")
+        self.checksum = first["checksum"]
         for i, meta in enumerate(metas):
             if meta.get("uuid") != first["uuid"] or meta.get("stripe_index") != i or \
                     meta.get("stripe_count") != len(self.paths):
@@ -794,7 +810,7 @@ class NvmeStore:
         try:
             if op.error is None and not self._dead:
                 t0 = self.stats.begin("nvme.checksum")
-                b.checksum = _block_checksum(memview(op.mem, start, b.length))
+                b.checksum = self._hash(memview(op.mem, start, b.length))
                 self.stats.end("nvme.checksum", t0, b.length)
         except BaseException as e:  # noqa: BLE001
             self._fail(op, e, b)
@@ -823,7 +839,7 @@ class NvmeStore:
     def _verify_block(self, op: _Op, b: _Block, start: int) -> None:
         try:
             t0 = self.stats.begin("nvme.checksum")
-            got = _block_checksum(memview(op.mem, start, b.length))
+            got = self._hash(memview(op.mem, start, b.length))
             self.stats.end("nvme.checksum", t0, b.length)
             if got != b.checksum:
                 raise ChecksumError(op.key, op.chunk.blocks.index(b), os.path.join(self.paths[b.file], DATA),
@@ -914,11 +930,6 @@ class NvmeStore:
         else:
             op.handle.future.set_result(out)
 
-
-# Block checksum: hardware CRC-32C. xxh3 is twice as fast on one thread (31 vs 16 GB/s here) but holds the GIL,
-# so with 8 I/O threads the hash calls queued behind each other: 0.46 s of hashing per GiB against 0.13 s for
-# CRC-32C, and the store's share of raw bandwidth rose from 0.79x/0.88x to 0.92x/0.98x (write/read).
-_block_checksum = crc32c.crc32c
 
 _SHORT = -1  # errno we give a short read / write (the file ended early)
 

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 from conftest import SMALL, mounted
 from storage import (ChecksumError, ChunkKeyError, ChunkMismatchError, NvmeStore, StoreConfig, StoreCorruptError,
                      StoreError, StoreFullError, StoreLockedError, StoreOpenError, aligned_empty)
-from storage.nvme import DATA, MANIFEST
+from storage.nvme import CHECKSUMS, DATA, MANIFEST
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -401,12 +402,20 @@ def test_extents_being_read_are_not_reused(store_dir, monkeypatch):
     s = NvmeStore(store_dir, capacity_bytes=1 << 20, config=StoreConfig(block_bytes=16 << 10, workers=16))
     v1 = random_tensor((100_000,), torch.uint8, seed=12)
     s.write("k", v1).wait()
-    _slow(monkeypatch, "preadv", 0.5)
-    h = s.read("k")  # 7 blocks, each read 0.5 s from now; the writes below use the other workers meanwhile
+    gate = threading.Event()
+    real = os.preadv
+
+    def held(*a):  # the read's requests wait for the gate: a disk that is slow until the test says otherwise
+        gate.wait(30)
+        return real(*a)
+
+    monkeypatch.setattr(os, "preadv", held)
+    h = s.read("k")  # 7 blocks, held at the gate; the writes below use the other workers meanwhile
     s.write("k", torch.zeros(100_000, dtype=torch.uint8)).wait()  # supersedes v1 while it is being read
     s.delete("k")
     s.write("j", torch.ones(100_000, dtype=torch.uint8)).wait()  # first fit: would land on v1's extents
     assert not h.done()
+    gate.set()
     assert same(h.wait(), v1)
     s.flush()
     assert s.free_bytes == s.capacity_bytes - (6 * (16 << 10) + 4096)  # v1's extents came back
@@ -473,10 +482,11 @@ def test_forgotten_close_releases_the_lock(store_dir):
 
 
 # -- corruption ----------------------------------------------------------------------------------------------------
-def _write_and_locate(store_dir, key="w", nbytes=100_000, block=2):
+def _write_and_locate(store_dir, key="w", nbytes=100_000, block=2, checksum=SMALL.checksum):
     """Write ``key`` and close; returns the tensor and (file path, offset) of its block number ``block``."""
     t = random_tensor((nbytes,), torch.uint8, seed=9)
-    with NvmeStore(store_dir, capacity_bytes=1 << 20, config=SMALL) as s:
+    config = StoreConfig(block_bytes=SMALL.block_bytes, workers=SMALL.workers, checksum=checksum)
+    with NvmeStore(store_dir, capacity_bytes=1 << 20, config=config) as s:
         s.write(key, t).wait()
         s.write("other", torch.ones(1000)).wait()
         b = s._index[key].blocks[block]
@@ -484,11 +494,13 @@ def _write_and_locate(store_dir, key="w", nbytes=100_000, block=2):
     return t, where
 
 
+@pytest.mark.parametrize("checksum", sorted(CHECKSUMS))
 @pytest.mark.parametrize("block", [2, 6], ids=["whole-block", "tail-block"])
-def test_checksum_catches_a_flipped_byte(store_dir, block):
-    t, (path, offset) = _write_and_locate(store_dir, block=block)  # block 6 is the 1696 B tail
+def test_checksum_catches_a_flipped_byte(store_dir, block, checksum):
+    t, (path, offset) = _write_and_locate(store_dir, block=block, checksum=checksum)  # block 6: the 1696 B tail
     flip_byte(path, offset + 123)
-    with NvmeStore(store_dir, config=SMALL) as s:
+    with NvmeStore(store_dir, config=SMALL) as s:  # the store keeps the checksum it was made with
+        assert s.checksum == checksum
         with pytest.raises(ChecksumError) as e:
             s.read("w").wait()
         assert isinstance(e.value, StoreCorruptError)
@@ -504,6 +516,19 @@ def test_checksum_catches_a_flipped_byte(store_dir, block):
         back = s.read("w").wait()
         i = block * (16 << 10) + 123
         assert (back != t).sum() == 1 and back[i] == t[i] ^ 0xFF
+
+
+def test_a_store_keeps_its_checksum_and_refuses_an_unknown_one(store_dir):
+    other = "crc32c" if StoreConfig().checksum != "crc32c" else "xxh3_64"
+    t, _ = _write_and_locate(store_dir, checksum=other)
+    with NvmeStore(store_dir) as s:  # default config: the manifest's checksum wins, old stores stay readable
+        assert s.checksum == other
+        assert torch.equal(s.read("w").wait(), t)
+        assert s.verify() == {}
+    meta = json.loads((store_dir / MANIFEST).read_text())
+    (store_dir / MANIFEST).write_text(json.dumps(meta | {"checksum": "md5"}))
+    with pytest.raises(StoreOpenError, match="uses checksum 'md5', which this version does not know"):
+        NvmeStore(store_dir)
 
 
 def test_cli_verify_reports_the_bad_chunk(store_dir, capsys):
@@ -748,7 +773,8 @@ def test_bad_arguments(store):
     with pytest.raises(TypeError, match="out must be a torch.Tensor"):
         store.read("a", out=[0] * 10)
     for kw, msg in [({"block_bytes": 1000}, "block_bytes: expected a positive multiple of 4096, got 1000"),
-                    ({"workers": -1}, "workers: expected >= 0"), ({"wait_for_space_s": -1}, "expected >= 0")]:
+                    ({"workers": -1}, "workers: expected >= 0"), ({"wait_for_space_s": -1}, "expected >= 0"),
+                    ({"checksum": "md5"}, "checksum: expected one of")]:
         with pytest.raises(ValueError, match=msg):
             StoreConfig(**kw)
 
