@@ -38,7 +38,7 @@ import torch
 from scheduler.profile import HardwareProfile, cache_dir, fingerprint
 from scheduler.workload import TransformerShape, build_transformer, from_module
 from storage import NvmeStore, StoreConfig
-from storage.memory import aligned_empty
+from storage.memory import fresh_empty
 
 PROBE_LM = TransformerShape(n_layer=2, d_model=768, n_head=12, d_ff=3072, vocab=32000, n_pos=1024, bias=True,
                             norm="layernorm", tied=True)
@@ -212,9 +212,10 @@ def probe(*, quick: bool = False, directory: str | None = None, progress=sys.std
         with store:
             _progress(f"[4/{steps}] disk: {nchunks} x {chunk_bytes >> 20} MiB chunks through NvmeStore in {tmp} "
                       f"({'O_DIRECT' if store.direct else 'buffered: no O_DIRECT here'})", progress)
-            # 4 KiB-aligned, as the runtime's pool buffers are: the store then moves them with no staging copy.
-            bufs = [aligned_empty(chunk_bytes).fill_(i % 251) for i in range(nchunks)]
-            outs = [aligned_empty(chunk_bytes) for _ in range(nchunks)]
+            # The memory the runtime's pool buffers are made of (fresh, 2 MiB pages where THP allows, touched): the
+            # store moves them with no staging copy, and the kind of memory alone moves disk speed by up to 30%.
+            bufs = [fresh_empty(chunk_bytes).fill_(i % 251) for i in range(nchunks)]
+            outs = [fresh_empty(chunk_bytes).zero_() for _ in range(nchunks)]
 
             def write_all(prefix="a"):
                 for h in [store.write(f"{prefix}{i}", b) for i, b in enumerate(bufs)]:

@@ -8,6 +8,7 @@ address, length and file offset 4 KiB-aligned; :func:`aligned_empty` gives memor
 from __future__ import annotations
 
 import ctypes
+import mmap
 
 import torch
 
@@ -24,6 +25,38 @@ def aligned_empty(nbytes: int, *, pin: bool = False, align: int = ALIGN) -> torc
     base = torch.empty(padded + align, dtype=torch.uint8, pin_memory=pin)
     skip = (-base.data_ptr()) % align
     return base[skip:skip + padded]
+
+
+HUGE_PAGE = 2 << 20
+
+
+def fresh_empty(nbytes: int) -> torch.Tensor:
+    """A uint8 tensor of ``round_up(nbytes)`` bytes in a new private anonymous mapping of its own, 2 MiB-aligned,
+    with transparent huge pages requested before any page is touched (``madvise(MADV_HUGEPAGE)``).
+
+    For buffers that disk transfers go through. A request carries a bounded number of memory segments (254 on our
+    virtual disk), one per physically contiguous piece, so 4 KiB pages cap it at ~1 MiB and 2 MiB pages let it
+    reach the device's maximum: a raw O_DIRECT loop here wrote 5.1 -> 6.6 GB/s and read 2.2 -> 2.9 GB/s. Asking
+    malloc (``torch.empty``) is not enough: it may hand back memory freed earlier in the process, already
+    touched as 4 KiB pages, which madvise no longer changes. Measured: the optimizer benchmark's pool slabs came
+    from the reused ``[heap]`` in 3 of 6 runs after a first phase freed ~2 GB, 0% huge pages, and its NVMe step
+    ran ~10% slower. The mapping is unmapped when the tensor (and every view of it) is gone. Where THP is off,
+    the pages are 4 KiB and nothing else changes. Not pinned: see HostPool for CUDA.
+    """
+    size = round_up(max(nbytes, 1))
+    try:
+        m = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except (OSError, AttributeError, ValueError):  # no anonymous private mappings here: plain aligned memory
+        return aligned_empty(size)
+    base = torch.frombuffer(m, dtype=torch.uint8)  # holds a reference to the mapping
+    skip = (-base.data_ptr()) % HUGE_PAGE
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is not None and hasattr(m, "madvise"):
+        try:
+            m.madvise(advice, skip, size)
+        except OSError:
+            pass
+    return base[skip:skip + size]
 
 
 def byte_view(t: torch.Tensor) -> torch.Tensor:
