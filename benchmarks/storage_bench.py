@@ -71,6 +71,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from storage import HostPool, NvmeStore, StoreConfig  # noqa: E402
+from storage.alloc import round_up  # noqa: E402
 from storage.memory import memview  # noqa: E402
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -232,14 +233,24 @@ def pattern_fill(buf: torch.Tensor, seed: int) -> None:
 
 
 # -- raw baselines -----------------------------------------------------------------------------------------------
-def py_loop(path: str, bufs: list[torch.Tensor], req: int, threads: int, write: bool, base: int = 0) -> float:
+def py_loop(path: str, bufs: list[torch.Tensor], req: int, threads: int, write: bool, base: int = 0,
+            runs: list[tuple[int, int]] | None = None) -> float:
     """N threads, each taking the next request off a shared counter: one ``pwritev`` / ``preadv`` of ``req`` bytes
-    (at most) per request, between the file (chunk after chunk, from byte ``base``) and the chunk buffers ``bufs``."""
-    reqs, off = [], 0
+    (at most) per request, between the file (chunk after chunk, from byte ``base``) and the chunk buffers ``bufs``.
+    ``runs``: (offset, length) extents of the file to use instead, in order (a request never spans two)."""
+    total = sum(b.numel() for b in bufs)
+    runs = runs or [(base, total)]
+    if sum(n for _, n in runs) < total:
+        raise ValueError(f"py_loop: the runs hold {sum(n for _, n in runs)} bytes, the buffers {total}")
+    reqs, off, r, r_off = [], 0, 0, 0
     for buf in bufs:
-        for o in range(0, buf.numel(), req):
-            n = min(req, buf.numel() - o)
-            reqs.append((base + off + o, buf, o, n))
+        o = 0
+        while o < buf.numel():
+            n = min(req, buf.numel() - o, runs[r][1] - r_off)
+            reqs.append((runs[r][0] + r_off, buf, o, n))
+            o, r_off = o + n, r_off + n
+            if r_off == runs[r][1]:
+                r, r_off = r + 1, 0
         off += buf.numel()
     fd = os.open(path, os.O_RDWR | os.O_DIRECT)
     try:
@@ -313,6 +324,32 @@ def run_dd(path: str, size: int, write: bool, bs: int) -> float:
 
 
 # -- our store -----------------------------------------------------------------------------------------------------
+def store_runs(store: NvmeStore, nbytes: int, write: bool) -> tuple[str, list[tuple[int, int]]]:
+    """The first ``nbytes`` of a one-directory store's data file that a raw loop may move to measure the disk where
+    the store's data is: committed extents for a read (reading them changes nothing), free runs, lowest first
+    (where first fit puts the store's next write), for a write (nothing committed is there). Call it with no
+    store write in flight."""
+    if len(store.paths) != 1:
+        raise ValueError("store_runs: a one-directory store only")
+    if write:
+        free = list(zip(store._alloc[0]._offsets, store._alloc[0]._lengths))
+    else:
+        free = sorted((b.offset, round_up(b.length)) for c in store._index.values() for b in c.blocks)
+    runs, left = [], nbytes
+    for off, n in free:
+        if left <= 0:
+            break
+        if runs and runs[-1][0] + runs[-1][1] == off:  # merge neighbours: fewer, larger requests
+            runs[-1] = (runs[-1][0], runs[-1][1] + min(n, left))
+        else:
+            runs.append((off, min(n, left)))
+        left -= min(n, left)
+    if left > 0:
+        raise ValueError(f"store_runs: the store has {nbytes - left} {'free' if write else 'committed'} bytes, "
+                         f"{nbytes} asked")
+    return os.path.join(store.paths[0], "chunks.dat"), runs
+
+
 class StoreBench:
     def __init__(self, directory: str, size: int, chunk: int, config=None):
         self.size, self.chunk = size, chunk
@@ -352,25 +389,6 @@ class StoreBench:
 
     def close(self) -> None:
         self.store.close()
-
-    def raw_target(self, write: bool) -> tuple[str, int]:
-        """Where a raw loop moves the same bytes on the same disk locations as the store: (the store's data file,
-        first byte). A write goes to the free run the store's next write will take (first fit: after two warm-up
-        writes the two versions alternate between the file's two halves), a read to the committed chunks' extents.
-        Neither touches a committed byte, which the final verify checks."""
-        st = self.store
-        path = os.path.join(st.paths[0], "chunks.dat")
-        if write:
-            alloc = st._alloc[0]
-            for off, length in zip(alloc._offsets, alloc._lengths):
-                if length >= self.size:
-                    return path, off
-            raise RuntimeError("the store has no free run of the benchmark's size: cannot place the raw loop")
-        blocks = [b for i in range(len(self.lengths)) for b in st._index[f"chunk{i:04d}"].blocks]
-        for a, b in zip(blocks, blocks[1:]):
-            if b.file != a.file or b.offset != a.offset + a.length:
-                raise RuntimeError("the store's chunks are not laid out back to back: cannot place the raw loop")
-        return path, blocks[0].offset
 
 
 # -- references (buffered) -----------------------------------------------------------------------------------------
@@ -463,9 +481,10 @@ def raw_variants(args, chunk: int, have_fio: bool) -> list[dict]:
 
 def run_raw(v: dict, path: str, sb: "StoreBench", write: bool) -> float:
     size = sb.size
-    if v["kind"] == "py":  # on the store's own extents (see raw_target)
-        target, base = sb.raw_target(write)
-        return py_loop(target, [b.tensor for b in (sb.src if write else sb.dst)], v["req"], v["threads"], write, base)
+    if v["kind"] == "py":  # on the store's own extents (see store_runs)
+        target, runs = store_runs(sb.store, size, write)
+        return py_loop(target, [b.tensor for b in (sb.src if write else sb.dst)], v["req"], v["threads"], write,
+                       runs=runs)
     if v["kind"] == "fio":
         return run_fio(path, size, write, v["engine"], v["bs"], v["iodepth"], v["numjobs"])
     return run_dd(path, size, write, v["bs"])

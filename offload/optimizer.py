@@ -967,6 +967,13 @@ class OffloadOptimizer(torch.optim.Optimizer):
         def oldest_write():
             return (writes or self._late_writes)[0].handle.future
 
+        def read_ahead(held: int) -> None:
+            """Issue reads while the buffer count (``held``: buffers taken but not counted by in_use) and the
+            pool's budget allow."""
+            nonlocal nxt
+            while nxt < len(subs) and in_use() + held < self.config.buffers and issue(subs[nxt], wait=False):
+                nxt += 1
+
         try:
             for pos in range(len(subs)):
                 if not ahead:
@@ -974,18 +981,24 @@ class OffloadOptimizer(torch.optim.Optimizer):
                         concurrent.futures.wait([oldest_write()])
                     issue(subs[nxt], wait=True)  # may wait for a write-back to free pool budget
                     nxt += 1
-                # Read ahead while this one updates, as far as the buffer count and the pool's budget allow.
-                while nxt < len(subs) and in_use() + 1 < self.config.buffers and issue(subs[nxt], wait=False):
-                    nxt += 1
+                read_ahead(0)
                 sub, buf, release, handle, chunk = ahead.popleft()
                 if handle is not None:
                     t0 = time.perf_counter()
                     try:
+                        # While this read is on its way, a write-back that finishes frees a buffer: read further
+                        # ahead at once, or the disk idles through the update that follows.
+                        while nxt < len(subs) and not handle.done() and (writes or self._late_writes):
+                            concurrent.futures.wait([handle.future, oldest_write()],
+                                                    return_when=concurrent.futures.FIRST_COMPLETED)
+                            in_use()  # drops the write-backs that finished
+                            read_ahead(1)
                         handle.wait()
                     except BaseException:
                         release()
                         raise
                     self._stats["wait_read_s"] += time.perf_counter() - t0
+                read_ahead(1)
                 sub.mem, sub.release, sub.residency = buf[:sub.chunk_bytes], release, Residency.RESIDENT
                 region = buf[chunk:] if sub.site == "cpu" and buf.numel() > chunk else None
                 self._update(sub, sub.mem, region=region)
