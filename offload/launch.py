@@ -68,9 +68,11 @@ def launch(script: str, script_args: list[str], *, config_path: str | None = Non
     env[PLAN_ENV] = "1"
     cmd = command(script, script_args, nproc)
     tiers = f"params on {cfg.param_tier.value}, grads on {cfg.grad_tier.value}, state on {cfg.state_tier.value}"
+    replan = ("" if not cfg.replan else f"; re-planning from profile {cfg.profile}" if cfg.profile else
+              "; re-planning from this machine's offload probe profile")
     print(f"offload run: {' '.join(cmd[1:])}\n  config: {config_path or 'defaults'}"
           f"{' + ' + ' '.join(overrides) if overrides else ''}; {tiers}"
-          f"{'; store ' + ', '.join(cfg.nvme_dirs) if cfg.nvme_dirs else ''}", file=out, flush=True)
+          f"{'; store ' + ', '.join(cfg.nvme_dirs) if cfg.nvme_dirs else ''}{replan}", file=out, flush=True)
     proc = subprocess.Popen(cmd, env=env)
     interrupted = False
     while True:

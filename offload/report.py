@@ -162,7 +162,15 @@ class RunReport:
             out["loss_first"], out["loss_last"] = statistics.fmean(known[:k]), statistics.fmean(known[-k:])
         hist = [h for h in rt.history if h["iteration"] > self._first_iteration + 1] if rt is not None else []
         hist = hist or (list(rt.history) if rt is not None else [])
+        switched = [h["iteration"] for h in hist if "replan" in h]
+        if switched:
+            # Medians of the plan the run ended with: the iterations after the last switch (the switch's own
+            # iteration also carries the move), or that one alone when nothing ran after it.
+            hist = [h for h in hist if h["iteration"] > switched[-1]] or [h for h in hist if h["iteration"] ==
+                                                                           switched[-1]]
+            out["medians_since_iteration"] = hist[0]["iteration"]
         if hist:
+            out["median_iterations"] = len(hist)
             resources = hist[-1]["timeline"]["busy_s"].keys()
             out["busy_s_median"] = {r: statistics.median(h["timeline"]["busy_s"][r] for h in hist) for r in resources}
             out["iteration_s_median"] = statistics.median(h["wall_s"] for h in hist)
@@ -241,13 +249,21 @@ class RunReport:
         if "busy_s_median" in s:
             pred = (self.predicted or {}).get("busy_s", {})
             prof = (self.predicted or {}).get("profile")
-            lines.append("per iteration (median)      measured" + (f"    predicted (cost model, profile {prof})"
-                                                                      if pred else ""))
-            rows = [("iteration", s["iteration_s_median"], (self.predicted or {}).get("iteration_s"))]
+            head, pred_iter, source = "per iteration (median)", (self.predicted or {}).get("iteration_s"), \
+                f"cost model, profile {prof}"
+            if "medians_since_iteration" in s:
+                # The prediction made at the start was for the first plan: compare with the last re-plan's own.
+                pred, pred_iter, source = {}, s["replans"][-1]["predicted_new_s"], "re-planner, for this plan"
+                head = (f"per iteration (median of {s['median_iterations']} from iteration "
+                        f"{s['medians_since_iteration']}, the plan at the end)")
+                lines.append(head)
+                head = " " * len("per iteration (median)")
+            lines.append(f"{head}      measured" + (f"    predicted ({source})" if pred or pred_iter else ""))
+            rows = [("iteration", s["iteration_s_median"], pred_iter)]
             rows += [(r, v, pred.get(r)) for r, v in s["busy_s_median"].items() if v > 0 or pred.get(r)]
             for name, v, p in rows:
-                extra = f"   {p * 1e3:8.0f} ms  (measured {v / p:.2f}x of it)" if p else ""
-                lines.append(f"  {name:<24} {v * 1e3:8.0f} ms{extra}")
+                extra = f"   {_ms(p):>8} ms  (measured {v / p:.2f}x of it)" if p else ""
+                lines.append(f"  {name:<24} {_ms(v):>8} ms{extra}")
             eff = s.get("overlap_efficiency")
             if eff:
                 lines.append(f"overlap efficiency {eff:.2f} (iteration / busiest resource, {s['bottleneck']}; "
@@ -387,6 +403,12 @@ def replans_of(rt) -> dict:
     return res
 
 
+def _ms(seconds: float) -> str:
+    """Milliseconds with the digits that matter: 133, 4.2, 0.36."""
+    ms = seconds * 1e3
+    return f"{ms:.0f}" if abs(ms) >= 10 else f"{ms:.1f}" if abs(ms) >= 1 else f"{ms:.2g}"
+
+
 def _replans_text(s: dict) -> list[str]:
     applied, decided = s.get("replans", []), s.get("replan_decisions", [])
     if not applied and not decided:
@@ -400,7 +422,7 @@ def _replans_text(s: dict) -> list[str]:
         lines.append(f"  from iteration {e['iteration']} ({who}{why})")
         pred = ""
         if e["predicted_old_s"] is not None and e["predicted_new_s"] is not None:
-            pred = f"; predicted {e['predicted_old_s'] * 1e3:.0f} -> {e['predicted_new_s'] * 1e3:.0f} ms per iteration"
+            pred = f"; predicted {_ms(e['predicted_old_s'])} -> {_ms(e['predicted_new_s'])} ms per iteration"
         moved = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in e["bytes"].items() if v)
         lines.append(f"    {e['old_plan'] or '?'} -> {e['new_plan']}{pred}; {len(e['units_moved'])} units moved "
                      f"({moved or 'no bytes'}) in {e['switch_s'] * 1e3:.0f} ms")

@@ -128,6 +128,14 @@ def test_report_shows_each_switch_in_text_and_json(tmp_path):
     assert f"NNc x4 -> {by_hand.compact()}; 4 units moved" in text
     assert "from iteration 4 (runtime.on_iteration after iteration 3)" in text
     assert "placement at the end: params on host" in text
+    # The per-iteration medians are those of the plan the run ended with: iteration 5 alone here (3 and 4 carry
+    # the switches), and the prediction made for the first plan is not set beside them.
+    assert s["medians_since_iteration"] == 5 and s["median_iterations"] == 1
+    (last,) = [h for h in rt.history if h["iteration"] == 5]
+    assert s["iteration_s_median"] == last["wall_s"]
+    assert "per iteration (median of 1 from iteration 5, the plan at the end)" in text
+    report.predicted = {"iteration_s": 9.0, "busy_s": {"compute": 9.0}, "profile": "x"}
+    assert "9000 ms" not in report.text()  # the first plan's prediction; by_callback came with none of its own
     report.save(tmp_path / "rep")
     saved = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert saved["replans"] == json.loads(json.dumps(s["replans"]))
@@ -216,9 +224,17 @@ def test_offload_run_set_replan_switches_and_reports_why(tmp_path):
     assert switch["predicted_new_s"] < switch["predicted_old_s"]
     assert switch["bytes"]["disk_read"] > 0
     assert "re-plans: 1 applied, 1 decided by autoplan" in out.stderr
+    assert f"; re-planning from profile {prof}" in out.stderr.splitlines()[1]  # the launch line says so
     assert "from iteration 5 (autoplan after iteration 4: " in out.stderr
     assert f"disk_read_gbps at {switch['drifted']['disk_read_gbps']:.2g}x" in out.stderr
     assert f"NNc x4 -> {switch['new_plan']}; predicted " in out.stderr
+    # Medians of the 3 iterations after the switch (6-8), beside the re-planner's prediction for that plan.
+    from offload.report import _ms
+
+    assert rep["medians_since_iteration"] == 6 and rep["median_iterations"] == 3
+    assert "per iteration (median of 3 from iteration 6, the plan at the end)" in out.stderr
+    assert "predicted (re-planner, for this plan)" in out.stderr
+    assert f"{_ms(switch['predicted_new_s']):>8} ms  (measured " in out.stderr
 
 
 def test_report_of_kept_decisions_and_of_a_history_that_lost_older_switches():
