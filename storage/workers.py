@@ -67,12 +67,15 @@ class PriorityWorkers:
             if self._shutdown:
                 raise RuntimeError(f"{self._name}: cannot submit after shutdown")
             self._queues[priority].append((fn, args))
-            if self._idle:
-                self._cv.notify()
-            elif len(self._threads) < self._max:
+            # Each sleeping thread takes one queued task when it wakes; ``_idle`` counts those notified but not
+            # yet awake too. Tasks beyond them need new threads: counting "some thread is idle" instead left a
+            # task behind blocked ones (a write behind reads held by a slow disk) with the pool below its size.
+            if sum(len(q) for q in self._queues) > self._idle and len(self._threads) < self._max:
                 t = threading.Thread(target=self._run, name=f"{self._name}_{len(self._threads)}")
                 self._threads.append(t)
                 t.start()
+            else:
+                self._cv.notify()
 
     @property
     def threads(self) -> int:

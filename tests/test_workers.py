@@ -108,3 +108,27 @@ def test_a_store_left_open_finishes_its_writes_and_the_process_exits(tmp_path):
     with NvmeStore(tmp_path) as s:
         for i in range(8):
             assert torch.equal(s.read(f"k{i}").wait(), torch.full((100_000,), float(i)))
+
+
+def test_a_burst_of_tasks_gets_new_threads_while_idle_ones_are_still_waking():
+    """Threads that were notified but have not woken yet take one task each, no more: tasks beyond them start new
+    threads (up to the limit). The pool once counted such threads as free for every later task, so a task queued
+    behind blocked ones waited for them although the pool could run it. In the store, a read held by a slow disk
+    kept a write queued until the read finished."""
+    for _ in range(20):  # the waking race is the point: repeat it
+        pool = PriorityWorkers(4, "t")
+        warm = [threading.Event() for _ in range(2)]
+        for e in warm:  # start two threads, then let them go idle
+            pool.submit(e.set)
+        assert all(e.wait(5) for e in warm)
+        while pool._idle < 2:
+            threading.Event().wait(0.001)
+        gate, quick = threading.Event(), threading.Event()
+        pool.submit(gate.wait, 10, priority=URGENT)
+        pool.submit(gate.wait, 10, priority=URGENT)
+        pool.submit(quick.set, priority=BACKGROUND)  # the two idle threads are taken by the blocked tasks
+        try:
+            assert quick.wait(5), "a task waited behind blocked ones with threads to spare"
+        finally:
+            gate.set()
+            pool.shutdown()
