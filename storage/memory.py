@@ -38,9 +38,9 @@ def fresh_empty(nbytes: int) -> torch.Tensor:
     virtual disk), one per physically contiguous piece, so 4 KiB pages cap it at ~1 MiB and 2 MiB pages let it
     reach the device's maximum: a raw O_DIRECT loop here wrote 5.1 -> 6.6 GB/s and read 2.2 -> 2.9 GB/s. Asking
     malloc (``torch.empty``) is not enough: it may hand back memory freed earlier in the process, already
-    touched as 4 KiB pages, which madvise no longer changes. Measured: the optimizer benchmark's pool slabs came
-    from the reused ``[heap]`` in 3 of 6 runs after a first phase freed ~2 GB, 0% huge pages, and its NVMe step
-    ran ~10% slower. The mapping is unmapped when the tensor (and every view of it) is gone. Where THP is off,
+    touched as 4 KiB pages, which madvise no longer changes. Measured: after the optimizer benchmark's first
+    phase freed ~2 GB, its NVMe pool's slabs came from the reused ``[heap]`` with 0% huge pages in 6 of 11
+    processes, and the NVMe step ran ~10% slower in such a run. The mapping is unmapped when the tensor (and every view of it) is gone. Where THP is off,
     the pages are 4 KiB and nothing else changes. Not pinned: see HostPool for CUDA.
     """
     size = round_up(max(nbytes, 1))
