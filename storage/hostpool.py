@@ -1,4 +1,5 @@
 """The host pool: page-locked (when CUDA is present) or page-aligned host buffers, allocated in slabs and reused.
+Unpinned slabs are fresh mappings backed by 2 MiB pages where the kernel allows (:func:`storage.memory.fresh_empty`).
 
 Pinning is slow (it maps and locks every page) and pinned memory is scarce, so the pool pins whole slabs, once,
 and hands out pieces of them; nothing pins on the hot path. A hard byte budget covers every slab; when it is
