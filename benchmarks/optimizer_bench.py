@@ -159,7 +159,7 @@ def main(argv=None) -> int:
         store.flush()  # no store write in flight while the raw loop uses the free extents
         bw_write.append(raw_loop(store, raw_bufs, write=True))
         bw_read.append(raw_loop(store, raw_bufs, write=False))
-        nvme._host_budget.reset_peak()
+        nvme.host_pool.budget.reset_peak()
         before = nvme.report()
         with RssSampler() as s:
             t0 = time.perf_counter()
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
         after = nvme.report()
         moved_read.append(after["read_bytes"] - before["read_bytes"])
         moved_write.append(after["write_bytes"] - before["write_bytes"])
-        peaks.append(nvme._host_budget.peak_bytes)
+        peaks.append(nvme.host_pool.budget.peak_bytes)
         rss.append(s.peak - s.base)
         print(f"  rep {r + 1}: nvme step {t_nvme[-1] * 1e3:7.1f} ms   raw read {bw_read[-1]:.2f} GB/s  write "
               f"{bw_write[-1]:.2f} GB/s   pool peak {format_bytes(peaks[-1])}  RSS +{format_bytes(rss[-1])}",

@@ -66,7 +66,7 @@ def main():
                 break
     if not launched:
         print(report.text())
-    model._offload_runtime.close()
+    offload.runtime_of(model).close()
     if tmp and not args.nvme:
         shutil.rmtree(tmp, ignore_errors=True)
 

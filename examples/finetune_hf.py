@@ -63,7 +63,7 @@ def main():
         report.step(loss.item(), tokens=idx.numel())
     if not launched:
         print(report.text())
-    model._offload_runtime.close()
+    offload.runtime_of(model).close()
     if tmp and not args.nvme:
         shutil.rmtree(tmp, ignore_errors=True)
 

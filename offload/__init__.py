@@ -8,9 +8,9 @@ from offload.config import ConfigError, OffloadConfig, config_from_env, load_con
 from offload.distributed import ShardedOffloadOptimizer
 from offload.optimizer import OffloadOptimizer
 from offload.report import RunReport
-from offload.runtime import wrap
+from offload.runtime import OffloadRuntime, runtime_of, wrap
 
 __version__ = "0.1.0"
 __all__ = ["CheckpointReader", "ConfigError", "OffloadConfig", "OffloadOptimizer", "RunReport",
-           "ShardedOffloadOptimizer", "__version__", "config_from_env", "load_checkpoint", "load_config",
-           "save_checkpoint", "wrap"]
+           "OffloadRuntime", "ShardedOffloadOptimizer", "__version__", "config_from_env", "load_checkpoint",
+           "load_config", "runtime_of", "save_checkpoint", "wrap"]

@@ -602,7 +602,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         with ranks.together("load_checkpoint"):  # every rank checks everything before any rank changes anything
             runtime = _runtime_of(model, optimizer)
             if runtime is not None:
-                runtime._check_between_steps("load a checkpoint")
+                runtime.check_between_steps("load a checkpoint")
             if ranks.sharded:
                 optimizer.check_between_steps("load a checkpoint")
             reader = CheckpointReader(path)
@@ -750,7 +750,7 @@ def _runtime_of(model: nn.Module, optimizer):
     runtime = getattr(model, "_offload_runtime", None)
     if runtime is not None and optimizer is not runtime.optimizer:
         raise ValueError("checkpoint: the model is wrapped by offload.wrap; pass the optimizer wrap returned")
-    if runtime is None and isinstance(optimizer, OffloadOptimizer) and optimizer._runtime is not None:
+    if runtime is None and isinstance(optimizer, OffloadOptimizer) and optimizer.runtime is not None:
         raise ValueError("checkpoint: the optimizer comes from offload.wrap; pass the model wrap returned")
     return runtime
 
@@ -762,8 +762,7 @@ def _param_names(model: nn.Module) -> dict[nn.Parameter, str]:
 
 def _shape(p: nn.Parameter, runtime) -> tuple[int, ...]:
     if runtime is not None:  # released params are empty tensors; the unit recorded the shapes
-        unit, k = runtime._owner[p]
-        return unit.shapes[k]
+        return runtime.param_shape(p)
     return tuple(p.shape)
 
 

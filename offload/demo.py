@@ -125,7 +125,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def run(args: argparse.Namespace) -> dict:
     """Train, print the report, return its summary."""
-    from offload import OffloadConfig, load_checkpoint, save_checkpoint, wrap
+    from offload import OffloadConfig, load_checkpoint, runtime_of, save_checkpoint, wrap
     from offload.report import RunReport
     from offload.signals import StopOnSignal
     from storage import format_bytes
@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> dict:
         print(f"report: {', '.join(str(p) for p in paths)} (open trace.json in https://ui.perfetto.dev)")
         return {**report.summary(), "interrupted": interrupted, "start_step": start}
     finally:
-        model._offload_runtime.close()
+        runtime_of(model).close()
         if not args.nvme:
             shutil.rmtree(store_dir, ignore_errors=True)
 

@@ -608,6 +608,11 @@ class ShardedOffloadOptimizer(torch.optim.Optimizer):
             for key, v in state.get(span.index, {}).items()})
 
     # -- reporting --------------------------------------------------------------------------------------------------
+    @property
+    def stats(self) -> dict:
+        """Counters since construction: steps, grad buckets reduced in backward and at the step, the last norm."""
+        return self._stats
+
     def report(self) -> dict:
         """This rank's part: buckets, elements owned, how grads are reduced, how many bucket reductions started
         during backward (overlapped) or only at ``step()``, the last global grad norm (when clipping), and the

@@ -36,7 +36,7 @@ import torch
 
 from offload.config import OffloadConfig
 from offload.optimizer import SLOT_ALIGN
-from offload.runtime import PARAM_ALIGN, wrap
+from offload.runtime import PARAM_ALIGN, runtime_of, wrap
 from scheduler.cost import LINKS, RESOURCES, CostModel, Prediction
 from scheduler.planner import Plan, UnitPlacement
 from scheduler.profile import HardwareProfile
@@ -160,7 +160,7 @@ class Run:
         model = build_transformer(shape, device="cpu")
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         self.model, self.opt = wrap(model, opt, config, plan=plan)
-        self.rt = self.model._offload_runtime
+        self.rt = runtime_of(self.model)
         self.config = config
         gen = torch.Generator().manual_seed(seed + 1)
         self.data = [torch.randint(0, shape.vocab, (batch, seq + 1), generator=gen) for _ in range(4)]

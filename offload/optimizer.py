@@ -78,6 +78,11 @@ class ParamHome:
         """Whether the parameter has a gradient now, without loading it."""
         return self.grad(param) is not None
 
+    def grad_meta(self, param: torch.Tensor) -> tuple[torch.dtype, torch.device] | None:
+        """The dtype and device of the parameter's gradient (``None``: it has none), without loading it."""
+        g = self.grad(param)
+        return None if g is None else (g.dtype, g.device)
+
     def load_weights(self, param: torch.Tensor) -> torch.Tensor:
         """The weights of a parameter whose ``weights()`` is ``None``, read into a new tensor."""
         raise NotImplementedError
@@ -134,6 +139,12 @@ class _Piece:
     def grad(self) -> torch.Tensor | None:
         g = self.param.grad if self.home is None else self.home.grad(self.param)
         return None if g is None else self.of(g)
+
+    def grad_meta(self) -> tuple[torch.dtype, torch.device] | None:
+        if self.home is None:
+            g = self.param.grad
+            return None if g is None else (g.dtype, g.device)
+        return self.home.grad_meta(self.param)
 
     def has_grad(self) -> bool:
         return self.param.grad is not None if self.home is None else self.home.has_grad(self.param)
@@ -226,15 +237,13 @@ class OffloadOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params_or_optimizer, optimizer_class: type[torch.optim.Optimizer] | None = None, *,
-                 config: OffloadConfig | None = None, _homes: dict | None = None, _store: NvmeStore | None = None,
-                 _pool: HostPool | None = None, _device_budget: TierBudget | None = None,
-                 _placement: Callable[[int], tuple[Tier, str] | None] | None = None, **optimizer_kwargs):
+                 config: OffloadConfig | None = None, runtime=None, **optimizer_kwargs):
         # No config: the one `offload run` passed through the environment, else the defaults.
         self.config = config or config_from_env() or OffloadConfig()
-        # For the parameter-offload runtime: {param: (unit index, ParamHome)}; subgroups are then its units, and
-        # ``_placement(unit)`` gives each one's (state tier, update site) when they differ (a scheduler Plan).
-        self._homes = _homes
-        self._placement = _placement
+        # ``runtime``: offload.wrap's (offload.runtime.OffloadRuntime). It gives each param's unit and home
+        # (``home_of``; subgroups are then its units), each unit's (state tier, update site) under a plan
+        # (``state_placement``), and its swap manager's pool, device budget and store: one of each per model.
+        self._runtime = runtime
         if isinstance(params_or_optimizer, torch.optim.Optimizer):
             if optimizer_class is not None or optimizer_kwargs:
                 raise ValueError("OffloadOptimizer: given an optimizer instance, pass no optimizer_class or kwargs "
@@ -276,12 +285,9 @@ class OffloadOptimizer(torch.optim.Optimizer):
         self._ahead: dict[int, tuple] = {}
         self._late_writes: deque = deque()
         self._late_errors: list[BaseException] = []
-        self._runtime = None  # set by offload.wrap
-        self._shared_pool = _pool  # offload.wrap's pool: one host budget for params, grads and state
-        self._shared_device_budget = _device_budget  # and its device budget: one device
         self._param_shapes = {p: tuple(p.shape) for g in self.param_groups for p in g["params"]}
         self._setup_memory()
-        self._store, self._own_store = _store, _store is None
+        self._own_store: NvmeStore | None = None  # the store of an optimizer without a runtime
         self._subgroups: list[_Subgroup] = []
         self._frozen: list[torch.Tensor] = []
         for gi in range(len(self.param_groups)):
@@ -306,14 +312,13 @@ class OffloadOptimizer(torch.optim.Optimizer):
 
     def _setup_memory(self) -> None:
         cfg = self.config
-        if self._shared_pool is not None:
-            self._host_pool = self._shared_pool
-            self._host_budget = self._shared_pool.budget
+        if self._runtime is not None:  # one pool, one device budget for the model and its optimizer
+            self._host_pool = self._runtime.swap.pool
+            self._device_budget = self._runtime.swap.device.budget
         else:
-            self._host_budget = TierBudget(Tier.HOST, cfg.host_budget_bytes or psutil.virtual_memory().total)
-            self._host_pool = HostPool(budget=self._host_budget, slab_bytes=64 << 20)
-        self._device_budget = self._shared_device_budget or TierBudget(Tier.DEVICE,
-                                                                       cfg.device_budget_bytes or (1 << 62))
+            budget = TierBudget(Tier.HOST, cfg.host_budget_bytes or psutil.virtual_memory().total)
+            self._host_pool = HostPool(budget=budget, slab_bytes=64 << 20)
+            self._device_budget = TierBudget(Tier.DEVICE, cfg.device_budget_bytes or (1 << 62))
 
     def _device_of(self) -> torch.device:
         devices = {p.device for g in self.param_groups for p in g["params"] if p.requires_grad}
@@ -402,10 +407,10 @@ class OffloadOptimizer(torch.optim.Optimizer):
                 self._frozen.append(p)
         can_split = issubclass(self.optimizer_class, ELEMENTWISE)
         packs: list[list[_Piece]] = []
-        if self._homes is not None:  # one subgroup per unit (within this group), in unit order
+        if self._runtime is not None:  # one subgroup per unit (within this group), in unit order
             by_unit: dict[int, list[_Piece]] = {}
             for idx, p in trainable:
-                unit, home = self._homes[p]
+                unit, home = self._runtime.home_of(p)
                 by_unit.setdefault(unit, []).append(_Piece(p, idx, 0, p.numel(), home))
             trainable = []
             packs = [by_unit[u] for u in sorted(by_unit)]
@@ -440,7 +445,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
         total = start + len(packs)
         for j, pieces in enumerate(packs):
             i = start + j
-            placed = self._placement(self._unit_of_pack[j]) if self._homes is not None and self._placement else None
+            placed = self._runtime.state_placement(self._unit_of_pack[j]) if self._runtime is not None else None
             if placed is not None:
                 tier, site = placed
             else:
@@ -450,7 +455,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
             has_master = any(self._needs_master(pc, site) for pc in pieces)
             sub = _Subgroup(i, gi, pieces, tier, site, has_master)
             sub.home = pieces[0].home
-            sub.unit = self._unit_of_pack[j] if self._homes is not None else None
+            sub.unit = self._unit_of_pack[j] if self._runtime is not None else None
             hp = {k: v for k, v in group.items() if k != "params"}
             hp.update(flags)
             for pc in pieces:  # some classes (Adagrad) make state in their constructor: give them real shapes
@@ -469,9 +474,10 @@ class OffloadOptimizer(torch.optim.Optimizer):
         if where == "host":
             buf = self._host_pool.acquire(max(nbytes, 1), wait=wait)
             return buf.tensor[:nbytes], buf.release
-        self._device_budget.reserve(nbytes, what="device chunk")
         if self._runtime is not None:  # one device: the runtime's spare param buffers make room
-            self._runtime.trim_spares()
+            self._runtime.swap.device.reserve(nbytes, what="device chunk")
+        else:
+            self._device_budget.reserve(nbytes, what="device chunk")
         if self.device.type == "cuda":
             mem = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         else:
@@ -484,8 +490,17 @@ class OffloadOptimizer(torch.optim.Optimizer):
         chunks pass through host buffers)."""
         return "device" if sub.tier is Tier.DEVICE else "host"
 
+    @property
+    def _store(self) -> NvmeStore | None:
+        """The store when one is open (the runtime's, or this optimizer's own)."""
+        if self._runtime is not None:
+            return self._runtime.swap.store if self._runtime.swap.store_open else None
+        return self._own_store
+
     def _store_for(self) -> NvmeStore:
-        if self._store is None:
+        if self._runtime is not None:
+            return self._runtime.swap.store
+        if self._own_store is None:
             cfg = self.config
             cap = cfg.nvme_capacity_bytes
             if cap is None:
@@ -493,8 +508,8 @@ class OffloadOptimizer(torch.optim.Optimizer):
                 need = sum(s.numel * (per_param + (4 if s.has_master else 0)) + len(s.pieces) * SLOT_ALIGN * 8
                            for s in self._subgroups)
                 cap = int(need * 2.2) + (64 << 20)
-            self._store = NvmeStore(list(cfg.nvme_dirs), cap, config=cfg.store, reset=True)
-        return self._store
+            self._own_store = NvmeStore(list(cfg.nvme_dirs), cap, config=cfg.store, reset=True)
+        return self._own_store
 
     def _probe_state_bytes(self) -> int:
         """Bytes of per-element state the optimizer class creates, from one step on a 64x64 parameter."""
@@ -573,9 +588,10 @@ class OffloadOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _scratch_bytes(sub: _Subgroup, device: torch.device) -> int:
-        """fp32 grad scratch an update needs: for each piece whose grad is not already fp32 on ``device``."""
-        return sum(pc.numel * 4 for pc in sub.pieces if (g := pc.grad()) is not None
-                   and (g.dtype != torch.float32 or g.device != device))
+        """fp32 grad scratch an update needs: for each piece whose grad is not already fp32 on ``device`` (asked
+        without loading the grad: it may be on its way to the host)."""
+        return sum(pc.numel * 4 for pc in sub.pieces if (m := pc.grad_meta()) is not None
+                   and (m[0] != torch.float32 or m[1] != device))
 
     def _bind_grads(self, sub: _Subgroup, device: torch.device, region: torch.Tensor | None) -> Callable[[], None]:
         """Set each proxy's ``.grad``: the param's grad itself when it is fp32 on ``device`` (no copy), else an fp32
@@ -724,15 +740,15 @@ class OffloadOptimizer(torch.optim.Optimizer):
             self._runtime.finish_overlapped_step()
             return loss
         t0 = time.perf_counter()
-        if not self._begin_step():
+        if not self.begin_step():
             return loss
         try:
             self._update_subgroups(self._update_order())
         finally:
-            self._end_step(t0)
+            self.end_step(t0)
         return loss
 
-    def _begin_step(self) -> bool:
+    def begin_step(self) -> bool:
         """Checks and hyperparameters before any update; False when the step is skipped (fp16 overflow)."""
         for p in self._frozen:
             if p.grad is not None:
@@ -752,7 +768,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
         """Subgroups to update (those with grads); with the runtime, unit by unit, so that each unit's weights
         are staged once; ``unit`` restricts to one unit."""
         subs = self._subgroups
-        if self._homes:
+        if self._runtime is not None:
             subs = sorted(subs, key=lambda s: (s.unit, s.group))
             if unit is not None:
                 subs = [s for s in subs if s.unit == unit]
@@ -786,7 +802,59 @@ class OffloadOptimizer(torch.optim.Optimizer):
                 errors.append(err)
         return errors
 
-    def prefetch_state(self, subs: list[_Subgroup]) -> int:
+    def update_unit(self, unit: int) -> None:
+        """The overlapped update of one of the runtime's units (its grads are complete): returns once the NVMe
+        chunks' write-backs are issued; :meth:`finish_unit_io` waits for them at the end of the step."""
+        self._update_subgroups(self._update_order(unit), late_writes=True)
+
+    def unit_placements(self, unit: int) -> list[tuple[Tier, str]]:
+        """(state tier, update site) of each subgroup of one of the runtime's units."""
+        return [(s.tier, s.site) for s in self._subgroups_of(unit)]
+
+    def device_state_bytes(self, placement: Callable[[int], Any]) -> int:
+        """The bytes of optimizer state on the device under ``placement(unit)`` (a ``UnitPlacement``: params,
+        state, update), at the size each chunk will have there (a master added or dropped by the cost model's
+        rule, as :meth:`relocate_unit` applies it)."""
+        return sum(self._chunk_bytes_as(s, placement(s.unit).params is Tier.DEVICE, placement(s.unit).update)
+                   for s in self._subgroups if placement(s.unit).state is Tier.DEVICE)
+
+    def relocate_unit(self, unit: int, tier: Tier, site: str,
+                      master_of: Callable[[_Piece], torch.Tensor]) -> None:
+        """Between steps: every subgroup of ``unit`` to ``tier``, updated on ``site`` (see :meth:`_relocate`)."""
+        for sub in self._subgroups_of(unit):
+            self._relocate(sub, tier, site, master_of)
+
+    def state_bytes_estimate(self, unit: int) -> tuple[int, Tier]:
+        """Bytes the state chunks of ``unit``'s subgroups will take once every piece has state (per-element state
+        the class creates, measured on a small parameter, plus fp32 masters), and their tier; what the runtime
+        counts before the first step has made any."""
+        per = getattr(self, "_per_param_state", None)
+        if per is None:
+            per = self._per_param_state = self._probe_state_bytes()
+        subs = self._subgroups_of(unit)
+        total = sum(s.numel * (per + (4 if s.has_master else 0)) + len(s.pieces) * SLOT_ALIGN * 4 for s in subs)
+        return total, (subs[0].tier if subs else Tier.HOST)
+
+    @property
+    def runtime(self):
+        """The :class:`~offload.runtime.OffloadRuntime` of offload.wrap this optimizer belongs to, or ``None``."""
+        return self._runtime
+
+    @property
+    def host_pool(self) -> HostPool:
+        """The pool this optimizer's host buffers come from (shared with the runtime under offload.wrap)."""
+        return self._host_pool
+
+    @property
+    def stats(self) -> dict:
+        """Counters since construction: steps, bytes moved per link, seconds updating and waiting."""
+        return self._stats
+
+    def prefetch_state(self, units: list[int]) -> int:
+        """Start reading the stored NVMe chunks of ``units``' subgroups (see :meth:`_prefetch_subgroups`)."""
+        return self._prefetch_subgroups([s for u in units for s in self._subgroups_of(u)])
+
+    def _prefetch_subgroups(self, subs: list[_Subgroup]) -> int:
         """Start reading the stored NVMe chunks of ``subs`` (in the order their updates will come) into host
         buffers, as far as ``config.buffers`` allows, keeping one for the update itself (chunks read ahead and
         write-backs in flight count), and as far as the host budget gives buffers without waiting. The
@@ -820,7 +888,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
             concurrent.futures.wait([handle.future])
             release()
 
-    def _finish_unit_io(self) -> None:
+    def finish_unit_io(self) -> None:
         """End of an overlapped step: wait for the write-backs still in flight and drop unused read-ahead; raise
         the first write failure (its chunk stays in memory, as in :meth:`_step_streamed`)."""
         self._drop_ahead()
@@ -829,7 +897,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
         if failed:
             raise failed[0]
 
-    def _end_step(self, t0: float) -> None:
+    def end_step(self, t0: float) -> None:
         self._unscaled = False
         if self._runtime is not None:
             self._runtime.after_step()
@@ -920,8 +988,8 @@ class OffloadOptimizer(torch.optim.Optimizer):
         return once the write-backs are issued (they count against the buffers until done).
         """
         store = self._store_for()
-        keep = 0 if self._homes else self.config.buffers // 2  # the rest of the buffers read ahead meanwhile
-        if not self._homes and self._stats["steps"] % 2:
+        keep = 0 if self._runtime else self.config.buffers // 2  # the rest of the buffers read ahead meanwhile
+        if not self._runtime and self._stats["steps"] % 2:
             subs = subs[::-1]
         ahead: deque = deque()  # (subgroup, buffer, release, read handle)
         writes: deque = deque()
@@ -1049,7 +1117,8 @@ class OffloadOptimizer(torch.optim.Optimizer):
         out = []
         for g in self.param_groups:
             for p in g["params"]:
-                home = self._homes[p][1] if self._homes and p in self._homes else None
+                owner = self._runtime.home_of(p) if self._runtime is not None else None
+                home = None if owner is None else owner[1]
                 grad = p.grad if home is None else home.grad(p)
                 if grad is not None:
                     out.append(grad)
@@ -1177,6 +1246,11 @@ class OffloadOptimizer(torch.optim.Optimizer):
                         and tuple(v.shape) != shape):
                     raise ValueError(f"load_state_dict: parameter {k} (shape {list(shape)}) has state {key!r} of "
                                      f"shape {list(v.shape)}: the state dict belongs to a different model")
+                if (torch.is_tensor(v) and v.numel() > 1 and key != "step" and p.is_floating_point()
+                        and not v.is_floating_point()):
+                    raise ValueError(f"load_state_dict: parameter {k} ({p.dtype}) has state {key!r} of dtype "
+                                     f"{v.dtype}: expected a floating dtype; the state dict was edited or belongs to "
+                                     f"another optimizer")
             state[k] = entry
         for g, mine in zip(groups, self.param_groups):
             for key, v in g.items():
@@ -1314,9 +1388,9 @@ class OffloadOptimizer(torch.optim.Optimizer):
             if sub.release is not None:
                 sub.release()
                 sub.release, sub.mem = None, None
-        if self._store is not None and self._own_store:
-            self._store.close()
-        self._store = None
+        if self._own_store is not None:
+            self._own_store.close()
+        self._own_store = None
 
     def __repr__(self) -> str:
         return f"Offload{self.optimizer_class.__name__}({len(self._subgroups)} subgroups, impl={self._impl})"

@@ -56,7 +56,7 @@ def _duration(s: float) -> str:
 def runtime_of(model=None, optimizer=None):
     """The :class:`~offload.runtime.OffloadRuntime` behind a wrapped model or its optimizer, or ``None``."""
     rt = getattr(model, "_offload_runtime", None) if model is not None else None
-    return rt if rt is not None else getattr(optimizer, "_runtime", None)
+    return rt if rt is not None else getattr(optimizer, "runtime", None)
 
 
 class RunReport:
@@ -183,8 +183,8 @@ class RunReport:
             s = rt.stats
             by_what["params+grads"] = {"h2d": s["h2d_bytes"], "d2h": s["d2h_bytes"],
                                        "disk_read": s["disk_read_bytes"], "disk_write": s["disk_write_bytes"]}
-        if opt is not None and hasattr(opt, "_stats"):
-            s = opt._stats
+        if opt is not None and "h2d_bytes" in getattr(opt, "stats", {}):
+            s = opt.stats
             by_what["optimizer state"] = {"h2d": s["h2d_bytes"], "d2h": s["d2h_bytes"], "disk_read": s["read_bytes"],
                                           "disk_write": s["write_bytes"]}
         for d in by_what.values():
@@ -193,8 +193,8 @@ class RunReport:
         if not self.step_s and rt is not None:  # made at exit (offload run): the runtime's own record of the steps
             out["steps"] = rt.iterations
             out["step_s_median"] = out.get("iteration_s_median")
-        elif not self.step_s and hasattr(opt, "_stats"):  # an optimizer alone (a rank's shard): its step count
-            out["steps"] = opt._stats["steps"]
+        elif not self.step_s and hasattr(opt, "stats"):  # an optimizer alone (a rank's shard): its step count
+            out["steps"] = opt.stats["steps"]
         out["bytes_moved"] = moved
         out["bytes_moved_by_what"] = by_what
         out["held_bytes"] = self.held_bytes()

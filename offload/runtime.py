@@ -50,9 +50,11 @@ from torch import nn
 from offload.config import OffloadConfig, config_from_env
 from offload.optimizer import OffloadOptimizer, ParamHome
 from offload.report import placement_text, report_at_exit
+from offload.swap import Chunk, DeviceCache, SwapManager
 from offload.timeline import Timeline
 from scheduler.planner import Plan, UnitPlacement
 from storage import HostPool, NvmeStore, Tier, TierBudget, TierFullError, format_bytes
+from storage import faults
 from storage.memory import aligned_empty
 
 PARAM_ALIGN = 64  # byte alignment of each parameter inside a unit's flat buffer
@@ -97,15 +99,12 @@ class Unit:
         self.state = ParamState.RELEASED
         self.param_tier = Tier.HOST  # where the params live between uses (device: resident, never released)
         self.grad_tier = Tier.HOST  # where accumulated grads wait for the update
-        self.host: torch.Tensor | None = None  # flat params on the host (host tier)
-        self._host_release: Callable[[], None] | None = None
+        self.weights: Chunk | None = None  # the flat params between uses (host or nvme tier; None: device tier)
+        self.grads: Chunk | None = None  # the flat fp32 grads (None: no trainable params)
         self.device_buf: torch.Tensor | None = None
         self.fetch: concurrent.futures.Future | None = None
-        self.grad_host: torch.Tensor | None = None  # flat fp32 grads, while on the host
-        self.grad_release: Callable[[], None] | None = None
         self.has_grads = False  # some param of the unit has a grad in the current accumulation
         self.got = [False] * len(params)  # which params have one
-        self.grads_on_nvme = False  # the accumulated grads are in the store (grad_key), not in grad_host
         self.grad_key = f"unit{index}.grads"
         self.pending = 0  # trainable params whose grad has not arrived in this backward
         self.key = f"unit{index}.params"
@@ -119,10 +118,9 @@ class Unit:
         n = self.numels[k] * dtype.itemsize
         return flat[self.offsets[k]:self.offsets[k] + n].view(dtype).view(self.shapes[k])
 
-    def grad_view(self, k: int) -> torch.Tensor:
+    def grad_view(self, flat: torch.Tensor, k: int) -> torch.Tensor:
         n = self.numels[k] * 4
-        return self.grad_host[self.grad_offsets[k]:self.grad_offsets[k] + n].view(torch.float32) \
-            .view(self.shapes[k])
+        return flat[self.grad_offsets[k]:self.grad_offsets[k] + n].view(torch.float32).view(self.shapes[k])
 
     def __repr__(self) -> str:
         return f"Unit({self.name}, {len(self.params)} params, {format_bytes(self.nbytes)}, {self.state.value})"
@@ -142,20 +140,39 @@ def default_units(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
     return units
 
 
+class _Lane:
+    """One worker thread running tasks in the order they were handed to it. Each task passes the hand-off delay
+    site first (:mod:`storage.faults`), so tests can make any hand-off late and check that order still holds."""
+
+    def __init__(self, name: str, site: str):
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._site = site
+
+    def submit(self, fn: Callable, *args) -> concurrent.futures.Future:
+        return self._executor.submit(self._run, fn, args)
+
+    def _run(self, fn: Callable, args: tuple):
+        faults.delay(self._site)
+        return fn(*args)
+
+    def shutdown(self, wait: bool = True) -> None:
+        self._executor.shutdown(wait=wait)
+
+
 class _Home(ParamHome):
-    """The optimizer's view of where each parameter's weights and gradient are (see OffloadOptimizer)."""
+    """The optimizer's view of where each parameter's weights and gradient are (see OffloadOptimizer). Every
+    answer comes from the unit's chunks through the swap manager, which hands out a buffer only once its bytes
+    have landed."""
 
     def __init__(self, runtime: "OffloadRuntime"):
         self.rt = weakref.proxy(runtime)
 
     def weights(self, param):
         unit, k = self.rt._owner[param]
-        if unit.param_tier is Tier.NVME:
-            staging = self.rt._staging.get(unit.index)
-            return None if staging is None else unit.view(staging, k)
         if unit.param_tier is Tier.DEVICE:
             return unit.view(unit.device_buf, k)
-        return unit.view(unit.host, k)
+        flat = self.rt.swap.buffer(unit.weights)  # NVMe params: only while the update stages them
+        return None if flat is None else unit.view(flat, k)
 
     def on_device(self, param):
         return self.rt._owner[param][0].param_tier is Tier.DEVICE
@@ -167,8 +184,11 @@ class _Home(ParamHome):
         unit, k = self.rt._owner[param]
         if not (unit.has_grads and unit.got[k]):
             return None
-        self.rt._grad_buffer(unit, load=True)
-        return unit.grad_view(k)
+        return unit.grad_view(self.rt.grads_of(unit), k)
+
+    def grad_meta(self, param):
+        unit, k = self.rt._owner[param]
+        return (torch.float32, torch.device("cpu")) if unit.has_grads and unit.got[k] else None
 
     def has_grad(self, param):
         unit, k = self.rt._owner[param]
@@ -214,20 +234,24 @@ class OffloadRuntime:
         for i, u in enumerate(self.units):
             u.param_tier = plan.units[i].params if plan else config.param_tier
             u.grad_tier = plan.units[i].grad_tier if plan else config.grad_tier
-        self.device_budget = TierBudget(Tier.DEVICE, config.device_budget_bytes or (1 << 62))
+        # One owner for the memory of every tier: the pool (one host budget for params, grads and optimizer
+        # state; without a budget in the config, the machine's memory is the limit), the device budget and its
+        # buffers (at most prefetch + 2 spares per size: what the fetch pipeline has alive at once), the store.
+        self.swap = SwapManager(
+            HostPool(budget_bytes=config.host_budget_bytes or psutil.virtual_memory().total),
+            DeviceCache(self.device, config.device_budget_bytes or (1 << 62), keep=config.prefetch + 2),
+            self._open_store)
+        self.swap.trace = self._trace_io
+        self._io_label = ""  # what the chunk transfers are part of, on the timeline ("replan " in apply_plan)
         self._check_device_budget([u.param_tier for u in self.units], "offload.wrap")
-        # One pool, one budget for everything this runtime and its optimizer keep on the host. Without a budget
-        # in the config, the machine's memory is the limit.
-        self.pool = HostPool(budget_bytes=config.host_budget_bytes or psutil.virtual_memory().total)
-        self._store: NvmeStore | None = None
         states = [pl.state for pl in plan.units] if plan else [config.state_tier]
         if Tier.NVME in [u.param_tier for u in self.units] + [u.grad_tier for u in self.units] + states:
-            self._store = self._open_store()
-        self._copy_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="offload-fetch")
+            self.swap.store  # opened now: a store that cannot be made fails at wrap, not in the first backward
+        self._copy_pool = _Lane("offload-fetch", "handoff.fetch")
         # One thread runs the overlapped updates, in the order units finish backward (the CPU-update resource).
-        self._update_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="offload-update")
+        self._update_pool = _Lane("offload-update", "handoff.update")
         # One thread moves grads off the device as they complete (the d2h resource), in order.
-        self._grad_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="offload-grads")
+        self._grad_pool = _Lane("offload-grads", "handoff.grad")
         self._grad_futures: list[concurrent.futures.Future] = []
         self.overlap = config.overlap_update and config.max_grad_norm is None and config.loss_scale is None
         self._backwards = 0  # backward passes since the last step
@@ -235,9 +259,7 @@ class OffloadRuntime:
         self._step_pending = False  # updates ran (or run) in backward; step() must collect them
         self._update_futures: list[concurrent.futures.Future] = []
         self._submitted: set[int] = set()
-        self._spare: dict[int, list[torch.Tensor]] = {}  # released device buffers by size (CPU device)
-        self._spare_bytes = 0
-        self._spare_lock = threading.Lock()
+        self._grad_units: set[int] = set()  # units whose grads this overlapped backward has started
         self._update_seq: list[int] = []  # unit indices in the order the overlapped update reaches them
         self.last_timeline: Timeline | None = None
         # One record per iteration (the last 1000): its measured time, timeline summary and the byte counters
@@ -248,8 +270,9 @@ class OffloadRuntime:
         # Separate streams for the two directions: a GPU has a copy engine for each.
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._d2h_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._staging: dict[int, torch.Tensor] = {}
-        self._staging_release: dict[int, Callable] = {}
+        self._staging: list[Unit] = []  # units whose new weights the update is writing (NVMe params)
+        self._updating: Unit | None = None  # the unit whose subgroups the optimizer is updating
+        self._hold = contextlib.ExitStack()  # that unit's chunks, held for its update
         self._fwd_order: list[int] = [u.index for u in self.units[1:]]
         self._fwd_seq: list[int] = []
         self._bwd_seq: list[int] = []
@@ -266,7 +289,9 @@ class OffloadRuntime:
         self.plan: Plan | None = plan
         """The plan running now (``None``: the config's uniform placement)."""
         self._init_tiers()
+        self._home = _Home(self)
         self.optimizer = self._make_optimizer(optimizer)
+        self._grad_backlog = self._check_host_budget("offload.wrap")
         self._release_all_initial()
         self._install_hooks()
         hook = self._state_dict_hook
@@ -325,6 +350,47 @@ class OffloadRuntime:
                          f"{' plus '.join(parts)}: raise device_budget_bytes to at least {need}, keep fewer units on "
                          f"the device, or cut the model into smaller units")
 
+    def host_minimum(self) -> dict[str, int]:
+        """Host bytes the current placement cannot train without, by what needs them: what lives on the host
+        (params, grads, optimizer state of the units placed there) and the buffers in flight for what lives in
+        the store (a unit's params on their way to the device and a unit's new weights being written; the grads
+        of the unit accumulating and of the one being updated, or all of them where clipping or loss scaling
+        reads every grad at once; the optimizer's ``buffers`` state chunks, and one more for the chunk a first
+        step packs)."""
+        r4k = lambda n: (n + 4095) // 4096 * 4096  # noqa: E731 - the pool hands out 4 KiB-aligned buffers
+        need = {"params": 0, "grads": 0, "state": 0, "params_in_flight": 0, "grads_in_flight": 0,
+                "state_in_flight": 0}
+        nvme_params = [r4k(u.nbytes) for u in self.units if u.param_tier is Tier.NVME and u.nbytes]
+        nvme_grads = [r4k(u.grad_nbytes) for u in self.units if u.grad_tier is Tier.NVME and u.grad_nbytes]
+        need["params"] = sum(r4k(u.nbytes) for u in self.units if u.param_tier is Tier.HOST and u.nbytes)
+        need["grads"] = sum(r4k(u.grad_nbytes) for u in self.units if u.grad_tier is Tier.HOST and u.grad_nbytes)
+        need["params_in_flight"] = 2 * max(nvme_params, default=0)
+        all_grads = self.config.max_grad_norm is not None or self.config.loss_scale is not None
+        need["grads_in_flight"] = sum(nvme_grads) if all_grads else 2 * max(nvme_grads, default=0)
+        stored = []
+        for u in self.units:
+            nbytes, tier = self.optimizer.state_bytes_estimate(u.index)
+            if tier is Tier.HOST:
+                need["state"] += r4k(nbytes)
+            elif tier is Tier.NVME and nbytes:
+                stored.append(r4k(nbytes))
+        need["state_in_flight"] = (self.config.buffers + 1) * max(stored, default=0)
+        return need
+
+    def _check_host_budget(self, who: str) -> int:
+        """Refuse a host budget below :meth:`host_minimum`; returns how many units' grads may wait for their
+        overlapped update at once with the budget there is (at least one beyond the unit accumulating)."""
+        need = self.host_minimum()
+        total = sum(need.values())
+        budget = self.pool.budget.capacity_bytes
+        if total > budget:
+            parts = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in need.items() if v)
+            raise ValueError(f"{who}: the host budget of {format_bytes(budget)} is below the {format_bytes(total)} "
+                             f"({total} B) this placement needs at least ({parts}): raise host_budget_bytes to at "
+                             f"least {total}, or put more on NVMe (param_tier, grad_tier, state_tier='nvme')")
+        grad = max((u.grad_nbytes for u in self.units if u.grad_tier is Tier.NVME), default=0)
+        return 1 + (budget - total) // ((grad + 4095) // 4096 * 4096) if grad else len(self.units)
+
     def _open_store(self) -> NvmeStore:
         cfg = self.config
         if not cfg.nvme_dirs:
@@ -337,47 +403,55 @@ class OffloadRuntime:
         cap = cfg.nvme_capacity_bytes or int((params + state) * 2.2) + (64 << 20)
         return NvmeStore(list(cfg.nvme_dirs), cap, config=cfg.store, reset=True)
 
+    def _trace_io(self, resource: str, key: str, nbytes: int) -> Callable[[], None]:
+        """A chunk transfer the swap manager issued: counted now, drawn on the timeline when it lands."""
+        self.stats[f"{resource}_bytes"] += nbytes
+        tl, name = self.timeline, self._io_label + key
+        t0 = tl.now()
+        return lambda: tl.add(resource, name, t0, tl.now(), nbytes)
+
     def _init_tiers(self) -> None:
-        """Copy every unit's params to their tier, and give each unit its fp32 grad buffer."""
+        """Copy every unit's params to their tier, and give each unit its fp32 grad chunk."""
         for u in self.units:
             u.grad_key = f"unit{u.index}.grads"
-            if u.grad_nbytes and u.grad_tier is Tier.HOST:
-                buf = self.pool.acquire(u.grad_nbytes)
-                u.grad_host, u.grad_release = buf.tensor[:u.grad_nbytes], buf.release
+            if u.grad_nbytes:
+                u.grads = self.swap.chunk(u.grad_key, u.grad_nbytes, u.grad_tier)
             if not u.nbytes:
                 continue
-            buf = self.pool.acquire(u.nbytes)
-            flat = buf.tensor[:u.nbytes]
-            with torch.no_grad():
-                for k, p in enumerate(u.params):
-                    u.view(flat, k).copy_(p.data)
-            if u.param_tier is Tier.HOST:
-                u.host, u._host_release = flat, buf.release
+            if u.param_tier is Tier.DEVICE:  # the plan keeps it on the device: fetched once, here
+                with self.swap.pool.acquire(u.nbytes) as buf:
+                    self._copy_params_into(u, buf.tensor[:u.nbytes])
+                    self._fetch_now(u, buf.tensor[:u.nbytes])
                 continue
+            u.weights = self.swap.chunk(u.key, u.nbytes, u.param_tier)
+            with self.swap.use(u.weights, write=True) as flat:
+                self._copy_params_into(u, flat)
             if u.param_tier is Tier.NVME:
-                self._store.write(u.key, flat).wait()
-                self.stats["disk_write_bytes"] += u.nbytes
-            else:
-                self._fetch_now(u, flat)  # the plan keeps it on the device: fetched once, here
-            buf.release()
+                self.swap.write_back(u.weights, wait=True)
+
+    @staticmethod
+    @torch.no_grad()
+    def _copy_params_into(u: Unit, flat: torch.Tensor) -> None:
+        for k, p in enumerate(u.params):
+            u.view(flat, k).copy_(p.data)
 
     def _make_optimizer(self, optimizer) -> OffloadOptimizer:
-        homes = {}
-        home = _Home(self)
-        for u in self.units:
-            for p in u.params:
-                homes[p] = (u.index, home)
         if isinstance(optimizer, OffloadOptimizer):
             raise ValueError("offload.wrap: pass the plain optimizer (e.g. torch.optim.AdamW(...)); wrap builds "
                              "the OffloadOptimizer itself")
-        def placement(unit: int) -> tuple[Tier, str] | None:  # the plan's, when there is one: read when needed
-            return None if self.plan is None else (self.plan.units[unit].state, self.plan.units[unit].update)
+        # One device, one budget, one store: state kept on the device and device updates count against the
+        # params' budget; state on the host against the same pool.
+        return OffloadOptimizer(optimizer, config=self.config, runtime=self)
 
-        # One device, one budget: state kept on the device and device updates count against the params' budget.
-        opt = OffloadOptimizer(optimizer, config=self.config, _homes=homes, _store=self._store, _pool=self.pool,
-                               _device_budget=self.device_budget, _placement=placement)
-        opt._runtime = self
-        return opt
+    # -- what the optimizer asks of the runtime (OffloadOptimizer's `runtime`) -----------------------------------
+    def home_of(self, param: nn.Parameter) -> tuple[int, ParamHome] | None:
+        """The unit that owns ``param`` and the home through which its weights and grads are reached."""
+        owner = self._owner.get(param)
+        return None if owner is None else (owner[0].index, self._home)
+
+    def state_placement(self, unit: int) -> tuple[Tier, str] | None:
+        """The plan's (state tier, update site) for ``unit``; ``None`` without a plan (the config's)."""
+        return None if self.plan is None else (self.plan.units[unit].state, self.plan.units[unit].update)
 
     def _empty_like(self, p: torch.Tensor) -> torch.Tensor:
         key = (p.dtype, p.device)
@@ -403,14 +477,14 @@ class OffloadRuntime:
                 u.state = ParamState.RESIDENT
             return True
         try:
-            self.device_budget.reserve(u.nbytes, what=f"unit {u.name!r}")
+            self.swap.device.reserve(u.nbytes, what=f"unit {u.name!r}", trim=False)
         except TierFullError:
             if not required:
                 return False
             resident = ", ".join(x.name for x in self.units if x.state is not ParamState.RELEASED)
             raise TierFullError("device", f"unit {u.name!r} (resident now: {resident})", u.nbytes,
                                 self.device_budget.used_bytes, self.device_budget.capacity_bytes) from None
-        u.device_buf = self._device_buffer(u.nbytes)
+        u.device_buf = self.swap.device.buffer(u.nbytes)
         u.state = ParamState.FETCHING
         self.stats["fetches"] += 1
         u.fetch = self._copy_pool.submit(self._fetch_work, u, src)
@@ -423,30 +497,26 @@ class OffloadRuntime:
 
     def _fetch_work(self, u: Unit, src: torch.Tensor | None = None):
         """On the copy thread: (disk ->) host -> device. Returns a CUDA event when the copy is asynchronous."""
-        tl = self.timeline
-        src, release = (u.host if src is None else src), None
-        if src is None:
-            buf = self.pool.acquire(u.nbytes)
-            src, release = buf.tensor[:u.nbytes], buf.release
-            with tl.span("disk_read", f"fetch {u.name}", u.nbytes):
-                self._store.read(u.key, out=src).wait()
-            self.stats["disk_read_bytes"] += u.nbytes
-        try:
-            with tl.span("h2d", f"fetch {u.name}", u.nbytes):
-                if self._copy_stream is not None:
-                    with torch.cuda.stream(self._copy_stream):
-                        u.device_buf.copy_(src, non_blocking=True)
-                        event = torch.cuda.Event()
-                        event.record(self._copy_stream)
-                    # The staging buffer is reused once the copy is done; wait for it on this (copy) thread.
-                    event.synchronize()
-                else:
-                    u.device_buf.copy_(src)
-                    event = None
-            self.stats["h2d_bytes"] += u.nbytes
-        finally:
-            if release is not None:
-                release()
+        if src is not None:
+            return self._copy_to_device(u, src)
+        with self.swap.use(u.weights) as flat:  # read from the store first when the params live there
+            event = self._copy_to_device(u, flat)
+        self.swap.evict(u.weights)  # NVMe params: the host copy was only on the way to the device
+        return event
+
+    def _copy_to_device(self, u: Unit, src: torch.Tensor):
+        with self.timeline.span("h2d", f"fetch {u.name}", u.nbytes):
+            if self._copy_stream is not None:
+                with torch.cuda.stream(self._copy_stream):
+                    u.device_buf.copy_(src, non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record(self._copy_stream)
+                # The host buffer is reused once the copy is done; wait for it on this (copy) thread.
+                event.synchronize()
+            else:
+                u.device_buf.copy_(src)
+                event = None
+        self.stats["h2d_bytes"] += u.nbytes
         return event
 
     def _wait_resident(self, u: Unit) -> None:
@@ -483,47 +553,9 @@ class OffloadRuntime:
                 # keeps it from reuse by other streams until they finish when we record it on that stream.
                 u.device_buf.record_stream(torch.cuda.current_stream(self.device))
             buf, u.device_buf = u.device_buf, None
-            self.device_budget.release(u.nbytes)
-            self._spare_buffer(buf, u.nbytes)
+            self.swap.device.release(u.nbytes)
+            self.swap.device.give_back(buf, u.nbytes)
         u.state = ParamState.RELEASED
-
-    # A CPU device's memory: CUDA's caching allocator reuses the blocks of released units, but on a CPU device
-    # torch hands large blocks back to the OS and the next fetch into fresh memory pays a page fault per 4 KiB
-    # (157 MB: 50 ms into fresh memory, 14 ms into reused, here). So released buffers are kept for the next fetch
-    # of the same size, as the caching allocator does: at most prefetch + 2 per size (what the fetch pipeline has
-    # alive at once), and live plus spare bytes within the device budget (spares go first when room is needed).
-    def _device_buffer(self, nbytes: int) -> torch.Tensor:
-        """Memory for ``nbytes`` of a unit's params on the device (the budget is already reserved)."""
-        if self.device.type == "cuda":
-            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        with self._spare_lock:
-            free = self._spare.get(nbytes)
-            if free:
-                self._spare_bytes -= nbytes
-                return free.pop()
-        self.trim_spares()
-        return aligned_empty(nbytes)[:nbytes]
-
-    def trim_spares(self) -> None:
-        """Drop spare device buffers (largest first) until live plus spare bytes fit the device budget again:
-        called after a reservation (a fetch's, or the optimizer's device state)."""
-        with self._spare_lock:
-            room = self.device_budget.capacity_bytes - self.device_budget.used_bytes
-            for size in sorted(self._spare, reverse=True):
-                while self._spare[size] and self._spare_bytes > room:
-                    self._spare[size].pop()
-                    self._spare_bytes -= size
-
-    def _spare_buffer(self, buf: torch.Tensor, nbytes: int) -> None:
-        """Keep a released unit's device buffer for reuse (CPU device only; see above)."""
-        if self.device.type == "cuda":
-            return
-        with self._spare_lock:
-            free = self._spare.setdefault(nbytes, [])
-            if len(free) < self.config.prefetch + 2 and \
-                    self.device_budget.used_bytes + self._spare_bytes + nbytes <= self.device_budget.capacity_bytes:
-                free.append(buf)
-                self._spare_bytes += nbytes
 
     def _prefetch(self, seq: list[int], pos: int) -> None:
         for idx in seq[pos + 1:pos + 1 + self.config.prefetch]:
@@ -632,8 +664,9 @@ class OffloadRuntime:
             if self._overlapping:
                 self._step_t0 = time.perf_counter()
                 self._submitted = set()
+                self._grad_units = set()
                 self._update_futures = []
-                if not self.optimizer._begin_step():
+                if not self.optimizer.begin_step():
                     self._overlapping = False
             self._bwd_seq = list(reversed(self._fwd_order))
             self._bwd_pos = -1
@@ -674,16 +707,20 @@ class OffloadRuntime:
             self._grad_futures.append(self._grad_pool.submit(self._unit_grads_done, u))
 
     def _grad_work(self, u: Unit, k: int, g: torch.Tensor, event) -> None:
-        self._grad_buffer(u, load=True)
         nbytes = u.numels[k] * 4
-        with self.timeline.span("d2h", f"grad {u.name}", nbytes):
+        if self._overlapping and u.index not in self._grad_units:
+            self._grad_units.add(u.index)
+            self._await_update_backlog()
+        # Held for writing: an earlier micro-batch's grads spilled to the store are read back first, and nobody
+        # else touches the buffer until the addition is done.
+        with self.swap.use(u.grads, write=True) as flat, self.timeline.span("d2h", f"grad {u.name}", nbytes):
             if event is not None:
                 with torch.cuda.stream(self._d2h_stream):
                     self._d2h_stream.wait_event(event)
                     g_host = g.to("cpu")  # synchronous on the copy stream: done when it returns
                 g.record_stream(self._d2h_stream)  # do not reuse g's memory before the copy stream read it
                 g = g_host
-            dst = u.grad_view(k)
+            dst = u.grad_view(flat, k)
             if not u.got[k]:
                 dst.copy_(g)  # a plain optimizer's first micro-batch: p.grad = g
                 u.got[k] = True
@@ -691,6 +728,16 @@ class OffloadRuntime:
                 dst.add_(g)  # later micro-batches: p.grad += g, the same fp32 addition
             u.has_grads = True
         self.stats["d2h_bytes"] += nbytes
+
+    def _await_update_backlog(self) -> None:
+        """On the grad thread, before a unit's first grad of the overlapped backward takes a buffer: while as
+        many units' grads wait for their update as the host budget has room for, wait for the oldest update
+        (the update thread never waits for this one, so this always ends)."""
+        while True:
+            pending = [f for f in self._update_futures[1:] if not f.done()]  # [0] reads state ahead
+            if len(pending) < self._grad_backlog:
+                return
+            concurrent.futures.wait(pending[:1])
 
     def _drain_grads(self) -> None:
         """Wait for every grad in flight (raising the first failure)."""
@@ -702,44 +749,23 @@ class OffloadRuntime:
         """On the grad thread: all of ``u``'s grads of this backward are in its host buffer."""
         if self._overlapping:
             self._submit_update(u)
-        elif u.grad_tier is Tier.NVME:
-            self._spill_grads(u)
+        elif u.grad_tier is Tier.NVME and u.grads is not None:
+            # Grads of a micro-batch that is not the last: to the store, and the buffer back to the pool once
+            # the write lands (the next micro-batch's first grad waits for that, then reads them back).
+            self.swap.write_back(u.grads)
 
-    def _grad_buffer(self, u: Unit, *, load: bool) -> None:
-        """Make ``u``'s fp32 grad buffer addressable on the host, reading the accumulated grads back from the
-        store when they were spilled there."""
-        if u.grad_host is not None:
-            return
-        buf = self.pool.acquire(u.grad_nbytes)
-        u.grad_host, u.grad_release = buf.tensor[:u.grad_nbytes], buf.release
-        if load and u.grads_on_nvme:
-            with self.timeline.span("disk_read", f"grads {u.name}", u.grad_nbytes):
-                self._store.read(u.grad_key, out=u.grad_host).wait()
-            self.stats["disk_read_bytes"] += u.grad_nbytes
-
-    def _spill_grads(self, u: Unit) -> None:
-        """Grads of a micro-batch that is not the last: to the store, and the host buffer back to the pool."""
-        if u.grad_host is None:
-            return
-        grads, release = u.grad_host, u.grad_release
-        u.grad_host = u.grad_release = None
-        handle = self._store.write(u.grad_key, grads)
-        t0 = self.timeline.now()
-        tl = self.timeline
-        handle.future.add_done_callback(lambda f: (tl.add("disk_write", f"grads {u.name}", t0, tl.now(),
-                                                          u.grad_nbytes), release()))
-        u.grads_on_nvme = True
-        self.stats["disk_write_bytes"] += u.grad_nbytes
+    def grads_of(self, u: Unit) -> torch.Tensor:
+        """``u``'s accumulated fp32 grads in host memory (read back from the store when they were spilled)."""
+        with self.swap.use(u.grads) as flat:
+            return flat
 
     def _drop_grads(self, u: Unit) -> None:
         """After ``u``'s update with grads on NVMe: the grads are consumed; free their buffer."""
         if u.grad_tier is not Tier.NVME:
             return
-        if u.grad_host is not None:
-            release = u.grad_release
-            u.grad_host = u.grad_release = None
-            release()
-        u.has_grads, u.grads_on_nvme = False, False
+        if u.grads is not None:
+            self.swap.drop(u.grads)
+        u.has_grads = False
         u.got = [False] * len(u.params)
 
     def _submit_update(self, u: Unit) -> None:
@@ -755,15 +781,18 @@ class OffloadRuntime:
         backward completes them: ``_update_seq``."""
         seq = self._update_seq
         start = 0 if after is None or after not in seq else seq.index(after) + 1
-        subs = [s for idx in seq[start:start + self.optimizer.config.buffers]
-                for s in self.optimizer._subgroups_of(idx)]
-        if subs:
-            self.optimizer.prefetch_state(subs)
+        units = seq[start:start + self.optimizer.config.buffers]
+        if units:
+            self.optimizer.prefetch_state(units)
 
     def _update_unit(self, u: Unit) -> None:
         self._prefetch_state(u.index)  # the next units' state reads run while this one updates
-        with self.timeline.span("cpu_update", f"update {u.name}"):
-            self.optimizer._update_subgroups(self.optimizer._update_order(u.index), late_writes=True)
+        # The unit's grads are held for the whole update: nothing spills or drops them under it.
+        try:
+            with self.timeline.span("cpu_update", f"update {u.name}"):
+                self.optimizer.update_unit(u.index)
+        finally:
+            self.finish_unit_update()
         self._drop_grads(u)
 
     def overlap_started(self) -> bool:
@@ -783,10 +812,10 @@ class OffloadRuntime:
             finally:
                 # Write-backs the updates left in flight, read-ahead no update used: settled on the update
                 # thread, which owns them (the only one that touches them).
-                self._update_pool.submit(self.optimizer._finish_unit_io).result()
+                self._update_pool.submit(self.optimizer.finish_unit_io).result()
         finally:
             self._update_futures = []
-            self.optimizer._end_step(self._step_t0)
+            self.optimizer.end_step(self._step_t0)
 
     def _post_backward(self) -> None:
         self.timeline.add("compute", "backward", self._bwd_t0, self.timeline.now())
@@ -804,66 +833,62 @@ class OffloadRuntime:
     def zero_grad(self) -> None:
         """Forget accumulated grads (what ``optimizer.zero_grad()`` and ``model.zero_grad()`` do)."""
         for u in self.units:
-            u.has_grads, u.grads_on_nvme = False, False
+            u.has_grads = False
             u.got = [False] * len(u.params)
-            if u.grad_tier is Tier.NVME and u.grad_host is not None:
-                release = u.grad_release
-                u.grad_host = u.grad_release = None
-                release()
+            if u.grad_tier is Tier.NVME and u.grads is not None:
+                self.swap.drop(u.grads)
+
+    def param_shape(self, p: nn.Parameter) -> tuple[int, ...]:
+        """``p``'s shape (a released param holds an empty tensor; its unit recorded the shape)."""
+        unit, k = self._owner[p]
+        return unit.shapes[k]
 
     def param_value(self, p: nn.Parameter) -> torch.Tensor:
         """The current weights of ``p`` wherever they are (a copy when they come from disk)."""
         u, k = self._owner[p]
         if u.state is ParamState.RESIDENT or not self._released_once:
             return p.data
-        if u.index in self._staging:
-            return u.view(self._staging[u.index], k)
-        if u.host is not None:
-            return u.view(u.host, k)
-        buf = aligned_empty(u.nbytes)[:u.nbytes]
-        self._store.read(u.key, out=buf).wait()
-        return u.view(buf, k)
+        return u.view(self.swap.copy(u.weights), k)
 
-    def _check_between_steps(self, what: str) -> None:
+    def check_between_steps(self, what: str) -> None:
+        """Raise unless between steps (not in backward, no overlapped updates left to collect)."""
         if self._in_backward or self._step_pending or self._staging:
             raise RuntimeError(f"cannot {what} while a step is in progress (in backward, or updates of the last "
                                f"backward not collected): call optimizer.step() first")
 
     @contextlib.contextmanager
     def _weights_of(self, u: Unit, *, load: bool):
-        """The unit's host copy of its weights; for a unit whose weights live in the store or on the device, a
-        pool buffer read from there (``load``) or written there after the caller filled it (not ``load``)."""
-        if u.host is not None:
-            yield u.host
+        """The unit's host copy of its weights, to read (``load``) or to overwrite whole (not ``load``): the host
+        chunk itself, the store chunk in a buffer (written back after an overwrite), or for a unit kept on the
+        device a pool buffer copied from or to the device."""
+        if u.weights is not None:
+            with self.swap.use(u.weights, write=not load, load=load) as flat:
+                yield flat
+            if u.weights.home is Tier.NVME:
+                if load:
+                    self.swap.evict(u.weights)
+                else:
+                    self.swap.write_back(u.weights, wait=True)
             return
-        buf = self.pool.acquire(u.nbytes)
-        flat = buf.tensor[:u.nbytes]
-        try:
+        with self.swap.pool.acquire(u.nbytes) as buf:
+            flat = buf.tensor[:u.nbytes]
             if load:
                 self._read_weights(u, flat)
             yield flat
             if not load:
-                if u.param_tier is Tier.DEVICE:
-                    self._sync_compute()  # compute may still read the old weights
-                    u.device_buf.copy_(flat)
-                    self.stats["h2d_bytes"] += u.nbytes
-                else:
-                    self._store.write(u.key, flat).wait()
-                    self.stats["disk_write_bytes"] += u.nbytes
-        finally:
-            buf.release()
+                self._sync_compute()  # compute may still read the old weights
+                u.device_buf.copy_(flat)
+                self.stats["h2d_bytes"] += u.nbytes
 
-    def _read_weights(self, u: Unit, out: torch.Tensor, tier: Tier | None = None) -> None:
-        """Copy ``u``'s weights from the device (a unit kept there) or the store (``tier``, default the unit's)
-        into the host buffer ``out``."""
-        if (tier or u.param_tier) is Tier.DEVICE:
+    def _read_weights(self, u: Unit, out: torch.Tensor) -> None:
+        """Copy ``u``'s weights into the host buffer ``out``: from the device (a unit kept there) or its chunk."""
+        if u.weights is None:
             # The last writes to the device weights (the update's copies) were queued on the compute stream.
             self._sync_compute()
             out.copy_(u.device_buf)
             self.stats["d2h_bytes"] += u.nbytes
         else:
-            self._store.read(u.key, out=out).wait()
-            self.stats["disk_read_bytes"] += u.nbytes
+            self.swap.copy(u.weights, out=out)
 
     def _sync_compute(self) -> None:
         if self.device.type == "cuda":
@@ -873,7 +898,7 @@ class OffloadRuntime:
         """Every param's current weights, one unit at a time, without gathering the model: views into the unit's
         host buffer, or into one buffer the unit is read into from the store (valid until the next unit; copy
         what you keep). The host copy is the authority: device copies are only read by compute."""
-        self._check_between_steps("read the weights")
+        self.check_between_steps("read the weights")
         for u in self.units:
             if u.nbytes:
                 with self._weights_of(u, load=True) as flat:
@@ -885,7 +910,7 @@ class OffloadRuntime:
         """Set every param's weights, one unit at a time: ``fill(param, out)`` writes them into ``out`` (the
         param's place in the unit's host buffer, or in a buffer then written to the store). Units on the device
         are released first, so their next use fetches the new weights."""
-        self._check_between_steps("load weights")
+        self.check_between_steps("load weights")
         for u in self.units:
             self._release(u)
             if u.nbytes:
@@ -901,26 +926,36 @@ class OffloadRuntime:
 
     # -- the optimizer's side -----------------------------------------------------------------------------------
     def _before_update(self, sub) -> None:
-        """Called (by the optimizer) before each subgroup's update; subgroups come unit by unit. When the unit
-        changes, the previous one is finished: its grads are dropped (NVMe grads) and its new weights written
-        (NVMe params). For NVMe params, a host staging buffer receives the unit's new weights."""
+        """Called (by the optimizer) before each subgroup's update; subgroups come unit by unit. For the unit's
+        whole update its grads are held (nothing spills or drops them), and for NVMe params its weights chunk is
+        held for writing: the update writes the new weights there (frozen params keep their stored values, so
+        those are read in first)."""
         u = self.units[sub.unit]
-        prev = getattr(self, "_updating", None)
-        if prev is u:
+        if self._updating is u:
             return
-        self._updating = u
-        if prev is not None and not (self._overlapping or self._step_pending):
-            self._drop_grads(prev)  # with the overlapped update, _update_unit drops them
-        self._flush_staging()
-        if u.param_tier is not Tier.NVME:
+        self.finish_unit_update()
+        hold = contextlib.ExitStack()
+        if u.grads is not None:
+            hold.enter_context(self.swap.use(u.grads))
+        if u.param_tier is Tier.NVME:
+            frozen = not all(p.requires_grad for p in u.params)
+            hold.enter_context(self.swap.use(u.weights, write=True, load=frozen))
+            self._staging.append(u)
+        self._updating, self._hold = u, hold
+
+    def finish_unit_update(self) -> None:
+        """The unit being updated is done: let go of its chunks, write its new weights to the store (NVMe params),
+        and outside the overlapped update drop its consumed NVMe grads."""
+        u, self._updating = self._updating, None
+        if u is None:
             return
-        buf = self.pool.acquire(u.nbytes)
-        staging = buf.tensor[:u.nbytes]
-        if not all(p.requires_grad for p in u.params):  # frozen params keep their stored values
-            with self.timeline.span("disk_read", f"params {u.name}", u.nbytes):
-                self._store.read(u.key, out=staging).wait()
-            self.stats["disk_read_bytes"] += u.nbytes
-        self._staging[u.index], self._staging_release[u.index] = staging, buf.release
+        self._hold.close()
+        staged, self._staging = self._staging, []
+        for x in staged:
+            with self.timeline.span("disk_write", f"params {x.name}", x.nbytes):
+                self.swap.write_back(x.weights, wait=True)
+        if not (self._overlapping or self._step_pending):
+            self._drop_grads(u)  # the overlapped update drops them in _update_unit
 
     def _after_update(self, sub) -> None:
         """Count the new weights' trip from the fp32 master to where the params live, when it crosses the link:
@@ -934,19 +969,8 @@ class OffloadRuntime:
         nbytes = sum(u.padded_bytes(self._owner[pc.param][1]) for pc in sub.pieces)
         self.stats["h2d_bytes" if on_device else "d2h_bytes"] += nbytes
 
-    def _flush_staging(self) -> None:
-        for idx in list(self._staging):
-            u = self.units[idx]
-            staging = self._staging.pop(idx)
-            release = self._staging_release.pop(idx)
-            with self.timeline.span("disk_write", f"params {u.name}", u.nbytes):
-                self._store.write(u.key, staging).wait()
-            self.stats["disk_write_bytes"] += u.nbytes
-            release()
-
     def after_step(self) -> None:
-        self._flush_staging()
-        self._updating = None
+        self.finish_unit_update()
         for u in self.units:  # grads on NVMe are consumed by the step
             if u.grad_tier is Tier.NVME and u.has_grads:
                 self._drop_grads(u)
@@ -957,7 +981,7 @@ class OffloadRuntime:
         # cpu_update_s: seconds the CPU updates themselves took, so far (the update spans also hold waits for
         # state reads and the previous unit's params written: scheduler/replan.py calibrates from this).
         record = {"iteration": self.iterations, "wall_s": self.timeline.now(), "timeline": self.timeline.summary(),
-                  "stats": {**self.stats, "cpu_update_s": self.optimizer._stats["cpu_update_s"]}}
+                  "stats": {**self.stats, "cpu_update_s": self.optimizer.stats["cpu_update_s"]}}
         if self._replan_record is not None:  # this iteration ran under a plan applied before its forward
             record["replan"], self._replan_record = self._replan_record, None
         self.history.append(record)
@@ -977,12 +1001,12 @@ class OffloadRuntime:
     def placements(self) -> list[dict]:
         """Each unit's placement now: params, grads, optimizer state and update site (the state and site of the
         unit's subgroups; a unit without trainable params has none)."""
-        subs: dict[int, object] = {}
-        for s in self.optimizer._subgroups:
-            subs.setdefault(s.unit, s)
-        return [{"unit": u.name, "params": u.param_tier.value, "grads": u.grad_tier.value,
-                 "state": subs[u.index].tier.value if u.index in subs else None,
-                 "update": subs[u.index].site if u.index in subs else None} for u in self.units]
+        out = []
+        for u in self.units:
+            subs = self.optimizer.unit_placements(u.index)
+            out.append({"unit": u.name, "params": u.param_tier.value, "grads": u.grad_tier.value,
+                        "state": subs[0][0].value if subs else None, "update": subs[0][1] if subs else None})
+        return out
 
     def apply_plan(self, plan: Plan) -> None:
         """Run ``plan`` from now on. Call it between iterations (after ``optimizer.step()``, before the next
@@ -1009,24 +1033,24 @@ class OffloadRuntime:
         self._pending_plan = None  # a callback's earlier choice, superseded by this one
         t0 = time.perf_counter()
         before = self._link_bytes()
-        if self._store is None and any(Tier.NVME in (pl.params, pl.state, pl.grad_tier) for pl in plan.units):
-            self._store = self._open_store()
-            self.optimizer._store, self.optimizer._own_store = self._store, False
         # State bound for the device, at the size it will have there (a master added or dropped: the cost model's
         # rule, as the move applies it).
-        device_state = sum(self.optimizer._chunk_bytes_as(s, plan.units[s.unit].params is Tier.DEVICE,
-                                                          plan.units[s.unit].update)
-                           for s in self.optimizer._subgroups if plan.units[s.unit].state is Tier.DEVICE)
+        device_state = self.optimizer.device_state_bytes(lambda unit: plan.units[unit])
         self._check_device_budget([pl.params for pl in plan.units], "apply_plan", device_state)
         def leaves_device(u: Unit) -> bool:
             pl = plan.units[u.index]
             return (u.param_tier is Tier.DEVICE and pl.params is not Tier.DEVICE) or any(
-                s.unit == u.index and s.tier is Tier.DEVICE and pl.state is not Tier.DEVICE
-                for s in self.optimizer._subgroups)
+                tier is Tier.DEVICE and pl.state is not Tier.DEVICE
+                for tier, _ in self.optimizer.unit_placements(u.index))
 
         # Units that leave the device go first, so that those joining it find the budget they free.
         order = sorted(self.units, key=lambda u: not leaves_device(u))
-        moved = [u.name for u in order if self._move_unit(u, plan.units[u.index])]
+        self._io_label = "replan "
+        try:
+            moved = [u.name for u in order if self._move_unit(u, plan.units[u.index])]
+        finally:
+            self._io_label = ""
+        self.swap.device.keep = self.config.prefetch + 2
         self.config = self.optimizer.config = _with_plan(self.config, plan)
         self.overlap = self.config.overlap_update and self.config.max_grad_norm is None \
             and self.config.loss_scale is None
@@ -1041,7 +1065,7 @@ class OffloadRuntime:
 
     def _link_bytes(self) -> dict[str, int]:
         """Bytes moved so far per link, by the runtime and its optimizer together."""
-        s, o = self.stats, self.optimizer._stats
+        s, o = self.stats, self.optimizer.stats
         return {"h2d": s["h2d_bytes"] + o["h2d_bytes"], "d2h": s["d2h_bytes"] + o["d2h_bytes"],
                 "disk_read": s["disk_read_bytes"] + o["read_bytes"],
                 "disk_write": s["disk_write_bytes"] + o["write_bytes"]}
@@ -1050,47 +1074,46 @@ class OffloadRuntime:
     def _move_unit(self, u: Unit, new: UnitPlacement) -> bool:
         """Give ``u`` the placement ``new`` (between iterations). Returns whether anything changed."""
         opt = self.optimizer
-        subs = [s for s in opt._subgroups if s.unit == u.index]
         old = u.param_tier
         if old is new.params and u.grad_tier is new.grad_tier and all(
-                (s.tier, s.site) == (new.state, new.update) for s in subs):
+                pl == (new.state, new.update) for pl in opt.unit_placements(u.index)):
             return False
         copy: dict = {}  # a host copy of the weights, made at most once: for the move and for new fp32 masters
 
         def on_host() -> torch.Tensor:
-            if u.host is not None:
-                return u.host
+            if u.weights is not None and u.weights.home is Tier.HOST:
+                return self.swap.buffer(u.weights)
             if "flat" not in copy:
-                buf = self.pool.acquire(u.nbytes)
+                buf = self.swap.pool.acquire(u.nbytes)
                 copy["flat"], copy["release"] = buf.tensor[:u.nbytes], buf.release
-                with self.timeline.span("d2h" if old is Tier.DEVICE else "disk_read", f"replan params {u.name}",
-                                        u.nbytes):
-                    self._read_weights(u, copy["flat"], old)  # from where they were: that copy goes last
+                with contextlib.nullcontext() if u.weights is not None else \
+                        self.timeline.span("d2h", f"replan params {u.name}", u.nbytes):
+                    self._read_weights(u, copy["flat"])  # from where they were: that copy goes last
             return copy["flat"]
 
         try:
+            new_weights = u.weights
             if u.nbytes and new.params is not old:  # the new copy first; the old one goes last
                 flat = on_host()
-                if new.params is Tier.HOST:
-                    u.host, u._host_release = flat, copy.pop("release")
-                elif new.params is Tier.NVME:
-                    with self.timeline.span("disk_write", f"replan params {u.name}", u.nbytes):
-                        self._store.write(u.key, flat).wait()
-                    self.stats["disk_write_bytes"] += u.nbytes
-                else:
+                if new.params is Tier.DEVICE:
                     self._fetch_now(u, flat)
-            u.param_tier = new.params
-            for s in subs:  # where the weights are now decides which subgroups need masters
-                opt._relocate(s, new.state, new.update,
+                    new_weights = None
+                else:
+                    new_weights = self.swap.chunk(u.key, u.nbytes, new.params)
+                    with self.swap.use(new_weights, write=True, load=False) as buf:
+                        buf.copy_(flat)
+                    if new.params is Tier.NVME:
+                        self.swap.write_back(new_weights, wait=True)
+            old_weights = u.weights
+            u.param_tier, u.weights = new.params, new_weights
+            # where the weights are now decides which subgroups need masters
+            opt.relocate_unit(u.index, new.state, new.update,
                               master_of=lambda pc: pc.of(u.view(on_host(), self._owner[pc.param][1])).float())
             if u.nbytes and new.params is not old:
-                if old is Tier.HOST:
-                    release, u.host, u._host_release = u._host_release, None, None
-                    release()
-                elif old is Tier.NVME:
-                    self._store.delete(u.key)
-                else:
+                if old_weights is None:
                     self._evict(u)
+                else:
+                    self.swap.free(old_weights)
             self._move_grads(u, new.grad_tier)
         finally:
             if "release" in copy:
@@ -1099,24 +1122,12 @@ class OffloadRuntime:
 
     def _move_grads(self, u: Unit, tier: Tier) -> None:
         """Between iterations: host grads not zeroed yet (``zero_grad()`` not called after the step) go to the
-        store with their buffer, to be added to as a plain optimizer's would."""
+        store, to be added to as a plain optimizer's would; a step consumes NVMe grads, so none wait in the
+        store when they come to the host."""
         if tier is u.grad_tier:
             return
-        if tier is Tier.NVME:
-            if u.grad_host is not None:
-                if u.has_grads:
-                    with self.timeline.span("disk_write", f"replan grads {u.name}", u.grad_nbytes):
-                        self._store.write(u.grad_key, u.grad_host).wait()
-                    self.stats["disk_write_bytes"] += u.grad_nbytes
-                    u.grads_on_nvme = True
-                release, u.grad_host, u.grad_release = u.grad_release, None, None
-                release()
-        else:  # a step consumes NVMe grads, so none wait in the store here: the unit gets its own host buffer
-            if u.grad_nbytes:
-                self._grad_buffer(u, load=True)
-            u.grads_on_nvme = False
-            if self._store is not None and u.grad_key in self._store:
-                self._store.delete(u.grad_key)
+        if u.grads is not None:
+            self.swap.rehome(u.grads, tier, keep=u.has_grads)
         u.grad_tier = tier
 
     def report(self) -> dict:
@@ -1135,8 +1146,17 @@ class OffloadRuntime:
         self._update_pool.shutdown(wait=True)
         self._grad_pool.shutdown(wait=True)
         self.optimizer.close()
-        if self._store is not None:
-            self._store.close()
+        self.swap.close()
+
+    @property
+    def device_budget(self) -> TierBudget:
+        """The device's byte budget (what fetches and device state reserve from)."""
+        return self.swap.device.budget
+
+    @property
+    def pool(self) -> HostPool:
+        """The host pool every host buffer of the model and its optimizer comes from."""
+        return self.swap.pool
 
 
 def _tensors(obj) -> Iterable[torch.Tensor]:
@@ -1162,6 +1182,17 @@ def _with_plan(config: OffloadConfig, plan: Plan) -> OffloadConfig:
     """The config with the plan's pipeline sizes; placement comes from the plan, the rest from the config."""
     return dataclasses.replace(config, prefetch=plan.prefetch_depth, buffers=plan.state_buffers,
                                overlap_update=plan.overlap_update)
+
+
+def runtime_of(model: nn.Module) -> OffloadRuntime:
+    """The :class:`OffloadRuntime` :func:`wrap` attached to ``model``: its ``timeline`` (and ``last_timeline``),
+    ``placements()``, ``plan`` and ``apply_plan()``, ``history`` and ``on_iteration``, ``report()``, ``stats``,
+    ``host_minimum()``, ``iter_params()`` / ``load_params()``, and ``close()``."""
+    rt = getattr(model, "_offload_runtime", None)
+    if rt is None:
+        raise ValueError(f"runtime_of: expected a model returned by offload.wrap, got a {type(model).__name__} that "
+                         f"was not wrapped: call offload.wrap(model, optimizer, config) first")
+    return rt
 
 
 def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, config: OffloadConfig | None = None, *,

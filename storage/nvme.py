@@ -50,6 +50,7 @@ import crc32c
 import torch
 import xxhash
 
+from storage import faults
 from storage.alloc import ALIGN, ExtentAllocator, round_up
 from storage.errors import (ChecksumError, ChunkKeyError, ChunkMismatchError, DiskFullError, StoreCorruptError,
                             StoreError, StoreFullError, StoreLockedError, StoreOpenError)
@@ -787,6 +788,7 @@ class NvmeStore:
 
     def _write_block(self, op: _Op, b: _Block, start: int) -> None:
         try:
+            faults.delay("store.write", op.key)
             if op.error is None and not self._dead:
                 views, tail = self._iov(op.mem, start, b.length)
                 if tail is not None:
@@ -818,6 +820,7 @@ class NvmeStore:
 
     def _read_block(self, op: _Op, b: _Block, start: int) -> None:
         try:
+            faults.delay("store.read", op.key)
             if op.error is None and not self._dead:
                 views, tail = self._iov(op.mem, start, b.length)
                 t0 = self.stats.begin("nvme.read")
@@ -903,6 +906,7 @@ class NvmeStore:
                 if not self._dead:
                     self._free_blocks(op.blocks)
         op.mem = op.keep = None
+        faults.delay("store.write_done", op.key)
         if error is not None:
             op.handle.future.set_exception(error)
         else:
@@ -925,6 +929,7 @@ class NvmeStore:
                 self._free_blocks(chunk.blocks)
         out = op.out
         op.mem = op.out = op.keep = None
+        faults.delay("store.read_done", op.key)
         if error is not None:
             op.handle.future.set_exception(error)
         else:

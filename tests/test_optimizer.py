@@ -239,10 +239,10 @@ def test_host_budget_respected_when_streaming(tmp_path):
                            config=config("nvme", tmp_path, buffers=8, host_budget_bytes=budget))
     m2 = make_model()
     plain = torch.optim.AdamW(m2.parameters(), lr=1e-2)
-    off._host_budget.reset_peak()
+    off.host_pool.budget.reset_peak()
     train(m, off)
     train(m2, plain)
-    assert off._host_budget.peak_bytes <= budget
+    assert off.host_pool.budget.peak_bytes <= budget
     assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters()))
     off.close()
 
@@ -279,6 +279,14 @@ def test_bad_inputs_have_clear_errors(tmp_path):
     o.step()
     with pytest.raises(ValueError, match=r"parameter 4 \(shape \[64, 64\]\).*different model"):
         off.load_state_dict(o.state_dict())
+    same = torch.optim.AdamW(make_model().parameters(), lr=1e-3)  # the right model, one entry edited to int32
+    for p in same.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    same.step()
+    sd = same.state_dict()
+    sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg"].view(torch.int32)
+    with pytest.raises(ValueError, match=r"parameter 0 \(torch.float32\) has state 'exp_avg' of dtype torch.int32"):
+        off.load_state_dict(sd)
     m[0].weight.requires_grad_(False)
     m2 = make_model()
     m2[0].weight.requires_grad_(False)

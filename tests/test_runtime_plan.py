@@ -12,6 +12,7 @@ import torch
 from offload import OffloadConfig, RunReport, load_checkpoint, save_checkpoint, wrap
 from offload.measure import measure, workload_of
 from offload.report import placement_text
+from offload.swap import ChunkState
 from scheduler import profile
 from scheduler.cost import RESOURCES
 from scheduler.planner import Plan, UnitPlacement
@@ -140,7 +141,7 @@ def test_mixed_plan_trains_bit_identical(overlap, tmp_path):
     for s in p.opt._subgroups:
         pl = MIXED[s.unit]
         assert s.has_master == (pl.params is not (H if pl.update == "cpu" else D)), (s.unit, pl)
-    keys = set(rt._store.keys())
+    keys = set(rt.swap.store.keys())
     assert {"unit2.params", "unit4.params"} <= keys and "unit1.params" not in keys
     text = placement_text(rt)  # printed by `offload run`: unit by unit when units differ
     assert "blocks.3: params on nvme, grads on host, state on nvme, updated on device" in text
@@ -171,9 +172,10 @@ def test_apply_plan_switches_keep_bit_identity_and_free_what_they_left(tmp_path)
         if pl.units == ALL_NVME:  # nothing on the host or the device any more
             assert rt.pool.stats()["in_use_bytes"] == 0
             assert rt.device_budget.used_bytes == 0
-            assert all(u.host is None and u.grad_host is None for u in rt.units)
+            assert all(u.weights.state is ChunkState.STORED and u.grads.state in (ChunkState.EMPTY, ChunkState.STORED)
+                       for u in rt.units)
         if pl.units == ALL_HOST:  # the store is empty: params, state and spilled grads deleted
-            assert rt._store.keys() == []
+            assert rt.swap.store.keys() == []
             assert rt.device_budget.used_bytes == 0
         for _ in range(n):
             p.step(next(data))
@@ -191,7 +193,7 @@ def test_grads_not_zeroed_move_with_the_switch(tmp_path):
         lm_loss(model, a).backward()
         opt.step()  # no zero_grad: the grads stay
     p.rt.apply_plan(plan((up(H, H, "cpu", N),) * UNITS))
-    assert all(u.grads_on_nvme and u.grad_host is None for u in p.rt.units if u.grad_nbytes)
+    assert all(u.grads.state is ChunkState.STORED for u in p.rt.units if u.grad_nbytes)
     p.step(b)  # adds to them, steps, and zeroes
     p.step(c)
     p.rt.close()
@@ -199,7 +201,7 @@ def test_grads_not_zeroed_move_with_the_switch(tmp_path):
 
 def test_on_iteration_plan_is_applied_before_the_next_forward(tmp_path):
     q = Pair(tmp_path / "q", plan(ALL_NVME))
-    wrap_capacity = q.rt._store.capacity_bytes
+    wrap_capacity = q.rt.swap.store.capacity_bytes
     close(q.rt)
     del q
     p = Pair(tmp_path, plan(ALL_HOST))
@@ -228,7 +230,7 @@ def test_on_iteration_plan_is_applied_before_the_next_forward(tmp_path):
     p.step(data[3])
     assert rt.stats["replans"] == 1
     # Wrapped all on the host, it had no store: the switch opened one, sized as wrap sizes it.
-    assert rt._store.capacity_bytes == wrap_capacity
+    assert rt.swap.store.capacity_bytes == wrap_capacity
     rt.close()
 
 

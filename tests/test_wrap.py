@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from offload import OffloadConfig, wrap
+from offload.swap import ChunkState
 from scheduler.workload import TransformerShape, build_transformer
 
 SHAPE = TransformerShape(n_layer=3, d_model=32, n_head=4, d_ff=64, vocab=96, n_pos=16, bias=True, norm="layernorm",
@@ -75,8 +76,8 @@ def test_gpt_parity(param_tier, state_tier, clip, overlap, tmp_path):
     assert rt.device_budget.peak_bytes <= budget
     assert all(p.numel() == 0 for p in m.parameters()), "params must be released between uses"
     if param_tier == "nvme":  # the first micro-batch's grads went to the store and came back
-        assert any(k.endswith(".grads") for k in rt._store.keys())
-        assert all(u.grad_host is None for u in rt.units)
+        assert any(k.endswith(".grads") for k in rt.swap.store.keys())
+        assert all(u.grads.state is ChunkState.EMPTY for u in rt.units)  # consumed by the step
     sd_ref, sd = ref.state_dict(), model.state_dict()
     assert sd_ref.keys() == sd.keys()
     for k in sd_ref:
@@ -349,7 +350,7 @@ def test_cpu_device_reuses_released_buffers_within_the_budget(tmp_path, monkeypa
     """On a CPU device, a fetch takes the buffer a released unit of the same size left (as CUDA's caching
     allocator would) instead of fresh memory, which costs a page fault per 4 KiB: after the first iteration no
     fetch allocates. Live plus spare device memory never exceeds the device budget."""
-    import offload.runtime as rt_mod
+    import offload.swap as rt_mod
 
     allocs = []
     real = rt_mod.aligned_empty
@@ -369,7 +370,7 @@ def test_cpu_device_reuses_released_buffers_within_the_budget(tmp_path, monkeypa
 
         def issue(u, **kw):
             ok = orig_issue(u, **kw)
-            seen.append(rt.device_budget.used_bytes + rt._spare_bytes)
+            seen.append(rt.device_budget.used_bytes + rt.swap.device.spare_bytes)
             return ok
 
         rt._issue_fetch = issue

@@ -1,0 +1,72 @@
+"""A host budget below what a placement needs is refused at wrap, naming the minimum; at the minimum, training
+runs and matches plain PyTorch (no deadlock between the fetch, grad and update threads)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import pytest
+import torch
+
+from delay_matrix import SHAPE
+from offload import OffloadConfig, wrap
+from offload.runtime import OffloadRuntime
+from scheduler.workload import build_transformer
+
+
+def _gpt():
+    torch.manual_seed(0)
+    return build_transformer(SHAPE, device="cpu")
+
+
+def _loss(model, idx):
+    logits = model(idx[:, :-1])
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
+
+
+def _cfg(tmp_path, budget, **kw):
+    tmp_path.mkdir(exist_ok=True)
+    return OffloadConfig(param_tier="nvme", grad_tier="nvme", state_tier="nvme", nvme_dirs=str(tmp_path),
+                         impl="as_given", prefetch=1, accumulation_steps=2, host_budget_bytes=budget, buffers=2, **kw)
+
+
+def _minimum(tmp_path, **kw) -> int:
+    m = _gpt()
+    model, _ = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2), _cfg(tmp_path / "probe", None, **kw))
+    rt = model._offload_runtime
+    need = sum(rt.host_minimum().values())
+    rt.close()
+    return need
+
+
+def _train(model, opt, steps=3):
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        for _ in range(2):
+            loss = _loss(model, torch.randint(0, SHAPE.vocab, (4, 12), generator=g))
+            loss.backward()
+            losses.append(loss.item())
+        opt.step()
+        opt.zero_grad()
+    return losses
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "step"])
+def test_budget_below_the_minimum_is_refused_and_at_it_trains(overlap, tmp_path):
+    need = _minimum(tmp_path, overlap_update=overlap)
+    m = _gpt()
+    with pytest.raises(ValueError, match=rf"host budget of .* is below the .*\({need} B\).*at least {need}"):
+        wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2), _cfg(tmp_path / "below", need - 4096,
+                                                                  overlap_update=overlap))
+    ref, m = _gpt(), _gpt()
+    losses_ref = _train(ref, torch.optim.AdamW(ref.parameters(), lr=1e-2))
+    model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2), _cfg(tmp_path / "at", need,
+                                                                           overlap_update=overlap))
+    # A deadlock must fail the test, not stall the suite: train on a thread and give it a bound.
+    with concurrent.futures.ThreadPoolExecutor(1) as ex:
+        losses = ex.submit(_train, model, opt).result(timeout=300)
+    assert losses == losses_ref
+    rt: OffloadRuntime = model._offload_runtime
+    assert rt.pool.stats()["peak_in_use_bytes"] <= need
+    rt.close()
