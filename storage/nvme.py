@@ -207,6 +207,10 @@ class NvmeStore:
         reset: delete an existing store in these directories and create a new one.
         create: ``False`` to only open an existing store (a directory without one raises
             :class:`StoreOpenError`).
+        readonly: open an existing store to read and verify it, changing nothing on disk: no index written or
+            compacted, no torn journal tail cut, no file created (``offload store``). Writes and deletes raise.
+            It takes a shared lock, so it fails while a writer has the store open, and a writer fails while it
+            is open.
 
     Example::
 
@@ -217,8 +221,12 @@ class NvmeStore:
     """
 
     def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], capacity_bytes: int | None = None, *,
-                 config: StoreConfig | None = None, reset: bool = False, create: bool = True):
+                 config: StoreConfig | None = None, reset: bool = False, create: bool = True,
+                 readonly: bool = False):
         self.config = config or StoreConfig()
+        if readonly and reset:
+            raise ValueError("NvmeStore: reset=True deletes the store, readonly=True changes nothing: pass one")
+        self.readonly = readonly
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         self.paths = [str(Path(p)) for p in paths]
@@ -231,9 +239,9 @@ class NvmeStore:
         self._closed = True
         self._dead = False
         for p in self.paths:
-            self._check_dir(p)
+            self._check_dir(p, readonly)
         try:
-            self._open(capacity_bytes, reset, create)
+            self._open(capacity_bytes, reset, create and not readonly)
         except BaseException:
             self._close_fds()
             raise
@@ -241,13 +249,16 @@ class NvmeStore:
 
     # -- opening ----------------------------------------------------------------------------------------------------
     @staticmethod
-    def _check_dir(path: str) -> None:
+    def _check_dir(path: str, readonly: bool = False) -> None:
         if not os.path.exists(path):
             raise StoreOpenError(f"store directory {path} does not exist: create it (mkdir -p {path}) or point the "
                                  f"store at an existing directory on a local disk")
         if not os.path.isdir(path):
             raise StoreOpenError(f"store path {path} is not a directory: give a directory on a local disk")
-        if not os.access(path, os.W_OK | os.X_OK):
+        if readonly:
+            if not os.access(path, os.R_OK | os.X_OK):
+                raise StoreOpenError(f"store directory {path} is not readable by this user: fix its permissions")
+        elif not os.access(path, os.W_OK | os.X_OK):
             raise StoreOpenError(f"store directory {path} is not writable by this user: fix its permissions or "
                                  f"choose another directory")
 
@@ -273,7 +284,7 @@ class NvmeStore:
                 raise ValueError(f"NvmeStore: no store in {self.paths} yet, so capacity_bytes is needed to create "
                                  f"one (e.g. capacity_bytes=64 << 30)")
             self._create(capacity_bytes)
-        self._journal = Journal(self.paths[0], durable=self.config.durable)
+        self._journal = Journal(self.paths[0], durable=self.config.durable, readonly=self.readonly)
         try:
             snapshot, records = self._journal.load()
             self._rebuild(snapshot, records)
@@ -342,6 +353,13 @@ class NvmeStore:
                     os.ftruncate(fd, file_bytes)
                 else:
                     raise StoreOpenError(f"cannot pre-allocate {path}: {e.strerror}") from e
+            if i == 0:  # the index's first journal before any manifest (Journal.create says why)
+                try:
+                    created.append(Journal.create(p))
+                except FileExistsError:
+                    raise StoreOpenError(f"{p} holds index files of a store but no {MANIFEST}: left by a store "
+                                         f"whose manifest was deleted. Pass reset=True to start a new store there "
+                                         f"(it deletes them), or use another directory") from None
             manifest = {"format": FORMAT, "uuid": self.uuid, "stripe_index": i, "stripe_count": n,
                         "file_bytes": file_bytes, "block_bytes": self.config.block_bytes,
                         "checksum": self.config.checksum}
@@ -394,7 +412,7 @@ class NvmeStore:
         self._setup_direct()
 
     def _open_data(self, path: str, *, create: bool) -> int:
-        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        flags = (os.O_RDONLY if self.readonly else os.O_RDWR) | (os.O_CREAT | os.O_EXCL if create else 0)
         try:
             fd = os.open(path, flags, 0o600)
         except PermissionError as e:
@@ -409,7 +427,8 @@ class NvmeStore:
                                      f"Remove {path} or pass reset=True") from None
             raise
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Readers share: several verifications at once are fine, a writer beside any of them is not.
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise StoreLockedError(f"the store in {os.path.dirname(path)} is open elsewhere (another process, or "
@@ -427,7 +446,7 @@ class NvmeStore:
         for p in self.paths:
             path = os.path.join(p, DATA)
             try:
-                fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+                fd = os.open(path, (os.O_RDONLY if self.readonly else os.O_RDWR) | os.O_DIRECT)
                 os.preadv(fd, [memview(probe)], 0)  # some file systems accept the flag but fail the I/O
                 direct_fds.append(fd)
             except OSError as e:
@@ -517,7 +536,7 @@ class NvmeStore:
         is 4 KiB-aligned and contiguous). The old version stays readable, and is what a crash leaves, until the
         new one is committed.
         """
-        self._check_open()
+        self._check_open(writing=True)
         if not isinstance(key, str) or not key:
             raise ValueError(f"store key: expected a non-empty str, got {key!r}")
         if not isinstance(tensor, torch.Tensor):
@@ -610,7 +629,7 @@ class NvmeStore:
 
     def delete(self, key: str) -> None:
         """Remove ``key`` (committed at once). Its extents are reused when reads in flight on it finish."""
-        self._check_open()
+        self._check_open(writing=True)
         pending = self._pending.get(key)
         if pending is not None:
             concurrent.futures.wait([pending.handle.future])
@@ -649,7 +668,8 @@ class NvmeStore:
         self._pool.shutdown(wait=True)
         self._hash_pool.shutdown(wait=True)
         with self._lock:
-            self._compact()
+            if not self.readonly:
+                self._compact()
             self._closed = True
             self._journal.close()
         self._close_fds()
@@ -692,9 +712,12 @@ class NvmeStore:
                 f"{'O_DIRECT' if self.direct else 'buffered'})")
 
     # -- internals --------------------------------------------------------------------------------------------------
-    def _check_open(self) -> None:
+    def _check_open(self, writing: bool = False) -> None:
         if self._closed:
             raise StoreError(f"the store in {self.paths} is closed; open it again with NvmeStore({self.paths!r})")
+        if writing and self.readonly:
+            raise StoreError(f"the store in {self.paths} is open read-only; open it without readonly=True to "
+                             f"change it")
 
     def _unknown(self, key: str) -> ChunkKeyError:
         import difflib

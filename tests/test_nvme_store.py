@@ -553,6 +553,71 @@ def test_cli_verify_reports_the_bad_chunk(store_dir, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def listing(d) -> dict:
+    """Every file in ``d`` with its size and modification time: what "nothing changed" means here."""
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(d).iterdir())}
+
+
+def test_cli_verify_and_list_change_nothing(store_dir, capsys):
+    """Closing a store compacts its index (a new snapshot and journal): inspecting it must not."""
+    from offload.cli import main
+
+    with NvmeStore(store_dir, capacity_bytes=1 << 20, config=SMALL) as s:
+        s.write("w", torch.ones(1000)).wait()
+        s._simulate_crash()  # an index that is all journal: a read-write open would compact it on close
+    before = listing(store_dir)
+    assert main(["store", "verify", str(store_dir)]) == 0
+    assert main(["store", "list", str(store_dir)]) == 0
+    assert "1 chunks" in capsys.readouterr().out
+    assert listing(store_dir) == before
+
+
+@pytest.mark.parametrize("lost", ["all", "snapshot"], ids=["no-index-files", "snapshot-only"])
+def test_cli_verify_of_a_store_without_its_index_says_so_and_writes_nothing(store_dir, capsys, lost):
+    """With the index gone, the chunks are unreachable; verify used to report "0 chunks, all checksums match"
+    and write an empty index, making the loss permanent."""
+    from offload.cli import main
+
+    _write_and_locate(store_dir)  # two chunks; close() wrote index.snapshot and index.journal.1
+    for p in store_dir.iterdir():
+        if p.name == "index.snapshot" or lost == "all" and p.name.startswith("index."):
+            p.unlink()
+    before = listing(store_dir)
+    assert DATA in before
+    assert main(["store", "verify", str(store_dir)]) == 2
+    err = capsys.readouterr().err
+    if lost == "all":
+        assert f"the store index in {store_dir} is missing: expected index.snapshot or index.journal.*" in err
+    else:
+        assert f"{store_dir / 'index.snapshot'} is missing, but index.journal.1 shows the store had one" in err
+    assert "restore the index files" in err and "all checksums match" not in err
+    assert listing(store_dir) == before, "verify changed the store"
+    with pytest.raises(StoreCorruptError, match="missing"):  # nor does a read-write open start an empty index
+        NvmeStore(store_dir)
+    assert listing(store_dir) == before
+
+
+def test_readonly_store_refuses_writes_and_shares_its_lock(store_dir):
+    t, _ = _write_and_locate(store_dir)
+    before = listing(store_dir)
+    with NvmeStore(store_dir, readonly=True) as a, NvmeStore(store_dir, readonly=True) as b:
+        assert same(a.read("w").wait(), t) and b.verify() == {}
+        with pytest.raises(StoreError, match="open read-only; open it without readonly=True to change it"):
+            a.write("w", t)
+        with pytest.raises(StoreError, match="open read-only"):
+            a.delete("w")
+        with pytest.raises(StoreLockedError):
+            NvmeStore(store_dir)
+    assert listing(store_dir) == before
+    with pytest.raises(ValueError, match="pass one"):
+        NvmeStore(store_dir, readonly=True, reset=True)
+    empty = store_dir.parent / "empty"
+    empty.mkdir()
+    with pytest.raises(StoreOpenError, match="no store in"):
+        NvmeStore(empty, capacity_bytes=1 << 20, readonly=True)
+    assert list(empty.iterdir()) == []
+
+
 def test_truncated_data_file_on_reopen(store_dir):
     _write_and_locate(store_dir)
     path = store_dir / DATA
