@@ -263,6 +263,7 @@ class NvmeStore:
                                  f"choose another directory")
 
     def _open(self, capacity_bytes: int | None, reset: bool, create: bool) -> None:
+        self._reset = reset  # what the errors of a store that appears meanwhile may advise
         manifests = [os.path.join(p, MANIFEST) for p in self.paths]
         existing = [m for m in manifests if os.path.exists(m)]
         if reset:
@@ -423,8 +424,7 @@ class NvmeStore:
                 raise StoreOpenError(f"{os.path.dirname(path)} is on a read-only file system: choose a "
                                      f"writable directory") from None
             if e.errno == errno.EEXIST:
-                raise StoreOpenError(f"{path} exists but {MANIFEST} does not: this is not a complete store. "
-                                     f"Remove {path} or pass reset=True") from None
+                raise self._not_complete(path) from None
             raise
         try:
             # Readers share: several verifications at once are fine, a writer beside any of them is not.
@@ -432,9 +432,24 @@ class NvmeStore:
         except BlockingIOError:
             os.close(fd)
             raise StoreLockedError(f"the store in {os.path.dirname(path)} is open elsewhere (another process, or "
-                                   f"another NvmeStore in this one): close that first, or use another "
-                                   f"directory") from None
+                                   f"another NvmeStore in this one): close that first (or stop that process), or "
+                                   f"use another directory") from None
         return fd
+
+    def _not_complete(self, path: str) -> StoreOpenError:
+        """The error for a data file found where this store was about to create one. Never "delete it": if its
+        lock is held, another process is creating a store there this very moment, and the file is its data."""
+        d = os.path.dirname(path)
+        if _locked(path):
+            return StoreLockedError(f"another process is creating a store in {d} at this moment ({path} is locked "
+                                    f"and {MANIFEST} not written yet): use another directory, or stop that process "
+                                    f"first")
+        if self._reset:
+            return StoreOpenError(f"{path} appeared while this store was being reset in {d}: another process is "
+                                  f"using the directory. Use another directory, or stop that process first")
+        return StoreOpenError(f"{path} exists but {MANIFEST} does not and no process holds it: a store whose "
+                              f"creation was interrupted, not a complete store. Pass reset=True to start a new "
+                              f"store there, or use another directory")
 
     def _setup_direct(self) -> None:
         """Reopen each data file with O_DIRECT if the config asks and the file system allows it."""
@@ -955,6 +970,21 @@ class NvmeStore:
 
 
 _SHORT = -1  # errno we give a short read / write (the file ended early)
+
+
+def _locked(path: str) -> bool:
+    """Whether some open store holds ``path``'s lock (asked without taking it for longer than the question)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing releases a lock we got
 
 
 def _itemsize(dtype: torch.dtype) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import json
 import os
 import subprocess
@@ -826,8 +827,50 @@ def test_open_errors_name_the_fix(store_dir, tmp_path):
         NvmeStore(store_dir, capacity_bytes=2 << 20)
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / DATA).write_bytes(b"")  # a data file without a manifest: a create that never finished
-    with pytest.raises(StoreOpenError, match=r"not a complete store. Remove .* or pass reset=True"):
+    with pytest.raises(StoreOpenError, match=r"no process holds it: a store whose creation was interrupted, not a "
+                                             r"complete store. Pass reset=True to start a new store there"):
         NvmeStore(tmp_path / "half", capacity_bytes=1 << 20)
+
+
+def _assert_no_harmful_advice(msg: str, reset: bool) -> None:
+    """A store being created elsewhere at this instant: deleting its data file deletes the other process's store,
+    and reset=True is no advice to a caller who passed it."""
+    assert "Remove" not in msg and "delete" not in msg.lower() and "rm " not in msg
+    if reset:
+        assert "reset=True" not in msg
+    assert "use another directory" in msg.lower() and "stop that process" in msg
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["open", "reset"])
+def test_a_store_being_created_by_another_process_is_named_without_harmful_advice(tmp_path, reset):
+    """Another process has made the data file and holds its lock, and has not written the manifest yet."""
+    d = tmp_path / "racing"
+    d.mkdir()
+    fd = os.open(d / DATA, os.O_RDWR | os.O_CREAT, 0o600)  # flock: another open file description = another owner
+    os.write(fd, b"theirs")
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(StoreLockedError) as e:
+            NvmeStore(d, capacity_bytes=1 << 20, reset=reset)
+        _assert_no_harmful_advice(str(e.value), reset)
+        assert str(d) in str(e.value)
+        assert os.listdir(d) == [DATA] and (d / DATA).read_bytes() == b"theirs"
+    finally:
+        os.close(fd)
+
+
+def test_a_data_file_appearing_during_a_reset_does_not_advise_reset(tmp_path, monkeypatch):
+    """The other process re-creates its data file just after reset=True removed the old one (here: the removal
+    is made to not happen, which is the same race seen from this process)."""
+    d = tmp_path / "racing"
+    d.mkdir()
+    (d / DATA).write_bytes(b"")
+    real = os.unlink
+    monkeypatch.setattr(os, "unlink", lambda p, *a, **kw: None if os.path.basename(p) == DATA else real(p, *a, **kw))
+    with pytest.raises(StoreOpenError) as e:
+        NvmeStore(d, capacity_bytes=1 << 20, reset=True)
+    assert f"{d / DATA} appeared while this store was being reset" in str(e.value)
+    _assert_no_harmful_advice(str(e.value), reset=True)
 
 
 def test_bad_arguments(store):
