@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import inspect
 import itertools
 import json
@@ -123,22 +124,26 @@ class CheckpointWriter:
         self.rank = rank
         self.file = _data_file(rank)
         self._owns_tmp = tmp is None
+        self._fd = None
         if tmp is None:
             if self.path.exists() and not _is_checkpoint(self.path):
                 raise CheckpointError(f"save_checkpoint: {self.path} exists and is not an offload checkpoint; "
                                       f"refusing to replace it: choose a new path or remove it")
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with self._os_errors(self.path.parent):
+                self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             _remove_stale(self.path)
             self.tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.mkdir(self.tmp, 0o700)
-            os.chmod(self.tmp, 0o700)  # mkdir's mode is filtered by the umask; never wider than owner-only
+            with self._os_errors(self.tmp):
+                os.mkdir(self.tmp, 0o700)
+                os.chmod(self.tmp, 0o700)  # mkdir's mode is filtered by the umask; never wider than owner-only
         else:
             self.tmp = Path(tmp)
             if not self.tmp.is_dir():
                 raise CheckpointError(f"save_checkpoint: rank {rank} does not see {self.tmp}, the temporary "
                                       f"directory rank 0 made for {self.path}: every rank must pass the same path, "
                                       f"on a file system all ranks share")
-        self._fd = os.open(self.tmp / self.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with self._os_errors(self.tmp / self.file):
+            self._fd = os.open(self.tmp / self.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self._offset = 0
         self._part: dict | None = None
         self._committed = False
@@ -163,7 +168,8 @@ class CheckpointWriter:
             raise ValueError(f"checkpoint: {name!r} {key!r}: range [{start}, {stop}) is outside a tensor of shape "
                              f"{list(shape)}")
         mv = memview(byte_view(t))
-        _write_all(self._fd, mv)
+        with self._os_errors(self.tmp / self.file):
+            _write_all(self._fd, mv)
         self.entries.append({"name": name, "key": key, "dtype": dtype, "shape": list(shape), "start": start,
                              "stop": stop, "file": self.rank, "offset": self._offset, "nbytes": len(mv),
                              "crc32c": crc32c.crc32c(mv)})
@@ -177,7 +183,8 @@ class CheckpointWriter:
         """Make this writer's data file durable and close it; returns its part of the manifest (the same part when
         called again)."""
         if self._part is None:
-            os.fsync(self._fd)
+            with self._os_errors(self.tmp / self.file):  # a full disk can show only here (delayed allocation)
+                os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
             self._part = {"rank": self.rank, "file": self.file, "entries": self.entries, "values": self.values}
@@ -195,13 +202,14 @@ class CheckpointWriter:
                     "values": [v for p in parts for v in p["values"]]}
         text = json.dumps(manifest, indent=1)
         self.finish()
-        fd = os.open(self.tmp / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            _write_all(fd, memoryview(text.encode()))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        _fsync_dir(self.tmp)  # the directory's entries, before it becomes the checkpoint
+        with self._os_errors(self.tmp / MANIFEST):
+            fd = os.open(self.tmp / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                _write_all(fd, memoryview(text.encode()))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _fsync_dir(self.tmp)  # the directory's entries, before it becomes the checkpoint
         if not self.path.exists():
             os.rename(self.tmp, self.path)
         elif _exchange(self.tmp, self.path):  # atomic: there is always a complete checkpoint at path
@@ -214,6 +222,28 @@ class CheckpointWriter:
         self._committed = True
         _fsync_dir(self.path.parent)
         return self.path
+
+    @contextlib.contextmanager
+    def _os_errors(self, where: Path) -> Iterator[None]:
+        """A failed system call of the save, said with the file it hit and what to do: a bare ``[Errno 28] No
+        space left on device`` names neither the file system nor the checkpoint. The OSError keeps its errno."""
+        try:
+            yield
+        except OSError as e:
+            kept = (f"; the previous checkpoint at {self.path} is kept" if _is_checkpoint(self.path) else
+                    "; nothing was written at that path")
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                msg = (f"save_checkpoint: no space left on the file system of {where} ({e.strerror}) while saving "
+                       f"{self.path}: free space there or save to another file system{kept}")
+            elif e.errno == errno.EROFS:
+                msg = (f"save_checkpoint: {where} is on a read-only file system: save {self.path.name} to a "
+                       f"directory on a writable one{kept}")
+            elif e.errno in (errno.EACCES, errno.EPERM):
+                msg = (f"save_checkpoint: no permission to write {where} ({e.strerror}): fix the permissions of "
+                       f"{where.parent} or save elsewhere{kept}")
+            else:
+                raise
+            raise OSError(e.errno, msg) from e
 
     def abort(self) -> None:
         """Drop this save (after a commit: nothing to drop). The temporary directory goes with its creator's

@@ -4,6 +4,7 @@ same or another placement, ends bit-identical to one that never stopped. Plus th
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -498,6 +499,56 @@ def test_owner_only_permissions_and_no_foreign_overwrite(saved, tmp_path):
     with pytest.raises(CheckpointError, match="exists and is not an offload checkpoint; refusing to replace it"):
         save_checkpoint(tmp_path / "mine", m, opt)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_disk_full_during_a_save_names_the_path_and_keeps_the_previous(saved, monkeypatch):
+    path, m, opt = saved
+    before = (path / "manifest.json").read_text()
+    real, writes = os.write, [0]
+
+    def write(fd, data):
+        writes[0] += 1
+        if writes[0] > 3:  # a few entries in: the disk fills up mid-save
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    with pytest.raises(OSError) as e:
+        save_checkpoint(path, m, opt, step=3)
+    monkeypatch.undo()
+    assert e.value.errno == errno.ENOSPC
+    msg = str(e.value)
+    assert f"no space left on the file system of {path.parent}" in msg and f"while saving {path}" in msg
+    assert f"free space there or save to another file system; the previous checkpoint at {path} is kept" in msg
+    assert (path / "manifest.json").read_text() == before
+    assert sorted(os.listdir(path.parent)) == ["ckpt"], "the temporary directory is gone"
+    load_checkpoint(path, m, opt)
+
+
+def test_real_small_fs_fills_up_during_a_save(tmp_path):
+    from conftest import mounted
+
+    with mounted(tmp_path / "mnt", "tmpfs", 32 << 10) as mnt:
+        m = mlp()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        train(m, opt, 1)  # ~60 KB of weights and state: more than the file system holds
+        with pytest.raises(OSError, match=rf"no space left on the file system of {mnt}/\.ckpt\.tmp-.*while saving "
+                                          rf"{mnt}/ckpt: .*nothing was written at that path"):
+            save_checkpoint(os.path.join(mnt, "ckpt"), m, opt)
+        assert os.listdir(mnt) == []
+
+
+def test_read_only_file_system_is_named_as_such(tmp_path, monkeypatch):
+    def mkdir(*a, **kw):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    m = mlp()
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    with pytest.raises(OSError) as e:
+        save_checkpoint(tmp_path / "ckpt", m, torch.optim.AdamW(m.parameters()))
+    assert e.value.errno == errno.EROFS
+    assert "is on a read-only file system: save ckpt to a directory on a writable one" in str(e.value)
+    assert "permission" not in str(e.value).lower()
 
 
 def test_reader_assembles_any_range_from_slices(tmp_path):
