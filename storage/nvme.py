@@ -259,6 +259,9 @@ class NvmeStore:
             if not os.access(path, os.R_OK | os.X_OK):
                 raise StoreOpenError(f"store directory {path} is not readable by this user: fix its permissions")
         elif not os.access(path, os.W_OK | os.X_OK):
+            if _read_only_fs(path):  # access() fails there too, for every user: not a permissions problem
+                raise StoreOpenError(f"store directory {path} is on a read-only file system: choose a directory on "
+                                     f"a writable one (or remount it read-write)")
             raise StoreOpenError(f"store directory {path} is not writable by this user: fix its permissions or "
                                  f"choose another directory")
 
@@ -660,10 +663,14 @@ class NvmeStore:
             self._maybe_compact()
 
     def flush(self) -> None:
-        """Wait for every read and write in flight (errors stay with their handles)."""
+        """Wait for every read and write in flight (their errors stay with their handles). Raises
+        :class:`StoreError` if a store directory was deleted or replaced meanwhile (:meth:`_gone`)."""
         with self._lock:
             futures = [op.handle.future for op in self._in_flight]
         concurrent.futures.wait(futures)
+        gone = self._gone()
+        if gone is not None:
+            raise gone
 
     def verify(self, keys: Iterable[str] | None = None) -> dict[str, str]:
         """Read every chunk (or ``keys``) and check its checksums; returns ``{key: error}`` for the bad ones."""
@@ -679,15 +686,26 @@ class NvmeStore:
         """Finish what is in flight, compact the index, release the files. A second call is a no-op."""
         if self._closed:
             return
-        self.flush()
+        with self._lock:
+            futures = [op.handle.future for op in self._in_flight]
+        concurrent.futures.wait(futures)
         self._pool.shutdown(wait=True)
         self._hash_pool.shutdown(wait=True)
+        gone = self._gone()
         with self._lock:
-            if not self.readonly:
-                self._compact()
-            self._closed = True
-            self._journal.close()
-        self._close_fds()
+            try:
+                if not self.readonly and gone is None:
+                    self._compact()
+            except OSError as e:  # the journal holds every commit and stays valid: nothing is lost
+                warnings.warn(f"compacting the store index in {self.paths[0]} at close failed "
+                              f"({_os_reason(e)}); nothing is lost, the next open reads the journal",
+                              RuntimeWarning, stacklevel=2)
+            finally:
+                self._closed = True
+                self._journal.close()
+                self._close_fds()
+        if gone is not None:
+            raise gone
 
     def _simulate_crash(self) -> None:
         """Drop the store as ``kill -9`` would: requests not yet started never run, nothing more is committed.
@@ -801,11 +819,31 @@ class NvmeStore:
             try:
                 self._compact()
             except OSError as e:  # the commit is already in the journal, which stays valid: retry at the next
+                if self._gone() is not None:
+                    return  # not "nothing is lost": flush() and close() say what happened
                 warnings.warn(f"compacting the store index in {self.paths[0]} failed ({e}); nothing is lost, the "
                               f"journal grows until a later compaction succeeds", RuntimeWarning, stacklevel=2)
 
     def _compact(self) -> None:
         self._journal.compact({"seq": self._seq, "chunks": [c.record() for c in self._index.values()]})
+
+    def _gone(self) -> StoreError | None:
+        """The error to raise if a store directory was deleted (or its data file replaced) while open: the open
+        descriptors keep working on the removed files, so nothing fails, and everything written is lost when
+        they close. Checked at :meth:`flush` and :meth:`close`, in the caller's thread."""
+        for p, fd in zip(self.paths, self._fds):
+            try:
+                st = os.stat(os.path.join(p, DATA))
+                same = (st.st_dev, st.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+            except FileNotFoundError:
+                same = False
+            if not same:
+                return StoreError(
+                    f"the store directory {p} was deleted or replaced while this store was open ({DATA} is not the "
+                    f"file it opened): what it holds, and the chunks written since, are lost when the store closes. "
+                    f"Keep the directory from being removed (a temporary-file cleaner, another run with "
+                    f"reset=True on it) and restart from a checkpoint")
+        return None
 
     def _close_fds(self) -> None:
         for fd in self._fds + getattr(self, "_lock_fds", []):
@@ -892,6 +930,10 @@ class NvmeStore:
             if e.errno == errno.ENOSPC:
                 e = DiskFullError(errno.ENOSPC, f"disk full writing chunk {op.key!r} to {path}: the previous version"
                                                 f" is kept; free space on that drive")
+            elif e.errno == errno.EROFS:
+                e = StoreError(f"{self.paths[b.file]} is on a read-only file system now ({op.handle.kind} of chunk "
+                               f"{op.key!r}): the kernel remounts a file system read-only after disk errors; check "
+                               f"the drive (dmesg), then restart from a checkpoint on a writable directory")
             elif e.errno == _SHORT:
                 e = StoreCorruptError(f"{path} ended before chunk {op.key!r}'s block at byte {b.offset}: the file "
                                       f"was truncated. Restore it, or recreate the store with reset=True")
@@ -935,8 +977,9 @@ class NvmeStore:
                         self._free_blocks(op.blocks)
                     result = op.chunk.info
                 except OSError as e:
-                    error = DiskFullError(e.errno, f"cannot commit chunk {op.key!r} to the store journal in "
-                                                   f"{self.paths[0]}: {e.strerror}; the previous version is kept")
+                    what = (f"cannot commit chunk {op.key!r} to the store journal in {self.paths[0]}: "
+                            f"{_os_reason(e)}; the previous version is kept")
+                    error = DiskFullError(e.errno, what) if e.errno == errno.ENOSPC else StoreError(what)
             if error is not None:
                 if not self._dead:
                     self._free_blocks(op.blocks)
@@ -970,6 +1013,22 @@ class NvmeStore:
 
 
 _SHORT = -1  # errno we give a short read / write (the file ended early)
+
+
+def _read_only_fs(path: str) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _os_reason(e: OSError) -> str:
+    """An OSError's cause in words that point at the fix."""
+    if e.errno == errno.EROFS:
+        return "the file system is read-only (remounted read-only after disk errors?)"
+    if e.errno == errno.ENOENT:
+        return "the store directory was deleted"
+    return e.strerror or str(e)
 
 
 def _locked(path: str) -> bool:

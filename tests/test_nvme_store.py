@@ -767,15 +767,16 @@ def test_directory_missing(tmp_path):
 
 def _make_readonly(d):
     """Make directory ``d`` unwritable for this process: chmod; where that does not bite (root), a read-only
-    bind mount of it on itself. Returns the undo, or skips when neither works."""
+    bind mount of it on itself. Returns the undo and which it was ("chmod" or "mount"), or skips when neither
+    works."""
     os.chmod(d, 0o555)
     if not os.access(d, os.W_OK):
-        return lambda: os.chmod(d, 0o755)
+        return (lambda: os.chmod(d, 0o755)), "chmod"
     os.chmod(d, 0o755)
     r = subprocess.run(["mount", "--bind", "-o", "ro", str(d), str(d)], capture_output=True, text=True)
     if r.returncode != 0:
         pytest.skip(f"running as root and cannot make a read-only bind mount ({r.stderr.strip()})")
-    return lambda: subprocess.run(["umount", "-l", str(d)], capture_output=True)
+    return (lambda: subprocess.run(["umount", "-l", str(d)], capture_output=True)), "mount"
 
 
 @pytest.mark.parametrize("existing", [False, True], ids=["new", "existing-store"])
@@ -784,12 +785,16 @@ def test_directory_read_only(store_dir, existing):
         with NvmeStore(store_dir, capacity_bytes=1 << 20, config=SMALL) as s:
             s.write("a", torch.ones(10)).wait()
     before = sorted(os.listdir(store_dir))
-    undo = _make_readonly(store_dir)
+    undo, how = _make_readonly(store_dir)
     try:
         with pytest.raises(StoreOpenError) as e:
             NvmeStore(store_dir, capacity_bytes=1 << 20)
-        assert f"store directory {store_dir} is not writable" in str(e.value)
-        assert "fix its permissions or choose another directory" in str(e.value)
+        if how == "chmod":
+            assert f"store directory {store_dir} is not writable" in str(e.value)
+            assert "fix its permissions or choose another directory" in str(e.value)
+        else:  # a read-only mount: no permissions to fix
+            assert f"store directory {store_dir} is on a read-only file system" in str(e.value)
+            assert "permission" not in str(e.value)
         assert sorted(os.listdir(store_dir)) == before
     finally:
         undo()
