@@ -68,6 +68,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import inspect
 import itertools
 import json
 import math
@@ -122,22 +124,26 @@ class CheckpointWriter:
         self.rank = rank
         self.file = _data_file(rank)
         self._owns_tmp = tmp is None
+        self._fd = None
         if tmp is None:
             if self.path.exists() and not _is_checkpoint(self.path):
                 raise CheckpointError(f"save_checkpoint: {self.path} exists and is not an offload checkpoint; "
                                       f"refusing to replace it: choose a new path or remove it")
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with self._os_errors(self.path.parent):
+                self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             _remove_stale(self.path)
             self.tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.mkdir(self.tmp, 0o700)
-            os.chmod(self.tmp, 0o700)  # mkdir's mode is filtered by the umask; never wider than owner-only
+            with self._os_errors(self.tmp):
+                os.mkdir(self.tmp, 0o700)
+                os.chmod(self.tmp, 0o700)  # mkdir's mode is filtered by the umask; never wider than owner-only
         else:
             self.tmp = Path(tmp)
             if not self.tmp.is_dir():
                 raise CheckpointError(f"save_checkpoint: rank {rank} does not see {self.tmp}, the temporary "
                                       f"directory rank 0 made for {self.path}: every rank must pass the same path, "
                                       f"on a file system all ranks share")
-        self._fd = os.open(self.tmp / self.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with self._os_errors(self.tmp / self.file):
+            self._fd = os.open(self.tmp / self.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self._offset = 0
         self._part: dict | None = None
         self._committed = False
@@ -162,7 +168,8 @@ class CheckpointWriter:
             raise ValueError(f"checkpoint: {name!r} {key!r}: range [{start}, {stop}) is outside a tensor of shape "
                              f"{list(shape)}")
         mv = memview(byte_view(t))
-        _write_all(self._fd, mv)
+        with self._os_errors(self.tmp / self.file):
+            _write_all(self._fd, mv)
         self.entries.append({"name": name, "key": key, "dtype": dtype, "shape": list(shape), "start": start,
                              "stop": stop, "file": self.rank, "offset": self._offset, "nbytes": len(mv),
                              "crc32c": crc32c.crc32c(mv)})
@@ -176,7 +183,8 @@ class CheckpointWriter:
         """Make this writer's data file durable and close it; returns its part of the manifest (the same part when
         called again)."""
         if self._part is None:
-            os.fsync(self._fd)
+            with self._os_errors(self.tmp / self.file):  # a full disk can show only here (delayed allocation)
+                os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
             self._part = {"rank": self.rank, "file": self.file, "entries": self.entries, "values": self.values}
@@ -194,13 +202,14 @@ class CheckpointWriter:
                     "values": [v for p in parts for v in p["values"]]}
         text = json.dumps(manifest, indent=1)
         self.finish()
-        fd = os.open(self.tmp / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            _write_all(fd, memoryview(text.encode()))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        _fsync_dir(self.tmp)  # the directory's entries, before it becomes the checkpoint
+        with self._os_errors(self.tmp / MANIFEST):
+            fd = os.open(self.tmp / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                _write_all(fd, memoryview(text.encode()))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _fsync_dir(self.tmp)  # the directory's entries, before it becomes the checkpoint
         if not self.path.exists():
             os.rename(self.tmp, self.path)
         elif _exchange(self.tmp, self.path):  # atomic: there is always a complete checkpoint at path
@@ -213,6 +222,28 @@ class CheckpointWriter:
         self._committed = True
         _fsync_dir(self.path.parent)
         return self.path
+
+    @contextlib.contextmanager
+    def _os_errors(self, where: Path) -> Iterator[None]:
+        """A failed system call of the save, said with the file it hit and what to do: a bare ``[Errno 28] No
+        space left on device`` names neither the file system nor the checkpoint. The OSError keeps its errno."""
+        try:
+            yield
+        except OSError as e:
+            kept = (f"; the previous checkpoint at {self.path} is kept" if _is_checkpoint(self.path) else
+                    "; nothing was written at that path")
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                msg = (f"save_checkpoint: no space left on the file system of {where} ({e.strerror}) while saving "
+                       f"{self.path}: free space there or save to another file system{kept}")
+            elif e.errno == errno.EROFS:
+                msg = (f"save_checkpoint: {where} is on a read-only file system: save {self.path.name} to a "
+                       f"directory on a writable one{kept}")
+            elif e.errno in (errno.EACCES, errno.EPERM):
+                msg = (f"save_checkpoint: no permission to write {where} ({e.strerror}): fix the permissions of "
+                       f"{where.parent} or save elsewhere{kept}")
+            else:
+                raise
+            raise OSError(e.errno, msg) from e
 
     def abort(self) -> None:
         """Drop this save (after a commit: nothing to drop). The temporary directory goes with its creator's
@@ -449,6 +480,7 @@ class CheckpointReader:
                 for a, b in itertools.pairwise(es):
                     if a.shape != b.shape or a.dtype != b.dtype or b.start < a.stop:
                         raise CheckpointError(f"{where}: {a} and {b} disagree (shape, dtype) or overlap")
+            self._check_params_record(where)
             self._values = {}
             for v in m.get("values", []):
                 if not isinstance(v, dict) or not isinstance(v.get("name"), str) or not isinstance(v.get("key"), str):
@@ -472,6 +504,10 @@ class CheckpointReader:
         """(shape, dtype) of a saved tensor."""
         e = self._entries_for(name, key)[0]
         return e.shape, e.dtype
+
+    def files(self, name: str, key: str) -> str:
+        """The data file(s) holding a saved tensor, as error messages name them."""
+        return ", ".join(dict.fromkeys(self._names[e.file] for e in self._entries_for(name, key)))
 
     def value(self, name: str, key: str):
         return self._values[(name, key)]
@@ -552,6 +588,25 @@ class CheckpointReader:
         return {"state": state, "param_groups": out_groups}
 
     # -- internals ----------------------------------------------------------------------------------------------
+    def _check_params_record(self, where: str) -> None:
+        """Each parameter's weights (and fp32 masters) as the manifest's own record of the parameter says: so that
+        a reader used without a model never hands out an entry whose dtype was edited (its bytes, size and CRC
+        stay the same)."""
+        records = self.meta.get("params")
+        if not isinstance(records, list):
+            return  # written by CheckpointWriter alone: no record to hold the entries to
+        for rec in records:
+            if not isinstance(rec, dict) or not isinstance(rec.get("name"), str):
+                raise CheckpointError(f"{where}: bad parameter record {rec!r}")
+            for key, dtype in (("param", rec.get("dtype")), ("master", "float32")):
+                es = self._by.get((rec["name"], key))
+                if es and (_dtype_str(es[0].dtype) != dtype or list(es[0].shape) != rec.get("shape")):
+                    raise CheckpointError(
+                        f"{where}: entry {rec['name']!r} {key!r} in {self._names[es[0].file]}: expected {dtype} "
+                        f"{rec.get('shape')} (the manifest's record of parameter {rec['name']!r}), got "
+                        f"{_dtype_str(es[0].dtype)} {list(es[0].shape)}: the manifest was edited; use another "
+                        f"checkpoint")
+
     def _entries_for(self, name: str, key: str) -> list[_Entry]:
         es = self._by.get((name, key))
         if not es:
@@ -613,6 +668,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
             names = _param_names(model)
             _check_model(reader, model, names, runtime)
             opt_names = _check_optimizer(reader, optimizer, names)
+            _check_entries(reader, model, optimizer, names, runtime)
             if scheduler is not None and meta.get("scheduler") is None:
                 raise CheckpointError(f"checkpoint {reader.path} has no LR scheduler state, but scheduler= was "
                                       f"given: it was saved without scheduler=")
@@ -745,6 +801,119 @@ def _check_optimizer(reader: CheckpointReader, optimizer, names: dict) -> list[s
     return out
 
 
+def _check_entries(reader: CheckpointReader, model: nn.Module, optimizer, names: dict, runtime) -> None:
+    """Every tensor entry's dtype and shape against what will receive it: the param, the buffer, the state the
+    optimizer class makes for that param, the RNG. The data's CRC cannot catch an edited manifest (a float32 entry
+    relabelled int32 has the same bytes and size): loading it would reinterpret the bits, and a plain optimizer
+    would train on them without a word."""
+    for n, b in _buffers(model):
+        _expect(reader, n, "buffer", {"tensor": True, "shape": tuple(b.shape), "dtypes": {b.dtype}}, "the model's")
+    probes: dict = {}
+    saved_groups = reader.meta["optimizer"]["param_groups"]
+    opt_group = {p: gi for gi, g in enumerate(optimizer.param_groups) for p in g["params"]}
+    for p, n in names.items():
+        shape = _shape(p, runtime)
+        _expect(reader, n, "param", {"tensor": True, "shape": shape, "dtypes": {p.dtype}}, "the model's")
+        if reader.has(n, "master"):
+            _expect(reader, n, "master", {"tensor": True, "shape": shape, "dtypes": {torch.float32}},
+                    "fp32 master weights")
+        gi = opt_group.get(p)
+        if gi is None:
+            continue
+        made = probes.get((gi, p.dtype, shape))
+        if made is None:
+            hp = {k: v for k, v in optimizer.param_groups[gi].items() if k != "params"}
+            _restore_hparams(hp, saved_groups[gi])  # the hyperparameters the load will give (amsgrad adds state)
+            made = probes[(gi, p.dtype, shape)] = _state_made(_optimizer_class(optimizer), hp, p.dtype, shape)
+        cls = _optimizer_class(optimizer).__name__
+        for key, want in made.items():
+            if key in reader.keys(n):
+                _expect(reader, n, key, want, f"what {cls} makes for a {_dtype_name(p)} {list(shape)} parameter")
+    _check_rng_entries(reader)
+
+
+def _state_made(cls: type, hparams: dict, dtype: torch.dtype, shape: tuple[int, ...]) -> dict[str, dict]:
+    """The state ``cls`` makes for a param of ``dtype`` and ``shape``, per key: ``{"tensor": bool, "shape": tuple
+    or None (unknown), "dtypes": set or None}``. Learnt from one step of the class itself, on a meta tensor (no
+    memory, no arithmetic), so any class is described as it really behaves. Floating state of a low-precision
+    param may also be fp32: offload keeps it beside fp32 masters, and torch's load_state_dict casts it back.
+    A class whose step cannot run on meta tensors (it calls ``.item()``) is probed on a real tensor of that
+    shape when small, else on a small one that tells the dtypes but not the shapes. A class that cannot be
+    probed at all (a step that needs a closure) gives ``{}``: its state is loaded unchecked, as torch would."""
+    out: dict[str, dict] = {}
+    dtypes = [dtype] + ([torch.float32] if dtype.is_floating_point and dtype != torch.float32 else [])
+    for dt in dtypes:
+        state, exact = _probe_state(cls, hparams, dt, shape)
+        for key, v in state.items():
+            tensor = torch.is_tensor(v)
+            want = out.setdefault(key, {"tensor": tensor, "shape": None, "dtypes": set() if tensor else None})
+            if tensor and want["tensor"]:
+                want["dtypes"].add(v.dtype)
+                if exact or v.dim() == 0:
+                    want["shape"] = tuple(v.shape)
+    return out
+
+
+def _probe_state(cls: type, hparams: dict, dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[dict, bool]:
+    """(the state after one step of ``cls`` on a zero-grad param, whether its shapes are those of ``shape``)."""
+    accepted = inspect.signature(cls.__init__).parameters
+    hp = {k: v for k, v in hparams.items() if k not in IMPL_FLAGS}  # the default implementation works on meta
+    small = tuple(min(d, 2) for d in shape)
+    for device, probe_shape in (("meta", shape), ("cpu", shape if math.prod(shape) <= 1 << 16 else small)):
+        try:
+            p = torch.zeros(probe_shape, dtype=dtype, device=device, requires_grad=True)
+            opt = cls([p], **{k: v for k, v in hp.items() if k in accepted})
+            opt.param_groups[0].update(hp)
+            p.grad = torch.zeros_like(p)
+            opt.step()
+            return dict(opt.state[p]), probe_shape == shape
+        except Exception:  # noqa: BLE001 - a class that cannot take this probe: try the next, then check nothing
+            continue
+    return {}, False
+
+
+def _expect(reader: CheckpointReader, name: str, key: str, want: dict, what: str) -> None:
+    """Raise, naming the entry, its file and both sides, unless the saved ``name``/``key`` is what ``want`` says
+    (see :func:`_state_made`). Absent entries are someone else's to report."""
+    if not reader.has(name, key):
+        if want["tensor"] and (name, key) in reader._values:
+            raise CheckpointError(f"checkpoint {reader.path}: {name!r} {key!r} is saved as the value "
+                                  f"{reader.value(name, key)!r}; expected a tensor ({what}): the manifest was "
+                                  f"edited or written for another optimizer; use another checkpoint")
+        return
+    shape, dtype = reader.info(name, key)
+    if not want["tensor"]:
+        raise CheckpointError(f"checkpoint {reader.path}: {name!r} {key!r} is saved as a {_dtype_str(dtype)} "
+                              f"{list(shape)} tensor in {reader.files(name, key)}; expected a plain value "
+                              f"({what}): use a checkpoint written for this optimizer")
+    if (want["dtypes"] is None or dtype in want["dtypes"]) and (want["shape"] is None or shape == want["shape"]):
+        return
+    expected = " or ".join(sorted(_dtype_str(d) for d in want["dtypes"])) if want["dtypes"] else "any dtype"
+    if want["shape"] is not None:
+        expected += f" {list(want['shape'])}"
+    raise CheckpointError(f"checkpoint {reader.path}: entry {name!r} {key!r} in {reader.files(name, key)}: expected "
+                          f"{expected} ({what}), got {_dtype_str(dtype)} {list(shape)}. The data's checksums cannot "
+                          f"catch this (the manifest says how to read the bytes): the manifest was edited or belongs "
+                          f"to another run; use another checkpoint")
+
+
+def _check_rng_entries(reader: CheckpointReader) -> None:
+    """The RNG entries as :func:`_save_rng` writes them (torch's and CUDA's states are bytes; numpy's and
+    python's Mersenne Twister keys int64)."""
+    for (name, key) in list(reader._by):
+        if not name.startswith("rng.") or key != "state":
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        kind = name.split(".")[-2] if leaf.isdigit() else leaf  # rng[.rankR].cuda.<i>
+        want = {"torch": torch.uint8, "cuda": torch.uint8, "numpy": torch.int64, "python": torch.int64}.get(kind)
+        if want is not None:
+            _expect(reader, name, key, {"tensor": True, "shape": None, "dtypes": {want}}, "a saved RNG state")
+
+
+def _dtype_str(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 # -- helpers ------------------------------------------------------------------------------------------------------
 def _runtime_of(model: nn.Module, optimizer):
     runtime = getattr(model, "_offload_runtime", None)
@@ -767,7 +936,7 @@ def _shape(p: nn.Parameter, runtime) -> tuple[int, ...]:
 
 
 def _dtype_name(p: nn.Parameter) -> str:
-    return str(p.dtype).removeprefix("torch.")
+    return _dtype_str(p.dtype)
 
 
 def _buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:

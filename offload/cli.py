@@ -30,7 +30,7 @@ def _cmd_store(args: argparse.Namespace) -> int:
     from storage import NvmeStore, StoreError, format_bytes
 
     try:
-        store = NvmeStore(args.paths, create=False)
+        store = NvmeStore(args.paths, readonly=True)  # inspecting a store must never change it
     except (StoreError, ValueError) as e:
         print(f"offload store: {e}", file=sys.stderr)
         return 2

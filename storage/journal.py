@@ -54,22 +54,47 @@ def _fsync_dir(path: str) -> None:
 class Journal:
     """Snapshot + journal in one directory. Not thread-safe: the store calls it under its lock."""
 
-    def __init__(self, directory: str, *, durable: bool):
+    def __init__(self, directory: str, *, durable: bool, readonly: bool = False):
         self.directory = directory
         self.durable = durable
+        self.readonly = readonly
+        """Read the index and change nothing: no torn tail cut, no leftovers removed, no journal opened."""
         self.generation = 0
         self.records_since_snapshot = 0
         self._fd: int | None = None
 
     # -- opening --------------------------------------------------------------------------------------------------
+    @staticmethod
+    def create(directory: str) -> str:
+        """The empty first journal of a new store, made before the store's manifest: from then on a store whose
+        index files are all gone has lost its index (see :meth:`load`), never merely not made it yet."""
+        path = os.path.join(directory, f"{JOURNAL}.0")
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        return path
+
     def load(self) -> tuple[dict, list[dict]]:
-        """Read the snapshot header and every committed record after it; truncate a torn tail.
+        """Read the snapshot header and every committed record after it; truncate a torn tail (unless read-only).
 
         Returns ``(snapshot, records)`` where ``snapshot`` is the snapshot payload (``{}`` for a new store).
+        Raises :class:`StoreCorruptError` when the index is gone (no snapshot and no journal) or the snapshot is
+        (a journal of a later generation than 0 shows there was one): reading on would give an empty store, and
+        the first compaction would make that the truth.
         """
         snap_path = os.path.join(self.directory, SNAPSHOT)
-        if os.path.exists(snap_path + ".tmp"):  # a compaction that crashed before its rename: never committed
+        if os.path.exists(snap_path + ".tmp") and not self.readonly:  # a compaction that crashed before its rename
             os.unlink(snap_path + ".tmp")
+        journals = sorted((n for n in os.listdir(self.directory) if n.startswith(JOURNAL + ".")),
+                          key=lambda n: (len(n), n))
+        if not os.path.exists(snap_path):
+            fix = (f"restore the index files from a copy of {self.directory}, or recreate the store with "
+                   f"reset=True (which deletes its chunks)")
+            if not journals:
+                raise StoreCorruptError(f"the store index in {self.directory} is missing: expected {SNAPSHOT} or "
+                                        f"{JOURNAL}.*, found neither, so the chunks in the data file cannot be "
+                                        f"found: {fix}")
+            if f"{JOURNAL}.0" not in journals:
+                raise StoreCorruptError(f"{snap_path} is missing, but {journals[-1]} shows the store had one: the "
+                                        f"chunks it listed cannot be found: {fix}")
         snapshot: dict = {}
         if os.path.exists(snap_path):
             with open(snap_path, "rb") as f:
@@ -97,11 +122,13 @@ class Journal:
                     break  # torn tail of a crash: the commit it carried never happened
                 records.append(rec)
                 good_end += len(raw)
-            if good_end != sum(len(x) for x in lines):
+            if good_end != sum(len(x) for x in lines) and not self.readonly:
                 os.truncate(jpath, good_end)
         self.records_since_snapshot = len(records)
-        for name in os.listdir(self.directory):  # journals of older generations, left by a crash mid-compaction
-            if name.startswith(JOURNAL + ".") and name != os.path.basename(jpath):
+        if self.readonly:
+            return snapshot, records
+        for name in journals:  # journals of older generations, left by a crash mid-compaction
+            if name != os.path.basename(jpath):
                 os.unlink(os.path.join(self.directory, name))
         self._open_append()
         return snapshot, records

@@ -208,6 +208,10 @@ class NvmeStore:
         reset: delete an existing store in these directories and create a new one.
         create: ``False`` to only open an existing store (a directory without one raises
             :class:`StoreOpenError`).
+        readonly: open an existing store to read and verify it, changing nothing on disk: no index written or
+            compacted, no torn journal tail cut, no file created (``offload store``). Writes and deletes raise.
+            It takes a shared lock, so it fails while a writer has the store open, and a writer fails while it
+            is open.
 
     Example::
 
@@ -218,8 +222,12 @@ class NvmeStore:
     """
 
     def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], capacity_bytes: int | None = None, *,
-                 config: StoreConfig | None = None, reset: bool = False, create: bool = True):
+                 config: StoreConfig | None = None, reset: bool = False, create: bool = True,
+                 readonly: bool = False):
         self.config = config or StoreConfig()
+        if readonly and reset:
+            raise ValueError("NvmeStore: reset=True deletes the store, readonly=True changes nothing: pass one")
+        self.readonly = readonly
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         self.paths = [str(Path(p)) for p in paths]
@@ -232,9 +240,9 @@ class NvmeStore:
         self._closed = True
         self._dead = False
         for p in self.paths:
-            self._check_dir(p)
+            self._check_dir(p, readonly)
         try:
-            self._open(capacity_bytes, reset, create)
+            self._open(capacity_bytes, reset, create and not readonly)
         except BaseException:
             self._close_fds()
             raise
@@ -242,17 +250,24 @@ class NvmeStore:
 
     # -- opening ----------------------------------------------------------------------------------------------------
     @staticmethod
-    def _check_dir(path: str) -> None:
+    def _check_dir(path: str, readonly: bool = False) -> None:
         if not os.path.exists(path):
             raise StoreOpenError(f"store directory {path} does not exist: create it (mkdir -p {path}) or point the "
                                  f"store at an existing directory on a local disk")
         if not os.path.isdir(path):
             raise StoreOpenError(f"store path {path} is not a directory: give a directory on a local disk")
-        if not os.access(path, os.W_OK | os.X_OK):
+        if readonly:
+            if not os.access(path, os.R_OK | os.X_OK):
+                raise StoreOpenError(f"store directory {path} is not readable by this user: fix its permissions")
+        elif not os.access(path, os.W_OK | os.X_OK):
+            if _read_only_fs(path):  # access() fails there too, for every user: not a permissions problem
+                raise StoreOpenError(f"store directory {path} is on a read-only file system: choose a directory on "
+                                     f"a writable one (or remount it read-write)")
             raise StoreOpenError(f"store directory {path} is not writable by this user: fix its permissions or "
                                  f"choose another directory")
 
     def _open(self, capacity_bytes: int | None, reset: bool, create: bool) -> None:
+        self._reset = reset  # what the errors of a store that appears meanwhile may advise
         manifests = [os.path.join(p, MANIFEST) for p in self.paths]
         existing = [m for m in manifests if os.path.exists(m)]
         if reset:
@@ -274,7 +289,7 @@ class NvmeStore:
                 raise ValueError(f"NvmeStore: no store in {self.paths} yet, so capacity_bytes is needed to create "
                                  f"one (e.g. capacity_bytes=64 << 30)")
             self._create(capacity_bytes)
-        self._journal = Journal(self.paths[0], durable=self.config.durable)
+        self._journal = Journal(self.paths[0], durable=self.config.durable, readonly=self.readonly)
         try:
             snapshot, records = self._journal.load()
             self._rebuild(snapshot, records)
@@ -343,6 +358,13 @@ class NvmeStore:
                     os.ftruncate(fd, file_bytes)
                 else:
                     raise StoreOpenError(f"cannot pre-allocate {path}: {e.strerror}") from e
+            if i == 0:  # the index's first journal before any manifest (Journal.create says why)
+                try:
+                    created.append(Journal.create(p))
+                except FileExistsError:
+                    raise StoreOpenError(f"{p} holds index files of a store but no {MANIFEST}: left by a store "
+                                         f"whose manifest was deleted. Pass reset=True to start a new store there "
+                                         f"(it deletes them), or use another directory") from None
             manifest = {"format": FORMAT, "uuid": self.uuid, "stripe_index": i, "stripe_count": n,
                         "file_bytes": file_bytes, "block_bytes": self.config.block_bytes,
                         "checksum": self.config.checksum}
@@ -395,7 +417,7 @@ class NvmeStore:
         self._setup_direct()
 
     def _open_data(self, path: str, *, create: bool) -> int:
-        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        flags = (os.O_RDONLY if self.readonly else os.O_RDWR) | (os.O_CREAT | os.O_EXCL if create else 0)
         try:
             fd = os.open(path, flags, 0o600)
         except PermissionError as e:
@@ -406,17 +428,32 @@ class NvmeStore:
                 raise StoreOpenError(f"{os.path.dirname(path)} is on a read-only file system: choose a "
                                      f"writable directory") from None
             if e.errno == errno.EEXIST:
-                raise StoreOpenError(f"{path} exists but {MANIFEST} does not: this is not a complete store. "
-                                     f"Remove {path} or pass reset=True") from None
+                raise self._not_complete(path) from None
             raise
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Readers share: several verifications at once are fine, a writer beside any of them is not.
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise StoreLockedError(f"the store in {os.path.dirname(path)} is open elsewhere (another process, or "
-                                   f"another NvmeStore in this one): close that first, or use another "
-                                   f"directory") from None
+                                   f"another NvmeStore in this one): close that first (or stop that process), or "
+                                   f"use another directory") from None
         return fd
+
+    def _not_complete(self, path: str) -> StoreOpenError:
+        """The error for a data file found where this store was about to create one. Never "delete it": if its
+        lock is held, another process is creating a store there this very moment, and the file is its data."""
+        d = os.path.dirname(path)
+        if _locked(path):
+            return StoreLockedError(f"another process is creating a store in {d} at this moment ({path} is locked "
+                                    f"and {MANIFEST} not written yet): use another directory, or stop that process "
+                                    f"first")
+        if self._reset:
+            return StoreOpenError(f"{path} appeared while this store was being reset in {d}: another process is "
+                                  f"using the directory. Use another directory, or stop that process first")
+        return StoreOpenError(f"{path} exists but {MANIFEST} does not and no process holds it: a store whose "
+                              f"creation was interrupted, not a complete store. Pass reset=True to start a new "
+                              f"store there, or use another directory")
 
     def _setup_direct(self) -> None:
         """Reopen each data file with O_DIRECT if the config asks and the file system allows it."""
@@ -428,7 +465,7 @@ class NvmeStore:
         for p in self.paths:
             path = os.path.join(p, DATA)
             try:
-                fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+                fd = os.open(path, (os.O_RDONLY if self.readonly else os.O_RDWR) | os.O_DIRECT)
                 os.preadv(fd, [memview(probe)], 0)  # some file systems accept the flag but fail the I/O
                 direct_fds.append(fd)
             except OSError as e:
@@ -518,7 +555,7 @@ class NvmeStore:
         is 4 KiB-aligned and contiguous). The old version stays readable, and is what a crash leaves, until the
         new one is committed.
         """
-        self._check_open()
+        self._check_open(writing=True)
         if not isinstance(key, str) or not key:
             raise ValueError(f"store key: expected a non-empty str, got {key!r}")
         if not isinstance(tensor, torch.Tensor):
@@ -611,7 +648,7 @@ class NvmeStore:
 
     def delete(self, key: str) -> None:
         """Remove ``key`` (committed at once). Its extents are reused when reads in flight on it finish."""
-        self._check_open()
+        self._check_open(writing=True)
         pending = self._pending.get(key)
         if pending is not None:
             concurrent.futures.wait([pending.handle.future])
@@ -627,10 +664,14 @@ class NvmeStore:
             self._maybe_compact()
 
     def flush(self) -> None:
-        """Wait for every read and write in flight (errors stay with their handles)."""
+        """Wait for every read and write in flight (their errors stay with their handles). Raises
+        :class:`StoreError` if a store directory was deleted or replaced meanwhile (:meth:`_gone`)."""
         with self._lock:
             futures = [op.handle.future for op in self._in_flight]
         concurrent.futures.wait(futures)
+        gone = self._gone()
+        if gone is not None:
+            raise gone
 
     def verify(self, keys: Iterable[str] | None = None) -> dict[str, str]:
         """Read every chunk (or ``keys``) and check its checksums; returns ``{key: error}`` for the bad ones."""
@@ -646,14 +687,26 @@ class NvmeStore:
         """Finish what is in flight, compact the index, release the files. A second call is a no-op."""
         if self._closed:
             return
-        self.flush()
+        with self._lock:
+            futures = [op.handle.future for op in self._in_flight]
+        concurrent.futures.wait(futures)
         self._pool.shutdown(wait=True)
         self._hash_pool.shutdown(wait=True)
+        gone = self._gone()
         with self._lock:
-            self._compact()
-            self._closed = True
-            self._journal.close()
-        self._close_fds()
+            try:
+                if not self.readonly and gone is None:
+                    self._compact()
+            except OSError as e:  # the journal holds every commit and stays valid: nothing is lost
+                warnings.warn(f"compacting the store index in {self.paths[0]} at close failed "
+                              f"({_os_reason(e)}); nothing is lost, the next open reads the journal",
+                              RuntimeWarning, stacklevel=2)
+            finally:
+                self._closed = True
+                self._journal.close()
+                self._close_fds()
+        if gone is not None:
+            raise gone
 
     def _simulate_crash(self) -> None:
         """Drop the store as ``kill -9`` would: requests not yet started never run, nothing more is committed.
@@ -693,9 +746,12 @@ class NvmeStore:
                 f"{'O_DIRECT' if self.direct else 'buffered'})")
 
     # -- internals --------------------------------------------------------------------------------------------------
-    def _check_open(self) -> None:
+    def _check_open(self, writing: bool = False) -> None:
         if self._closed:
             raise StoreError(f"the store in {self.paths} is closed; open it again with NvmeStore({self.paths!r})")
+        if writing and self.readonly:
+            raise StoreError(f"the store in {self.paths} is open read-only; open it without readonly=True to "
+                             f"change it")
 
     def _unknown(self, key: str) -> ChunkKeyError:
         import difflib
@@ -764,11 +820,31 @@ class NvmeStore:
             try:
                 self._compact()
             except OSError as e:  # the commit is already in the journal, which stays valid: retry at the next
+                if self._gone() is not None:
+                    return  # not "nothing is lost": flush() and close() say what happened
                 warnings.warn(f"compacting the store index in {self.paths[0]} failed ({e}); nothing is lost, the "
                               f"journal grows until a later compaction succeeds", RuntimeWarning, stacklevel=2)
 
     def _compact(self) -> None:
         self._journal.compact({"seq": self._seq, "chunks": [c.record() for c in self._index.values()]})
+
+    def _gone(self) -> StoreError | None:
+        """The error to raise if a store directory was deleted (or its data file replaced) while open: the open
+        descriptors keep working on the removed files, so nothing fails, and everything written is lost when
+        they close. Checked at :meth:`flush` and :meth:`close`, in the caller's thread."""
+        for p, fd in zip(self.paths, self._fds):
+            try:
+                st = os.stat(os.path.join(p, DATA))
+                same = (st.st_dev, st.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+            except FileNotFoundError:
+                same = False
+            if not same:
+                return StoreError(
+                    f"the store directory {p} was deleted or replaced while this store was open ({DATA} is not the "
+                    f"file it opened): what it holds, and the chunks written since, are lost when the store closes. "
+                    f"Keep the directory from being removed (a temporary-file cleaner, another run with "
+                    f"reset=True on it) and restart from a checkpoint")
+        return None
 
     def _close_fds(self) -> None:
         for fd in self._fds + getattr(self, "_lock_fds", []):
@@ -857,6 +933,10 @@ class NvmeStore:
             if e.errno == errno.ENOSPC:
                 e = DiskFullError(errno.ENOSPC, f"disk full writing chunk {op.key!r} to {path}: the previous version"
                                                 f" is kept; free space on that drive")
+            elif e.errno == errno.EROFS:
+                e = StoreError(f"{self.paths[b.file]} is on a read-only file system now ({op.handle.kind} of chunk "
+                               f"{op.key!r}): the kernel remounts a file system read-only after disk errors; check "
+                               f"the drive (dmesg), then restart from a checkpoint on a writable directory")
             elif e.errno == _SHORT:
                 e = StoreCorruptError(f"{path} ended before chunk {op.key!r}'s block at byte {b.offset}: the file "
                                       f"was truncated. Restore it, or recreate the store with reset=True")
@@ -900,8 +980,9 @@ class NvmeStore:
                         self._free_blocks(op.blocks)
                     result = op.chunk.info
                 except OSError as e:
-                    error = DiskFullError(e.errno, f"cannot commit chunk {op.key!r} to the store journal in "
-                                                   f"{self.paths[0]}: {e.strerror}; the previous version is kept")
+                    what = (f"cannot commit chunk {op.key!r} to the store journal in {self.paths[0]}: "
+                            f"{_os_reason(e)}; the previous version is kept")
+                    error = DiskFullError(e.errno, what) if e.errno == errno.ENOSPC else StoreError(what)
             if error is not None:
                 if not self._dead:
                     self._free_blocks(op.blocks)
@@ -937,6 +1018,37 @@ class NvmeStore:
 
 
 _SHORT = -1  # errno we give a short read / write (the file ended early)
+
+
+def _read_only_fs(path: str) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _os_reason(e: OSError) -> str:
+    """An OSError's cause in words that point at the fix."""
+    if e.errno == errno.EROFS:
+        return "the file system is read-only (remounted read-only after disk errors?)"
+    if e.errno == errno.ENOENT:
+        return "the store directory was deleted"
+    return e.strerror or str(e)
+
+
+def _locked(path: str) -> bool:
+    """Whether some open store holds ``path``'s lock (asked without taking it for longer than the question)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing releases a lock we got
 
 
 def _itemsize(dtype: torch.dtype) -> int:

@@ -4,9 +4,11 @@ same or another placement, ends bit-identical to one that never stopped. Plus th
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
+import re
 import signal
 import stat
 import subprocess
@@ -395,6 +397,91 @@ def test_foreign_or_pickle_manifests_are_refused(saved, change, match):
         load_checkpoint(path, m, opt)
 
 
+def relabel(path, name, key, dtype):
+    """Say in the manifest that ``name``/``key`` is ``dtype``: same width, so its size and CRC still match."""
+    def fn(man):
+        hits = [e for e in man["entries"] if e["name"] == name and e["key"] == key]
+        assert hits, (name, key)
+        for e in hits:
+            e["dtype"] = dtype
+    edit_manifest(path, fn)
+
+
+@pytest.mark.parametrize("name,key,expected", [
+    ("4.weight", "exp_avg", r"float32 \[64, 64\] \(what AdamW makes for a float32 \[64, 64\] parameter\)"),
+    ("0.bias", "step", r"float32 \[\] \(what AdamW makes for a float32 \[64\] parameter\)"),
+    ("4.weight", "param", r"float32 \[64, 64\] \(the manifest's record of parameter '4.weight'\)"),
+], ids=["exp_avg", "step", "param"])
+def test_an_entry_relabelled_to_another_dtype_of_the_same_width_is_refused(saved, name, key, expected):
+    """float32 bytes read as int32 pass every size and CRC check; the resumed AdamW would train on them."""
+    path, m, opt = saved
+    relabel(path, name, key, "int32")
+    m2 = mlp()
+    before = [p.detach().clone() for p in m2.parameters()]
+    opt2 = torch.optim.AdamW(m2.parameters(), lr=1e-2)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path, m2, opt2)
+    msg = str(e.value)
+    assert f"entry {name!r} {key!r} in 'data-00000.bin': expected" in msg and str(path) in msg
+    assert re.search(expected + r", got int32 \[", msg), msg
+    assert "the manifest was edited" in msg and "use another checkpoint" in msg
+    assert all(torch.equal(a, b) for a, b in zip(before, m2.parameters())) and not opt2.state, "nothing loaded"
+
+
+def test_relabelled_state_is_refused_by_offload_optimizer_and_wrap(saved, tmp_path):
+    """The streamed loaders (OffloadOptimizer.load_state_stream, the runtime's load_params) are behind the same
+    check: an int32 exp_avg would otherwise be kept as int32 in the chunk (it is not floating, so not cast)."""
+    path, _, _ = saved
+    relabel(path, "4.weight", "exp_avg_sq", "int32")
+    m = mlp()
+    with pytest.raises(CheckpointError, match=r"'4.weight' 'exp_avg_sq' .*expected float32 \[64, 64\].*got int32"):
+        load_checkpoint(path, m, OffloadOptimizer(m.parameters(), torch.optim.AdamW, lr=1e-2,
+                                                  config=OffloadConfig(subgroup_numel=1024)))
+    m = mlp()
+    os.makedirs(tmp_path / "store")
+    model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2),
+                      OffloadConfig(param_tier="host", state_tier="nvme", nvme_dirs=str(tmp_path / "store")))
+    with pytest.raises(CheckpointError, match=r"'4.weight' 'exp_avg_sq' .*expected float32 \[64, 64\]"):
+        load_checkpoint(path, model, opt)
+
+
+def test_state_of_a_low_precision_param_may_be_its_dtype_or_fp32_but_not_another(tmp_path):
+    """bf16 params: AdamW makes bf16 state, offload keeps fp32 state beside fp32 masters; both load. fp16 (same
+    width as bf16) is neither, and is refused; so is a master that is not fp32."""
+    m = mlp(torch.bfloat16)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    train(m, opt, 1, dtype=torch.bfloat16)
+    path = save_checkpoint(tmp_path / "ckpt", m, opt)
+    relabel(path, "4.weight", "exp_avg", "float16")
+    with pytest.raises(CheckpointError, match=r"expected bfloat16 or float32 \[64, 64\] .*got float16 \[64, 64\]"):
+        load_checkpoint(path, m, torch.optim.AdamW(m.parameters(), lr=1e-2))
+    off = OffloadOptimizer(m.parameters(), torch.optim.AdamW, lr=1e-2)
+    train(m, off, 1, dtype=torch.bfloat16)
+    path = save_checkpoint(tmp_path / "ckpt2", m, off)
+    with CheckpointReader(path) as r:
+        assert r.info("4.weight", "exp_avg")[1] == torch.float32  # fp32 state, saved as it is
+    load_checkpoint(path, m, torch.optim.AdamW(m.parameters(), lr=1e-2))  # into plain bf16 AdamW: allowed
+    relabel(path, "4.weight", "master", "int32")
+    with pytest.raises(CheckpointError, match=r"'4.weight' 'master' .*expected float32 \[64, 64\].*got int32"):
+        CheckpointReader(path)
+
+
+def test_a_reshaped_state_entry_or_rng_entry_is_refused(saved):
+    path, m, opt = saved
+    edit_manifest(path, lambda man: [e.update(shape=[4096]) for e in man["entries"]
+                                     if e["name"] == "4.weight" and e["key"] == "exp_avg"])
+    with pytest.raises(CheckpointError, match=r"'4.weight' 'exp_avg' .*expected float32 \[64, 64\].*got float32 "
+                                              r"\[4096\]"):
+        load_checkpoint(path, m, opt)
+    edit_manifest(path, lambda man: [e.update(shape=[64, 64]) for e in man["entries"] if e["key"] == "exp_avg"
+                                     and e["name"] == "4.weight"])
+    load_checkpoint(path, m, opt)  # restored: loads
+    relabel(path, "rng.numpy", "state", "float64")
+    with pytest.raises(CheckpointError, match=r"'rng.numpy' 'state' .*expected int64 \(a saved RNG state\), got "
+                                              r"float64"):
+        load_checkpoint(path, m, opt)
+
+
 def test_a_torch_save_file_is_refused_unread(tmp_path):
     m = mlp()
     torch.save(m.state_dict(), tmp_path / "model.pt")
@@ -412,6 +499,56 @@ def test_owner_only_permissions_and_no_foreign_overwrite(saved, tmp_path):
     with pytest.raises(CheckpointError, match="exists and is not an offload checkpoint; refusing to replace it"):
         save_checkpoint(tmp_path / "mine", m, opt)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_disk_full_during_a_save_names_the_path_and_keeps_the_previous(saved, monkeypatch):
+    path, m, opt = saved
+    before = (path / "manifest.json").read_text()
+    real, writes = os.write, [0]
+
+    def write(fd, data):
+        writes[0] += 1
+        if writes[0] > 3:  # a few entries in: the disk fills up mid-save
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    with pytest.raises(OSError) as e:
+        save_checkpoint(path, m, opt, step=3)
+    monkeypatch.undo()
+    assert e.value.errno == errno.ENOSPC
+    msg = str(e.value)
+    assert f"no space left on the file system of {path.parent}" in msg and f"while saving {path}" in msg
+    assert f"free space there or save to another file system; the previous checkpoint at {path} is kept" in msg
+    assert (path / "manifest.json").read_text() == before
+    assert sorted(os.listdir(path.parent)) == ["ckpt"], "the temporary directory is gone"
+    load_checkpoint(path, m, opt)
+
+
+def test_real_small_fs_fills_up_during_a_save(tmp_path):
+    from conftest import mounted
+
+    with mounted(tmp_path / "mnt", "tmpfs", 32 << 10) as mnt:
+        m = mlp()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        train(m, opt, 1)  # ~60 KB of weights and state: more than the file system holds
+        with pytest.raises(OSError, match=rf"no space left on the file system of {mnt}/\.ckpt\.tmp-.*while saving "
+                                          rf"{mnt}/ckpt: .*nothing was written at that path"):
+            save_checkpoint(os.path.join(mnt, "ckpt"), m, opt)
+        assert os.listdir(mnt) == []
+
+
+def test_read_only_file_system_is_named_as_such(tmp_path, monkeypatch):
+    def mkdir(*a, **kw):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    m = mlp()
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    with pytest.raises(OSError) as e:
+        save_checkpoint(tmp_path / "ckpt", m, torch.optim.AdamW(m.parameters()))
+    assert e.value.errno == errno.EROFS
+    assert "is on a read-only file system: save ckpt to a directory on a writable one" in str(e.value)
+    assert "permission" not in str(e.value).lower()
 
 
 def test_reader_assembles_any_range_from_slices(tmp_path):

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import types
 import warnings
 
 import pytest
 import torch
 
 from conftest import SMALL, mounted
-from storage import DiskFullError, NvmeStore, StoreError
+from storage import DiskFullError, NvmeStore, StoreError, StoreOpenError
 from storage.nvme import DATA
 
 V1 = torch.full((100_000,), 1.0)  # 400 KB: 25 blocks of 16 KiB
@@ -183,3 +185,69 @@ def test_real_enospc_during_a_write_keeps_the_previous_version(tmp_path, monkeyp
             s.write("k", V2).wait()
         with NvmeStore(mnt) as s:
             assert torch.equal(s.read("k").wait(), V2) and s.verify() == {}
+
+
+# -- read-only file systems, and a directory deleted under a running store ----------------------------------------
+def test_read_only_fs_is_named_as_such_not_as_a_permissions_problem(store_dir, monkeypatch):
+    """On a read-only file system access(W_OK) fails for every user (root too): "fix its permissions" is wrong
+    advice there. Faked: access() as the kernel answers it, statvfs() saying ST_RDONLY."""
+    real_statvfs = os.statvfs
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: not mode & os.W_OK)
+    monkeypatch.setattr(os, "statvfs", lambda p: types.SimpleNamespace(
+        **{k: getattr(real_statvfs(p), k) for k in ("f_bavail", "f_frsize", "f_blocks")}, f_flag=os.ST_RDONLY))
+    with pytest.raises(StoreOpenError) as e:
+        NvmeStore(store_dir, capacity_bytes=1 << 20, config=SMALL)
+    assert f"store directory {store_dir} is on a read-only file system" in str(e.value)
+    assert "permission" not in str(e.value)
+
+
+def test_real_read_only_mount_is_named_as_such(tmp_path):
+    with mounted(tmp_path / "ro", "tmpfs", 1 << 20, options="ro") as mnt:
+        with pytest.raises(StoreOpenError, match=r"is on a read-only file system: choose a directory on a writable"):
+            NvmeStore(mnt, capacity_bytes=1 << 20, config=SMALL)
+
+
+def test_a_file_system_turned_read_only_under_a_running_store(store_dir, monkeypatch):
+    """ext4 with errors=remount-ro: writes start failing with EROFS. Said as such, not as "I/O error" or as a
+    full disk."""
+    def erofs(*a, **kw):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    with NvmeStore(store_dir, capacity_bytes=4 << 20, config=SMALL) as s:
+        s.write("k", V1).wait()
+        monkeypatch.setattr(os, "pwritev", erofs)
+        with pytest.raises(StoreError) as e:
+            s.write("k", V2).wait()
+        assert f"{store_dir} is on a read-only file system now (write of chunk 'k')" in str(e.value)
+        monkeypatch.undo()
+        journal_fd, real = s._journal._fd, os.write
+        monkeypatch.setattr(os, "write", lambda fd, data: erofs() if fd == journal_fd else real(fd, data))
+        with pytest.raises(StoreError) as e:
+            s.write("k", V2).wait()
+        assert not isinstance(e.value, DiskFullError)
+        assert "cannot commit chunk 'k' to the store journal" in str(e.value) and "read-only" in str(e.value)
+        monkeypatch.undo()
+        assert torch.equal(s.read("k").wait(), V1)
+
+
+def test_store_directory_deleted_while_open_is_reported_at_flush_and_close(store_dir):
+    """The open descriptors keep working on the deleted files, so writes "succeed" into files that vanish at
+    close: flush() and close() say so, naming the directory, instead of a FileNotFoundError from compaction."""
+    s = NvmeStore(store_dir, capacity_bytes=4 << 20, config=SMALL)
+    s.write("k", V1).wait()
+    shutil.rmtree(store_dir)
+    s.write("k", V2).wait()  # lands in the unlinked file: nothing can notice here
+    with pytest.raises(StoreError) as e:
+        s.flush()
+    assert f"the store directory {store_dir} was deleted or replaced while this store was open" in str(e.value)
+    assert "restart from a checkpoint" in str(e.value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "compacting failed, nothing is lost" warning either
+        with pytest.raises(StoreError) as e:
+            s.close()
+    assert type(e.value) is StoreError and f"{store_dir} was deleted" in str(e.value)
+    s.close()  # closed all the same: a second close is a no-op, the descriptors are released
+    assert not s._fds
+    store_dir.mkdir()  # and a directory recreated in its place is not taken for the store
+    with NvmeStore(store_dir, capacity_bytes=4 << 20, config=SMALL) as s2:
+        assert len(s2) == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import json
 import os
 import subprocess
@@ -553,6 +554,71 @@ def test_cli_verify_reports_the_bad_chunk(store_dir, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def listing(d) -> dict:
+    """Every file in ``d`` with its size and modification time: what "nothing changed" means here."""
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(d).iterdir())}
+
+
+def test_cli_verify_and_list_change_nothing(store_dir, capsys):
+    """Closing a store compacts its index (a new snapshot and journal): inspecting it must not."""
+    from offload.cli import main
+
+    with NvmeStore(store_dir, capacity_bytes=1 << 20, config=SMALL) as s:
+        s.write("w", torch.ones(1000)).wait()
+        s._simulate_crash()  # an index that is all journal: a read-write open would compact it on close
+    before = listing(store_dir)
+    assert main(["store", "verify", str(store_dir)]) == 0
+    assert main(["store", "list", str(store_dir)]) == 0
+    assert "1 chunks" in capsys.readouterr().out
+    assert listing(store_dir) == before
+
+
+@pytest.mark.parametrize("lost", ["all", "snapshot"], ids=["no-index-files", "snapshot-only"])
+def test_cli_verify_of_a_store_without_its_index_says_so_and_writes_nothing(store_dir, capsys, lost):
+    """With the index gone, the chunks are unreachable; verify used to report "0 chunks, all checksums match"
+    and write an empty index, making the loss permanent."""
+    from offload.cli import main
+
+    _write_and_locate(store_dir)  # two chunks; close() wrote index.snapshot and index.journal.1
+    for p in store_dir.iterdir():
+        if p.name == "index.snapshot" or lost == "all" and p.name.startswith("index."):
+            p.unlink()
+    before = listing(store_dir)
+    assert DATA in before
+    assert main(["store", "verify", str(store_dir)]) == 2
+    err = capsys.readouterr().err
+    if lost == "all":
+        assert f"the store index in {store_dir} is missing: expected index.snapshot or index.journal.*" in err
+    else:
+        assert f"{store_dir / 'index.snapshot'} is missing, but index.journal.1 shows the store had one" in err
+    assert "restore the index files" in err and "all checksums match" not in err
+    assert listing(store_dir) == before, "verify changed the store"
+    with pytest.raises(StoreCorruptError, match="missing"):  # nor does a read-write open start an empty index
+        NvmeStore(store_dir)
+    assert listing(store_dir) == before
+
+
+def test_readonly_store_refuses_writes_and_shares_its_lock(store_dir):
+    t, _ = _write_and_locate(store_dir)
+    before = listing(store_dir)
+    with NvmeStore(store_dir, readonly=True) as a, NvmeStore(store_dir, readonly=True) as b:
+        assert same(a.read("w").wait(), t) and b.verify() == {}
+        with pytest.raises(StoreError, match="open read-only; open it without readonly=True to change it"):
+            a.write("w", t)
+        with pytest.raises(StoreError, match="open read-only"):
+            a.delete("w")
+        with pytest.raises(StoreLockedError):
+            NvmeStore(store_dir)
+    assert listing(store_dir) == before
+    with pytest.raises(ValueError, match="pass one"):
+        NvmeStore(store_dir, readonly=True, reset=True)
+    empty = store_dir.parent / "empty"
+    empty.mkdir()
+    with pytest.raises(StoreOpenError, match="no store in"):
+        NvmeStore(empty, capacity_bytes=1 << 20, readonly=True)
+    assert list(empty.iterdir()) == []
+
+
 def test_truncated_data_file_on_reopen(store_dir):
     _write_and_locate(store_dir)
     path = store_dir / DATA
@@ -701,15 +767,16 @@ def test_directory_missing(tmp_path):
 
 def _make_readonly(d):
     """Make directory ``d`` unwritable for this process: chmod; where that does not bite (root), a read-only
-    bind mount of it on itself. Returns the undo, or skips when neither works."""
+    bind mount of it on itself. Returns the undo and which it was ("chmod" or "mount"), or skips when neither
+    works."""
     os.chmod(d, 0o555)
     if not os.access(d, os.W_OK):
-        return lambda: os.chmod(d, 0o755)
+        return (lambda: os.chmod(d, 0o755)), "chmod"
     os.chmod(d, 0o755)
     r = subprocess.run(["mount", "--bind", "-o", "ro", str(d), str(d)], capture_output=True, text=True)
     if r.returncode != 0:
         pytest.skip(f"running as root and cannot make a read-only bind mount ({r.stderr.strip()})")
-    return lambda: subprocess.run(["umount", "-l", str(d)], capture_output=True)
+    return (lambda: subprocess.run(["umount", "-l", str(d)], capture_output=True)), "mount"
 
 
 @pytest.mark.parametrize("existing", [False, True], ids=["new", "existing-store"])
@@ -718,12 +785,16 @@ def test_directory_read_only(store_dir, existing):
         with NvmeStore(store_dir, capacity_bytes=1 << 20, config=SMALL) as s:
             s.write("a", torch.ones(10)).wait()
     before = sorted(os.listdir(store_dir))
-    undo = _make_readonly(store_dir)
+    undo, how = _make_readonly(store_dir)
     try:
         with pytest.raises(StoreOpenError) as e:
             NvmeStore(store_dir, capacity_bytes=1 << 20)
-        assert f"store directory {store_dir} is not writable" in str(e.value)
-        assert "fix its permissions or choose another directory" in str(e.value)
+        if how == "chmod":
+            assert f"store directory {store_dir} is not writable" in str(e.value)
+            assert "fix its permissions or choose another directory" in str(e.value)
+        else:  # a read-only mount: no permissions to fix
+            assert f"store directory {store_dir} is on a read-only file system" in str(e.value)
+            assert "permission" not in str(e.value)
         assert sorted(os.listdir(store_dir)) == before
     finally:
         undo()
@@ -761,8 +832,50 @@ def test_open_errors_name_the_fix(store_dir, tmp_path):
         NvmeStore(store_dir, capacity_bytes=2 << 20)
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / DATA).write_bytes(b"")  # a data file without a manifest: a create that never finished
-    with pytest.raises(StoreOpenError, match=r"not a complete store. Remove .* or pass reset=True"):
+    with pytest.raises(StoreOpenError, match=r"no process holds it: a store whose creation was interrupted, not a "
+                                             r"complete store. Pass reset=True to start a new store there"):
         NvmeStore(tmp_path / "half", capacity_bytes=1 << 20)
+
+
+def _assert_no_harmful_advice(msg: str, reset: bool) -> None:
+    """A store being created elsewhere at this instant: deleting its data file deletes the other process's store,
+    and reset=True is no advice to a caller who passed it."""
+    assert "Remove" not in msg and "delete" not in msg.lower() and "rm " not in msg
+    if reset:
+        assert "reset=True" not in msg
+    assert "use another directory" in msg.lower() and "stop that process" in msg
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["open", "reset"])
+def test_a_store_being_created_by_another_process_is_named_without_harmful_advice(tmp_path, reset):
+    """Another process has made the data file and holds its lock, and has not written the manifest yet."""
+    d = tmp_path / "racing"
+    d.mkdir()
+    fd = os.open(d / DATA, os.O_RDWR | os.O_CREAT, 0o600)  # flock: another open file description = another owner
+    os.write(fd, b"theirs")
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(StoreLockedError) as e:
+            NvmeStore(d, capacity_bytes=1 << 20, reset=reset)
+        _assert_no_harmful_advice(str(e.value), reset)
+        assert str(d) in str(e.value)
+        assert os.listdir(d) == [DATA] and (d / DATA).read_bytes() == b"theirs"
+    finally:
+        os.close(fd)
+
+
+def test_a_data_file_appearing_during_a_reset_does_not_advise_reset(tmp_path, monkeypatch):
+    """The other process re-creates its data file just after reset=True removed the old one (here: the removal
+    is made to not happen, which is the same race seen from this process)."""
+    d = tmp_path / "racing"
+    d.mkdir()
+    (d / DATA).write_bytes(b"")
+    real = os.unlink
+    monkeypatch.setattr(os, "unlink", lambda p, *a, **kw: None if os.path.basename(p) == DATA else real(p, *a, **kw))
+    with pytest.raises(StoreOpenError) as e:
+        NvmeStore(d, capacity_bytes=1 << 20, reset=True)
+    assert f"{d / DATA} appeared while this store was being reset" in str(e.value)
+    _assert_no_harmful_advice(str(e.value), reset=True)
 
 
 def test_bad_arguments(store):
