@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,13 +89,20 @@ def test_demo_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
     proc = subprocess.Popen(OFFLOAD + common + ["--checkpoint", str(ck), "--out", str(tmp_path / "a"), "--nvme",
                                                 str(tmp_path)], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True, cwd=tmp_path)
-    for line in proc.stderr:  # progress lines: interrupt once training is under way
-        if line.startswith("step 1/"):  # drawn at once; the signal lands a few steps later
-            proc.send_signal(signal.SIGINT)
-            break
-    else:
-        raise AssertionError("no progress line")
-    rest, _ = proc.communicate(timeout=120)
+    # Reading stderr line by line has no timeout: a run that hangs silently is killed, which ends the loop.
+    watchdog = threading.Timer(240, proc.kill)
+    watchdog.start()
+    try:
+        for line in proc.stderr:  # progress lines: interrupt once training is under way
+            if line.startswith("step 1/"):  # drawn at once; the signal lands a few steps later
+                proc.send_signal(signal.SIGINT)
+                break
+        else:
+            raise AssertionError("no progress line")
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        watchdog.cancel()
+        proc.kill()
     assert proc.returncode == 130, rest
     meta = json.loads((ck / "manifest.json").read_text())
     stopped = meta["step"]

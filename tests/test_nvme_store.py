@@ -309,6 +309,7 @@ def test_a_compaction_never_loses_the_commit_that_triggered_it(store_dir, op):
     s.write("keep", torch.full((4,), -1)).wait()
     i = 0
     while s._journal.generation == 0:
+        assert i < 10_000, "the journal never compacted"  # it does after ~1030 records (NvmeStore._maybe_compact)
         i += 1
         if op == "write":
             s.write("x", torch.full((4,), i)).wait()
@@ -443,7 +444,8 @@ def test_threads_writing_and_reading_at_once(store):
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(120)
+        assert not t.is_alive(), "a reading and writing thread is stuck"
     assert not errors, errors
     store.flush()
     assert store.verify() == {}
@@ -546,7 +548,7 @@ def test_cli_verify_reports_the_bad_chunk(store_dir, capsys):
     assert list(report["bad"]) == ["w"] and "checksum mismatch" in report["bad"]["w"]
     assert sorted(c["key"] for c in report["chunks"]) == ["other", "w"]
     r = subprocess.run([sys.executable, "-m", "offload.cli", "store", "verify", str(store_dir)],
-                       capture_output=True, text=True, cwd=ROOT)
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 1, r.stderr
     assert "1 bad chunks" in r.stdout and "w: checksum mismatch in chunk 'w'" in r.stdout
     assert main(["store", "list", str(store_dir / "nope")]) == 2
@@ -676,7 +678,8 @@ def test_second_open_from_another_process_is_locked(store_dir):
     with NvmeStore(store_dir, capacity_bytes=1 << 20, config=SMALL):
         code = ("import sys\nfrom storage import NvmeStore, StoreLockedError\ntry:\n    NvmeStore(sys.argv[1])\n"
                 "except StoreLockedError as e:\n    print('locked:', e)\n    sys.exit(3)\n")
-        r = subprocess.run([sys.executable, "-c", code, str(store_dir)], capture_output=True, text=True, cwd=ROOT)
+        r = subprocess.run([sys.executable, "-c", code, str(store_dir)], capture_output=True, text=True, cwd=ROOT,
+                           timeout=120)
         assert r.returncode == 3, r.stderr
         assert "is open elsewhere" in r.stdout
 
@@ -706,10 +709,10 @@ def _make_readonly(d):
     if not os.access(d, os.W_OK):
         return lambda: os.chmod(d, 0o755)
     os.chmod(d, 0o755)
-    r = subprocess.run(["mount", "--bind", "-o", "ro", str(d), str(d)], capture_output=True, text=True)
+    r = subprocess.run(["mount", "--bind", "-o", "ro", str(d), str(d)], capture_output=True, text=True, timeout=60)
     if r.returncode != 0:
         pytest.skip(f"running as root and cannot make a read-only bind mount ({r.stderr.strip()})")
-    return lambda: subprocess.run(["umount", "-l", str(d)], capture_output=True)
+    return lambda: subprocess.run(["umount", "-l", str(d)], capture_output=True, timeout=60)
 
 
 @pytest.mark.parametrize("existing", [False, True], ids=["new", "existing-store"])

@@ -95,7 +95,8 @@ def test_used_never_exceeds_capacity_under_threads():
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(60)
+        assert not t.is_alive(), "a reserving thread is stuck"
     assert not over
     assert b.used_bytes == 0 and b.peak_bytes <= 1000
 
