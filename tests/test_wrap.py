@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
+import time
+
 import pytest
 import torch
 
 from offload import OffloadConfig, wrap
 from scheduler.workload import TransformerShape, build_transformer
+from storage import Tier
 
 SHAPE = TransformerShape(n_layer=3, d_model=32, n_head=4, d_ff=64, vocab=96, n_pos=16, bias=True, norm="layernorm",
                          tied=True)
@@ -47,6 +52,20 @@ def run(model, opt, data, accum, clip, wrapped):
 
 def model_bytes(model):
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+GATE_S = 30
+"""How long a gated backward waits for what it waits for: only a runtime that never does it gets near this."""
+
+
+def hold_backward_before(block, until: threading.Event, seen: list, armed=lambda: True) -> None:
+    """Make backward, when it reaches ``block`` (before any of its own backward runs), wait until ``until`` is set,
+    and append to ``seen`` whether it was (False: it timed out). Order from a gate instead of from timing: what
+    the test expects to happen during backward has to happen while backward is held, or the wait fails."""
+    def register(module, args, out):
+        if out.requires_grad and armed():
+            out.register_hook(lambda grad: seen.append(until.wait(GATE_S)))
+    block.register_forward_hook(register)
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["step", "overlap"])
@@ -95,23 +114,33 @@ def test_too_small_device_budget_names_the_unit(tmp_path):
 
 
 def test_overlapped_update_overlaps_backward(tmp_path):
-    """In the recorded timeline, the update of a unit runs while backward of an earlier unit computes."""
+    """The update of a later unit starts while backward still has an earlier one to run: backward is held before
+    blocks.0 until an update has begun, which happens only if updates start during backward. The recorded timeline
+    shows the same order: that update's span starts before blocks.0's grads are copied out and before the backward
+    span ends."""
     m = gpt()
     cfg = OffloadConfig(param_tier="host", state_tier="host", overlap_update=True, impl="as_given")
     model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2), cfg)
     rt = model._offload_runtime
-    overlapped = False
-    for idx in batches(4):
-        lm_loss(model, idx).backward()
-        opt.step()
-        opt.zero_grad()
-        tl = rt.timeline
-        updates = [e for e in tl.events if e.resource == "cpu_update" and e.name.startswith("update blocks.")]
-        grads = [e for e in tl.events if e.resource == "d2h"]
-        # a later grad copy (backward of an earlier unit) started before some update ended
-        overlapped |= any(g.start_s < u.end_s and g.name != "grad " + u.name.split(" ", 1)[1]
-                          and g.start_s > u.start_s for u in updates for g in grads)
-    assert overlapped, "no update ran concurrently with backward"
+    update_began, held = threading.Event(), []
+    real_update = opt._update_subgroups
+
+    def update_subgroups(*args, **kw):
+        update_began.set()  # called inside the unit's "update" span, so the span's recorded start comes first
+        return real_update(*args, **kw)
+
+    opt._update_subgroups = update_subgroups
+    hold_backward_before(m.blocks[0], update_began, held)
+    lm_loss(model, batches(1)[0]).backward()
+    opt.step()
+    opt.zero_grad()
+    assert held == [True], "no update began while backward still had blocks.0 to run"
+    ev = rt.timeline.events
+    first_update = min(e.start_s for e in ev if e.resource == "cpu_update")
+    (bwd,) = [e for e in ev if e.resource == "compute" and e.name == "backward"]
+    grads0 = [e.start_s for e in ev if e.resource == "d2h" and e.name == "grad blocks.0"]
+    assert grads0 and first_update < min(grads0), "the timeline has blocks.0's grads before any update"
+    assert first_update < bwd.end_s
     rt.close()
 
 
@@ -234,8 +263,20 @@ def test_bf16_autocast_and_chrome_trace(tmp_path):
     assert {"compute", "h2d", "d2h", "disk_read", "disk_write", "cpu_update"} <= names
     used = {e["tid"] for e in trace["traceEvents"] if e["ph"] == "X"}
     assert len(used) >= 5, "expected events on compute, copies, disk and update"
-    summary = rt.report()["timeline"]
-    assert summary["span_s"] > 0 and summary["overlap_efficiency"] >= 1.0
+    timed = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert sorted(e["name"] for e in timed) == sorted(e.name for e in rt.timeline.events), "trace != timeline"
+    # The order the timeline must show whatever the machine's speed: forward before backward; a unit's update
+    # only after the last of its grads was copied out (each grad copy ends before the unit is handed to update).
+    ev = rt.timeline.events
+    (fwd,) = [e for e in ev if e.resource == "compute" and e.name == "forward"]
+    (bwd,) = [e for e in ev if e.resource == "compute" and e.name == "backward"]
+    assert fwd.end_s <= bwd.start_s
+    updates = {e.name.split(" ", 1)[1]: e for e in ev if e.resource == "cpu_update"}
+    assert set(updates) == {u.name for u in rt.units}
+    for name, upd in updates.items():
+        grads = [e for e in ev if e.resource == "d2h" and e.name == f"grad {name}"]
+        assert grads and max(g.end_s for g in grads) <= upd.start_s, f"{name} updated before its grads landed"
+    assert rt.report()["timeline"]["span_s"] > 0
     rt.close()
 
 
@@ -298,9 +339,12 @@ def test_bf16_params_with_fp32_masters(tier, tmp_path):
 def test_overlapped_update_reads_state_ahead(buffers, tmp_path):
     """With NVMe state and the overlapped update, a unit's state is read before its update starts: the first
     units' reads are issued when backward begins, the next ones' before the update of the unit before them, as far
-    as ``buffers`` allows (one is kept for the update itself: with 1 there is no read-ahead). Write-backs go on
-    while later units update. Training stays bit-identical to plain AdamW, and nothing is left in flight or held
-    after the step."""
+    as ``buffers`` allows (one is kept for the update itself, and write-backs in flight count: with 1 there is no
+    read-ahead). Training stays bit-identical to plain AdamW, and nothing is left in flight or held after the step.
+
+    Order comes from gates, not from the machine's speed: backward is held before blocks.0 until a state read
+    has been issued, and each read-ahead waits for the write-backs in flight to finish, so how far it reads
+    depends on ``buffers`` alone."""
     ref, m = gpt(), gpt()
     data = batches(4)
     plain = torch.optim.AdamW(ref.parameters(), lr=1e-2)
@@ -309,8 +353,28 @@ def test_overlapped_update_reads_state_ahead(buffers, tmp_path):
                         overlap_update=True, buffers=buffers)
     model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2), cfg)
     rt = model._offload_runtime
-    losses, ahead_seen = [], 0
+
+    read_issued, held, step_no = threading.Event(), [], [0]
+    real_trace, real_prefetch = opt._trace, opt.prefetch_state
+
+    def trace(resource, name, handle, nbytes):
+        real_trace(resource, name, handle, nbytes)  # records the issue time first
+        if resource == "disk_read" and name.startswith("state "):
+            read_issued.set()
+
+    def prefetch_state(subs):
+        _, pending = concurrent.futures.wait([wb.handle.future for wb in opt._late_writes], timeout=GATE_S)
+        assert not pending, "a state write-back did not finish"
+        return real_prefetch(subs)
+
+    opt._trace, opt.prefetch_state = trace, prefetch_state
+    # From the second step: the first creates the state, so there is nothing stored to read yet.
+    hold_backward_before(m.blocks[0], read_issued, held, armed=lambda: step_no[0] > 0)
+    stored = [s for s in opt._subgroups if s.tier is Tier.NVME]
+    losses = []
     for step, idx in enumerate(data):
+        step_no[0] = step
+        read_issued.clear()
         loss = lm_loss(model, idx)
         loss.backward()
         opt.step()
@@ -318,8 +382,16 @@ def test_overlapped_update_reads_state_ahead(buffers, tmp_path):
         losses.append(loss.item())
         assert not opt._ahead and not opt._late_writes, "read-ahead or write-backs outlived the step"
         if step == 0:
-            continue  # the first step creates the state: nothing stored to read yet
-        ev = rt.timeline.events
+            continue
+        assert held[-1], "no state read was issued while backward still had blocks.0 to run"
+        tl = rt.timeline
+        # A read's span is recorded by its handle's done-callback, which may run just after the step's wait for
+        # it returned: wait (bounded) until every stored chunk's read of this step is on the timeline.
+        deadline = time.monotonic() + GATE_S
+        while sum(e.resource == "disk_read" and e.name.startswith("state ") for e in tl.events) < len(stored):
+            assert time.monotonic() < deadline, "state reads missing from the timeline"
+            time.sleep(0.001)
+        ev = tl.events
         bwd_end = max(e.end_s for e in ev if e.resource == "compute" and e.name == "backward")
         order = rt._update_seq
         read_start = {}
@@ -330,15 +402,14 @@ def test_overlapped_update_reads_state_ahead(buffers, tmp_path):
                 read_start[idx_u] = min(starts)
         upd_start = {int(e.name.split()[-1].split(".")[-1]) + 1 if e.name.startswith("update blocks.") else 0: e.start_s
                      for e in ev if e.resource == "cpu_update" and e.name.startswith("update ")}
-        # Reads that began before the update of the unit before them (in update order) ended: read ahead.
+        # Reads that began before the update of the unit before them (in update order) started: read ahead.
         ahead = [b for a, b in zip(order, order[1:]) if b in read_start and a in upd_start
                  and read_start[b] <= upd_start[a]]
-        ahead_seen += len(ahead)
         if buffers == 1:
             assert not ahead
+        else:  # the first unit's read comes at backward's start; later ones one update ahead at least
+            assert ahead, f"no unit's state was read ahead of the update before it (step {step})"
         assert min(read_start.values()) < bwd_end, "no state read overlapped backward"
-    if buffers > 1:
-        assert ahead_seen > 0, "no unit's state was read ahead of the update before it"
     assert losses == losses_ref
     for a, b in zip(ref.parameters(), (rt.param_value(p) for p in m.parameters())):
         assert torch.equal(a, b)
