@@ -367,33 +367,26 @@ def test_store_full_error(store_dir):
         s.write("b", torch.zeros(40 << 10, dtype=torch.uint8)).wait()  # room again
 
 
-def _slow(monkeypatch, name: str, seconds: float) -> None:
-    """Make every ``os.<name>`` (pwritev / preadv) take ``seconds`` longer: a slow disk."""
-    import time
-
-    real = getattr(os, name)
-
-    def slow(*a):
-        time.sleep(seconds)
-        return real(*a)
-
-    monkeypatch.setattr(os, name, slow)
-
-
 @pytest.mark.parametrize("wait_s", [0.0, 10.0])
 def test_wait_for_space(store_dir, monkeypatch, wait_s):
     cfg = StoreConfig(block_bytes=64 << 10, wait_for_space_s=wait_s)
     with NvmeStore(store_dir, capacity_bytes=128 << 10, config=cfg) as s:
         first = s.write("a", torch.zeros(64 << 10, dtype=torch.uint8)).wait()
-        _slow(monkeypatch, "pwritev", 0.3)
+        gate = threading.Event()
+        real = os.pwritev
+        monkeypatch.setattr(os, "pwritev", lambda *a: (gate.wait(30), real(*a))[1])  # a disk that waits for us
         # While a's new version is in flight, the old one still holds its extents: the store is full until it
         # commits. Waiting for space lets the write to b go ahead once they are freed.
         h1 = s.write("a", torch.ones(64 << 10, dtype=torch.uint8))
         if wait_s == 0:
             with pytest.raises(StoreFullError, match="wait_for_space_s"):
                 s.write("b", torch.full((64 << 10,), 2, dtype=torch.uint8))
+            gate.set()
             h1.wait()
             return
+        # Opened from another thread, since the write to b blocks this one: whether b then had to wait depends on
+        # the timer, but what the test checks below holds either way.
+        threading.Timer(0.3, gate.set).start()
         h2 = s.write("b", torch.full((64 << 10,), 2, dtype=torch.uint8))
         assert s.info("a").version > first.version  # b got its room only when a's new version committed
         h2.wait()

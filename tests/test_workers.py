@@ -2,10 +2,10 @@
 
 import os
 import threading
-import time
 
 import torch
 
+from helpers import wait_until
 from storage import NvmeStore, StoreConfig
 from storage.workers import BACKGROUND, URGENT, PriorityWorkers
 
@@ -113,14 +113,6 @@ def test_a_store_left_open_finishes_its_writes_and_the_process_exits(tmp_path):
             assert torch.equal(s.read(f"k{i}").wait(), torch.full((100_000,), float(i)))
 
 
-def _wait_until(cond, what: str, timeout_s: float = 10.0) -> None:
-    """Poll ``cond`` until it holds; fail naming ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, f"{what}: not after {timeout_s} s"
-        time.sleep(0.001)
-
-
 def test_a_burst_of_tasks_gets_new_threads_while_idle_ones_are_still_waking():
     """Threads that were notified but have not woken yet take one task each, no more: tasks beyond them start new
     threads (up to the limit). The pool once counted such threads as free for every later task, so a task queued
@@ -136,7 +128,7 @@ def test_a_burst_of_tasks_gets_new_threads_while_idle_ones_are_still_waking():
         for e in done:
             pool.submit(lambda e=e: (barrier.wait(), e.set()))
         assert all(e.wait(10) for e in done)
-        _wait_until(lambda: pool._idle == 2, "both warm-up threads idle")
+        wait_until(lambda: pool._idle == 2, "both warm-up threads idle")
         # Holding the pool's lock (re-entrant: submit takes it too) while submitting keeps the two notified threads
         # from waking until all three tasks are queued: the state the bug mishandled, made certain.
         with pool._cv:
