@@ -33,9 +33,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import helpers
 import offload.distributed
+from helpers import lm_loss, token_batches
 from offload import OffloadConfig, OffloadOptimizer, ShardedOffloadOptimizer
-from scheduler.workload import TransformerShape, build_transformer
+from scheduler.workload import TransformerShape
 
 SHAPE = TransformerShape(n_layer=2, d_model=64, n_head=4, d_ff=128, vocab=128, n_pos=16, bias=False,
                          norm="layernorm", tied=True)
@@ -48,24 +50,17 @@ BUCKET = 64 << 10  # several buckets: reductions start during backward, params c
 
 
 def gpt():
-    torch.manual_seed(0)
-    return build_transformer(SHAPE, device="cpu")
+    return helpers.gpt(SHAPE)
 
 
 def batches(steps, micro=1, seed=1):
     """Per step, the global batch: WORLD * micro * ROWS sequences; rank r's micro-batch m is rows(x, r, m)."""
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, SHAPE.vocab, (WORLD * micro * ROWS, 12), generator=g) for _ in range(steps)]
+    return token_batches(steps, SHAPE.vocab, rows=WORLD * micro * ROWS, seed=seed)
 
 
 def rows(x, rank, m, micro=1):
     i = (rank * micro + m) * ROWS
     return x[i:i + ROWS]
-
-
-def lm_loss(model, idx):
-    logits = model(idx[:, :-1])
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
 
 
 def same_loss(model, idx, rank):

@@ -9,27 +9,13 @@ import time
 import pytest
 import torch
 
+from helpers import TINY_GPT, gpt, lm_loss, model_bytes, token_batches
 from offload import OffloadConfig, wrap
-from scheduler.workload import TransformerShape, build_transformer
 from storage import Tier
-
-SHAPE = TransformerShape(n_layer=3, d_model=32, n_head=4, d_ff=64, vocab=96, n_pos=16, bias=True, norm="layernorm",
-                         tied=True)
-
-
-def gpt():
-    torch.manual_seed(0)
-    return build_transformer(SHAPE, device="cpu")
 
 
 def batches(n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, SHAPE.vocab, (4, 12), generator=g) for _ in range(n)]
-
-
-def lm_loss(model, idx):
-    logits = model(idx[:, :-1])
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
+    return token_batches(n, TINY_GPT.vocab, seed=seed)
 
 
 def run(model, opt, data, accum, clip, wrapped):
@@ -48,10 +34,6 @@ def run(model, opt, data, accum, clip, wrapped):
         opt.step()
         opt.zero_grad()
     return losses
-
-
-def model_bytes(model):
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 GATE_S = 30
