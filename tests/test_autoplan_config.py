@@ -195,6 +195,7 @@ for _ in range(8):
 """
 
 
+@pytest.mark.slow
 def test_offload_run_set_replan_switches_and_reports_why(tmp_path):
     """`offload run --set replan=true --set profile=fast.json`: the config reaches the script, the re-planner sees
     the disk run far below the profile and switches after warm-up + patience (iteration 4), and the run report

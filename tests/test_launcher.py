@@ -10,6 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 OFFLOAD = [sys.executable, "-m", "offload.cli"]
+pytestmark = pytest.mark.slow  # every test here starts other processes
 
 
 def run(args, cwd, timeout=240):
