@@ -11,6 +11,7 @@ import os
 from typing import Sequence
 
 from storage import StoreConfig, Tier
+from storage.memory import available_host_bytes
 
 IMPLS = ("auto", "fused", "foreach", "forloop", "as_given")
 UPDATE_SITES = ("cpu", "device")
@@ -313,22 +314,14 @@ def config_from_dict(data: dict, *, source: str = "") -> OffloadConfig:
             _check_profile(cfg.profile, read=True)
         except ValueError as e:
             raise ConfigError(f"{source + ': ' if source else ''}{e}") from None
-    total = _physical_memory()
+    total = available_host_bytes()  # 0 when unknown: skip the check rather than refuse the config
     if cfg.host_budget_bytes is not None and total and cfg.host_budget_bytes > total:
         from storage import format_bytes
 
         raise ConfigError(f"{source + ': ' if source else ''}host_budget_bytes = {cfg.host_budget_bytes}: more than "
-                          f"this machine's {format_bytes(total)} of memory; lower it or leave it unset")
+                          f"the {format_bytes(total)} of memory this process may use (this machine's RAM, or its "
+                          f"container's cgroup limit when lower); lower it or leave it unset")
     return cfg
-
-
-def _physical_memory() -> int:
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().total)
-    except Exception:  # psutil missing or restricted: skip the check rather than refuse the config
-        return 0
 
 
 def parse_override(text: str) -> tuple[list[str], object]:

@@ -72,14 +72,12 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
+from scheduler.plan import Plan, UnitPlacement
 from scheduler.profile import HardwareProfile
 from scheduler.workload import REST, Workload
 from storage import Tier
-
-if TYPE_CHECKING:
-    from scheduler.planner import Plan, UnitPlacement
 
 RESOURCES = ("compute", "h2d", "d2h", "disk_read", "disk_write", "cpu_update")
 LINKS = ("h2d", "d2h", "disk_read", "disk_write")
@@ -109,7 +107,7 @@ class Traffic(NamedTuple):
         return Traffic(*(k * a for a in self))
 
 
-def unit_traffic(pb: int, gb: int, sb: int, params: int, pl: "UnitPlacement", *, fetches: int = 2,
+def unit_traffic(pb: int, gb: int, sb: int, params: int, pl: UnitPlacement, *, fetches: int = 2,
                  overlap: bool = True) -> Traffic:
     """The table in the module note, for one unit fetched ``fetches`` times (when its params are off the device),
     its update overlapped with backward or not."""
@@ -213,46 +211,46 @@ class CostModel:
         self.steal = {r: profile.cpu_steal[k] for r, k in STEAL_OF.items()}
 
     # -- validation -------------------------------------------------------------------------------------------------
-    def check(self, plan: "Plan") -> None:
+    def check(self, plan: Plan) -> None:
         if len(plan.units) != len(self.w.units):
             raise ValueError(f"plan {plan.strategy!r}: expected one placement per unit ({len(self.w.units)}), got "
                              f"{len(plan.units)}; was it made for another workload?")
 
     # -- bytes --------------------------------------------------------------------------------------------------------
     @staticmethod
-    def needs_master(pl: "UnitPlacement") -> bool:
+    def needs_master(pl: UnitPlacement) -> bool:
         """Whether the state carries an fp32 master: the update cannot change the params in place where they
         live (a CPU update of params not in host memory, a device update of params not on the device)."""
         return pl.params is not (H if pl.update == "cpu" else D)
 
-    def state_bytes(self, i: int, pl: "UnitPlacement") -> int:
+    def state_bytes(self, i: int, pl: UnitPlacement) -> int:
         return self.sb_master[i] if self.needs_master(pl) else self.sb[i]
 
-    def kept(self, plan: "Plan") -> set[int]:
+    def kept(self, plan: Plan) -> set[int]:
         """Blocks whose params stay on the device from their forward into backward: the last ``prefetch_depth``
         (the runtime keeps them resident instead of fetching them again; the ``prefetch_depth + 1`` param
         buffers of :meth:`memory` hold them)."""
         k = plan.prefetch_depth
         return set(self.blocks[len(self.blocks) - k:]) if k else set()
 
-    def fetches(self, i: int, plan: "Plan", kept: set[int] | None = None) -> int:
+    def fetches(self, i: int, plan: Plan, kept: set[int] | None = None) -> int:
         """Times unit ``i``'s params travel to the device per iteration when they live off it."""
         if self.has_rest and i == 0:
             return 1
         return 1 if i in (self.kept(plan) if kept is None else kept) else 2
 
-    def unit_traffic(self, i: int, pl: "UnitPlacement", *, fetches: int = 2, overlap: bool = True) -> Traffic:
+    def unit_traffic(self, i: int, pl: UnitPlacement, *, fetches: int = 2, overlap: bool = True) -> Traffic:
         return unit_traffic(self.pb[i], self.gb[i], self.state_bytes(i, pl), self.params[i], pl, fetches=fetches,
                             overlap=overlap)
 
-    def traffic(self, plan: "Plan") -> Traffic:
+    def traffic(self, plan: Plan) -> Traffic:
         total, kept = Traffic(), self.kept(plan)
         for i, pl in enumerate(plan.units):
             total = total + self.unit_traffic(i, pl, fetches=self.fetches(i, plan, kept),
                                               overlap=plan.overlap_update)
         return total
 
-    def memory(self, plan: "Plan") -> dict[str, int]:
+    def memory(self, plan: Plan) -> dict[str, int]:
         """Bytes per tier (resident chunks + pools). Each term, so a report can show where memory goes:
 
         device: params on device (and the rest unit's, held through the iteration wherever it lives);
@@ -268,10 +266,10 @@ class CostModel:
         """
         return {k: sum(v.values()) for k, v in self.memory_terms(plan).items()}
 
-    def memory_terms(self, plan: "Plan") -> dict[str, dict[str, int]]:
+    def memory_terms(self, plan: Plan) -> dict[str, dict[str, int]]:
         return self.memory_terms_of(plan, [(i, pl, 1) for i, pl in enumerate(plan.units)])
 
-    def memory_terms_of(self, plan: "Plan", items) -> dict[str, dict[str, int]]:
+    def memory_terms_of(self, plan: Plan, items) -> dict[str, dict[str, int]]:
         """:meth:`memory` by term, for ``items`` = (unit index, placement, how many such units): the planner
         evaluates groups of identical units with counts instead of one entry per unit."""
         pb, gb = self.pb, self.gb
@@ -309,7 +307,7 @@ class CostModel:
     def capacity(self) -> dict[str, int]:
         return {"device": self.hw.device_memory_bytes, "host": self.hw.host_memory_bytes, "nvme": self.hw.nvme_bytes}
 
-    def shortfall(self, plan: "Plan") -> dict[str, int]:
+    def shortfall(self, plan: Plan) -> dict[str, int]:
         """Tier -> bytes missing (only tiers that are short)."""
         mem, cap = self.memory(plan), self.capacity()
         return {t: mem[t] - cap[t] for t in mem if mem[t] > cap[t]}
@@ -338,7 +336,7 @@ class CostModel:
         out["compute"] += sum(s * out[res] for res, s in self.steal.items())  # shared cores (module note)
         return out
 
-    def update_order(self, plan: "Plan") -> list[int]:
+    def update_order(self, plan: Plan) -> list[int]:
         """Units in the order the update thread takes them: as their grads land (backward order, the rest unit's
         embedding last) when the update overlaps backward; else host-state units, then nvme-state ones, each in
         unit order (``OffloadOptimizer._update_subgroups``)."""
@@ -349,7 +347,7 @@ class CostModel:
         return [i for i in range(n) if plan.units[i].state is not N] + [i for i in range(n)
                                                                         if plan.units[i].state is N]
 
-    def fill_s(self, plan: "Plan", r: dict[str, float]) -> float:
+    def fill_s(self, plan: Plan, r: dict[str, float]) -> float:
         """Head: the rest unit's and the first block's params must arrive (one after the other, on the copy thread)
         before the first forward. Tail, after the last backward: the update chain of the last unit (module note);
         when the update waits for backward, every CPU update runs after it."""
@@ -379,7 +377,7 @@ class CostModel:
                  pb * r["d2h"] if pl.params is not D else 0.0]
         return head + tail + max(after)
 
-    def bound(self, plan: "Plan", t: Traffic | None = None) -> tuple[float, float, str, dict[str, float]]:
+    def bound(self, plan: Plan, t: Traffic | None = None) -> tuple[float, float, str, dict[str, float]]:
         """(lower bound, fill, the term that sets it, busy times). The bound is
         ``max(forward/backward compute + fill, all compute, h2d, d2h, both link directions / bidir, disk reads + writes, cpu update)``:
         no schedule of this placement beats it. The fill is added to compute only: the head fetch and the tail
@@ -398,7 +396,7 @@ class CostModel:
         return terms[by], fill, by, b
 
     # -- simulation ---------------------------------------------------------------------------------------------------
-    def predict(self, plan: "Plan", *, events: bool = False) -> Prediction:
+    def predict(self, plan: Plan, *, events: bool = False) -> Prediction:
         self.check(plan)
         t = self.traffic(plan)
         lb, fill, by, _ = self.bound(plan, t)
@@ -407,7 +405,7 @@ class CostModel:
                           lower_bound_s=lb, fill_s=fill, bound_by=by, bottleneck=max(busy, key=busy.get),
                           steal_s=steal_s, events=tuple(evs))
 
-    def _simulate(self, plan: "Plan", t: Traffic, want_events: bool):
+    def _simulate(self, plan: Plan, t: Traffic, want_events: bool):
         r = self.rates(t)
         res_idx = {name: k for k, name in enumerate(RESOURCES)}
         op_res: list[int] = []

@@ -38,7 +38,7 @@ import torch
 from scheduler.profile import HardwareProfile, cache_dir, fingerprint
 from scheduler.workload import TransformerShape, build_transformer, from_module
 from storage import NvmeStore, StoreConfig
-from storage.memory import fresh_empty
+from storage.memory import available_host_bytes, fresh_empty
 
 PROBE_LM = TransformerShape(n_layer=2, d_model=768, n_head=12, d_ff=3072, vocab=32000, n_pos=1024, bias=True,
                             norm="layernorm", tied=True)
@@ -308,12 +308,14 @@ def probe(*, quick: bool = False, directory: str | None = None, progress=sys.std
     else:
         dev_rate = cpu_rate
         sources["device_update_params_per_s"] = "same as cpu_update_params_per_s: the device is the CPU"
-        dev_mem = psutil.virtual_memory().total // 4
-        sources["device_memory_bytes"] = ("a quarter of RAM: on a CPU-only machine device memory is a budget our "
-                                          "accounting enforces; override with --device-memory")
+        dev_mem = available_host_bytes() // 4
+        sources["device_memory_bytes"] = ("a quarter of RAM (or of the cgroup's limit when lower): on a CPU-only "
+                                          "machine device memory is a budget our accounting enforces; override with "
+                                          "--device-memory")
         dev_name = "cpu"
-    host_mem = psutil.virtual_memory().total // 2
-    sources["host_memory_bytes"] = "half of RAM (psutil): leave the rest to the OS and the data loader"
+    host_mem = available_host_bytes() // 2
+    sources["host_memory_bytes"] = ("half of RAM (psutil), or of the cgroup's memory limit when lower (a "
+                                    "container's): leave the rest to the OS and the data loader")
     nvme = psutil.disk_usage(directory or tempfile.gettempdir()).free
     sources["nvme_bytes"] = f"free space of {directory or tempfile.gettempdir()} (psutil.disk_usage) at probe time"
     fp = fingerprint(directory)

@@ -8,10 +8,16 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/offload-gpu}"; mkdir -p "$OUT"; export OUT
 export CUBLAS_WORKSPACE_CONFIG=:4096:8   # deterministic cuBLAS, so parity checks can be exact
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())" \
-  || pip install -q torch
-pip install -q --no-deps -e . >/dev/null 2>&1 || pip install -q -e .
-pip install -q crc32c psutil aiofiles pytest hypothesis >/dev/null 2>&1
+# The machine's CUDA torch stays: the project installs with its real dependencies (pyproject.toml, test extra
+# included), and a constraint pins torch to the version already there, so pip can neither replace it with a
+# PyPI wheel nor upgrade it. Only where no torch is installed does the README's pinned version come in.
+python3 -c "import torch" 2>/dev/null || python3 -m pip install -q torch==2.13.0 \
+  || { echo "gpu_check: no torch here, and pip could not install torch==2.13.0"; exit 1; }
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
+python3 -c "import torch; print('torch==' + torch.__version__)" > "$OUT/constraints.txt"
+if ! python3 -m pip install -q -c "$OUT/constraints.txt" -e '.[test]' > "$OUT/pip.log" 2>&1; then
+  tail -20 "$OUT/pip.log"; echo "gpu_check: pip install -e '.[test]' failed (all of it in $OUT/pip.log)"; exit 1
+fi
 timeout 200 python3 -m pytest -q -s tests/gpu "tests/test_distributed.py::test_cuda_nccl_one_rank" 2>&1 \
   | tee "$OUT/gpu_tests.log"
 rc=${PIPESTATUS[0]}

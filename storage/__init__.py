@@ -9,7 +9,8 @@ from storage.hostpool import HostBuffer, HostPool
 from storage.memory import aligned_empty
 from storage.nvme import ChunkInfo, IOHandle, NvmeStore, StoreConfig
 from storage.stats import TransferStats
-from storage.tiers import Tier, TierBudget, format_bytes
+from storage.tiers import Tier, TierBudget
+from storage.units import format_bytes
 
 __all__ = [
     "Tier", "TierBudget", "format_bytes", "HostPool", "HostBuffer", "aligned_empty", "NvmeStore", "StoreConfig",

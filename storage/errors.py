@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-
-def _fmt(n: float) -> str:
-    from storage.tiers import format_bytes
-
-    return format_bytes(n)
+from storage.units import format_bytes as _fmt
 
 
 class TierFullError(MemoryError):

@@ -19,7 +19,8 @@ import torch
 from storage.alloc import ALIGN, ExtentAllocator, round_up
 from storage.errors import TierFullError
 from storage.memory import aligned_empty, fresh_empty
-from storage.tiers import Tier, TierBudget, format_bytes
+from storage.tiers import Tier, TierBudget
+from storage.units import format_bytes
 
 
 class HostBuffer:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 
 import torch
 
@@ -87,3 +88,57 @@ def memview(t: torch.Tensor, start: int = 0, length: int | None = None) -> memor
 
 def is_aligned(t: torch.Tensor, align: int = ALIGN) -> bool:
     return t.data_ptr() % align == 0
+
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+"""Where the cgroup file systems are mounted (v2 unified, or v1 with one directory per controller)."""
+PROC_SELF_CGROUP = "/proc/self/cgroup"
+"""This process's cgroups: ``0::/path`` for v2, ``N:memory:/path`` for v1's memory controller."""
+
+
+def _cgroup_memory_limit() -> int | None:
+    """The tightest memory limit of this process's cgroup and its ancestors, in bytes; ``None`` when there is none.
+
+    A container's limit is its cgroup's ``memory.max`` (v2; ``max`` means none) or ``memory.limit_in_bytes`` (v1;
+    a huge number means none). Where the cgroup is not mounted at its own path (a container without a cgroup
+    namespace sees the host's tree) the walk up from that path reaches the mount's root, which is then the
+    container's own cgroup. Unreadable files count as no limit: a process that cannot read them is not refused."""
+    try:
+        with open(PROC_SELF_CGROUP) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    candidates = []  # (directory of the hierarchy, cgroup path inside it, limit file)
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            for root in (CGROUP_ROOT, os.path.join(CGROUP_ROOT, "unified")):  # v2 alone, or beside v1 (hybrid)
+                candidates.append((root, path, "memory.max"))
+        elif "memory" in controllers.split(","):
+            candidates.append((os.path.join(CGROUP_ROOT, "memory"), path, "memory.limit_in_bytes"))
+    limits = []
+    for root, path, name in candidates:
+        parts = [p for p in path.strip("/").split("/") if p]
+        for depth in range(len(parts), -1, -1):  # this cgroup, then each ancestor up to the mount's root
+            try:
+                with open(os.path.join(root, *parts[:depth], name)) as f:
+                    text = f.read().strip()
+            except OSError:
+                continue
+            if text.isdigit():
+                limits.append(int(text))
+    return min(limits) if limits else None
+
+
+def available_host_bytes() -> int:
+    """The host memory this process may use: the machine's RAM (psutil), or its cgroup's memory limit (a
+    container's) when that is lower. Budgets computed from RAM alone would let a container be OOM-killed while
+    the machine still has memory free. 0 when psutil cannot tell (callers treat 0 as unknown)."""
+    try:
+        import psutil
+
+        total = int(psutil.virtual_memory().total)
+    except Exception:  # noqa: BLE001 - psutil missing or restricted: unknown, not an error
+        return 0
+    limit = _cgroup_memory_limit()
+    return min(total, limit) if limit is not None else total

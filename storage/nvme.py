@@ -57,7 +57,7 @@ from storage.errors import (ChecksumError, ChunkKeyError, ChunkMismatchError, Di
 from storage.journal import Journal
 from storage.memory import aligned_empty, byte_view, is_aligned, memview
 from storage.stats import TransferStats
-from storage.tiers import format_bytes
+from storage.units import format_bytes
 from storage.workers import BACKGROUND, URGENT, PriorityWorkers
 
 MANIFEST = "offload-store.json"

@@ -13,6 +13,7 @@ import threading
 import time
 
 from storage.errors import TierFullError
+from storage.units import format_bytes
 
 
 class Tier(enum.Enum):
@@ -27,15 +28,6 @@ class Tier(enum.Enum):
 
     NVME = "nvme"
     """Files on a local disk, through the :class:`~storage.nvme.NvmeStore`."""
-
-
-def format_bytes(n: float) -> str:
-    """``1536`` -> ``'1.5 KiB'``: for error messages and reports."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 class TierBudget:

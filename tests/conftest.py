@@ -44,14 +44,14 @@ def mounted(target, fstype: str, size_bytes: int, *, options: str = ""):
         image = target + ".img"
         with open(image, "wb") as f:
             f.truncate(size_bytes)
-        mkfs = subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", image], capture_output=True, text=True)
+        mkfs = subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", image], capture_output=True, text=True, timeout=60)
         if mkfs.returncode != 0:
             pytest.skip(f"mkfs.ext4 failed ({mkfs.stderr.strip() or mkfs.returncode}); needs e2fsprogs")
         cmd = ["mount", "-o", "loop" + (f",{options}" if options else ""), image, target]
     else:
         raise ValueError(fstype)
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     except FileNotFoundError:
         pytest.skip("no mount command on this machine")
     if r.returncode != 0:
@@ -59,4 +59,4 @@ def mounted(target, fstype: str, size_bytes: int, *, options: str = ""):
     try:
         yield target
     finally:
-        subprocess.run(["umount", "-l", target], capture_output=True)
+        subprocess.run(["umount", "-l", target], capture_output=True, timeout=60)

@@ -14,18 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import TINY_GPT, gpt
 from offload import OffloadConfig, RunReport, autoplan, wrap
-from scheduler import profile
 from offload.measure import workload_of
+from scheduler import profile
 from scheduler.planner import Plan, UnitPlacement, uniform
 from scheduler.replan import Replanner
-from scheduler.workload import TransformerShape, build_transformer
 from storage import Tier
 
 D, H, N = Tier.DEVICE, Tier.HOST, Tier.NVME
 ROOT = Path(__file__).resolve().parent.parent
-SHAPE = TransformerShape(n_layer=3, d_model=32, n_head=4, d_ff=64, vocab=96, n_pos=16, bias=True, norm="layernorm",
-                         tied=True)
+SHAPE = TINY_GPT
 
 
 @pytest.fixture(autouse=True)
@@ -38,8 +37,7 @@ def collect():
 
 def wrapped(tmp_path, **cfg):
     tmp_path.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    model = build_transformer(SHAPE, device="cpu")
+    model = gpt()
     cfg = OffloadConfig(**{"param_tier": "nvme", "state_tier": "nvme", "nvme_dirs": str(tmp_path), **cfg})
     model, opt = wrap(model, torch.optim.AdamW(model.parameters(), lr=1e-2), cfg)
     return model, opt, cfg
@@ -144,8 +142,7 @@ def test_report_shows_each_switch_in_text_and_json(tmp_path):
 
 
 def test_report_shows_the_per_unit_placement_of_a_mixed_plan(tmp_path):
-    torch.manual_seed(0)
-    model = build_transformer(SHAPE, device="cpu")
+    model = gpt()
     mixed = Plan(strategy="test", units=(UnitPlacement(D, H, "cpu"), UnitPlacement(N, N, "cpu"),
                                          UnitPlacement(N, N, "cpu"), UnitPlacement(H, D, "device")), prefetch_depth=1)
     model, opt = wrap(model, torch.optim.AdamW(model.parameters()), OffloadConfig(nvme_dirs=str(tmp_path)),
@@ -198,6 +195,7 @@ for _ in range(8):
 """
 
 
+@pytest.mark.slow
 def test_offload_run_set_replan_switches_and_reports_why(tmp_path):
     """`offload run --set replan=true --set profile=fast.json`: the config reaches the script, the re-planner sees
     the disk run far below the profile and switches after warm-up + patience (iteration 4), and the run report

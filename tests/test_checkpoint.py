@@ -156,6 +156,7 @@ def run_child(*args) -> subprocess.CompletedProcess:
                           check=False)
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_in_a_new_process_is_bit_identical(tmp_path):
     """Params, grads and state on NVMe. A child trains 3 steps, checkpoints, trains on and is killed at step 5;
     a new process resumes from the checkpoint to step 6: every weight (biases, norms) and every state tensor
@@ -572,6 +573,7 @@ def test_reader_assembles_any_range_from_slices(tmp_path):
 
 
 # -- 4. SIGKILL during a save -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path):
     """A child saves at step 2, then is killed in the middle of saving step 3 to the same path: the step-2
     checkpoint is intact and loads to exactly the state of 2 plain steps; the next save clears the leftovers."""

@@ -35,6 +35,7 @@ from test_distributed import (BUCKET, SMALL, _rank_main, adamw, assert_equal_wei
                               gpt, lm_loss, plain_dp, rows, run_ranks, train_sharded, weights)
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # every test here starts other processes
 
 
 def nvme(d) -> OffloadConfig:

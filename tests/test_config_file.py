@@ -56,7 +56,7 @@ def test_env_gives_each_rank_its_own_store_dir(tmp_path):
     (["prefetch=two"], ["prefetch = 'two'", "expected an integer", "prefetch = 4"]),
     (["overlap_update=1"], ["overlap_update = 1", "expected true or false"]),
     (["host_budget_bytes=lots"], ["host_budget_bytes = 'lots'", "expected a size", "8GiB"]),
-    (["host_budget_bytes=900TiB"], ["host_budget_bytes", "more than this machine's", "lower it"]),
+    (["host_budget_bytes=900TiB"], ["host_budget_bytes", "of memory this process may use", "lower it"]),
     (["state_tier=disk"], ["state_tier", "'disk'", "nvme"]),
     (["state_tier=nvme"], ["nvme_dirs", "needs a directory"]),
     (["buffers=0"], ["buffers", "expected >= 1"]),

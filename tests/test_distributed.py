@@ -33,9 +33,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import helpers
 import offload.distributed
+from helpers import lm_loss, token_batches
 from offload import OffloadConfig, OffloadOptimizer, ShardedOffloadOptimizer
-from scheduler.workload import TransformerShape, build_transformer
+from scheduler.workload import TransformerShape
 
 SHAPE = TransformerShape(n_layer=2, d_model=64, n_head=4, d_ff=128, vocab=128, n_pos=16, bias=False,
                          norm="layernorm", tied=True)
@@ -48,24 +50,17 @@ BUCKET = 64 << 10  # several buckets: reductions start during backward, params c
 
 
 def gpt():
-    torch.manual_seed(0)
-    return build_transformer(SHAPE, device="cpu")
+    return helpers.gpt(SHAPE)
 
 
 def batches(steps, micro=1, seed=1):
     """Per step, the global batch: WORLD * micro * ROWS sequences; rank r's micro-batch m is rows(x, r, m)."""
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, SHAPE.vocab, (WORLD * micro * ROWS, 12), generator=g) for _ in range(steps)]
+    return token_batches(steps, SHAPE.vocab, rows=WORLD * micro * ROWS, seed=seed)
 
 
 def rows(x, rank, m, micro=1):
     i = (rank * micro + m) * ROWS
     return x[i:i + ROWS]
-
-
-def lm_loss(model, idx):
-    logits = model(idx[:, :-1])
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
 
 
 def same_loss(model, idx, rank):
@@ -201,6 +196,7 @@ def _parity(rank, tmp):
     return out
 
 
+@pytest.mark.slow
 def test_two_ranks_match_plain_training(tmp_path):
     """2 ranks, AdamW state sharded on NVMe (per-rank stores, several subgroups streamed), several buckets
     reduce-scattered during backward: bit-identical to plain AdamW with the ranks' reduction order, and within
@@ -264,6 +260,7 @@ def _fallback(rank, tmp):
     return out
 
 
+@pytest.mark.slow
 def test_all_reduce_fallback_accumulation_and_params_without_grads(tmp_path):
     """A backend without reduce-scatter (found at run time: all-reduce and slice), 2 micro-batches per rank with
     no_sync(), zero_grad(set_to_none=False), a param only rank 0 gives a grad, one no rank does (never updated,
@@ -301,6 +298,7 @@ def _memory(rank, tmp):
     return out
 
 
+@pytest.mark.slow
 def test_state_per_rank_is_half_of_single_process(tmp_path):
     """Each rank's optimizer state (AdamW moments, host tier) is about half of a single process's."""
     r0, r1 = run_ranks(_memory, tmp_path)
@@ -341,6 +339,7 @@ def _clip_sched(rank, tmp):
     return out
 
 
+@pytest.mark.slow
 def test_clipping_and_lr_scheduler(tmp_path):
     """max_grad_norm clips with the global norm (all ranks' shares), StepLR's rate reaches every rank's inner
     optimizer. The norm sums squares in another order than torch's clip_grad_norm_, so the clip factor differs
@@ -438,6 +437,7 @@ def _reshard(rank, tmp):
     return out
 
 
+@pytest.mark.slow
 def test_checkpoint_reshards_2_ranks_to_2_and_1(tmp_path):
     """After 3 steps on 2 ranks, each rank's spans (iter_state) resume 2 more steps on 2 ranks with other shard
     ranges and on 1 rank (load_state_stream), and the gathered state_dict resumes plain AdamW: all bit-identical
@@ -480,6 +480,7 @@ def test_bad_input_is_named(tmp_path):
 
 
 # -- 7. the example, under torchrun --------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_example_runs_under_torchrun(tmp_path):
     import subprocess
     import sys

@@ -96,6 +96,7 @@ def _run_and_kill(script: Path, store_dir: Path, version: int, rng: random.Rando
     return committed, started
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("slow_s,compact_every,in_flight", [(0.0, 0, False), (0.002, 0, True), (0.0, 3, False)],
                          ids=["between-writes", "mid-write", "with-compactions"])
 def test_kill_9_leaves_the_last_committed_version(tmp_path, slow_s, compact_every, in_flight):

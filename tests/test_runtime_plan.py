@@ -9,6 +9,8 @@ import gc
 import pytest
 import torch
 
+import helpers
+from helpers import TINY_GPT, lm_loss, token_batches
 from offload import OffloadConfig, RunReport, load_checkpoint, save_checkpoint, wrap
 from offload.measure import measure, workload_of
 from offload.report import placement_text
@@ -16,12 +18,11 @@ from offload.swap import ChunkState
 from scheduler import profile
 from scheduler.cost import RESOURCES
 from scheduler.planner import Plan, UnitPlacement
-from scheduler.workload import TransformerShape, build_transformer
+from scheduler.workload import build_transformer
 from storage import Tier
 
 D, H, N = Tier.DEVICE, Tier.HOST, Tier.NVME
-SHAPE = TransformerShape(n_layer=5, d_model=32, n_head=4, d_ff=64, vocab=96, n_pos=16, bias=True, norm="layernorm",
-                         tied=True)
+SHAPE = dataclasses.replace(TINY_GPT, n_layer=5)
 UNITS = SHAPE.n_layer + 1  # "rest", then the blocks
 
 
@@ -62,18 +63,11 @@ def rotated(units, k=1):
 
 
 def gpt():
-    torch.manual_seed(0)
-    return build_transformer(SHAPE, device="cpu")
+    return helpers.gpt(SHAPE)
 
 
 def batches(n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, SHAPE.vocab, (4, 12), generator=g) for _ in range(n)]
-
-
-def lm_loss(model, idx):
-    logits = model(idx[:, :-1])
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
+    return token_batches(n, SHAPE.vocab, seed=seed)
 
 
 def adamw(model):

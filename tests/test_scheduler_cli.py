@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -24,9 +25,15 @@ def test_plan_70b_under_5s_and_1gib(tmp_path):
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:
         p = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, text=True)
+        # wait4 has no timeout: a planner that hangs is killed after 120 s (and then fails the return code check).
+        watchdog = threading.Timer(120, p.kill)
+        watchdog.start()
         # This child's own peak RSS (wait4), not RUSAGE_CHILDREN's: that is the largest of every child this test
         # session has waited for, so an earlier test's subprocess would count.
-        _, status, usage = os.wait4(p.pid, 0)
+        try:
+            _, status, usage = os.wait4(p.pid, 0)
+        finally:
+            watchdog.cancel()
         p.returncode = os.waitstatus_to_exitcode(status)
         wall_s = time.perf_counter() - t0
         out_f.seek(0)

@@ -60,6 +60,7 @@ def test_overrides_record_their_source():
     assert p.device_memory_bytes == 24 << 30 and p.sources["device_memory_bytes"] == "given on the command line"
 
 
+@pytest.mark.slow
 def test_probe_quick_caches_a_profile(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OFFLOAD_CACHE_DIR", str(tmp_path / "cache"))
     assert main(["probe", "--quick", "--dir", str(tmp_path)]) == 0

@@ -14,6 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "benchmarks" / "storage_bench.py"
+pytestmark = pytest.mark.slow  # every test here starts other processes
 
 
 def _direct_io_works(path: Path) -> bool:

@@ -5,6 +5,7 @@ import threading
 
 import torch
 
+from helpers import wait_until
 from storage import NvmeStore, StoreConfig
 from storage.workers import BACKGROUND, URGENT, PriorityWorkers
 
@@ -12,7 +13,9 @@ from storage.workers import BACKGROUND, URGENT, PriorityWorkers
 def _gated(pool: PriorityWorkers) -> threading.Event:
     """Occupy the pool's only thread until the returned event is set."""
     gate, started = threading.Event(), threading.Event()
-    pool.submit(lambda: (started.set(), gate.wait()))
+    # Bounded: a test that fails before setting the gate must not leave a thread that the exit-time drain
+    # (storage/workers.py) would then join for ever.
+    pool.submit(lambda: (started.set(), gate.wait(30)))
     assert started.wait(5)
     return gate
 
@@ -115,20 +118,25 @@ def test_a_burst_of_tasks_gets_new_threads_while_idle_ones_are_still_waking():
     threads (up to the limit). The pool once counted such threads as free for every later task, so a task queued
     behind blocked ones waited for them although the pool could run it. In the store, a read held by a slow disk
     kept a write queued until the read finished."""
-    for _ in range(20):  # the waking race is the point: repeat it
-        pool = PriorityWorkers(4, "t")
-        warm = [threading.Event() for _ in range(2)]
-        for e in warm:  # start two threads, then let them go idle
-            pool.submit(e.set)
-        assert all(e.wait(5) for e in warm)
-        while pool._idle < 2:
-            threading.Event().wait(0.001)
-        gate, quick = threading.Event(), threading.Event()
-        pool.submit(gate.wait, 10, priority=URGENT)
-        pool.submit(gate.wait, 10, priority=URGENT)
-        pool.submit(quick.set, priority=BACKGROUND)  # the two idle threads are taken by the blocked tasks
-        try:
-            assert quick.wait(5), "a task waited behind blocked ones with threads to spare"
-        finally:
-            gate.set()
-            pool.shutdown()
+    pool = PriorityWorkers(4, "t")
+    gate, quick = threading.Event(), threading.Event()
+    try:
+        # Two threads: each warm-up task waits at the barrier until the other runs too, so one thread cannot
+        # serve both. Then both go idle.
+        barrier = threading.Barrier(2, timeout=10)
+        done = [threading.Event() for _ in range(2)]
+        for e in done:
+            pool.submit(lambda e=e: (barrier.wait(), e.set()))
+        assert all(e.wait(10) for e in done)
+        wait_until(lambda: pool._idle == 2, "both warm-up threads idle")
+        # Holding the pool's lock (re-entrant: submit takes it too) while submitting keeps the two notified threads
+        # from waking until all three tasks are queued: the state the bug mishandled, made certain.
+        with pool._cv:
+            pool.submit(gate.wait, 10, priority=URGENT)
+            pool.submit(gate.wait, 10, priority=URGENT)
+            pool.submit(quick.set, priority=BACKGROUND)  # the two idle threads are taken by the blocked tasks
+            assert pool._idle == 2, "the notified threads woke while the pool's lock was held"
+        assert quick.wait(10), "a task waited behind blocked ones with threads to spare"
+    finally:
+        gate.set()
+        pool.shutdown()

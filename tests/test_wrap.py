@@ -2,30 +2,22 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
+import time
+
 import pytest
 import torch
 
+from helpers import TINY_GPT, gpt, lm_loss, model_bytes, token_batches
 from offload import OffloadConfig, wrap
+from offload.runtime import runtime_of
 from offload.swap import ChunkState
-from scheduler.workload import TransformerShape, build_transformer
-
-SHAPE = TransformerShape(n_layer=3, d_model=32, n_head=4, d_ff=64, vocab=96, n_pos=16, bias=True, norm="layernorm",
-                         tied=True)
-
-
-def gpt():
-    torch.manual_seed(0)
-    return build_transformer(SHAPE, device="cpu")
+from storage import Tier
 
 
 def batches(n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, SHAPE.vocab, (4, 12), generator=g) for _ in range(n)]
-
-
-def lm_loss(model, idx):
-    logits = model(idx[:, :-1])
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
+    return token_batches(n, TINY_GPT.vocab, seed=seed)
 
 
 def run(model, opt, data, accum, clip, wrapped):
@@ -46,8 +38,18 @@ def run(model, opt, data, accum, clip, wrapped):
     return losses
 
 
-def model_bytes(model):
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+GATE_S = 30
+"""How long a gated backward waits for what it waits for: only a runtime that never does it gets near this."""
+
+
+def hold_backward_before(block, until: threading.Event, seen: list, armed=lambda: True) -> None:
+    """Make backward, when it reaches ``block`` (before any of its own backward runs), wait until ``until`` is set,
+    and append to ``seen`` whether it was (False: it timed out). Order from a gate instead of from timing: what
+    the test expects to happen during backward has to happen while backward is held, or the wait fails."""
+    def register(module, args, out):
+        if out.requires_grad and armed():
+            out.register_hook(lambda grad: seen.append(until.wait(GATE_S)))
+    block.register_forward_hook(register)
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["step", "overlap"])
@@ -72,7 +74,7 @@ def test_gpt_parity(param_tier, state_tier, clip, overlap, tmp_path):
     # user calls opt.clip_grad_norm_ as with torch's.
     losses = run(model, opt, data, accum=2, clip=None if overlap else clip, wrapped=True)
     assert losses == losses_ref
-    rt = model._offload_runtime
+    rt = runtime_of(model)
     assert rt.device_budget.peak_bytes <= budget
     assert all(p.numel() == 0 for p in m.parameters()), "params must be released between uses"
     if param_tier == "nvme":  # the first micro-batch's grads went to the store and came back
@@ -96,23 +98,33 @@ def test_too_small_device_budget_names_the_unit(tmp_path):
 
 
 def test_overlapped_update_overlaps_backward(tmp_path):
-    """In the recorded timeline, the update of a unit runs while backward of an earlier unit computes."""
+    """The update of a later unit starts while backward still has an earlier one to run: backward is held before
+    blocks.0 until an update has begun, which happens only if updates start during backward. The recorded timeline
+    shows the same order: that update's span starts before blocks.0's grads are copied out and before the backward
+    span ends."""
     m = gpt()
     cfg = OffloadConfig(param_tier="host", state_tier="host", overlap_update=True, impl="as_given")
     model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2), cfg)
-    rt = model._offload_runtime
-    overlapped = False
-    for idx in batches(4):
-        lm_loss(model, idx).backward()
-        opt.step()
-        opt.zero_grad()
-        tl = rt.timeline
-        updates = [e for e in tl.events if e.resource == "cpu_update" and e.name.startswith("update blocks.")]
-        grads = [e for e in tl.events if e.resource == "d2h"]
-        # a later grad copy (backward of an earlier unit) started before some update ended
-        overlapped |= any(g.start_s < u.end_s and g.name != "grad " + u.name.split(" ", 1)[1]
-                          and g.start_s > u.start_s for u in updates for g in grads)
-    assert overlapped, "no update ran concurrently with backward"
+    rt = runtime_of(model)
+    update_began, held = threading.Event(), []
+    real_update = opt._update_subgroups
+
+    def update_subgroups(*args, **kw):
+        update_began.set()  # called inside the unit's "update" span, so the span's recorded start comes first
+        return real_update(*args, **kw)
+
+    opt._update_subgroups = update_subgroups
+    hold_backward_before(m.blocks[0], update_began, held)
+    lm_loss(model, batches(1)[0]).backward()
+    opt.step()
+    opt.zero_grad()
+    assert held == [True], "no update began while backward still had blocks.0 to run"
+    ev = rt.timeline.events
+    first_update = min(e.start_s for e in ev if e.resource == "cpu_update")
+    (bwd,) = [e for e in ev if e.resource == "compute" and e.name == "backward"]
+    grads0 = [e.start_s for e in ev if e.resource == "d2h" and e.name == "grad blocks.0"]
+    assert grads0 and first_update < min(grads0), "the timeline has blocks.0's grads before any update"
+    assert first_update < bwd.end_s
     rt.close()
 
 
@@ -163,13 +175,13 @@ def test_hf_llama_parity_all_on_nvme(overlap, clip, tmp_path):
                         impl="as_given", device_budget_bytes=model_bytes(m) // 2, overlap_update=overlap,
                         accumulation_steps=2, max_grad_norm=clip)
     model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2), cfg)
-    assert [u.name for u in model._offload_runtime.units][1:] == [f"model.layers.{i}" for i in range(3)]
+    assert [u.name for u in runtime_of(model).units][1:] == [f"model.layers.{i}" for i in range(3)]
     l = hf_run(model, opt, True)
     assert l == l_ref
     sd_ref, sd = ref.state_dict(), model.state_dict()
     for k in sd_ref:
         assert torch.equal(sd_ref[k], sd[k]), k
-    model._offload_runtime.close()
+    runtime_of(model).close()
 
 
 def test_gpt_with_activation_checkpointing_and_frozen_params(tmp_path):
@@ -200,7 +212,7 @@ def test_gpt_with_activation_checkpointing_and_frozen_params(tmp_path):
     for (k, a), b in zip(ref.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), k
     assert len(opt.state_dict()["state"]) == len(plain.state_dict()["state"])
-    model._offload_runtime.close()
+    runtime_of(model).close()
 
 
 def test_bf16_autocast_and_chrome_trace(tmp_path):
@@ -227,7 +239,7 @@ def test_bf16_autocast_and_chrome_trace(tmp_path):
                       OffloadConfig(param_tier="nvme", state_tier="nvme", nvme_dirs=str(tmp_path),
                                     impl="as_given"))
     assert auto_run(model, opt, True) == l_ref
-    rt = model._offload_runtime
+    rt = runtime_of(model)
     path = tmp_path / "trace.json"
     rt.timeline.save_chrome_trace(str(path))
     trace = json.loads(path.read_text())
@@ -235,8 +247,20 @@ def test_bf16_autocast_and_chrome_trace(tmp_path):
     assert {"compute", "h2d", "d2h", "disk_read", "disk_write", "cpu_update"} <= names
     used = {e["tid"] for e in trace["traceEvents"] if e["ph"] == "X"}
     assert len(used) >= 5, "expected events on compute, copies, disk and update"
-    summary = rt.report()["timeline"]
-    assert summary["span_s"] > 0 and summary["overlap_efficiency"] >= 1.0
+    timed = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert sorted(e["name"] for e in timed) == sorted(e.name for e in rt.timeline.events), "trace != timeline"
+    # The order the timeline must show whatever the machine's speed: forward before backward; a unit's update
+    # only after the last of its grads was copied out (each grad copy ends before the unit is handed to update).
+    ev = rt.timeline.events
+    (fwd,) = [e for e in ev if e.resource == "compute" and e.name == "forward"]
+    (bwd,) = [e for e in ev if e.resource == "compute" and e.name == "backward"]
+    assert fwd.end_s <= bwd.start_s
+    updates = {e.name.split(" ", 1)[1]: e for e in ev if e.resource == "cpu_update"}
+    assert set(updates) == {u.name for u in rt.units}
+    for name, upd in updates.items():
+        grads = [e for e in ev if e.resource == "d2h" and e.name == f"grad {name}"]
+        assert grads and max(g.end_s for g in grads) <= upd.start_s, f"{name} updated before its grads landed"
+    assert rt.report()["timeline"]["span_s"] > 0
     rt.close()
 
 
@@ -265,8 +289,8 @@ def test_blocks_run_twice_or_skipped(tmp_path):
     assert run(model, opt, data, accum=1, clip=None, wrapped=True) == l_ref
     for (k, a), b in zip(ref.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), k
-    assert model._offload_runtime.device_budget.used_bytes == 0, "everything released after the step"
-    model._offload_runtime.close()
+    assert runtime_of(model).device_budget.used_bytes == 0, "everything released after the step"
+    runtime_of(model).close()
 
 
 @pytest.mark.parametrize("tier", ["host", "nvme"])
@@ -292,16 +316,19 @@ def test_bf16_params_with_fp32_masters(tier, tmp_path):
         opt.zero_grad()
     for (k, a), b in zip(ref.state_dict().items(), model.state_dict().values()):
         assert b.dtype == torch.bfloat16 and torch.equal(a, b), k
-    model._offload_runtime.close()
+    runtime_of(model).close()
 
 
 @pytest.mark.parametrize("buffers", [1, 2, 4])
 def test_overlapped_update_reads_state_ahead(buffers, tmp_path):
     """With NVMe state and the overlapped update, a unit's state is read before its update starts: the first
     units' reads are issued when backward begins, the next ones' before the update of the unit before them, as far
-    as ``buffers`` allows (one is kept for the update itself: with 1 there is no read-ahead). Write-backs go on
-    while later units update. Training stays bit-identical to plain AdamW, and nothing is left in flight or held
-    after the step."""
+    as ``buffers`` allows (one is kept for the update itself, and write-backs in flight count: with 1 there is no
+    read-ahead). Training stays bit-identical to plain AdamW, and nothing is left in flight or held after the step.
+
+    Order comes from gates, not from the machine's speed: backward is held before blocks.0 until a state read
+    has been issued, and each read-ahead waits for the write-backs in flight to finish, so how far it reads
+    depends on ``buffers`` alone."""
     ref, m = gpt(), gpt()
     data = batches(4)
     plain = torch.optim.AdamW(ref.parameters(), lr=1e-2)
@@ -309,9 +336,29 @@ def test_overlapped_update_reads_state_ahead(buffers, tmp_path):
     cfg = OffloadConfig(param_tier="host", state_tier="nvme", nvme_dirs=str(tmp_path), impl="as_given",
                         overlap_update=True, buffers=buffers)
     model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2), cfg)
-    rt = model._offload_runtime
-    losses, ahead_seen = [], 0
+    rt = runtime_of(model)
+
+    read_issued, held, step_no = threading.Event(), [], [0]
+    real_trace, real_prefetch = opt._trace, opt.prefetch_state
+
+    def trace(resource, name, handle, nbytes):
+        real_trace(resource, name, handle, nbytes)  # records the issue time first
+        if resource == "disk_read" and name.startswith("state "):
+            read_issued.set()
+
+    def prefetch_state(subs):
+        _, pending = concurrent.futures.wait([wb.handle.future for wb in opt._late_writes], timeout=GATE_S)
+        assert not pending, "a state write-back did not finish"
+        return real_prefetch(subs)
+
+    opt._trace, opt.prefetch_state = trace, prefetch_state
+    # From the second step: the first creates the state, so there is nothing stored to read yet.
+    hold_backward_before(m.blocks[0], read_issued, held, armed=lambda: step_no[0] > 0)
+    stored = [s for s in opt._subgroups if s.tier is Tier.NVME]
+    losses = []
     for step, idx in enumerate(data):
+        step_no[0] = step
+        read_issued.clear()
         loss = lm_loss(model, idx)
         loss.backward()
         opt.step()
@@ -319,8 +366,16 @@ def test_overlapped_update_reads_state_ahead(buffers, tmp_path):
         losses.append(loss.item())
         assert not opt._ahead and not opt._late_writes, "read-ahead or write-backs outlived the step"
         if step == 0:
-            continue  # the first step creates the state: nothing stored to read yet
-        ev = rt.timeline.events
+            continue
+        assert held[-1], "no state read was issued while backward still had blocks.0 to run"
+        tl = rt.timeline
+        # A read's span is recorded by its handle's done-callback, which may run just after the step's wait for
+        # it returned: wait (bounded) until every stored chunk's read of this step is on the timeline.
+        deadline = time.monotonic() + GATE_S
+        while sum(e.resource == "disk_read" and e.name.startswith("state ") for e in tl.events) < len(stored):
+            assert time.monotonic() < deadline, "state reads missing from the timeline"
+            time.sleep(0.001)
+        ev = tl.events
         bwd_end = max(e.end_s for e in ev if e.resource == "compute" and e.name == "backward")
         order = rt._update_seq
         read_start = {}
@@ -331,15 +386,14 @@ def test_overlapped_update_reads_state_ahead(buffers, tmp_path):
                 read_start[idx_u] = min(starts)
         upd_start = {int(e.name.split()[-1].split(".")[-1]) + 1 if e.name.startswith("update blocks.") else 0: e.start_s
                      for e in ev if e.resource == "cpu_update" and e.name.startswith("update ")}
-        # Reads that began before the update of the unit before them (in update order) ended: read ahead.
+        # Reads that began before the update of the unit before them (in update order) started: read ahead.
         ahead = [b for a, b in zip(order, order[1:]) if b in read_start and a in upd_start
                  and read_start[b] <= upd_start[a]]
-        ahead_seen += len(ahead)
         if buffers == 1:
             assert not ahead
+        else:  # the first unit's read comes at backward's start; later ones one update ahead at least
+            assert ahead, f"no unit's state was read ahead of the update before it (step {step})"
         assert min(read_start.values()) < bwd_end, "no state read overlapped backward"
-    if buffers > 1:
-        assert ahead_seen > 0, "no unit's state was read ahead of the update before it"
     assert losses == losses_ref
     for a, b in zip(ref.parameters(), (rt.param_value(p) for p in m.parameters())):
         assert torch.equal(a, b)
@@ -364,7 +418,7 @@ def test_cpu_device_reuses_released_buffers_within_the_budget(tmp_path, monkeypa
         m = gpt()
         cfg = OffloadConfig(param_tier="host", state_tier="host", prefetch=1, device_budget_bytes=budget)
         model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2), cfg)
-        rt = model._offload_runtime
+        rt = runtime_of(model)
         seen = []
         orig_issue = rt._issue_fetch
 

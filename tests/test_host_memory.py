@@ -1,0 +1,74 @@
+"""The host memory a process may use: the machine's RAM, or its container's cgroup limit when that is lower."""
+
+from __future__ import annotations
+
+import collections
+
+import psutil
+import pytest
+
+import storage.memory
+from offload.config import ConfigError, config_from_dict
+from storage.memory import available_host_bytes
+
+GiB = 1 << 30
+V1_NO_LIMIT = "9223372036854771712"  # what cgroup v1 reports when no limit is set
+
+
+@pytest.fixture
+def machine(tmp_path, monkeypatch):
+    """A machine with 64 GiB of RAM and a cgroup tree under ``tmp_path``; returns ``place(proc_cgroup, files)``."""
+    vm = collections.namedtuple("vm", "total")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: vm(64 * GiB))
+    monkeypatch.setattr(storage.memory, "CGROUP_ROOT", str(tmp_path / "cgroup"))
+    monkeypatch.setattr(storage.memory, "PROC_SELF_CGROUP", str(tmp_path / "proc_self_cgroup"))
+
+    def place(proc_cgroup: str, files: dict[str, str]) -> None:
+        (tmp_path / "proc_self_cgroup").write_text(proc_cgroup)
+        for rel, text in files.items():
+            path = tmp_path / "cgroup" / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text + "\n")
+    return place
+
+
+def test_v2_limit_below_ram_wins(machine):
+    machine("0::/box\n", {"box/memory.max": str(8 * GiB)})
+    assert available_host_bytes() == 8 * GiB
+
+
+def test_v2_max_means_no_limit(machine):
+    machine("0::/box\n", {"box/memory.max": "max"})
+    assert available_host_bytes() == 64 * GiB
+
+
+def test_a_tighter_ancestor_limits_too(machine):
+    machine("0::/a/b\n", {"a/memory.max": str(2 * GiB), "a/b/memory.max": "max"})
+    assert available_host_bytes() == 2 * GiB
+
+
+def test_v1_memory_controller(machine):
+    machine("5:cpu,cpuacct:/x\n4:memory:/x\n0::/\n",
+            {"memory/x/memory.limit_in_bytes": str(3 * GiB), "memory/memory.limit_in_bytes": V1_NO_LIMIT})
+    assert available_host_bytes() == 3 * GiB
+
+
+def test_container_sees_its_own_cgroup_at_the_mount_root(machine):
+    """Without a cgroup namespace the path names the host's tree, which the container does not have mounted."""
+    machine("4:memory:/docker/abc\n", {"memory/memory.limit_in_bytes": str(4 * GiB)})
+    assert available_host_bytes() == 4 * GiB
+
+
+def test_no_cgroup_files_or_a_limit_above_ram_leave_ram(machine):
+    machine("0::/box\n", {})
+    assert available_host_bytes() == 64 * GiB
+    machine("4:memory:/\n", {"memory/memory.limit_in_bytes": V1_NO_LIMIT})
+    assert available_host_bytes() == 64 * GiB
+
+
+def test_config_refuses_a_host_budget_above_the_cgroup_limit(machine):
+    machine("0::/\n", {"memory.max": str(8 * GiB)})
+    assert config_from_dict({"host_budget_bytes": 8 * GiB}).host_budget_bytes == 8 * GiB
+    with pytest.raises(ConfigError, match=r"host_budget_bytes = \d+: more than the 8\.0 GiB of memory this process "
+                                          r"may use .*cgroup limit.*lower it or leave it unset"):
+        config_from_dict({"host_budget_bytes": 9 * GiB})
