@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from offload import OffloadConfig, wrap  # noqa: E402
+from offload import OffloadConfig, runtime_of, wrap  # noqa: E402
 from scheduler.workload import TransformerShape, build_transformer  # noqa: E402
 from storage import format_bytes  # noqa: E402
 
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     cfg = OffloadConfig(param_tier="nvme", state_tier="nvme", nvme_dirs=str(work), overlap_update=True,
                         device_budget_bytes=model_bytes // 2, prefetch=2)
     model, opt = wrap(off_model, torch.optim.AdamW(off_model.parameters(), lr=1e-4, fused=True), cfg)
-    rt = model._offload_runtime
+    rt = runtime_of(model)
     g = torch.Generator().manual_seed(1)
     data = [torch.randint(0, shape.vocab, (args.batch, args.seq + 1), generator=g) for _ in range(args.iters + 1)]
 

@@ -8,7 +8,8 @@ from offload.config import ConfigError, OffloadConfig, config_from_env, load_con
 from offload.distributed import ShardedOffloadOptimizer
 from offload.optimizer import OffloadOptimizer
 from offload.report import RunReport
-from offload.runtime import OffloadRuntime, runtime_of, wrap
+from offload.api import wrap
+from offload.runtime import OffloadRuntime, runtime_of
 
 __version__ = "0.1.0"
 __all__ = ["CheckpointReader", "ConfigError", "OffloadConfig", "OffloadOptimizer", "RunReport",

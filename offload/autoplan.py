@@ -21,7 +21,7 @@ import dataclasses
 import torch
 
 from offload.config import OffloadConfig
-from offload.measure import config_to_plan
+from offload.plans import config_to_plan
 from offload.runtime import PARAM_ALIGN, OffloadRuntime
 from scheduler.cost import CostModel
 from scheduler.planner import Plan

@@ -95,8 +95,9 @@ class OffloadConfig:
     """Host buffers the NVMe pipeline cycles through (one updating, the rest reading ahead or writing back).
     Bounded further by the host budget."""
     host_budget_bytes: int | None = None
-    """Hard cap on the host pool (pinned when CUDA is present). ``None``: what the placement needs, for host
-    state the state itself plus ``buffers`` subgroups."""
+    """Hard cap on the host pool (pinned when CUDA is present). ``None``: the memory this process may use (the
+    machine's RAM, or a container's limit when lower). ``offload.wrap`` refuses a cap below what its placement
+    needs and names that minimum (``runtime_of(model).host_minimum()`` itemizes it)."""
     device_budget_bytes: int | None = None
     """Cap on device memory the optimizer may hold (state on the device tier, device-update buffers). ``None``:
     no cap of ours (CUDA's own limit applies)."""

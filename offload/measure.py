@@ -2,10 +2,8 @@
 cost model predicts for the same placement (issue 5's validation; ``offload plan --measure``,
 ``benchmarks/plan_validate.py``).
 
-The seam between the scheduler and the runtime: :func:`config_to_plan` (the placement a uniform
-:class:`~offload.OffloadConfig` runs, as a :class:`~scheduler.Plan`), :func:`plan_to_config` (the config that
-runs a plan, with ``offload.wrap(..., plan=plan)`` when the plan places units differently), and ``plan=`` on
-:func:`measure` and :class:`Run`, which run any plan as it is. :func:`runnable_plan` picks the fastest uniform
+The seam between the scheduler and the runtime is :mod:`offload.plans` (:func:`config_to_plan`,
+:func:`plan_to_config`, re-exported here); ``plan=`` on :func:`measure` and :class:`Run` runs any plan as it is. :func:`runnable_plan` picks the fastest uniform
 placement with CPU updates (what ``offload plan --measure`` runs).
 
 What is compared, per iteration (medians over the measured ones):
@@ -22,7 +20,6 @@ What is compared, per iteration (medians over the measured ones):
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import os
 import resource
@@ -36,65 +33,18 @@ import torch
 
 from offload.config import OffloadConfig
 from offload.optimizer import SLOT_ALIGN
-from offload.runtime import PARAM_ALIGN, runtime_of, wrap
+from offload.api import wrap
+from offload.plans import check_plan_units, config_to_plan, plan_to_config  # noqa: F401 - plan_to_config re-exported
+from offload.runtime import PARAM_ALIGN, runtime_of
 from scheduler.cost import LINKS, RESOURCES, CostModel, Prediction
 from scheduler.planner import Plan, UnitPlacement
 from scheduler.profile import HardwareProfile
-from scheduler.workload import REST, TransformerShape, Workload, build_transformer, from_module, precision
+from scheduler.workload import TransformerShape, Workload, build_transformer, from_module, precision
 from storage import Tier, format_bytes
 
 D, H, N = Tier.DEVICE, Tier.HOST, Tier.NVME
 RUNNABLE = tuple(UnitPlacement(p, s, "cpu") for p in (H, N) for s in (H, N))
 """The uniform placements :func:`offload.wrap` runs: params and state each on host or nvme, updated on the CPU."""
-
-
-# -- the seam: config <-> plan -----------------------------------------------------------------------------------------
-def _overlaps(config: OffloadConfig) -> bool:
-    """Whether the runtime overlaps the update with backward (it cannot with clipping or loss scaling)."""
-    return config.overlap_update and config.max_grad_norm is None and config.loss_scale is None
-
-
-def config_to_plan(config: OffloadConfig, workload: Workload, *, strategy: str = "config") -> Plan:
-    """The placement ``offload.wrap(model, opt, config)`` runs, in the cost model's terms.
-
-    Every unit gets ``param_tier`` (the rest unit too: the runtime fetches it once per iteration and holds it),
-    ``state_tier`` and ``grad_tier``, updated on the CPU. ``prefetch`` is the prefetch depth, ``buffers`` the
-    state buffers. The runtime does not bound the grads waiting on the device (each leaves as it completes), so
-    ``grad_buffers`` is every block's."""
-    if not isinstance(config.update_on, str) or config.update_on != "cpu" or config.state_tier is D:
-        raise NotImplementedError(f"config_to_plan: expected update_on='cpu' and state_tier 'host' or 'nvme', got "
-                                  f"update_on={config.update_on!r}, state_tier={config.state_tier.value!r}; the cost "
-                                  f"model prices device updates, but offload.wrap's are the CPU's own on this "
-                                  f"runtime: measure CPU updates")
-    if config.accumulation_steps != 1:
-        raise NotImplementedError(f"config_to_plan: expected accumulation_steps=1, got {config.accumulation_steps}; "
-                                  f"the cost model prices one backward per step")
-    pl = UnitPlacement(config.param_tier, config.state_tier, "cpu", grad_tier=config.grad_tier)
-    blocks = sum(u.kind != REST for u in workload.units)
-    return Plan(strategy=strategy, units=(pl,) * len(workload.units), prefetch_depth=config.prefetch,
-                grad_buffers=max(1, blocks), state_buffers=config.buffers, overlap_update=_overlaps(config))
-
-
-def plan_to_config(plan: Plan, workload: Workload, **base) -> OffloadConfig:
-    """The :class:`~offload.OffloadConfig` for ``plan`` (``base``: the other fields, e.g. ``nvme_dirs``).
-
-    When every unit is placed alike (the rest unit may keep its params on the device: a config fetches it once
-    per iteration instead), the config alone runs the plan. Otherwise its placement fields hold the most common
-    block placement and ``offload.wrap(model, opt, config, plan=plan)`` runs the plan itself, unit by unit."""
-    _check_units(plan, workload)
-    rest = workload.units[0].kind == REST
-    blocks = plan.units[1:] if rest else plan.units
-    counts = collections.Counter(blocks or plan.units)
-    pl = max(counts, key=lambda u: counts[u])  # the first of the most common (Counter keeps insertion order)
-    return OffloadConfig(param_tier=pl.params, state_tier=pl.state, grad_tier=pl.grad_tier, update_on=pl.update,
-                         prefetch=plan.prefetch_depth, buffers=plan.state_buffers,
-                         overlap_update=plan.overlap_update, **base)
-
-
-def _check_units(plan: Plan, workload: Workload) -> None:
-    if len(plan.units) != len(workload.units):
-        raise ValueError(f"expected a plan with one placement per unit of {workload.name!r} ({len(workload.units)}), "
-                         f"got {len(plan.units)}; was it made for another workload?")
 
 
 def runnable_plan(workload: Workload, profile: HardwareProfile, *, depths=(1, 2, 3), buffers: int = 4,
@@ -302,7 +252,7 @@ def measure(shape: TransformerShape, config: OffloadConfig, profile: HardwarePro
     if plan is None:
         plan, run_plan = config_to_plan(config, w), None
     else:
-        _check_units(plan, w)
+        check_plan_units(plan, w)
         run_plan = plan
     pred = CostModel(w, profile).predict(plan, events=True)
     run = Run(shape, config, batch=batch, seq=seq, plan=run_plan)

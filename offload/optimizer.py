@@ -32,12 +32,11 @@ import time
 from collections import deque
 from typing import Any, Callable, Iterator, NamedTuple
 
-import psutil
 import torch
 
 from offload.config import OffloadConfig, config_from_env
 from storage import HostPool, NvmeStore, Tier, TierBudget, TierFullError, format_bytes
-from storage.memory import aligned_empty
+from storage.memory import aligned_empty, available_host_bytes
 
 # Optimizers whose every state tensor is elementwise per parameter element: their params may be sliced.
 ELEMENTWISE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad, torch.optim.RMSprop,
@@ -316,7 +315,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
             self._host_pool = self._runtime.swap.pool
             self._device_budget = self._runtime.swap.device.budget
         else:
-            budget = TierBudget(Tier.HOST, cfg.host_budget_bytes or psutil.virtual_memory().total)
+            budget = TierBudget(Tier.HOST, cfg.host_budget_bytes or available_host_bytes())
             self._host_pool = HostPool(budget=budget, slab_bytes=64 << 20)
             self._device_budget = TierBudget(Tier.DEVICE, cfg.device_budget_bytes or (1 << 62))
 

@@ -35,27 +35,22 @@ import contextlib
 import concurrent.futures
 import dataclasses
 import enum
-import os
-import sys
-import threading
 import time
 import warnings
 import weakref
 from typing import Callable, Iterable, Iterator
 
-import psutil
 import torch
 from torch import nn
 
-from offload.config import OffloadConfig, config_from_env
+from offload.config import OffloadConfig
 from offload.optimizer import OffloadOptimizer, ParamHome
-from offload.report import placement_text, report_at_exit
 from offload.swap import Chunk, DeviceCache, SwapManager
 from offload.timeline import Timeline
 from scheduler.planner import Plan, UnitPlacement
 from storage import HostPool, NvmeStore, Tier, TierBudget, TierFullError, format_bytes
 from storage import faults
-from storage.memory import aligned_empty
+from storage.memory import available_host_bytes
 
 PARAM_ALIGN = 64  # byte alignment of each parameter inside a unit's flat buffer
 
@@ -238,7 +233,7 @@ class OffloadRuntime:
         # state; without a budget in the config, the machine's memory is the limit), the device budget and its
         # buffers (at most prefetch + 2 spares per size: what the fetch pipeline has alive at once), the store.
         self.swap = SwapManager(
-            HostPool(budget_bytes=config.host_budget_bytes or psutil.virtual_memory().total),
+            HostPool(budget_bytes=config.host_budget_bytes or available_host_bytes()),
             DeviceCache(self.device, config.device_budget_bytes or (1 << 62), keep=config.prefetch + 2),
             self._open_store)
         self.swap.trace = self._trace_io
@@ -385,9 +380,15 @@ class OffloadRuntime:
         budget = self.pool.budget.capacity_bytes
         if total > budget:
             parts = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in need.items() if v)
+            fixes = [f"raise host_budget_bytes to at least {total}"]
+            if need["params"] + need["grads"] + need["state"]:
+                fixes.append("put more on NVMe (param_tier, grad_tier, state_tier='nvme')")
+            if need["state_in_flight"] and self.config.buffers > 1:
+                fixes.append(f"stream state through fewer buffers (buffers={self.config.buffers}; 1 is the least)")
+            fixes.append("cut the largest units smaller (wrap's units=...: the in-flight buffers are per unit, "
+                         f"the largest holding {format_bytes(max(u.nbytes for u in self.units))} of params)")
             raise ValueError(f"{who}: the host budget of {format_bytes(budget)} is below the {format_bytes(total)} "
-                             f"({total} B) this placement needs at least ({parts}): raise host_budget_bytes to at "
-                             f"least {total}, or put more on NVMe (param_tier, grad_tier, state_tier='nvme')")
+                             f"({total} B) this placement needs at least ({parts}): " + ", or ".join(fixes))
         grad = max((u.grad_nbytes for u in self.units if u.grad_tier is Tier.NVME), default=0)
         return 1 + (budget - total) // ((grad + 4095) // 4096 * 4096) if grad else len(self.units)
 
@@ -1193,40 +1194,3 @@ def runtime_of(model: nn.Module) -> OffloadRuntime:
         raise ValueError(f"runtime_of: expected a model returned by offload.wrap, got a {type(model).__name__} that "
                          f"was not wrapped: call offload.wrap(model, optimizer, config) first")
     return rt
-
-
-def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, config: OffloadConfig | None = None, *,
-         units: Callable[[nn.Module], list[tuple[str, list[nn.Module]]]] | None = None,
-         plan: Plan | None = None) -> tuple[nn.Module, OffloadOptimizer]:
-    """Offload ``model``'s params, grads and ``optimizer``'s state per ``config``; returns the same module
-    (changed in place: hooks, params emptied between uses) and the :class:`OffloadOptimizer` to use instead of
-    ``optimizer``. The training loop stays ``loss = model(x); loss.backward(); opt.step(); opt.zero_grad()``.
-
-    Clip with ``opt.clip_grad_norm_(max_norm)``: the grads are no longer in ``param.grad``. Without ``config``,
-    the one ``offload run`` was given (``OFFLOAD_CONFIG``) is used, else the defaults.
-
-    ``plan``: a :class:`scheduler.Plan` placing each unit on its own (unit 0 is ``rest``, then the blocks, the
-    order of :func:`offload.measure.workload_of`): params on host, nvme or device (kept resident), grads on host or
-    nvme, state on host, nvme or device, updated on cpu or device; its ``prefetch_depth``, ``state_buffers`` and
-    ``overlap_update`` replace the config's. The config gives the rest (``nvme_dirs``, budgets, clipping, ...).
-    ``model._offload_runtime.apply_plan(plan)`` switches plans between iterations; with
-    ``OffloadConfig(replan=True)`` the runtime re-plans from its measured rates (:mod:`offload.autoplan`).
-    """
-    runtime = OffloadRuntime(model, optimizer, config or config_from_env() or OffloadConfig(), units=units,
-                             plan=plan)
-    model._offload_runtime = runtime
-    orig_zero_grad = model.zero_grad
-
-    def zero_grad(set_to_none: bool = True):
-        runtime.zero_grad()
-        orig_zero_grad(set_to_none)
-
-    model.zero_grad = zero_grad
-    if runtime.config.replan:  # re-plan from measured rates (offload/autoplan.py; imported here: it imports us)
-        from offload import autoplan
-
-        autoplan.from_config(model, runtime.config)
-    if os.environ.get("OFFLOAD_PRINT_PLAN") and int(os.environ.get("RANK", "0")) == 0:  # under `offload run`
-        print(placement_text(runtime), file=sys.stderr, flush=True)
-    report_at_exit(model, runtime.optimizer)
-    return model, runtime.optimizer

@@ -34,7 +34,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from storage import HostPool, NvmeStore, Tier, TierBudget, TierFullError
+from storage import HostPool, NvmeStore, Tier, TierBudget
 from storage.memory import aligned_empty
 
 
@@ -157,6 +157,7 @@ class SwapManager:
         self._open_store = open_store
         self._store: NvmeStore | None = None
         self._cond = threading.Condition()
+        self._chunks: list[Chunk] = []  # every chunk made here, for close()
         self.trace: Callable[[str, str, int], Callable[[], None]] | None = None
         """Called when a chunk read or write is issued, with (resource, key, bytes); what it returns is called on
         an I/O thread when the transfer lands (the runtime counts the bytes and draws it on its timeline)."""
@@ -182,6 +183,7 @@ class SwapManager:
         if home is Tier.HOST:
             c._tensor, c._release = self._acquire(nbytes)
             c.state = ChunkState.READY
+        self._chunks.append(c)
         return c
 
     def _acquire(self, nbytes: int) -> tuple[torch.Tensor, Callable[[], None]]:
@@ -403,5 +405,16 @@ class SwapManager:
             handle.future.add_done_callback(lambda _f: done())
 
     def close(self) -> None:
+        """Wait for the I/O in flight, give every chunk's buffer back and the pool's empty slabs to the OS, and
+        close the store (its files stay until the directory is removed)."""
+        for c in self._chunks:
+            with self._cond:
+                while c.state in (ChunkState.LOADING, ChunkState.WRITING):
+                    self._cond.wait()
+            if c._release is not None:
+                c._release()
+            c._tensor, c._release = None, None
+        self._chunks.clear()
+        self.pool.trim()
         if self._store is not None:
             self._store.close()

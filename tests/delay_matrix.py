@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import itertools
 import sys
 import tempfile
@@ -25,6 +26,7 @@ import time
 import torch
 
 from offload import OffloadConfig, wrap
+from offload.runtime import runtime_of
 from scheduler.planner import Plan, UnitPlacement
 from scheduler.workload import TransformerShape, build_transformer
 from storage import Tier
@@ -130,7 +132,7 @@ def run_cell(cell: Cell, seed: int | None, nvme_dir: str, *, rule=None) -> list[
                         impl="as_given", device_budget_bytes=budget, prefetch=1, overlap_update=cell.overlap,
                         accumulation_steps=cell.accum, max_grad_norm=cell.clip)
     model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1), cfg)
-    rt = model._offload_runtime
+    rt = runtime_of(model)
 
     def switch(step: int) -> None:
         if cell.switch and step == 0:  # every tier flips between the first and second step
@@ -152,6 +154,7 @@ def run_cell(cell: Cell, seed: int | None, nvme_dir: str, *, rule=None) -> list[
         return bad
     finally:
         rt.close()
+        gc.collect()  # the wrapped model's hooks hold reference cycles: free its memory before the next cell
 
 
 def main(argv=None) -> int:

@@ -16,6 +16,7 @@ import torch
 
 from helpers import TINY_GPT, gpt
 from offload import OffloadConfig, RunReport, autoplan, wrap
+from offload.runtime import runtime_of
 from offload.measure import workload_of
 from scheduler import profile
 from scheduler.planner import Plan, UnitPlacement, uniform
@@ -64,15 +65,15 @@ def fast_disk_profile(path: Path) -> str:
 def test_from_config_attaches_one_replanner_on_the_named_profile(tmp_path):
     model, _, cfg = wrapped(tmp_path)
     assert autoplan.from_config(model, cfg) is None  # replan off: nothing attached
-    assert autoplan.replanner_of(model) is None and model._offload_runtime.on_iteration == []
+    assert autoplan.replanner_of(model) is None and runtime_of(model).on_iteration == []
     path = fast_disk_profile(tmp_path / "fast.json")
     on = dataclasses.replace(cfg, replan=True, profile=path)
     rp = autoplan.from_config(model, on)
     assert isinstance(rp, Replanner) and rp.profile.name == "fast-disk" and rp.profile.disk_read_gbps == 100.0
     assert rp.plan.compact() == "NNc x4"  # the config's placement, as the runtime runs it
     # Called again (offload.wrap does it, and a script may too): the same Replanner, not a second one.
-    assert autoplan.from_config(model, on) is rp and len(model._offload_runtime.on_iteration) == 1
-    model._offload_runtime.close()
+    assert autoplan.from_config(model, on) is rp and len(runtime_of(model).on_iteration) == 1
+    runtime_of(model).close()
 
 
 def test_from_config_default_profile_is_what_offload_plan_resolves(tmp_path, monkeypatch):
@@ -80,7 +81,7 @@ def test_from_config_default_profile_is_what_offload_plan_resolves(tmp_path, mon
     model, _, cfg = wrapped(tmp_path / "store", replan=True)
     rp = autoplan.from_config(model, cfg)
     assert rp.profile.name == profile.resolve(None).name == "cpu-dev-2core"
-    model._offload_runtime.close()
+    runtime_of(model).close()
 
 
 def test_wrap_enables_replan_from_config(tmp_path):
@@ -88,7 +89,7 @@ def test_wrap_enables_replan_from_config(tmp_path):
     try:
         assert autoplan.replanner_of(model) is not None
     finally:
-        model._offload_runtime.close()
+        runtime_of(model).close()
 
 
 # -- the run report's re-plans section -------------------------------------------------------------------------------
@@ -96,7 +97,7 @@ def test_report_shows_each_switch_in_text_and_json(tmp_path):
     """A plan applied by hand after step 2 and one returned by an on_iteration callback after step 3: each is in
     the report with the iteration it first ran, who chose it, old -> new placement and the bytes it moved."""
     model, opt, _ = wrapped(tmp_path / "store")
-    rt = model._offload_runtime
+    rt = runtime_of(model)
     report = RunReport(model, opt, progress=False)
     by_hand = Plan(strategy="test", units=(UnitPlacement(D, H, "cpu"), UnitPlacement(H, N, "cpu"),
                                            UnitPlacement(N, H, "cpu"), UnitPlacement(H, D, "device")), prefetch_depth=1)
@@ -156,7 +157,7 @@ def test_report_shows_the_per_unit_placement_of_a_mixed_plan(tmp_path):
     assert "placement per unit (4 units" in text and "re-plans" not in text
     assert "  blocks.0 .. blocks.1: params on nvme, grads on host, state on nvme, updated on cpu" in text
     assert "  blocks.2: params on host, grads on host, state on device, updated on device" in text
-    model._offload_runtime.close()
+    runtime_of(model).close()
 
 
 # -- offload run --set replan=true, end to end ------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from offload import CheckpointReader, OffloadConfig, OffloadOptimizer, load_checkpoint, save_checkpoint, wrap
+from offload.runtime import runtime_of
 from offload.checkpoint import CheckpointError, CheckpointWriter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -165,7 +166,7 @@ def test_sigkill_and_resume_in_a_new_process_is_bit_identical(tmp_path):
         model, opt, sched = wrapped(0, "nvme", tmp_path / "ref")
         train(model, opt, 6, sched)
         ref = model.state_dict(), opt.state_dict()
-        model._offload_runtime.close()
+        runtime_of(model).close()
     ckpt = tmp_path / "ckpt"
     r = run_child("save-then-die", ckpt, tmp_path / "store_a", "-")
     assert r.returncode == -signal.SIGKILL, r.stderr
@@ -183,11 +184,11 @@ def test_wrap_on_nvme_resumes_on_host_streaming(tmp_path):
         model, opt, sched = wrapped(0, "nvme", tmp_path / "ref")
         train(model, opt, 6, sched)
         ref = model.state_dict(), opt.state_dict()
-        model._offload_runtime.close()
+        runtime_of(model).close()
 
         model, opt, sched = wrapped(0, "nvme", tmp_path / "a")
         train(model, opt, 3, sched)
-        rt = model._offload_runtime
+        rt = runtime_of(model)
         pool, peak, real = rt.pool, [0], rt.pool.acquire
 
         def acquire(*a, **kw):
@@ -210,7 +211,7 @@ def test_wrap_on_nvme_resumes_on_host_streaming(tmp_path):
         assert meta["step"] == 3 and meta["config"]["state_tier"] == "nvme" and meta["optimizer"] == "AdamW"
         train(model, opt, 3, sched)
         assert_same(model.state_dict(), opt.state_dict(), *ref)
-        model._offload_runtime.close()
+        runtime_of(model).close()
 
 
 def test_offload_optimizer_to_plain_torch_and_back(tmp_path):

@@ -4,12 +4,14 @@ runs and matches plain PyTorch (no deadlock between the fetch, grad and update t
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 
 import pytest
 import torch
 
 from delay_matrix import SHAPE
 from offload import OffloadConfig, wrap
+from offload.runtime import runtime_of
 from offload.runtime import OffloadRuntime
 from scheduler.workload import build_transformer
 
@@ -33,9 +35,10 @@ def _cfg(tmp_path, budget, **kw):
 def _minimum(tmp_path, **kw) -> int:
     m = _gpt()
     model, _ = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2), _cfg(tmp_path / "probe", None, **kw))
-    rt = model._offload_runtime
+    rt = runtime_of(model)
     need = sum(rt.host_minimum().values())
     rt.close()
+    gc.collect()
     return need
 
 
@@ -67,6 +70,7 @@ def test_budget_below_the_minimum_is_refused_and_at_it_trains(overlap, tmp_path)
     with concurrent.futures.ThreadPoolExecutor(1) as ex:
         losses = ex.submit(_train, model, opt).result(timeout=300)
     assert losses == losses_ref
-    rt: OffloadRuntime = model._offload_runtime
+    rt: OffloadRuntime = runtime_of(model)
     assert rt.pool.stats()["peak_in_use_bytes"] <= need
     rt.close()
+    gc.collect()

@@ -10,12 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ["storage", "scheduler", "offload"]
 
-KNOWN_EDGES = {
-    ("offload.runtime", "offload.autoplan"):
-        "offload.wrap() imports offload.autoplan inside the function for OffloadConfig(replan=True), and autoplan "
-        "is built on the runtime (it imports offload.runtime and offload.measure). The edge goes when wrap() stops "
-        "calling into autoplan; remove this entry then (test_known_edges_still_exist says so).",
-}
+KNOWN_EDGES: dict[tuple[str, str], str] = {}
 """Edges left out of the check, each with why and what removes it. Keep this empty but for a reason."""
 
 

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from offload.runtime import runtime_of
 from scheduler import profile, workload
 from scheduler.cost import CostModel
 from scheduler.planner import Plan, UnitPlacement, uniform
@@ -333,7 +334,7 @@ def test_autoplan_reads_the_wrapped_model_and_the_runtimes_budgets(tmp_path):
     assert rp.profile.device_memory_bytes == (1 << 20) + cm.act_bytes + grads
     assert rp.profile.host_memory_bytes == 64 << 20
     assert "OffloadConfig.host_budget_bytes" in rp.profile.sources["host_memory_bytes"]
-    model._offload_runtime.close()
+    runtime_of(model).close()
 
 
 def test_autoplan_switches_a_real_run_and_training_stays_bit_identical(tmp_path, monkeypatch):
@@ -368,7 +369,7 @@ def test_autoplan_switches_a_real_run_and_training_stays_bit_identical(tmp_path,
     model, opt = wrap(model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1), cfg)
     fast = dataclasses.replace(profile.resolve("cpu-dev-2core"), disk_read_gbps=100.0, disk_write_gbps=100.0)
     rp = autoplan.enable(model, profile=fast, batch=4, seq=16, patience=3, warmup=1)
-    rt = model._offload_runtime
+    rt = runtime_of(model)
     gen = torch.Generator().manual_seed(1)
     plans = []
     for _ in range(8):

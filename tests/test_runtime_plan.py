@@ -12,6 +12,7 @@ import torch
 import helpers
 from helpers import TINY_GPT, lm_loss, token_batches
 from offload import OffloadConfig, RunReport, load_checkpoint, save_checkpoint, wrap
+from offload.runtime import runtime_of
 from offload.measure import measure, workload_of
 from offload.report import placement_text
 from offload.swap import ChunkState
@@ -83,7 +84,7 @@ class Pair:
         tmp_path.mkdir(parents=True, exist_ok=True)
         cfg = {"nvme_dirs": str(tmp_path), "impl": "as_given", **cfg}
         self.model, self.opt = wrap(m, adamw(m), OffloadConfig(**cfg), plan=first)
-        self.rt = self.model._offload_runtime
+        self.rt = runtime_of(self.model)
 
     def step(self, idx) -> None:
         for model, opt in ((self.ref, self.plain), (self.model, self.opt)):
@@ -313,7 +314,7 @@ def test_checkpoint_after_a_switch_resumes_bit_identical(tmp_path):
         opt.step()
         opt.zero_grad()
     assert_same(ref, plain, model, opt)  # where plain torch (and the run that never stopped) ended
-    model._offload_runtime.close()
+    runtime_of(model).close()
 
 
 def test_measure_runs_a_mixed_plan_and_its_bytes_match_the_cost_model(tmp_path):
@@ -345,7 +346,7 @@ def test_apply_plan_sizes_device_state_without_the_masters_it_drops(tmp_path):
     budget = 4 << 20
     m, opt = wrap(m, torch.optim.AdamW(m.parameters()), OffloadConfig(
         param_tier="nvme", state_tier="nvme", nvme_dirs=str(tmp_path), device_budget_bytes=budget))
-    rt = m._offload_runtime
+    rt = runtime_of(m)
     idx = torch.randint(0, shape.vocab, (4, 17))
     m(idx[:, :-1]).sum().backward()
     opt.step()
@@ -369,7 +370,7 @@ def test_a_plan_the_budget_refuses_from_a_callback_is_skipped_not_fatal(tmp_path
     budget = sum(p.numel() * p.element_size() for p in m.parameters()) // 2
     model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2), OffloadConfig(
         param_tier="host", state_tier="host", nvme_dirs=str(tmp_path), device_budget_bytes=budget, impl="as_given"))
-    rt = model._offload_runtime
+    rt = runtime_of(model)
     all_device = plan((up(D, D, "device"),) * UNITS)
     rt.on_iteration.append(lambda rec: all_device if rec["iteration"] == 1 else None)
     for i, idx in enumerate(data):

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from offload.runtime import runtime_of
 from offload.cli import main
 
 GiB = 1 << 30
@@ -187,8 +188,8 @@ def test_plan_json_runs_in_wrap(tmp_path, monkeypatch, capsys):
     idx = torch.randint(0, 97, (2, 9))
     model(idx[:, :-1]).sum().backward()
     opt.step()
-    assert model._offload_runtime.plan is plan
-    assert [r["params"] for r in model._offload_runtime.placements()] == [u["params"] for u in d["units"]]
-    model._offload_runtime.close()
+    assert runtime_of(model).plan is plan
+    assert [r["params"] for r in runtime_of(model).placements()] == [u["params"] for u in d["units"]]
+    runtime_of(model).close()
     with pytest.raises(ValueError, match=r"Plan.from_dict: expected Plan.to_dict\(\)'s form"):
         Plan.from_dict({"units": [{"params": "host"}]})

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from offload import OffloadConfig, OffloadOptimizer, wrap
+from offload.runtime import runtime_of
 from scheduler.workload import TransformerShape, build_transformer
 from storage import HostPool
 
@@ -91,7 +92,7 @@ def test_wrap_parity_and_memory_budget(tier, tmp_path):
     base = torch.cuda.memory_allocated()
     l = train(model, opt, b)
     peak = torch.cuda.max_memory_allocated() - base
-    rt = model._offload_runtime
+    rt = runtime_of(model)
     torch.testing.assert_close(torch.tensor(l), torch.tensor(l_ref), rtol=1e-5, atol=1e-6)
     assert rt.device_budget.peak_bytes <= budget
     # Params are held within the budget; activations and grads in flight come on top, but far less than the

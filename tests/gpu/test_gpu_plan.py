@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from offload import OffloadConfig, wrap
+from offload.runtime import runtime_of
 from scheduler.planner import Plan, UnitPlacement
 from scheduler.workload import TransformerShape, build_transformer
 from storage import Tier
@@ -43,7 +44,7 @@ def test_plan_and_switches_on_the_gpu(units, exact, tmp_path):
     first = Plan(strategy="gpu", units=units, prefetch_depth=1)
     model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-3),
                       OffloadConfig(nvme_dirs=str(tmp_path), impl="fused"), plan=first)
-    rt = model._offload_runtime
+    rt = runtime_of(model)
     g = torch.Generator().manual_seed(1)
     plans = [first, Plan(strategy="b", units=units[2:] + units[:2], overlap_update=False),
              Plan(strategy="c", units=units[1:] + units[:1], prefetch_depth=2), first]

@@ -1,0 +1,66 @@
+"""The public entry point: :func:`wrap` a model and its optimizer (and :func:`~offload.runtime.runtime_of` to
+reach what it made). Kept apart from :mod:`offload.runtime` so that the runtime imports none of the modules that
+build on it (re-planning, reports)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+import torch
+from torch import nn
+
+from offload.autoplan import from_config as replan_from_config
+from offload.config import OffloadConfig, config_from_env
+from offload.optimizer import OffloadOptimizer
+from offload.report import placement_text, report_at_exit
+from offload.runtime import OffloadRuntime, runtime_of  # noqa: F401 - runtime_of: named in the docstrings
+from scheduler.planner import Plan
+
+
+def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, config: OffloadConfig | None = None, *,
+         units: Callable[[nn.Module], list[tuple[str, list[nn.Module]]]] | None = None,
+         plan: Plan | None = None) -> tuple[nn.Module, OffloadOptimizer]:
+    """Offload ``model``'s params, grads and ``optimizer``'s state per ``config``; returns the same module and
+    the :class:`OffloadOptimizer` to use instead of ``optimizer``. The training loop stays
+    ``loss = model(x); loss.backward(); opt.step(); opt.zero_grad()``.
+
+    What it changes, all of it (``runtime_of(model).close()`` removes the hooks and frees the memory):
+
+    - the model: forward, backward and post-accumulate-grad hooks on its units; each param's ``.data`` is an
+      empty tensor between uses (``model.state_dict()`` still returns the real weights); ``model.zero_grad``
+      also forgets the offloaded grads; ``model._offload_runtime`` holds the runtime (reach it with
+      :func:`runtime_of`);
+    - the optimizer: its state moves into the returned one; do not step the original;
+    - with ``OffloadConfig(replan=True)``: a re-planner is attached (:func:`offload.autoplan.from_config`);
+    - under ``offload run`` (``OFFLOAD_PRINT_PLAN`` set): the placement is printed to stderr on rank 0;
+    - at interpreter exit (and under ``offload run``, to its report directory): the run report
+      (:func:`offload.report.report_at_exit`).
+
+    Clip with ``opt.clip_grad_norm_(max_norm)``: the grads are no longer in ``param.grad``. Without ``config``,
+    the one ``offload run`` was given (``OFFLOAD_CONFIG``) is used, else the defaults.
+
+    ``plan``: a :class:`scheduler.Plan` placing each unit on its own (unit 0 is ``rest``, then the blocks, the
+    order of :func:`offload.measure.workload_of`): params on host, nvme or device (kept resident), grads on host or
+    nvme, state on host, nvme or device, updated on cpu or device; its ``prefetch_depth``, ``state_buffers`` and
+    ``overlap_update`` replace the config's. The config gives the rest (``nvme_dirs``, budgets, clipping, ...).
+    ``runtime_of(model).apply_plan(plan)`` switches plans between iterations; with
+    ``OffloadConfig(replan=True)`` the runtime re-plans from its measured rates (:mod:`offload.autoplan`).
+    """
+    runtime = OffloadRuntime(model, optimizer, config or config_from_env() or OffloadConfig(), units=units,
+                             plan=plan)
+    model._offload_runtime = runtime
+    orig_zero_grad = model.zero_grad
+
+    def zero_grad(set_to_none: bool = True):
+        runtime.zero_grad()
+        orig_zero_grad(set_to_none)
+
+    model.zero_grad = zero_grad
+    if runtime.config.replan:  # re-plan from measured rates
+        replan_from_config(model, runtime.config)
+    if os.environ.get("OFFLOAD_PRINT_PLAN") and int(os.environ.get("RANK", "0")) == 0:  # under `offload run`
+        print(placement_text(runtime), file=sys.stderr, flush=True)
+    report_at_exit(model, runtime.optimizer)
+    return model, runtime.optimizer
