@@ -275,20 +275,25 @@ class SwapManager:
             return c._tensor if c.state in _HAS_BUFFER else None
 
     def write_back(self, c: Chunk, *, evict: bool = True, wait: bool = False) -> None:
-        """Write ``c``'s buffer to the store (READY or DIRTY -> WRITING -> STORED, or READY without ``evict``).
-        Returns once the write is issued, or has landed with ``wait``."""
+        """Write ``c``'s new bytes to the store (DIRTY -> WRITING -> STORED, or READY without ``evict``); a READY
+        chunk has nothing new (the store holds its bytes) and is only evicted. Returns once the write is issued,
+        or has landed with ``wait``."""
         with self._cond:
-            while True:
-                self._wait(c)
-                if not c.pinned:
-                    break
-                self._cond.wait()
-            if c.state not in _HAS_BUFFER:
-                return
+            self._wait_idle(c)
             if c.home is not Tier.NVME:
                 raise AssertionError(f"write_back of {c!r}: only store chunks are written back")
+            if c.state is ChunkState.READY and evict:
+                self._let_go(c, ChunkState.STORED)
+            if c.state is not ChunkState.DIRTY:
+                return
             c.state = ChunkState.WRITING
-        handle = self.store.write(c.key, c._tensor)
+        try:
+            handle = self.store.write(c.key, c._tensor)
+        except BaseException:  # not issued (a closed store, a full one): the bytes stay here
+            with self._cond:
+                c.state = ChunkState.DIRTY
+                self._cond.notify_all()
+            raise
         self._trace(handle, "disk_write", c.key, c.nbytes)
 
         def landed(f) -> None:
@@ -296,9 +301,7 @@ class SwapManager:
                 if f.exception() is not None:  # the store kept the previous version: keep ours in memory
                     c.state, c._error = ChunkState.DIRTY, f.exception()
                 elif evict:
-                    c._release()
-                    c._tensor, c._release = None, None
-                    c.state = ChunkState.STORED
+                    self._let_go(c, ChunkState.STORED)
                 else:
                     c.state = ChunkState.READY
                 self._cond.notify_all()
@@ -315,30 +318,32 @@ class SwapManager:
     def evict(self, c: Chunk) -> None:
         """READY -> STORED: give the buffer back (the store has the same bytes). Any other state is left."""
         with self._cond:
-            while True:
-                self._wait(c)
-                if not c.pinned:
-                    break
-                self._cond.wait()
+            self._wait_idle(c)
             if c.state is ChunkState.READY and c.home is Tier.NVME:  # DIRTY keeps its bytes for a write_back
-                c._release()
-                c._tensor, c._release = None, None
-                c.state = ChunkState.STORED
+                self._let_go(c, ChunkState.STORED)
 
     def drop(self, c: Chunk) -> None:
         """Forget ``c``'s bytes (-> EMPTY): its buffer goes back to the pool, a HOST chunk keeps its own."""
         with self._cond:
-            while True:
-                self._wait(c)
-                if not c.pinned:
-                    break
-                self._cond.wait()
-            if c.home is Tier.HOST:
+            self._wait_idle(c)
+            if c.home is not Tier.HOST:
+                self._let_go(c, ChunkState.EMPTY)
+
+    def _wait_idle(self, c: Chunk) -> None:
+        """Under the lock: until no I/O is in flight on ``c`` and nobody holds it."""
+        while True:
+            self._wait(c)
+            if not c.pinned:
                 return
-            if c._release is not None:
-                c._release()
-            c._tensor, c._release = None, None
-            c.state = ChunkState.EMPTY
+            self._cond.wait()
+
+    @staticmethod
+    def _let_go(c: Chunk, state: ChunkState) -> None:
+        """Under the lock (or with no other user left): ``c``'s buffer back to the pool, and ``c`` is ``state``."""
+        if c._release is not None:
+            c._release()
+        c._tensor, c._release = None, None
+        c.state = state
 
     def rehome(self, c: Chunk, home: Tier, *, keep: bool = True) -> None:
         """Between iterations: move ``c`` to ``home`` (HOST or NVME), its bytes with it when ``keep`` (a store
@@ -390,14 +395,12 @@ class SwapManager:
 
     def free(self, c: Chunk) -> None:
         """The chunk is no longer used: its buffer back to the pool, its store copy (an NVMe chunk's) deleted."""
-        self.settle(c)
-        if c._release is not None:
-            c._release()
-        c._tensor, c._release = None, None
-        if c.home is Tier.NVME and c.state is not ChunkState.EMPTY and self._store is not None \
-                and c.key in self._store:
+        with self._cond:
+            self._wait_idle(c)
+            stored = c.home is Tier.NVME and c.state is not ChunkState.EMPTY
+            self._let_go(c, ChunkState.EMPTY)
+        if stored and self._store is not None and c.key in self._store:
             self._store.delete(c.key)
-        c.state = ChunkState.EMPTY
 
     def _trace(self, handle, resource: str, key: str, nbytes: int) -> None:
         if self.trace is not None:
@@ -411,9 +414,7 @@ class SwapManager:
             with self._cond:
                 while c.state in (ChunkState.LOADING, ChunkState.WRITING):
                     self._cond.wait()
-            if c._release is not None:
-                c._release()
-            c._tensor, c._release = None, None
+                self._let_go(c, ChunkState.EMPTY)
         self._chunks.clear()
         self.pool.trim()
         if self._store is not None:

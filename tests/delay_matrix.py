@@ -7,6 +7,7 @@ every cell with many seeds and prints the mismatch count:
 
     .venv/bin/python tests/delay_matrix.py --seeds 20            # every cell (about 2 hours on 2 cores)
     .venv/bin/python tests/delay_matrix.py --seeds 20 --model gpt --params nvme
+    for k in 0 1 2 3 4 5; do .venv/bin/python tests/delay_matrix.py --seeds 20 --shard $k/6 & done; wait
 
 A cell: model (our GPT, HF Llama), where params, grads and state live (host or nvme each), the overlapped update
 on or off, 1 or 3 micro-batches per step, clipping on or off, and whether the placement switches (every tier
@@ -162,6 +163,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=20, help="seeds per cell (default 20)")
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--covering", action="store_true", help="only the default suite's covering cells")
+    ap.add_argument("--shard", default="0/1", help="K/N: run every N-th cell from the K-th (several processes)")
     for f in ("model", "params", "grads", "state"):
         ap.add_argument(f"--{f}", help=f"only cells with this {f}")
     args = ap.parse_args(argv)
@@ -169,6 +171,8 @@ def main(argv=None) -> int:
     for f in ("model", "params", "grads", "state"):
         if getattr(args, f):
             cells = [c for c in cells if getattr(c, f) == getattr(args, f)]
+    k, _, n = args.shard.partition("/")
+    cells = cells[int(k)::int(n)]
     runs = mismatches = 0
     t0 = time.perf_counter()
     for cell in cells:
