@@ -5,7 +5,7 @@
 
 Prints, per mode, the iteration time (median) and, from the runtime's measured timeline, each resource's busy
 time and the overlap efficiency ``iteration time / max over resources of busy time`` (1.0: the busiest
-resource never waited; the issue's bar is <= 1.25). Plain and offloaded iterations are interleaved.
+resource never waited; the bar is <= 1.25). Plain and offloaded iterations are interleaved.
 """
 
 from __future__ import annotations

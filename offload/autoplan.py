@@ -1,4 +1,4 @@
-"""Re-planning while training, for a wrapped model: ``offload.autoplan.enable(model)`` (issue 5, "Planner").
+"""Re-planning while training, for a wrapped model: ``offload.autoplan.enable(model)``.
 
 After each step the runtime calls ``runtime.on_iteration`` with the iteration's history record and applies a
 returned plan before the next forward (offload/runtime.py). ``enable`` appends one such callback: a

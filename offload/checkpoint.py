@@ -1,6 +1,8 @@
 """Checkpoints: save and resume a run whose weights and optimizer state live on the device, host memory and NVMe,
 streaming them one unit / subgroup / parameter at a time instead of gathering them into memory first.
 
+Why one module: the writer, the reader and the streamed loaders share one on-disk format, defined here once.
+
 API
 ---
 ``save_checkpoint(path, model, optimizer, *, step=None, extra=None, scheduler=None) -> Path``

@@ -166,8 +166,8 @@ def _plan_measure(args: argparse.Namespace, hw) -> int:
             c = run(plan, pred, "the fastest uniform placement offload.wrap runs")
     finally:
         shutil.rmtree(d, ignore_errors=True)
-    # The runtime sends the grads of device-updated units to the host and back (offload/runtime.py departs from
-    # DESIGN.md there); the cost model keeps them on the device. Said beside the d2h bytes, not folded into them.
+    # The runtime sends the grads of device-updated units to the host and back (its grads always land in a host
+    # buffer); the cost model keeps them on the device. Said beside the d2h bytes, not folded into them.
     extra = sum(w.grad_bytes(i) for i, u in enumerate(plan.units) if u.update == "device")
     if args.json:
         print(json.dumps({**c.to_dict(), "measured_plan": "runnable" if note else "planner", "note": note,

@@ -1,6 +1,8 @@
 """ShardedOffloadOptimizer: data-parallel training on torch.distributed, each rank owning a shard of the optimizer
 state and fp32 master weights (ZeRO-1/2) on its own host memory or NVMe store.
 
+Why one module: the grad buckets, the collectives and the sharded state all follow one rank's shard layout.
+
 How it works (the one note the rest of the file refers to)
 ----------------------------------------------------------
 **Buckets.** The trainable params of each param group are laid out flat, last param first (the order backward

@@ -1,5 +1,5 @@
 """Predicted vs measured: a few real iterations of a placement through :func:`offload.wrap`, beside what the
-cost model predicts for the same placement (issue 5's validation; ``offload plan --measure``,
+cost model predicts for the same placement (the cost model's validation; ``offload plan --measure``,
 ``benchmarks/plan_validate.py``).
 
 The seam between the scheduler and the runtime is :mod:`offload.plans` (:func:`config_to_plan`,

@@ -1,5 +1,8 @@
 """OffloadOptimizer: any torch optimizer, its state in subgroups on the device, in host memory or on NVMe.
 
+Why one module: the subgroup layout, the packing of chunks and the streamed step all act on the same
+``_Subgroup`` fields; the sections below divide it.
+
 How it works (the one note the rest of the code refers to)
 ----------------------------------------------------------
 The trainable parameters of each param group are cut into **subgroups** of about ``subgroup_numel`` elements.
@@ -354,7 +357,8 @@ class OffloadOptimizer(torch.optim.Optimizer):
     def _needs_master(pc: _Piece, site: str) -> bool:
         """fp32 master weights are kept in the chunk unless the piece's weights are fp32, always addressable, and
         in the memory the update runs in (then the update works on them in place). With a home, "in the memory"
-        is by tier, so that a CPU-only machine takes a GPU's path (copies and all; DESIGN.md "Tiers")."""
+        is by tier, so that a CPU-only machine takes a GPU's path (copies and all: on a CPU-only machine "device" memory is
+        a budget our accounting enforces)."""
         if pc.home is not None:
             w = pc.home.weights(pc.param)
             return w is None or w.dtype != torch.float32 or pc.home.on_device(pc.param) != (site == "device")
@@ -775,7 +779,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
 
     def _update_subgroups(self, subs: list[_Subgroup], *, late_writes: bool = False) -> None:
         """Update ``subs``. ``late_writes`` (the overlapped update, one unit per call): return once the NVMe
-        chunks' write-backs are issued; :meth:`_finish_unit_io` waits for them at the end of the step."""
+        chunks' write-backs are issued; :meth:`finish_unit_io` waits for them at the end of the step."""
         for sub in subs:
             if sub.tier is not Tier.NVME:
                 self._update(sub, sub.mem)

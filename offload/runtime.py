@@ -1,9 +1,12 @@
-"""Parameter and gradient offload through module hooks: ``offload.wrap(model, optimizer, config)``.
+"""Parameter and gradient offload through module hooks: the runtime behind ``offload.wrap(model, optimizer, config)``.
+
+Why one module: the hooks, the fetch pipeline and the grad and update threads act on one iteration's state (which
+unit is where, which backward is running, what is being updated); split, they would pass it back and forth.
 
 The model is cut into **units** (by default each child of the model's ModuleLists, i.e. each transformer block,
 plus one unit for everything else). A unit's parameters are packed into one flat buffer per tier, so a move is
-one transfer. Between uses they live on the host (a pool buffer) or on NVMe (a store chunk); on the device
-they exist only while needed:
+one transfer. Between uses they are a chunk of the swap manager (:mod:`offload.swap`), on the host or in the
+store, as are the unit's fp32 grads; on the device they exist only while needed:
 
 - forward: a unit's pre-forward hook makes its params resident (waiting for the prefetch issued earlier) and
   prefetches the next ``prefetch`` units in the order recorded on the previous pass; its post-forward hook
@@ -24,8 +27,9 @@ once and never released. :meth:`OffloadRuntime.apply_plan` switches plans betwee
 (see its docstring); ``runtime.on_iteration`` callbacks may return the next plan after each step (the re-planner's
 seam).
 
-Device memory is a :class:`~storage.TierBudget` that every fetch reserves from, so on a CPU-only machine the
-budget is enforced by our accounting exactly as it bounds a GPU. Activations are not counted.
+Device memory is the swap manager's budget (:class:`~offload.swap.DeviceCache`) that every fetch reserves from, so
+on a CPU-only machine the budget is enforced by our accounting exactly as it bounds a GPU. Activations are not
+counted. The host budget is checked at wrap against :meth:`OffloadRuntime.host_minimum`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""scheduler: decides where each chunk lives and where each update runs (issue 5: Scheduler).
+"""scheduler: decides where each chunk lives and where each update runs.
 
 profile.py (HardwareProfile: measured or hand-written rates and capacities, each with its source), probe.py
 (``offload probe``), workload.py (per-unit bytes, FLOPs, activations from shapes or a meta-device model), cost.py

@@ -1,5 +1,8 @@
 """CostModel: bytes, busy times and a simulated timeline of one iteration, for a workload, a profile and a plan.
 
+Why one module: the byte formulas, the memory count and the simulation must agree with each other, and are
+kept in step here.
+
 Everything here is a plain formula with units in its name, or a simulation built from those formulas. Both
 describe what the runtime does (offload/runtime.py, offload/optimizer.py), so that a prediction can be checked
 against a measured iteration (offload/measure.py).
@@ -43,7 +46,7 @@ stolen time is part of the compute's busy time; an operation that runs while com
 since its steal fits in the wait.
 
 Memory per tier is what the runtime allocates: resident chunks plus fixed pools (pools are allocated once and
-reused, DESIGN.md "Tiers"), so the peak equals the total; see :meth:`CostModel.memory`.
+reused), so the peak equals the total; see :meth:`CostModel.memory`.
 
 The simulation (:meth:`CostModel.simulate`) is a discrete-event list schedule: each operation has a resource, a
 duration and the operations it waits for; an operation becomes ready when all of those have ended, and each

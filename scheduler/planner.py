@@ -1,6 +1,6 @@
 """Plan and planner: where each unit's params, grads and optimizer state live, where its update runs.
 
-``plan(workload, profile)`` is a pure, deterministic function. The search (what DESIGN.md, "Scheduler", sketches):
+``plan(workload, profile)`` is a pure, deterministic function. The search:
 
 1. **Greedy on counts.** Units of equal size are interchangeable for bytes and busy times, so the search first
    works on *how many* units of each size take each placement option. It starts from no offload and, while a

@@ -1,5 +1,5 @@
 """Re-planning during training: the rates a running job measures correct the profile, and a better plan is
-adopted at an iteration boundary when the corrected profile says it pays (issue 5, "Planner").
+adopted at an iteration boundary when the corrected profile says it pays.
 
 After each iteration the runtime hands over its history record (``OffloadRuntime.after_step``: ``{"iteration",
 "wall_s", "timeline": Timeline.summary(), "stats"}``) and :class:`Replanner` does three things:

@@ -1,6 +1,6 @@
 """Workload: what one training iteration of a model asks of the hardware, per unit, without allocating the model.
 
-A **unit** is a group of modules moved and updated together (DESIGN.md, "Chunks and handles"): each child of
+A **unit** is a group of modules moved and updated together: each child of
 the model's largest ``nn.ModuleList`` (its repeated blocks), plus one ``rest`` unit for everything else
 (embeddings, final norm, output head). ``rest`` is used at both ends of the iteration (embedding first, head last
 in forward; head first, embedding last in backward), which is why the cost model treats it specially.

@@ -1,5 +1,8 @@
 """The NVMe tensor store: named chunks of tensor bytes in pre-allocated files on local disks.
 
+Why one module: allocation, the I/O threads, checksums and the journal all change one index under the store's
+one lock.
+
 How a chunk is kept
 -------------------
 A chunk of ``n`` bytes is cut into *blocks* of ``block_bytes`` (the last one shorter). Each block is one I/O
