@@ -393,8 +393,15 @@ class OffloadRuntime:
                          f"the largest holding {format_bytes(max(u.nbytes for u in self.units))} of params)")
             raise ValueError(f"{who}: the host budget of {format_bytes(budget)} is below the {format_bytes(total)} "
                              f"({total} B) this placement needs at least ({parts}): " + ", or ".join(fixes))
+        return self._grad_backlog_for(total)
+
+    def _grad_backlog_for(self, minimum: int) -> int:
+        """How many units' NVMe grads may wait for their overlapped update at once: one, plus as many more as the
+        host budget holds beyond ``minimum``."""
         grad = max((u.grad_nbytes for u in self.units if u.grad_tier is Tier.NVME), default=0)
-        return 1 + (budget - total) // ((grad + 4095) // 4096 * 4096) if grad else len(self.units)
+        if not grad:
+            return len(self.units)
+        return 1 + max(0, self.pool.budget.capacity_bytes - minimum) // ((grad + 4095) // 4096 * 4096)
 
     def _open_store(self) -> NvmeStore:
         cfg = self.config
@@ -1055,10 +1062,11 @@ class OffloadRuntime:
             moved = [u.name for u in order if self._move_unit(u, plan.units[u.index])]
         finally:
             self._io_label = ""
-        self.swap.device.keep = self.config.prefetch + 2
         self.config = self.optimizer.config = _with_plan(self.config, plan)
         self.overlap = self.config.overlap_update and self.config.max_grad_norm is None \
             and self.config.loss_scale is None
+        self.swap.device.keep = self.config.prefetch + 2
+        self._grad_backlog = self._grad_backlog_for(sum(self.host_minimum().values()))
         self.plan = plan
         after = self._link_bytes()
         delta = {k: after[k] - before[k] for k in after}
