@@ -1031,7 +1031,7 @@ class _Ranks:
 
     def __init__(self, optimizer):
         self.sharded = isinstance(optimizer, ShardedOffloadOptimizer)
-        self.group = optimizer._pg if self.sharded else None
+        self.group = optimizer.process_group if self.sharded else None
         self.rank, self.world = (optimizer.rank, optimizer.world) if self.sharded else (0, 1)
         self.shared: list[dict] = []
 

@@ -611,6 +611,11 @@ class ShardedOffloadOptimizer(torch.optim.Optimizer):
 
     # -- reporting --------------------------------------------------------------------------------------------------
     @property
+    def process_group(self):
+        """The process group this optimizer shards over (``None``: the default group)."""
+        return self._pg
+
+    @property
     def stats(self) -> dict:
         """Counters since construction: steps, grad buckets reduced in backward and at the step, the last norm."""
         return self._stats
