@@ -287,10 +287,18 @@ class OffloadRuntime:
         self._released_once = False  # until then, params still hold their weights in param.data
         self.plan: Plan | None = plan
         """The plan running now (``None``: the config's uniform placement)."""
-        self._init_tiers()
-        self._home = _Home(self)
-        self.optimizer = self._make_optimizer(optimizer)
-        self._grad_backlog = self._check_host_budget("offload.wrap")
+        try:
+            self._init_tiers()
+            self._home = _Home(self)
+            self.optimizer = self._make_optimizer(optimizer)
+            self._grad_backlog = self._check_host_budget("offload.wrap")
+        except BaseException:  # refused (or failed): the model keeps its params; give back what was taken
+            for lane in (self._copy_pool, self._update_pool, self._grad_pool):
+                lane.shutdown(wait=True)
+            if getattr(self, "optimizer", None) is not None:
+                self.optimizer.close()
+            self.swap.close()
+            raise
         self._release_all_initial()
         self._install_hooks()
         hook = self._state_dict_hook

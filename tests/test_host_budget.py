@@ -62,6 +62,7 @@ def test_budget_below_the_minimum_is_refused_and_at_it_trains(overlap, tmp_path)
     with pytest.raises(ValueError, match=rf"host budget of .* is below the .*\({need} B\).*at least {need}"):
         wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2), _cfg(tmp_path / "below", need - 4096,
                                                                   overlap_update=overlap))
+    assert all(p.numel() > 0 for p in m.parameters()), "a refused wrap must leave the model as it was"
     ref, m = _gpt(), _gpt()
     losses_ref = _train(ref, torch.optim.AdamW(ref.parameters(), lr=1e-2))
     model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2), _cfg(tmp_path / "at", need,
