@@ -5,7 +5,7 @@ bit for bit.
 The default suite (tests/test_delays.py) runs a covering subset of the cells with a few seeds. The slow job runs
 every cell with many seeds and prints the mismatch count:
 
-    .venv/bin/python tests/delay_matrix.py --seeds 20            # every cell (about 2 hours on 2 cores)
+    .venv/bin/python tests/delay_matrix.py --seeds 20            # all 256 cells (hours on 2 cores: shard it)
     .venv/bin/python tests/delay_matrix.py --seeds 20 --model gpt --params nvme
     for k in 0 1 2 3 4 5; do .venv/bin/python tests/delay_matrix.py --seeds 20 --shard $k/6 & done; wait
 
