@@ -26,15 +26,14 @@ import time
 
 import torch
 
+from helpers import TINY_GPT, gpt, lm_loss
 from offload import OffloadConfig, wrap
 from offload.runtime import runtime_of
 from scheduler.planner import Plan, UnitPlacement
-from scheduler.workload import TransformerShape, build_transformer
 from storage import Tier
 from storage.faults import inject_delays
 
-SHAPE = TransformerShape(n_layer=3, d_model=32, n_head=4, d_ff=64, vocab=96, n_pos=16, bias=True, norm="layernorm",
-                         tied=True)
+SHAPE = TINY_GPT
 STEPS = 3
 MAX_DELAY_S = 0.05
 DELAY_P = 0.25
@@ -81,10 +80,11 @@ def covering_cells() -> list[Cell]:
 
 
 def _model(kind: str) -> torch.nn.Module:
-    torch.manual_seed(0)
     if kind == "gpt":
-        return build_transformer(SHAPE, device="cpu")
+        return gpt(SHAPE)
     import transformers
+
+    torch.manual_seed(0)
 
     cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
@@ -95,8 +95,7 @@ def _model(kind: str) -> torch.nn.Module:
 def _loss(kind: str, model, idx):
     if kind == "llama":
         return model(input_ids=idx, labels=idx).loss
-    logits = model(idx[:, :-1])
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
+    return lm_loss(model, idx)
 
 
 def _train(cell: Cell, model, opt, data, *, wrapped: bool, after_step=None) -> list[float]:

@@ -9,21 +9,10 @@ import gc
 import pytest
 import torch
 
-from delay_matrix import SHAPE
+from helpers import TINY_GPT as SHAPE, gpt as _gpt, lm_loss as _loss
 from offload import OffloadConfig, wrap
 from offload.runtime import runtime_of
 from offload.runtime import OffloadRuntime
-from scheduler.workload import build_transformer
-
-
-def _gpt():
-    torch.manual_seed(0)
-    return build_transformer(SHAPE, device="cpu")
-
-
-def _loss(model, idx):
-    logits = model(idx[:, :-1])
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
 
 
 def _cfg(tmp_path, budget, **kw):
