@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     # writes its free ones (storage_bench.store_runs), because where a file lies on this virtual disk moves its
     # speed by +-10%. One more step and a warm-up pass of the loop write the free extents once first (first
     # writes into freshly allocated extents are slow). Up to 1 GiB, as much as the store holds and has free.
-    store = nvme._store
+    store = nvme.store
     nvme.step()
     store.flush()
     committed = sum(b.length // 4096 * 4096 for c in store._index.values() for b in c.blocks)
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     raw_bufs = [raw_buf[i:i + (64 << 20)] for i in range(0, raw_size, 64 << 20)]
     raw_loop(store, raw_bufs, write=True)
     raw_loop(store, raw_bufs, write=False)
-    huge = {"optimizer_pool": huge_page_share([sl.memory for sl in nvme._host_pool._slabs]),
+    huge = {"optimizer_pool": huge_page_share([sl.memory for sl in nvme.host_pool._slabs]),
             "raw_buffers": huge_page_share(raw_bufs)}
     print(f"  buffers in 2 MiB pages: optimizer's pool {100 * huge['optimizer_pool']:.0f}%, raw loop's "
           f"{100 * huge['raw_buffers']:.0f}%", flush=True)

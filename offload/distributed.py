@@ -54,7 +54,7 @@ import torch
 import torch.distributed as dist
 
 from offload.config import OffloadConfig, config_from_env
-from offload.optimizer import ELEMENTWISE, SPLIT_ALIGN, OffloadOptimizer, PieceSpan
+from offload.optimizer import ELEMENTWISE, SPLIT_ALIGN, OffloadOptimizer, PieceSpan, fill_groups
 from offload.report import report_at_exit
 from storage import Tier
 
@@ -205,7 +205,7 @@ class ShardedOffloadOptimizer(torch.optim.Optimizer):
                 raise ValueError("ShardedOffloadOptimizer: pass an optimizer instance, or params plus optimizer_class "
                                  "(e.g. ShardedOffloadOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-4))")
             cls = optimizer_class
-            groups, defaults = OffloadOptimizer._fill_groups(cls, list(params_or_optimizer), optimizer_kwargs)
+            groups, defaults = fill_groups(cls, list(params_or_optimizer), optimizer_kwargs)
             adopted = None
         if not issubclass(cls, ELEMENTWISE):
             names = ", ".join(c.__name__ for c in ELEMENTWISE)

@@ -16,9 +16,11 @@ on tensors of the same shapes, which is why results are bit-identical (fused CPU
 differently, so the shapes must match: hence proxies per piece, never one flat tensor).
 
 All of a subgroup's state tensors and masters are packed into one contiguous **chunk** (one transfer per
-direction); the few per-piece scalars (Adam's ``step``) stay in memory. The chunk lives on the tier the
-placement gives: device memory, a host-pool buffer, or the NVMe store. For NVMe the step is a pipeline over a
-bounded number of host buffers: while subgroup *i* is updated, *i+1..i+k* are being read and *i-1* written.
+direction); the few per-piece scalars (Adam's ``step``) stay in memory. The chunk is a
+:class:`~offload.swap.Chunk` of the swap manager (offload.wrap's, shared with the model's params and grads, or
+this optimizer's own), on the tier the placement gives: device memory, a host-pool buffer, or the NVMe store.
+For NVMe the step is a pipeline over a bounded number of host buffers: while subgroup *i* is updated,
+*i+1..i+k* are being read and *i-1* written.
 
 State is created by the inner optimizer itself on its first step (so any optimizer's initial values are
 right), then moved into the chunk; a later step that adds state (a param that got its first grad) re-packs.
@@ -26,20 +28,19 @@ right), then moved into the chunk; a later step that adds state (a param that go
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
-import enum
 import inspect
 import math
 import time
-from collections import deque
+import weakref
 from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 
 from offload.config import OffloadConfig, config_from_env
-from storage import HostPool, NvmeStore, Tier, TierBudget, TierFullError, format_bytes
-from storage.memory import aligned_empty, available_host_bytes
+from offload.swap import Chunk, ChunkState, DeviceCache, SwapManager
+from storage import HostPool, NvmeStore, Tier, format_bytes
+from storage.memory import available_host_bytes
 
 # Optimizers whose every state tensor is elementwise per parameter element: their params may be sliced.
 ELEMENTWISE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad, torch.optim.RMSprop,
@@ -49,17 +50,6 @@ SPLIT_ALIGN = 1024
 vectors and round its last few elements in a scalar tail; slicing on such a boundary leaves every element in
 the same position relative to the vector width, so a sliced update is bit-identical to an unsliced one."""
 SLOT_ALIGN = 64  # byte alignment of each tensor inside a chunk: a cache line, what vector loads like
-
-
-class Residency(enum.Enum):
-    """Where a subgroup's chunk is now."""
-
-    EMPTY = "empty"
-    """No state and no master yet (before the first step of a subgroup of fp32 params)."""
-    RESIDENT = "resident"
-    """In memory: a host-pool buffer or device memory, bound for updates."""
-    STORED = "stored"
-    """Only in the NVMe store; a buffer is needed to update it."""
 
 
 class ParamHome:
@@ -178,7 +168,8 @@ class _Slot:
 
 
 class _Subgroup:
-    """One unit of update and transfer: its pieces, inner optimizer, chunk layout, residency and memory."""
+    """One unit of update and transfer: its pieces, inner optimizer, and its chunk's layout (the chunk itself,
+    its memory and where it is, belong to the swap manager)."""
 
     def __init__(self, index: int, group: int, pieces: list[_Piece], tier: Tier, site: str, has_master: bool):
         self.index = index
@@ -190,35 +181,35 @@ class _Subgroup:
         self.numel = sum(p.numel for p in pieces)
         self.inner: torch.optim.Optimizer | None = None
         self.slots: list[_Slot] = []
-        self.chunk_bytes = 0
         self.small: list[dict[str, Any]] = [{} for _ in pieces]  # per piece: scalars and non-tensor state
-        self.residency = Residency.EMPTY
-        self.mem: torch.Tensor | None = None  # uint8 chunk while resident
-        self.release: Callable[[], None] | None = None  # gives ``mem`` back to where it came from
         self.key = f"subgroup{index}"
+        self.chunk: Chunk | None = None  # made by the optimizer once the subgroup is placed
         self.home: ParamHome | None = None  # the runtime's hooks around this subgroup's update
         self.unit: int | None = None
         self.views: dict = {}  # (piece, key) -> view into the bound chunk
         self.bound_mem: torch.Tensor | None = None  # a resident chunk the inner optimizer stays bound to
 
+    @property
+    def chunk_bytes(self) -> int:
+        return self.chunk.nbytes
+
     def has_grads(self) -> bool:
         return any(p.has_grad() for p in self.pieces)
 
 
-class _WriteBack:
-    """A chunk on its way to the store: the memory it is written from and how to give that memory back."""
-
-    __slots__ = ("sub", "mem", "release", "handle")
-
-    def __init__(self, sub: _Subgroup, mem: torch.Tensor, release: Callable[[], None]):
-        self.sub, self.mem, self.release, self.handle = sub, mem, release, None
-
-    def check(self) -> BaseException | None:
-        """For a finished write: ``None`` if it committed, else its error, after putting the chunk back in memory."""
-        err = self.handle.future.exception()
-        if err is not None:
-            self.sub.mem, self.sub.release, self.sub.residency = self.mem, self.release, Residency.RESIDENT
-        return err
+def fill_groups(cls: type[torch.optim.Optimizer], params: list, kwargs: dict) -> tuple[list[dict], dict]:
+    """Param groups of ``cls`` over ``params`` (tensors or group dicts) with every hyperparameter filled in by the
+    class itself (validating them), and its defaults, without creating state for the real params (Adagrad, for
+    one, allocates state in its constructor)."""
+    if not params:
+        raise ValueError("OffloadOptimizer got an empty parameter list")
+    group_dicts = params if isinstance(params[0], dict) else [{"params": params}]
+    dummies = [{**{k: v for k, v in g.items() if k != "params"}, "params": [torch.zeros(1)]} for g in group_dicts]
+    probe = cls(dummies, **kwargs)
+    groups = []
+    for g, filled in zip(group_dicts, probe.param_groups):
+        groups.append({**{k: v for k, v in filled.items() if k != "params"}, "params": list(g["params"])})
+    return groups, dict(probe.defaults)
 
 
 class OffloadOptimizer(torch.optim.Optimizer):
@@ -263,7 +254,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
                                  "(e.g. OffloadOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-4))")
             cls = optimizer_class
             params = list(params_or_optimizer)
-            groups, defaults = self._fill_groups(cls, params, optimizer_kwargs)
+            groups, defaults = fill_groups(cls, params, optimizer_kwargs)
             adopted = None
         if cls is torch.optim.LBFGS or not issubclass(cls, torch.optim.Optimizer):
             raise NotImplementedError(f"OffloadOptimizer cannot wrap {cls.__name__}: it keeps state across all "
@@ -272,55 +263,39 @@ class OffloadOptimizer(torch.optim.Optimizer):
                                       f"Adagrad, ...)")
         self.optimizer_class = cls
         super().__init__(groups, defaults)
-        self._stats = {"steps": 0, "skipped_steps": 0, "read_bytes": 0, "write_bytes": 0, "h2d_bytes": 0,
-                       "d2h_bytes": 0, "update_s": 0.0, "cpu_update_s": 0.0, "wait_read_s": 0.0,
+        self._stats = {"steps": 0, "skipped_steps": 0, "update_s": 0.0, "cpu_update_s": 0.0, "wait_read_s": 0.0,
                        "step_s": 0.0}
         self._scale = None
         if self.config.loss_scale is not None:
             self._scale = 65536.0 if self.config.loss_scale == "dynamic" else float(self.config.loss_scale)
         self._good_steps = 0
         self._unscaled = False
-        # The overlapped update (offload.wrap) updates one unit at a time as backward completes them; between
-        # those calls: NVMe chunks read ahead of their unit's update ({subgroup index: (buffer, release, read
-        # handle, chunk bytes)}) and write-backs still in flight. Both are settled by _finish_unit_io at the step's
-        # end, so nothing outlives a step.
-        self._ahead: dict[int, tuple] = {}
-        self._late_writes: deque = deque()
-        self._late_errors: list[BaseException] = []
+        # The NVMe chunks whose host buffers the streamed step holds, in the order it took them: read ahead of
+        # their update, being written back, or kept in memory for the next step (at most ``config.buffers``;
+        # a chunk leaves once the swap manager has given its buffer back). Under the overlapped update (one
+        # unit per call) reads ahead and write-backs outlive a call: finish_unit_io settles them at the step's end.
+        self._held: dict[int, _Subgroup] = {}
         self._param_shapes = {p: tuple(p.shape) for g in self.param_groups for p in g["params"]}
-        self._setup_memory()
-        self._own_store: NvmeStore | None = None  # the store of an optimizer without a runtime
         self._subgroups: list[_Subgroup] = []
+        self._setup_memory()
         self._frozen: list[torch.Tensor] = []
         for gi in range(len(self.param_groups)):
             self._build_subgroups(gi)
+        if any(s.tier is Tier.NVME for s in self._subgroups):
+            self._swap.store  # opened now: a store that cannot be made fails here, not in the first step
         if adopted is not None and adopted["state"]:
             self._load_state(adopted["state"])
 
     # -- construction -----------------------------------------------------------------------------------------------
-    @staticmethod
-    def _fill_groups(cls, params: list, kwargs: dict) -> tuple[list[dict], dict]:
-        """Param groups with every hyperparameter filled in by the class itself (validating them), without
-        creating state for the real params (Adagrad, for one, allocates state in its constructor)."""
-        if not params:
-            raise ValueError("OffloadOptimizer got an empty parameter list")
-        group_dicts = params if isinstance(params[0], dict) else [{"params": params}]
-        dummies = [{**{k: v for k, v in g.items() if k != "params"}, "params": [torch.zeros(1)]} for g in group_dicts]
-        probe = cls(dummies, **kwargs)
-        groups = []
-        for g, filled in zip(group_dicts, probe.param_groups):
-            groups.append({**{k: v for k, v in filled.items() if k != "params"}, "params": list(g["params"])})
-        return groups, dict(probe.defaults)
-
     def _setup_memory(self) -> None:
         cfg = self.config
-        if self._runtime is not None:  # one pool, one device budget for the model and its optimizer
-            self._host_pool = self._runtime.swap.pool
-            self._device_budget = self._runtime.swap.device.budget
+        if self._runtime is not None:  # one swap manager (pool, device budget, store) for the model and its optimizer
+            self._swap = self._runtime.swap
         else:
-            budget = TierBudget(Tier.HOST, cfg.host_budget_bytes or available_host_bytes())
-            self._host_pool = HostPool(budget=budget, slab_bytes=64 << 20)
-            self._device_budget = TierBudget(Tier.DEVICE, cfg.device_budget_bytes or (1 << 62))
+            me = weakref.ref(self)  # no reference cycle: an optimizer dropped without close() frees its buffers
+            self._swap = SwapManager(HostPool(budget_bytes=cfg.host_budget_bytes or available_host_bytes()),
+                                     DeviceCache(self._device_of(), cfg.device_budget_bytes or (1 << 62), keep=2),
+                                     lambda: me()._open_store())
 
     def _device_of(self) -> torch.device:
         devices = {p.device for g in self.param_groups for p in g["params"] if p.requires_grad}
@@ -457,6 +432,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
                     cfg.update_on, str) else cfg.update_on
             has_master = any(self._needs_master(pc, site) for pc in pieces)
             sub = _Subgroup(i, gi, pieces, tier, site, has_master)
+            sub.chunk = self._swap.chunk(sub.key, 0, tier, kind="state")
             sub.home = pieces[0].home
             sub.unit = self._unit_of_pack[j] if self._runtime is not None else None
             hp = {k: v for k, v in group.items() if k != "params"}
@@ -472,47 +448,25 @@ class OffloadOptimizer(torch.optim.Optimizer):
                 pc.proxy.data = torch.empty(0)
 
     # -- memory for chunks ------------------------------------------------------------------------------------------
-    def _alloc(self, nbytes: int, where: str, *, wait: bool = True) -> tuple[torch.Tensor, Callable[[], None]]:
-        """``nbytes`` of chunk memory on the host (pool) or device; returns the memory and its release."""
-        if where == "host":
-            buf = self._host_pool.acquire(max(nbytes, 1), wait=wait)
-            return buf.tensor[:nbytes], buf.release
-        if self._runtime is not None:  # one device: the runtime's spare param buffers make room
-            self._runtime.swap.device.reserve(nbytes, what="device chunk")
-        else:
-            self._device_budget.reserve(nbytes, what="device chunk")
-        if self.device.type == "cuda":
-            mem = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        else:
-            mem = aligned_empty(nbytes)[:nbytes]
-        return mem, lambda: self._device_budget.release(nbytes)
-
-    @staticmethod
-    def _home(sub: _Subgroup) -> str:
-        """Where this subgroup's chunk is in memory: device memory for the device tier, else the host pool (NVMe
-        chunks pass through host buffers)."""
-        return "device" if sub.tier is Tier.DEVICE else "host"
+    def _scratch(self, nbytes: int, on_device: bool) -> tuple[torch.Tensor, Callable[[], None]]:
+        """Working memory for one update, from the swap manager: on the device or in the host pool."""
+        return self._swap.scratch(nbytes, Tier.DEVICE if on_device else Tier.HOST)
 
     @property
-    def _store(self) -> NvmeStore | None:
-        """The store when one is open (the runtime's, or this optimizer's own)."""
-        if self._runtime is not None:
-            return self._runtime.swap.store if self._runtime.swap.store_open else None
-        return self._own_store
+    def store(self) -> NvmeStore | None:
+        """The NVMe store when one is open (offload.wrap's, or this optimizer's own), else ``None``."""
+        return self._swap.store if self._swap.store_open else None
 
-    def _store_for(self) -> NvmeStore:
-        if self._runtime is not None:
-            return self._runtime.swap.store
-        if self._own_store is None:
-            cfg = self.config
-            cap = cfg.nvme_capacity_bytes
-            if cap is None:
-                per_param = self._probe_state_bytes()
-                need = sum(s.numel * (per_param + (4 if s.has_master else 0)) + len(s.pieces) * SLOT_ALIGN * 8
-                           for s in self._subgroups)
-                cap = int(need * 2.2) + (64 << 20)
-            self._own_store = NvmeStore(list(cfg.nvme_dirs), cap, config=cfg.store, reset=True)
-        return self._own_store
+    def _open_store(self) -> NvmeStore:
+        """The store of an optimizer without offload.wrap, sized for its state when the config does not say."""
+        cfg = self.config
+        cap = cfg.nvme_capacity_bytes
+        if cap is None:
+            per_param = self._probe_state_bytes()
+            need = sum(s.numel * (per_param + (4 if s.has_master else 0)) + len(s.pieces) * SLOT_ALIGN * 8
+                       for s in self._subgroups)
+            cap = int(need * 2.2) + (64 << 20)
+        return NvmeStore(list(cfg.nvme_dirs), cap, config=cfg.store, reset=True)
 
     def _probe_state_bytes(self) -> int:
         """Bytes of per-element state the optimizer class creates, from one step on a 64x64 parameter."""
@@ -554,21 +508,21 @@ class OffloadOptimizer(torch.optim.Optimizer):
             for key, v in sub.inner.state.get(pc.proxy, {}).items():
                 if not (torch.is_tensor(v) and v.numel() > 1):
                     sub.small[pi][key] = v
-        self._repack(sub, tensors, where=self._home(sub))
+        self._repack(sub, tensors)
         sub.inner.state.clear()
         if sub.tier is Tier.NVME:
-            self._write_out(sub, wait=True)
+            self._swap.write_back(sub.chunk, wait=True)
 
-    def _repack(self, sub: _Subgroup, tensors: list[tuple[int, str, torch.Tensor]], where: str) -> None:
-        """Give ``sub`` a new chunk holding ``tensors`` (which may live in its old chunk) in memory ``where``."""
+    def _repack(self, sub: _Subgroup, tensors: list[tuple[int, str, torch.Tensor]], home: Tier | None = None) -> None:
+        """Give ``sub``'s chunk new bytes holding ``tensors`` (which may live in its old buffer), on its tier or
+        ``home``; an NVMe chunk is DIRTY afterwards (the caller writes it back)."""
         slots, nbytes = self._layout(sub, tensors)
-        mem, release = self._alloc(nbytes, where)
-        for slot, (_, _, t) in zip(slots, tensors):
-            slot.view(mem).copy_(t)
-        if sub.release is not None:
-            sub.release()
-        sub.slots, sub.chunk_bytes, sub.mem, sub.release = slots, nbytes, mem, release
-        sub.residency = Residency.RESIDENT
+
+        def fill(mem: torch.Tensor) -> None:
+            for slot, (_, _, t) in zip(slots, tensors):
+                slot.view(mem).copy_(t)
+        self._swap.resize(sub.chunk, nbytes, fill, home=home)
+        sub.slots = slots
 
     def _bind(self, sub: _Subgroup, mem: torch.Tensor | None, device: torch.device) -> None:
         """Point the inner optimizer at this update's memory: proxies, grads, state."""
@@ -601,8 +555,8 @@ class OffloadOptimizer(torch.optim.Optimizer):
         copy in scratch memory (``region`` when the caller has one). Returns the scratch's release."""
         nbytes = self._scratch_bytes(sub, device)
         release = None
-        if nbytes and region is None:
-            region, release = self._alloc(nbytes, "device" if sub.site == "device" else "host")
+        if nbytes and (region is None or region.numel() < nbytes):
+            region, release = self._scratch(nbytes, on_device=sub.site == "device")
         off = 0
         for pc in sub.pieces:
             g = pc.grad()
@@ -640,27 +594,6 @@ class OffloadOptimizer(torch.optim.Optimizer):
             pc.proxy.grad = None
         return repack
 
-    def _write_out(self, sub: _Subgroup, wait: bool = False) -> "_WriteBack":
-        """Start writing a resident NVMe-tier chunk to the store; its buffer is released once the write is done.
-
-        If the write fails the store keeps the previous version, so the chunk must stay in memory: the caller
-        sees the failure through ``_WriteBack.check()`` (on its own thread, so residency never changes behind
-        its back) and the subgroup goes back to RESIDENT there."""
-        store = self._store_for()
-        wb = _WriteBack(sub, sub.mem, sub.release)
-        sub.mem, sub.release = None, None
-        sub.residency = Residency.STORED
-        self._stats["write_bytes"] += sub.chunk_bytes
-        wb.handle = store.write(sub.key, wb.mem)
-        self._trace("disk_write", f"state {sub.key}", wb.handle, sub.chunk_bytes)
-        wb.handle.future.add_done_callback(lambda f: wb.release() if f.exception() is None else None)
-        if wait:
-            concurrent.futures.wait([wb.handle.future])
-            err = wb.check()
-            if err is not None:
-                raise err
-        return wb
-
     def _chunk_bytes_as(self, sub: _Subgroup, params_on_device: bool, site: str) -> int:
         """The bytes ``sub``'s chunk will take once its params are on the device or not and it is updated on
         ``site``: its state as now, plus an fp32 master where the cost model's rule then needs one (low-precision
@@ -687,14 +620,10 @@ class OffloadOptimizer(torch.optim.Optimizer):
         sub.inner.state.clear()
         for pc in sub.pieces:
             pc.proxy.data = torch.empty(0)
-        old_tier, src_dev, dst_dev = sub.tier, self._home(sub) == "device", tier is Tier.DEVICE
-        mem, release_read = sub.mem, None
-        if sub.residency is Residency.STORED:  # read it into a host buffer, freed once re-packed
-            mem, release_read = self._alloc(sub.chunk_bytes, "host")
-            with self._span("disk_read", f"replan state {sub.key}", sub.chunk_bytes):
-                self._store_for().read(sub.key, out=mem).wait()
-            self._stats["read_bytes"] += sub.chunk_bytes
-        try:
+        src_dev, dst_dev = sub.tier is Tier.DEVICE, tier is Tier.DEVICE
+        c = sub.chunk
+        # The old bytes in memory (read from the store first, drawn as a re-plan read) while the new chunk is made.
+        with self._swap.use(c, write=True) if c.nbytes else contextlib.nullcontext(None) as mem:
             tensors, crossing = [], 0  # crossing: bytes copied between host and device memory
             for pi, pc in enumerate(sub.pieces):
                 have = {s.key: s.view(mem) for s in sub.slots if s.piece == pi}
@@ -708,22 +637,11 @@ class OffloadOptimizer(torch.optim.Optimizer):
             sub.tier, sub.site, sub.has_master = tier, site, has_master
             link = ("h2d" if dst_dev else "d2h") if crossing else None
             with self._span(link, f"replan state {sub.key}", crossing):
-                if tensors:
-                    self._repack(sub, tensors, where=self._home(sub))  # copies, then frees the old memory
-                else:
-                    if sub.release is not None:
-                        sub.release()
-                    sub.slots, sub.chunk_bytes, sub.mem, sub.release = [], 0, None, None
-                    sub.residency = Residency.EMPTY
+                self._repack(sub, tensors, home=tier)  # copies, then gives the old memory back
             if link:
-                self._stats[f"{link}_bytes"] += crossing
-        finally:
-            if release_read is not None:
-                release_read()
-        if tier is Tier.NVME and sub.residency is Residency.RESIDENT:
-            self._write_out(sub, wait=True)
-        elif old_tier is Tier.NVME and tier is not Tier.NVME and sub.key in self._store_for():
-            self._store_for().delete(sub.key)
+                self._swap.count("state", link, crossing)
+        if tier is Tier.NVME and c.nbytes:
+            self._swap.write_back(c, wait=True)
 
     def _span(self, resource: str | None, name: str, nbytes: int):
         """A span on the runtime's timeline (none without a runtime or a resource)."""
@@ -782,7 +700,8 @@ class OffloadOptimizer(torch.optim.Optimizer):
         chunks' write-backs are issued; :meth:`finish_unit_io` waits for them at the end of the step."""
         for sub in subs:
             if sub.tier is not Tier.NVME:
-                self._update(sub, sub.mem)
+                with self._swap.use(sub.chunk, write=True) as mem:
+                    self._update(sub, mem)
         stored = [s for s in subs if s.tier is Tier.NVME]
         if stored:
             self._step_streamed(stored, late_writes=late_writes)
@@ -791,19 +710,32 @@ class OffloadOptimizer(torch.optim.Optimizer):
         """The subgroups of one of the runtime's units, grads or not."""
         return [s for s in self._subgroups if s.unit == unit]
 
-    def _buffer_bytes(self, sub: _Subgroup) -> tuple[int, int]:
-        """A streamed chunk's buffer: (chunk bytes rounded to 4 KiB, those plus the grad scratch of a CPU update)."""
-        chunk = (sub.chunk_bytes + 4095) // 4096 * 4096
-        return chunk, chunk + (self._scratch_bytes(sub, torch.device("cpu")) if sub.site == "cpu" else 0)
+    def _extra_bytes(self, sub: _Subgroup) -> int:
+        """Working memory a streamed chunk's host buffer brings along: the fp32 grad scratch of a CPU update."""
+        return self._scratch_bytes(sub, torch.device("cpu")) if sub.site == "cpu" else 0
 
-    def _reap_late_writes(self) -> list[BaseException]:
-        """Forget finished write-backs; returns the errors of failed ones (their chunks are back in memory)."""
-        errors = []
-        while self._late_writes and self._late_writes[0].handle.done():
-            err = self._late_writes.popleft().check()
-            if err is not None:
-                errors.append(err)
-        return errors
+    def _buffers_held(self) -> int:
+        """How many NVMe chunks hold a host buffer for the streamed step now (forgetting those given back)."""
+        for i in [i for i, sub in self._held.items() if sub.chunk.state in (ChunkState.STORED, ChunkState.EMPTY)]:
+            del self._held[i]
+        return len(self._held)
+
+    def _prefetch(self, sub: _Subgroup) -> bool:
+        """Start reading ``sub``'s stored chunk into a host buffer; False when the host budget has no room now
+        (True when the chunk needs no read: it has no bytes yet, or its buffer already)."""
+        c = sub.chunk
+        if not c.nbytes:
+            return True
+        if not self._swap.prefetch(c, extra=self._extra_bytes(sub)):
+            return False
+        self._held[sub.index] = sub
+        return True
+
+    def _give_back_read_ahead(self, keep: _Subgroup | None = None) -> None:
+        """Give back the buffers of chunks read ahead and not updated yet (the store has their bytes)."""
+        for sub in list(self._held.values()):
+            if sub is not keep and sub.chunk.state in (ChunkState.LOADING, ChunkState.READY):
+                self._swap.evict(sub.chunk)
 
     def update_unit(self, unit: int) -> None:
         """The overlapped update of one of the runtime's units (its grads are complete): returns once the NVMe
@@ -846,57 +778,42 @@ class OffloadOptimizer(torch.optim.Optimizer):
     @property
     def host_pool(self) -> HostPool:
         """The pool this optimizer's host buffers come from (shared with the runtime under offload.wrap)."""
-        return self._host_pool
+        return self._swap.pool
 
     @property
     def stats(self) -> dict:
-        """Counters since construction: steps, bytes moved per link, seconds updating and waiting."""
-        return self._stats
+        """Counters since construction: steps, seconds updating and waiting, and the state's bytes moved per link
+        (``read_bytes`` and ``write_bytes`` from and to the store, ``h2d_bytes``, ``d2h_bytes``)."""
+        moved = self._swap.moved("state")
+        return {**self._stats, "read_bytes": moved["disk_read"], "write_bytes": moved["disk_write"],
+                "h2d_bytes": moved["h2d"], "d2h_bytes": moved["d2h"]}
 
     def prefetch_state(self, units: list[int]) -> int:
-        """Start reading the stored NVMe chunks of ``units``' subgroups (see :meth:`_prefetch_subgroups`)."""
-        return self._prefetch_subgroups([s for u in units for s in self._subgroups_of(u)])
-
-    def _prefetch_subgroups(self, subs: list[_Subgroup]) -> int:
-        """Start reading the stored NVMe chunks of ``subs`` (in the order their updates will come) into host
-        buffers, as far as ``config.buffers`` allows, keeping one for the update itself (chunks read ahead and
-        write-backs in flight count), and as far as the host budget gives buffers without waiting. The
+        """Start reading the stored NVMe chunks of ``units``' subgroups, in the order their updates will come,
+        into host buffers, as far as ``config.buffers`` allows (keeping one for the update itself; chunks read
+        ahead and write-backs in flight count) and as far as the host budget gives buffers without waiting. The
         overlapped update calls it so that a unit's state is on its way before its grads land, instead of being
         read after them (Fuyou's and ZeRO-Infinity's read-ahead). Returns how many reads it started."""
         started = 0
-        for sub in subs:
-            if sub.tier is not Tier.NVME or sub.index in self._ahead or sub.residency is not Residency.STORED \
-                    or not sub.chunk_bytes:
+        for sub in (s for u in units for s in self._subgroups_of(u)):
+            if sub.tier is not Tier.NVME or sub.chunk.state is not ChunkState.STORED:
                 continue
-            # A failed write-back put its chunk back in memory; the step's end raises its error.
-            self._late_errors += self._reap_late_writes()
-            if len(self._ahead) + len(self._late_writes) + 1 >= self.config.buffers:
+            if self._buffers_held() + 1 >= self.config.buffers or not self._prefetch(sub):
                 break
-            chunk, total = self._buffer_bytes(sub)
-            try:
-                buf, release = self._alloc(total, "host", wait=False)
-            except TierFullError:
-                break
-            self._stats["read_bytes"] += sub.chunk_bytes
-            handle = self._store_for().read(sub.key, out=buf[:sub.chunk_bytes])
-            self._trace("disk_read", f"state {sub.key}", handle, sub.chunk_bytes)
-            self._ahead[sub.index] = (buf, release, handle, chunk)
             started += 1
         return started
 
-    def _drop_ahead(self) -> None:
-        """Give back the buffers of chunks read ahead and not used (their reads are waited for first)."""
-        ahead, self._ahead = self._ahead, {}
-        for _buf, release, handle, _chunk in ahead.values():
-            concurrent.futures.wait([handle.future])
-            release()
-
     def finish_unit_io(self) -> None:
-        """End of an overlapped step: wait for the write-backs still in flight and drop unused read-ahead; raise
-        the first write failure (its chunk stays in memory, as in :meth:`_step_streamed`)."""
-        self._drop_ahead()
-        concurrent.futures.wait([wb.handle.future for wb in self._late_writes])
-        failed, self._late_errors = self._late_errors + self._reap_late_writes(), []
+        """End of an overlapped step: wait for the write-backs still in flight and give back unused read-ahead;
+        raise the first write failure (its chunk stays in memory, DIRTY, and is written at its next update)."""
+        self._give_back_read_ahead()
+        failed = []
+        for sub in list(self._held.values()):
+            try:
+                self._swap.settle(sub.chunk)
+            except Exception as e:  # noqa: PERF203 - every chunk is settled before the first error is raised
+                failed.append(e)
+        self._buffers_held()
         if failed:
             raise failed[0]
 
@@ -926,9 +843,9 @@ class OffloadOptimizer(torch.optim.Optimizer):
         mem, release_dev = host_mem, None
         if sub.site == "device" and sub.tier is not Tier.DEVICE and sub.chunk_bytes:
             # Deep Optimizer States: the state goes to the device, is updated there, and comes back.
-            mem, release_dev = self._alloc(sub.chunk_bytes, "device")
+            mem, release_dev = self._scratch(sub.chunk_bytes, on_device=True)
             mem.copy_(host_mem, non_blocking=True)
-            self._stats["h2d_bytes"] += sub.chunk_bytes
+            self._swap.count("state", "h2d", sub.chunk_bytes)
         if sub.home is not None:
             sub.home.before_update(sub)
         # A chunk that stays in memory and is updated where it lives keeps its binding from step to step:
@@ -943,6 +860,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
             sub.bound_mem = mem if resident else None
         release_grads = self._bind_grads(sub, device, region)
         cuda = self.device.type == "cuda"
+        repack = False
         try:
             if cuda and device.type == "cpu":
                 # Grads of CUDA params were copied into host scratch with non_blocking copies: a CPU update must
@@ -957,10 +875,10 @@ class OffloadOptimizer(torch.optim.Optimizer):
                 sub.home.after_update(sub)
             if repack:
                 # First update of these pieces: pack the state the optimizer just made into a new chunk.
-                self._repack(sub, self._chunk_tensors(sub), where=self._home(sub))
+                self._repack(sub, self._chunk_tensors(sub))
             elif release_dev is not None:
                 host_mem.copy_(mem, non_blocking=True)
-                self._stats["d2h_bytes"] += sub.chunk_bytes
+                self._swap.count("state", "d2h", sub.chunk_bytes)
             if cuda and (sub.tier is not Tier.DEVICE or sub.home is not None):
                 # Copies queued on the current stream read or write host memory that is handed on next (the
                 # state chunk back from the device; new weights from the host masters to the params; with the
@@ -971,7 +889,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
             release_grads()
             if release_dev is not None:
                 release_dev()
-            if sub.bound_mem is None or sub.bound_mem is not sub.mem:  # not resident, or re-packed
+            if sub.bound_mem is None or repack:  # not resident, or re-packed into a new buffer
                 sub.bound_mem = None
                 sub.inner.state.clear()
                 for pc in sub.pieces:
@@ -981,8 +899,8 @@ class OffloadOptimizer(torch.optim.Optimizer):
     def _step_streamed(self, subs: list[_Subgroup], *, late_writes: bool = False) -> None:
         """Update NVMe-tier subgroups as a pipeline: read ahead while one updates and earlier ones write back.
 
-        At most ``config.buffers`` chunk buffers exist at once (reads ahead + the one updating + writes in
-        flight), all from the host pool, whose budget caps them again: a prefetch that does not fit waits.
+        At most ``config.buffers`` chunks hold host buffers at once (reads ahead + the one updating + writes in
+        flight), all from the host pool, whose budget caps them again: a read ahead that does not fit waits.
 
         Steps alternate direction, and the last ``buffers // 2`` chunks of a step stay in memory instead of being
         written back: the next step starts with them, so it neither writes nor reads them, and begins updating
@@ -990,118 +908,76 @@ class OffloadOptimizer(torch.optim.Optimizer):
         chunk is written back.) Chunks :meth:`prefetch_state` read ahead are taken as they are. ``late_writes``:
         return once the write-backs are issued (they count against the buffers until done).
         """
-        store = self._store_for()
-        keep = 0 if self._runtime else self.config.buffers // 2  # the rest of the buffers read ahead meanwhile
+        swap, limit = self._swap, self.config.buffers
+        keep = 0 if self._runtime else limit // 2  # the rest of the buffers read ahead meanwhile
         if not self._runtime and self._stats["steps"] % 2:
             subs = subs[::-1]
-        ahead: deque = deque()  # (subgroup, buffer, release, read handle)
-        writes: deque = deque()
-        nxt = 0
+        nxt = 0  # the next subgroup whose read this call has not started
 
-        def issue(sub: _Subgroup, wait: bool) -> bool:
-            if sub.residency is Residency.RESIDENT:  # kept in memory after a failed write-back
-                ahead.append((sub, sub.mem, sub.release, None, sub.chunk_bytes))
-                return True
-            if sub.index in self._ahead:  # read ahead of its unit's update
-                ahead.append((sub, *self._ahead.pop(sub.index)))
-                return True
-            chunk, total = self._buffer_bytes(sub)
-            try:
-                buf, release = self._alloc(total, "host", wait=False)
-            except TierFullError:
-                if not wait:
-                    return False
-                # Chunks read ahead for later units may hold the budget this one needs, and only this thread
-                # frees them: give them back rather than wait for ever.
-                self._drop_ahead()
-                buf, release = self._alloc(total, "host", wait=True)
-            handle = None
-            if sub.residency is Residency.STORED:
-                self._stats["read_bytes"] += sub.chunk_bytes
-                handle = store.read(sub.key, out=buf[:sub.chunk_bytes])
-                self._trace("disk_read", f"state {sub.key}", handle, sub.chunk_bytes)
-            ahead.append((sub, buf, release, handle, chunk))
-            return True
-
-        failed: list[BaseException] = []
-
-        def in_use() -> int:
-            while writes and writes[0].handle.done():
-                # A failed write-back keeps its chunk in memory (see _write_out): finish the step for every
-                # subgroup, then raise, so that no subgroup is left a step behind the others.
-                err = writes.popleft().check()
-                if err is not None:
-                    failed.append(err)
-            self._late_errors += self._reap_late_writes()
-            return len(ahead) + len(writes) + len(self._ahead) + len(self._late_writes)
-
-        def oldest_write():
-            return (writes or self._late_writes)[0].handle.future
-
-        def read_ahead(held: int) -> None:
-            """Issue reads while the buffer count (``held``: buffers taken but not counted by in_use) and the
-            pool's budget allow."""
+        def read_ahead(spare: int) -> None:
+            """Start reads while the buffer count (leaving ``spare`` free) and the pool's budget allow."""
             nonlocal nxt
-            while nxt < len(subs) and in_use() + held < self.config.buffers and issue(subs[nxt], wait=False):
+            while nxt < len(subs) and self._buffers_held() + spare < limit and self._prefetch(subs[nxt]):
                 nxt += 1
 
+        def writing() -> list[Chunk]:
+            return [s.chunk for s in self._held.values() if s.chunk.state is ChunkState.WRITING]
+
+        written: list[_Subgroup] = []
         try:
-            for pos in range(len(subs)):
-                if not ahead:
-                    while (writes or self._late_writes) and in_use() >= self.config.buffers:
-                        concurrent.futures.wait([oldest_write()])
-                    issue(subs[nxt], wait=True)  # may wait for a write-back to free pool budget
-                    nxt += 1
-                read_ahead(0)
-                sub, buf, release, handle, chunk = ahead.popleft()
-                if handle is not None:
-                    t0 = time.perf_counter()
-                    try:
-                        # While this read is on its way, a write-back that finishes frees a buffer: read further
-                        # ahead at once, or the disk idles through the update that follows.
-                        while nxt < len(subs) and not handle.done() and (writes or self._late_writes):
-                            concurrent.futures.wait([handle.future, oldest_write()],
-                                                    return_when=concurrent.futures.FIRST_COMPLETED)
-                            in_use()  # drops the write-backs that finished
-                            read_ahead(1)
-                        handle.wait()
-                    except BaseException:
-                        release()
-                        raise
+            for pos, sub in enumerate(subs):
+                c = sub.chunk
+                if nxt <= pos:  # its read has not started: start it, making room first if need be
+                    nxt = pos
+                    read_ahead(0)
+                    while nxt == pos and self._buffers_held() >= limit and writing():
+                        swap.wait_any(writing())
+                        read_ahead(0)
+                    if nxt == pos:
+                        # No budget now: chunks read ahead for later units may hold what this one needs, and only
+                        # this thread frees them, so give them back; use() below then waits for the pool.
+                        self._give_back_read_ahead(keep=sub)
+                        nxt = pos + 1
+                mine = 0 if sub.index in self._held else 1  # its buffer, when it has none yet
+                read_ahead(mine)
+                t0 = time.perf_counter()
+                # While its read lands, a write-back that finishes frees a buffer: read further ahead at once, or
+                # the disk idles through the update that follows.
+                while c.state is ChunkState.LOADING and nxt < len(subs) and (w := writing()):
+                    swap.wait_any([c, w[0]])
+                    read_ahead(mine)
+                with swap.use(c, write=True, extra=self._extra_bytes(sub)) if c.nbytes or c.state is not \
+                        ChunkState.EMPTY else contextlib.nullcontext(None) as mem:
                     self._stats["wait_read_s"] += time.perf_counter() - t0
-                read_ahead(1)
-                sub.mem, sub.release, sub.residency = buf[:sub.chunk_bytes], release, Residency.RESIDENT
-                region = buf[chunk:] if sub.site == "cpu" and buf.numel() > chunk else None
-                self._update(sub, sub.mem, region=region)
-                if sub.chunk_bytes and pos >= len(subs) - keep:
-                    continue  # stays RESIDENT: the next step, going the other way, starts with it
-                if sub.chunk_bytes:
-                    writes.append(self._write_out(sub))
-                else:
-                    sub.release()
-                    sub.mem, sub.release, sub.residency = None, None, Residency.EMPTY
-        finally:
-            # On an error (a checksum mismatch, a full disk) give every buffer back before raising; the subgroups
-            # not yet updated keep their stored state.
-            for _sub, _buf, release, handle, _chunk in ahead:
-                if handle is not None:
-                    concurrent.futures.wait([handle.future])
-                release()
-            if late_writes and not failed:
-                self._late_writes.extend(writes)
-                writes.clear()
-            concurrent.futures.wait([wb.handle.future for wb in writes])
-        failed += [err for err in (wb.check() for wb in writes) if err is not None]
+                    if mem is not None:
+                        self._held[sub.index] = sub
+                    self._update(sub, mem, region=swap.extra(c))
+                if not c.nbytes:
+                    swap.drop(c)  # no state, nothing to store
+                    continue
+                self._held[sub.index] = sub
+                if pos >= len(subs) - keep:
+                    continue  # stays in memory: the next step, going the other way, starts with it
+                swap.write_back(c)
+                written.append(sub)
+        except BaseException:
+            # A read that failed (a checksum mismatch, a full disk): give the read-ahead buffers back before
+            # raising; the subgroups not yet updated keep their stored state.
+            self._give_back_read_ahead()
+            raise
+        if late_writes:
+            return
+        # A failed write-back keeps its chunk in memory: every subgroup was updated before the first error is
+        # raised, so that no subgroup is left a step behind the others.
+        failed = []
+        for sub in written:
+            try:
+                swap.settle(sub.chunk)
+            except Exception as e:  # noqa: PERF203
+                failed.append(e)
+        self._buffers_held()
         if failed:
             raise failed[0]
-
-    def _trace(self, resource: str, name: str, handle, nbytes: int) -> None:
-        """Record a store transfer on the runtime's timeline, from its issue to its completion."""
-        if self._runtime is None:
-            return
-        tl = self._runtime.timeline
-        t0 = tl.now()
-        handle.future.add_done_callback(lambda _f: tl.add(resource, name, t0, tl.now(), nbytes))
 
     # -- loss scaling -----------------------------------------------------------------------------------------------
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
@@ -1189,7 +1065,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
         group = dict(param_group)
         params = group["params"]
         group["params"] = [params] if torch.is_tensor(params) else list(params)
-        filled, _ = self._fill_groups(self.optimizer_class, [group], {k: v for k, v in self.defaults.items()
+        filled, _ = fill_groups(self.optimizer_class, [group], {k: v for k, v in self.defaults.items()
                                                                       if k not in group})
         super().add_param_group(filled[0])
         self._param_shapes.update({p: tuple(p.shape) for p in filled[0]["params"]})
@@ -1298,15 +1174,10 @@ class OffloadOptimizer(torch.optim.Optimizer):
                     else:
                         small[pi][key] = v.clone() if torch.is_tensor(v) else v
             sub.small = small
-            if not tensors:
-                if sub.release is not None:
-                    sub.release()
-                sub.slots, sub.chunk_bytes, sub.mem, sub.release = [], 0, None, None
-                sub.residency = Residency.EMPTY
-                continue
-            self._repack(sub, tensors, where=self._home(sub))
-            if sub.tier is Tier.NVME:
-                self._write_out(sub, wait=True)
+            sub.bound_mem = None  # the inner optimizer is bound again at the next update
+            self._repack(sub, tensors)
+            if sub.tier is Tier.NVME and sub.chunk_bytes:
+                self._swap.write_back(sub.chunk, wait=True)
 
     def iter_state(self) -> Iterator[tuple[PieceSpan, str, Any]]:
         """The state as ``(span, key, value)``, one subgroup at a time: at most one chunk read from the store is
@@ -1342,16 +1213,16 @@ class OffloadOptimizer(torch.optim.Optimizer):
 
     @contextlib.contextmanager
     def _resident(self, sub: _Subgroup):
-        """The subgroup's chunk in memory for reading: its own, or a temporary copy read from the store."""
-        if sub.residency is not Residency.STORED:
-            yield sub.mem
+        """The subgroup's chunk in memory for reading; a chunk read from the store for this is given back after."""
+        c = sub.chunk
+        if not c.nbytes:
+            yield None
             return
-        mem, release = self._alloc(sub.chunk_bytes, "host")
-        try:
-            self._store_for().read(sub.key, out=mem).wait()
+        stored = c.state is ChunkState.STORED
+        with self._swap.use(c) as mem:
             yield mem
-        finally:
-            release()
+        if stored:
+            self._swap.evict(c)
 
     # -- reporting --------------------------------------------------------------------------------------------------
     def report(self) -> dict:
@@ -1367,9 +1238,9 @@ class OffloadOptimizer(torch.optim.Optimizer):
                            "update_on": s.site, "chunk_bytes": s.chunk_bytes, "master": s.has_master}
                           for s in self._subgroups],
             "state_bytes_by_tier": tiers,
-            "host_pool": self._host_pool.stats(),
-            "store": self._store.stats.snapshot() if self._store is not None else None,
-            **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in self._stats.items()},
+            "host_pool": self.host_pool.stats(),
+            "store": self.store.stats.snapshot() if self.store is not None else None,
+            **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.stats.items()},
         }
 
     def summary(self) -> str:
@@ -1383,17 +1254,11 @@ class OffloadOptimizer(torch.optim.Optimizer):
         return "\n".join(lines)
 
     def close(self) -> None:
-        """Release host/device memory and close the NVMe store (its files stay until the directory is removed)."""
-        self._drop_ahead()
-        concurrent.futures.wait([wb.handle.future for wb in self._late_writes])
-        self._late_writes.clear()
-        for sub in self._subgroups:
-            if sub.release is not None:
-                sub.release()
-                sub.release, sub.mem = None, None
-        if self._own_store is not None:
-            self._own_store.close()
-        self._own_store = None
+        """Release host/device memory and close the NVMe store (its files stay until the directory is removed);
+        under offload.wrap the runtime's close does this for the model and its optimizer together."""
+        self._held.clear()
+        if self._runtime is None:
+            self._swap.close()
 
     def __repr__(self) -> str:
         return f"Offload{self.optimizer_class.__name__}({len(self._subgroups)} subgroups, impl={self._impl})"

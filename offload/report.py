@@ -109,10 +109,10 @@ class RunReport:
         opt = rt.optimizer if rt is not None else self.optimizer
         if rt is not None:
             out["device"] = rt.device_budget.used_bytes
-        pool = getattr(rt, "pool", None) or getattr(opt, "_host_pool", None)
+        pool = getattr(rt, "pool", None) or getattr(opt, "host_pool", None)
         if pool is not None:
             out["host"] = pool.stats()["in_use_bytes"]
-        store = getattr(rt, "_store", None) or getattr(opt, "_store", None)
+        store = getattr(opt, "store", None)
         if store is not None:
             try:
                 out["nvme"] = sum(store.info(k).nbytes for k in store.keys())
@@ -209,7 +209,7 @@ class RunReport:
             if not same:
                 out["placement"]["per_unit"] = [{"units": names, **pl} for names, pl in placement_groups(rt)]
             out.update(replans_of(rt))
-        pool = getattr(rt, "pool", None) or getattr(opt, "_host_pool", None)
+        pool = getattr(rt, "pool", None) or getattr(opt, "host_pool", None)
         if pool is not None:
             out["host_pool"] = pool.stats()
         if opt is not None and hasattr(opt, "report"):

@@ -19,7 +19,8 @@ store, as are the unit's fp32 grads; on the device they exist only while needed:
   landed the unit is updated (overlapped update) or its grads spilled to NVMe. A callback at the end of backward
   waits for the grads in flight and releases what is left (params that got no gradient, the rest unit).
 - step: the user's ``optimizer.step()`` runs :class:`~offload.optimizer.OffloadOptimizer` over the units,
-  reading weights and gradients from the units' host buffers (its ``ParamHome`` interface).
+  reading weights and gradients from the units' host buffers (its ``ParamHome`` interface). Its state chunks
+  belong to the same swap manager (one pool, one device budget, one store, one set of byte counters).
 
 Placement is uniform (the config's ``param_tier``, ``grad_tier``, ``state_tier``, ``update_on``) or per unit: a
 :class:`scheduler.Plan` gives each unit its own, and a unit whose params the plan keeps on the ``device`` is fetched
@@ -29,7 +30,8 @@ seam).
 
 Device memory is the swap manager's budget (:class:`~offload.swap.DeviceCache`) that every fetch reserves from, so
 on a CPU-only machine the budget is enforced by our accounting exactly as it bounds a GPU. Activations are not
-counted. The host budget is checked at wrap against :meth:`OffloadRuntime.host_minimum`.
+counted. The host budget is checked at wrap (and a new plan's at ``apply_plan``) against
+:meth:`OffloadRuntime.host_minimum`.
 """
 
 from __future__ import annotations
@@ -220,9 +222,8 @@ class OffloadRuntime:
             raise ValueError(f"offload.wrap: expected the model on one device, got {sorted(map(str, devices))}")
         self.device = next(iter(devices))
         self.timeline = Timeline()
-        self.stats = {"fetches": 0, "fetch_wait_s": 0.0, "h2d_bytes": 0, "d2h_bytes": 0, "disk_read_bytes": 0,
-                      "disk_write_bytes": 0, "replans": 0, "replan_h2d_bytes": 0, "replan_d2h_bytes": 0,
-                      "replan_disk_read_bytes": 0, "replan_disk_write_bytes": 0}
+        self._counters = {"fetches": 0, "fetch_wait_s": 0.0, "replans": 0, "replan_h2d_bytes": 0,
+                          "replan_d2h_bytes": 0, "replan_disk_read_bytes": 0, "replan_disk_write_bytes": 0}
         self._build_units(units or default_units)
         self._owner: dict[nn.Parameter, tuple[Unit, int]] = {}
         for u in self.units:
@@ -357,8 +358,8 @@ class OffloadRuntime:
                          f"{' plus '.join(parts)}: raise device_budget_bytes to at least {need}, keep fewer units on "
                          f"the device, or cut the model into smaller units")
 
-    def host_minimum(self) -> dict[str, int]:
-        """Host bytes the current placement cannot train without, by what needs them: what lives on the host
+    def host_minimum(self, plan: Plan | None = None) -> dict[str, int]:
+        """Host bytes the current placement (or ``plan``'s) cannot train without, by what needs them: what lives on the host
         (params, grads, optimizer state of the units placed there) and the buffers in flight for what lives in
         the store (a unit's params on their way to the device and a unit's new weights being written; the grads
         of the unit accumulating and of the one being updated, or all of them where clipping or loss scaling
@@ -367,27 +368,32 @@ class OffloadRuntime:
         r4k = lambda n: (n + 4095) // 4096 * 4096  # noqa: E731 - the pool hands out 4 KiB-aligned buffers
         need = {"params": 0, "grads": 0, "state": 0, "params_in_flight": 0, "grads_in_flight": 0,
                 "state_in_flight": 0}
-        nvme_params = [r4k(u.nbytes) for u in self.units if u.param_tier is Tier.NVME and u.nbytes]
-        nvme_grads = [r4k(u.grad_nbytes) for u in self.units if u.grad_tier is Tier.NVME and u.grad_nbytes]
-        need["params"] = sum(r4k(u.nbytes) for u in self.units if u.param_tier is Tier.HOST and u.nbytes)
-        need["grads"] = sum(r4k(u.grad_nbytes) for u in self.units if u.grad_tier is Tier.HOST and u.grad_nbytes)
+        cfg = self.config if plan is None else _with_plan(self.config, plan)
+        params = [plan.units[u.index].params if plan else u.param_tier for u in self.units]
+        grads = [plan.units[u.index].grad_tier if plan else u.grad_tier for u in self.units]
+        nvme_params = [r4k(u.nbytes) for u, t in zip(self.units, params) if t is Tier.NVME and u.nbytes]
+        nvme_grads = [r4k(u.grad_nbytes) for u, t in zip(self.units, grads) if t is Tier.NVME and u.grad_nbytes]
+        need["params"] = sum(r4k(u.nbytes) for u, t in zip(self.units, params) if t is Tier.HOST and u.nbytes)
+        need["grads"] = sum(r4k(u.grad_nbytes) for u, t in zip(self.units, grads) if t is Tier.HOST and u.grad_nbytes)
         need["params_in_flight"] = 2 * max(nvme_params, default=0)
-        all_grads = self.config.max_grad_norm is not None or self.config.loss_scale is not None
+        all_grads = cfg.max_grad_norm is not None or cfg.loss_scale is not None
         need["grads_in_flight"] = sum(nvme_grads) if all_grads else 2 * max(nvme_grads, default=0)
         stored = []
         for u in self.units:
             nbytes, tier = self.optimizer.state_bytes_estimate(u.index)
+            tier = plan.units[u.index].state if plan else tier
             if tier is Tier.HOST:
                 need["state"] += r4k(nbytes)
             elif tier is Tier.NVME and nbytes:
                 stored.append(r4k(nbytes))
-        need["state_in_flight"] = (self.config.buffers + 1) * max(stored, default=0)
+        need["state_in_flight"] = (cfg.buffers + 1) * max(stored, default=0)
         return need
 
-    def _check_host_budget(self, who: str) -> int:
-        """Refuse a host budget below :meth:`host_minimum`; returns how many units' grads may wait for their
-        overlapped update at once with the budget there is (at least one beyond the unit accumulating)."""
-        need = self.host_minimum()
+    def _check_host_budget(self, who: str, plan: Plan | None = None) -> int:
+        """Refuse a host budget below :meth:`host_minimum` (of ``plan`` when given); returns how many units' grads
+        may wait for their overlapped update at once with the budget there is (at least one beyond the unit
+        accumulating)."""
+        need = self.host_minimum(plan)
         total = sum(need.values())
         budget = self.pool.budget.capacity_bytes
         if total > budget:
@@ -423,19 +429,27 @@ class OffloadRuntime:
         cap = cfg.nvme_capacity_bytes or int((params + state) * 2.2) + (64 << 20)
         return NvmeStore(list(cfg.nvme_dirs), cap, config=cfg.store, reset=True)
 
-    def _trace_io(self, resource: str, key: str, nbytes: int) -> Callable[[], None]:
-        """A chunk transfer the swap manager issued: counted now, drawn on the timeline when it lands."""
-        self.stats[f"{resource}_bytes"] += nbytes
-        tl, name = self.timeline, self._io_label + key
+    def _trace_io(self, resource: str, c: Chunk) -> Callable[[], None]:
+        """A chunk transfer the swap manager issued: drawn on the timeline when it lands."""
+        tl, nbytes = self.timeline, c.nbytes
+        name = self._io_label + (f"state {c.key}" if c.kind == "state" else c.key)
         t0 = tl.now()
         return lambda: tl.add(resource, name, t0, tl.now(), nbytes)
+
+    @property
+    def stats(self) -> dict:
+        """Counters since wrap: fetches and the seconds waited for them, re-plans and the bytes they moved, and
+        the bytes moved per link for params and grads (``h2d_bytes``, ..., ``disk_write_bytes``; the
+        optimizer's ``stats`` has the state's)."""
+        params, grads = self.swap.moved("params"), self.swap.moved("grads")
+        return {**self._counters, **{f"{link}_bytes": params[link] + grads[link] for link in params}}
 
     def _init_tiers(self) -> None:
         """Copy every unit's params to their tier, and give each unit its fp32 grad chunk."""
         for u in self.units:
             u.grad_key = f"unit{u.index}.grads"
             if u.grad_nbytes:
-                u.grads = self.swap.chunk(u.grad_key, u.grad_nbytes, u.grad_tier)
+                u.grads = self.swap.chunk(u.grad_key, u.grad_nbytes, u.grad_tier, kind="grads")
             if not u.nbytes:
                 continue
             if u.param_tier is Tier.DEVICE:  # the plan keeps it on the device: fetched once, here
@@ -506,7 +520,7 @@ class OffloadRuntime:
                                 self.device_budget.used_bytes, self.device_budget.capacity_bytes) from None
         u.device_buf = self.swap.device.buffer(u.nbytes)
         u.state = ParamState.FETCHING
-        self.stats["fetches"] += 1
+        self._counters["fetches"] += 1
         u.fetch = self._copy_pool.submit(self._fetch_work, u, src)
         return True
 
@@ -536,7 +550,7 @@ class OffloadRuntime:
             else:
                 u.device_buf.copy_(src)
                 event = None
-        self.stats["h2d_bytes"] += u.nbytes
+        self.swap.count("params", "h2d", u.nbytes)
         return event
 
     def _wait_resident(self, u: Unit) -> None:
@@ -545,7 +559,7 @@ class OffloadRuntime:
         if u.state is ParamState.FETCHING:
             t0 = time.perf_counter()
             event = u.fetch.result()
-            self.stats["fetch_wait_s"] += time.perf_counter() - t0
+            self._counters["fetch_wait_s"] += time.perf_counter() - t0
             if event is not None:
                 # Compute must not read the params before the copy stream wrote them.
                 torch.cuda.current_stream(self.device).wait_event(event)
@@ -618,7 +632,7 @@ class OffloadRuntime:
                 # the callback was only trying to speed up: keep the current plan, say so, and record it.
                 warnings.warn(f"offload: the plan chosen after iteration {after} was not applied, training goes "
                               f"on with the current one: {e}", RuntimeWarning, stacklevel=2)
-                self.stats["replans_refused"] = self.stats.get("replans_refused", 0) + 1
+                self._counters["replans_refused"] = self._counters.get("replans_refused", 0) + 1
                 self.refused_plans.append({"requested_after": after, "plan": plan.compact(), "error": str(e)})
             else:
                 self._replan_record["requested_after"] = after
@@ -747,7 +761,7 @@ class OffloadRuntime:
             else:
                 dst.add_(g)  # later micro-batches: p.grad += g, the same fp32 addition
             u.has_grads = True
-        self.stats["d2h_bytes"] += nbytes
+        self.swap.count("grads", "d2h", nbytes)
 
     def _await_update_backlog(self) -> None:
         """On the grad thread, before a unit's first grad of the overlapped backward takes a buffer: while as
@@ -898,7 +912,7 @@ class OffloadRuntime:
             if not load:
                 self._sync_compute()  # compute may still read the old weights
                 u.device_buf.copy_(flat)
-                self.stats["h2d_bytes"] += u.nbytes
+                self.swap.count("params", "h2d", u.nbytes)
 
     def _read_weights(self, u: Unit, out: torch.Tensor) -> None:
         """Copy ``u``'s weights into the host buffer ``out``: from the device (a unit kept there) or its chunk."""
@@ -906,7 +920,7 @@ class OffloadRuntime:
             # The last writes to the device weights (the update's copies) were queued on the compute stream.
             self._sync_compute()
             out.copy_(u.device_buf)
-            self.stats["d2h_bytes"] += u.nbytes
+            self.swap.count("params", "d2h", u.nbytes)
         else:
             self.swap.copy(u.weights, out=out)
 
@@ -987,7 +1001,7 @@ class OffloadRuntime:
         if on_device == (sub.site == "device"):
             return
         nbytes = sum(u.padded_bytes(self._owner[pc.param][1]) for pc in sub.pieces)
-        self.stats["h2d_bytes" if on_device else "d2h_bytes"] += nbytes
+        self.swap.count("params", "h2d" if on_device else "d2h", nbytes)
 
     def after_step(self) -> None:
         self.finish_unit_update()
@@ -1057,6 +1071,7 @@ class OffloadRuntime:
         # rule, as the move applies it).
         device_state = self.optimizer.device_state_bytes(lambda unit: plan.units[unit])
         self._check_device_budget([pl.params for pl in plan.units], "apply_plan", device_state)
+        backlog = self._check_host_budget("apply_plan", plan)  # before anything moves
         def leaves_device(u: Unit) -> bool:
             pl = plan.units[u.index]
             return (u.param_tier is Tier.DEVICE and pl.params is not Tier.DEVICE) or any(
@@ -1074,22 +1089,19 @@ class OffloadRuntime:
         self.overlap = self.config.overlap_update and self.config.max_grad_norm is None \
             and self.config.loss_scale is None
         self.swap.device.keep = self.config.prefetch + 2
-        self._grad_backlog = self._grad_backlog_for(sum(self.host_minimum().values()))
+        self._grad_backlog = backlog
         self.plan = plan
         after = self._link_bytes()
         delta = {k: after[k] - before[k] for k in after}
         for k, v in delta.items():
-            self.stats[f"replan_{k}_bytes"] += v
-        self.stats["replans"] += 1
+            self._counters[f"replan_{k}_bytes"] += v
+        self._counters["replans"] += 1
         self._replan_record = {"plan": plan.compact(), "units_moved": moved, "bytes": delta,
                                "s": time.perf_counter() - t0}
 
     def _link_bytes(self) -> dict[str, int]:
         """Bytes moved so far per link, by the runtime and its optimizer together."""
-        s, o = self.stats, self.optimizer.stats
-        return {"h2d": s["h2d_bytes"] + o["h2d_bytes"], "d2h": s["d2h_bytes"] + o["d2h_bytes"],
-                "disk_read": s["disk_read_bytes"] + o["read_bytes"],
-                "disk_write": s["disk_write_bytes"] + o["write_bytes"]}
+        return self.swap.moved()
 
     @torch.no_grad()
     def _move_unit(self, u: Unit, new: UnitPlacement) -> bool:

@@ -1,15 +1,18 @@
 """The swap manager: the one owner of the memory a wrapped model's chunks occupy, on every tier.
 
 It holds the host pool, the device budget with its cache of device buffers, and the NVMe store (opened when a
-placement first needs it, sized by one rule), and it owns every :class:`Chunk` that moves between the host and
-the store: a unit's params and its fp32 grad buffer. Clients (the module hooks, the grad and update threads,
-the optimizer, checkpoints, plan switches) ask it for a chunk's bytes; they never allocate tier memory or touch
-a chunk's buffer in a state where somebody else may write it.
+placement first needs it, sized by one rule), and it owns every :class:`Chunk`: a unit's params between uses, its fp32 grad buffer, and each optimizer
+subgroup's state (with its fp32 masters), whether that lives in device memory, in a host buffer or in the store.
+Clients (the module hooks, the grad and update threads, the optimizer, checkpoints, plan switches) ask it for a
+chunk's bytes, and for scratch memory (:meth:`SwapManager.scratch`); they never allocate tier memory themselves
+or touch a chunk's buffer in a state where somebody else may write it. It also keeps the one set of per-link
+byte counters (:meth:`SwapManager.count`, :meth:`SwapManager.moved`), by what moved (params, grads, state).
 
 A chunk's state machine (:class:`ChunkState`), every transition made under the manager's one lock::
 
     EMPTY --use()--> DIRTY                      a fresh buffer, nothing to read (first grads of an accumulation)
-    STORED --use()--> LOADING --read lands--> READY
+    STORED --use() | prefetch()--> LOADING --read lands--> READY
+    any --resize()--> READY (host, device) | DIRTY (store)   new bytes in a new buffer (a re-packed state chunk)
     READY | DIRTY --write_back()--> WRITING --write lands--> STORED (evict) | READY
     READY --evict()--> STORED                    the buffer goes back to the pool; the store has the bytes
     any --drop()--> EMPTY                        the bytes are forgotten (grads consumed by a step)
@@ -21,7 +24,8 @@ writers exclusively, readers shared, and no transition out of READY/DIRTY starts
 write leaves the chunk DIRTY with its buffer (the store keeps the previous version); the error is raised to the
 next caller of :meth:`SwapManager.settle` or :meth:`SwapManager.use` on it.
 
-Device memory (:class:`DeviceCache`) is a :class:`~storage.TierBudget` plus, on a CPU device, the released
+A chunk whose home is HOST or DEVICE has a permanent buffer (always READY); only a STORE (``Tier.NVME``) chunk
+moves through the other states. Device memory (:class:`DeviceCache`) is a :class:`~storage.TierBudget` plus, on a CPU device, the released
 buffers kept for reuse, which give way whenever a reservation needs their room.
 """
 
@@ -34,7 +38,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from storage import HostPool, NvmeStore, Tier, TierBudget
+from storage import HostPool, NvmeStore, Tier, TierBudget, TierFullError
 from storage.memory import aligned_empty
 
 
@@ -58,17 +62,25 @@ class ChunkState(enum.Enum):
 _HAS_BUFFER = (ChunkState.READY, ChunkState.DIRTY)
 
 
+KINDS = ("params", "grads", "state")
+"""What a chunk holds, for the per-link byte counters."""
+LINKS = ("h2d", "d2h", "disk_read", "disk_write")
+
+
 class Chunk:
-    """One named run of bytes that lives on the host (``home`` HOST: its buffer is permanent) or in the store
-    (``home`` NVME: a host buffer only while it is used). Its fields are the manager's; clients read ``state``
-    and ``nbytes`` and get the buffer from :meth:`SwapManager.use`."""
+    """One named run of bytes that lives in device memory or on the host (``home`` DEVICE or HOST: its buffer is
+    permanent) or in the store (``home`` NVME: a host buffer only while it is used). ``kind`` is one of
+    :data:`KINDS`. Its fields are the manager's; clients read ``state`` and ``nbytes`` and get the buffer from
+    :meth:`SwapManager.use`."""
 
-    __slots__ = ("key", "nbytes", "home", "state", "_tensor", "_release", "_readers", "_writer", "_error")
+    __slots__ = ("key", "kind", "nbytes", "home", "state", "_tensor", "_extra", "_release", "_readers", "_writer",
+                 "_error")
 
-    def __init__(self, key: str, nbytes: int, home: Tier):
-        self.key, self.nbytes, self.home = key, nbytes, home
+    def __init__(self, key: str, kind: str, nbytes: int, home: Tier):
+        self.key, self.kind, self.nbytes, self.home = key, kind, nbytes, home
         self.state = ChunkState.EMPTY
         self._tensor: torch.Tensor | None = None
+        self._extra: torch.Tensor | None = None  # working memory that came with the buffer (see use(extra=))
         self._release: Callable[[], None] | None = None
         self._readers = 0
         self._writer: int | None = None  # the thread that holds the chunk for writing
@@ -149,7 +161,7 @@ class DeviceCache:
 class SwapManager:
     """Owns the host pool, the device cache, the store and every :class:`Chunk` (see the module docstring).
 
-    ``open_store``: makes the store the first time a chunk or a client needs it (the runtime's sizing rule)."""
+    ``open_store``: makes the store the first time a chunk or a client needs it (the owner's sizing rule)."""
 
     def __init__(self, pool: HostPool, device: DeviceCache, open_store: Callable[[], NvmeStore]):
         self.pool = pool
@@ -158,9 +170,10 @@ class SwapManager:
         self._store: NvmeStore | None = None
         self._cond = threading.Condition()
         self._chunks: list[Chunk] = []  # every chunk made here, for close()
-        self.trace: Callable[[str, str, int], Callable[[], None]] | None = None
-        """Called when a chunk read or write is issued, with (resource, key, bytes); what it returns is called on
-        an I/O thread when the transfer lands (the runtime counts the bytes and draws it on its timeline)."""
+        self._moved = {kind: dict.fromkeys(LINKS, 0) for kind in KINDS}
+        self.trace: Callable[[str, Chunk], Callable[[], None]] | None = None
+        """Called when a chunk read or write is issued, with (resource, chunk); what it returns is called on an
+        I/O thread when the transfer lands (the runtime draws it on its timeline)."""
 
     # -- the store -----------------------------------------------------------------------------------------------
     @property
@@ -174,24 +187,75 @@ class SwapManager:
     def store_open(self) -> bool:
         return self._store is not None
 
+    # -- byte counters -------------------------------------------------------------------------------------------
+    def count(self, kind: str, link: str, nbytes: int) -> None:
+        """Count ``nbytes`` of ``kind`` moved over ``link`` (a client's own host<->device copies; the store
+        transfers of chunks are counted here when issued)."""
+        self._moved[kind][link] += nbytes
+
+    def moved(self, kind: str | None = None) -> dict[str, int]:
+        """Bytes moved so far per link: of one kind, or of all together."""
+        if kind is not None:
+            return dict(self._moved[kind])
+        return {link: sum(m[link] for m in self._moved.values()) for link in LINKS}
+
+    # -- memory that is not a chunk ------------------------------------------------------------------------------
+    def scratch(self, nbytes: int, tier: Tier, *, wait: bool = True) -> tuple[torch.Tensor, Callable[[], None]]:
+        """Working memory for the length of one operation (an update's fp32 grads, a chunk's copy on the
+        device): ``nbytes`` from the host pool or the device budget, and its release. ``wait=False`` raises
+        :class:`~storage.TierFullError` instead of waiting for host budget."""
+        if tier is Tier.DEVICE:
+            return self._device_buffer(nbytes)
+        return self._acquire(nbytes, wait=wait)
+
+    def _device_buffer(self, nbytes: int) -> tuple[torch.Tensor, Callable[[], None]]:
+        if not nbytes:
+            return torch.empty(0, dtype=torch.uint8, device=self.device.device), _nothing
+        self.device.reserve(nbytes, what="device chunk")
+        buf = self.device.buffer(nbytes)
+
+        def release() -> None:
+            self.device.release(nbytes)
+            self.device.give_back(buf, nbytes)
+        return buf, release
+
+    def _acquire(self, nbytes: int, *, wait: bool = True) -> tuple[torch.Tensor, Callable[[], None]]:
+        if not nbytes:
+            return torch.empty(0, dtype=torch.uint8), _nothing
+        buf = self.pool.acquire(nbytes, wait=wait)
+        return buf.tensor[:nbytes], buf.release
+
+    def _acquire_with_extra(self, c: Chunk, extra: int, wait: bool) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                          Callable[[], None]]:
+        """A host buffer for ``c``'s bytes, plus ``extra`` bytes of working memory after them (4 KiB-aligned)."""
+        if not extra:
+            tensor, release = self._acquire(c.nbytes, wait=wait)
+            return tensor, None, release
+        start = (c.nbytes + 4095) // 4096 * 4096
+        buf = self.pool.acquire(start + extra, wait=wait)
+        return buf.tensor[:c.nbytes], buf.tensor[start:start + extra], buf.release
+
     # -- chunks --------------------------------------------------------------------------------------------------
-    def chunk(self, key: str, nbytes: int, home: Tier) -> Chunk:
-        """A new chunk, EMPTY; a HOST chunk gets its permanent buffer now (READY)."""
-        if home not in (Tier.HOST, Tier.NVME):
-            raise ValueError(f"chunk {key!r}: expected a host or nvme home, got {home.value}")
-        c = Chunk(key, nbytes, home)
-        if home is Tier.HOST:
-            c._tensor, c._release = self._acquire(nbytes)
+    def chunk(self, key: str, nbytes: int, home: Tier, kind: str = "params") -> Chunk:
+        """A new chunk: EMPTY in the store, or READY with its permanent buffer (uninitialized) on the host or the
+        device."""
+        if kind not in KINDS:
+            raise ValueError(f"chunk {key!r}: expected a kind in {KINDS}, got {kind!r}")
+        c = Chunk(key, kind, nbytes, home)
+        if home is not Tier.NVME:
+            c._tensor, c._release = self._home_buffer(nbytes, home)
             c.state = ChunkState.READY
         self._chunks.append(c)
         return c
 
-    def _acquire(self, nbytes: int) -> tuple[torch.Tensor, Callable[[], None]]:
-        buf = self.pool.acquire(max(nbytes, 1))
-        return buf.tensor[:nbytes], buf.release
+    def _home_buffer(self, nbytes: int, home: Tier) -> tuple[torch.Tensor, Callable[[], None]]:
+        """A permanent buffer of a HOST or DEVICE chunk."""
+        if home is Tier.DEVICE:
+            return self._device_buffer(nbytes)
+        return self._acquire(nbytes)
 
     def _wait(self, c: Chunk) -> None:
-        """Under the lock: until no I/O is in flight on ``c``; raises a failed write's error once."""
+        """Under the lock: until no I/O is in flight on ``c``; raises a failed transfer's error once."""
         while c.state in (ChunkState.LOADING, ChunkState.WRITING):
             self._cond.wait()
         if c._error is not None:
@@ -199,11 +263,12 @@ class SwapManager:
             raise err
 
     @contextlib.contextmanager
-    def use(self, c: Chunk, *, write: bool = False, load: bool = True) -> Iterator[torch.Tensor]:
-        """``c``'s host buffer, pinned for the ``with`` block: loaded from the store first when STORED (the
-        caller waits for the read), fresh when EMPTY. ``write``: the caller changes the bytes (exclusive: other
-        users wait; the chunk is DIRTY afterwards). ``load=False``: the caller overwrites every byte, so a
-        STORED chunk gets a fresh buffer instead of a read."""
+    def use(self, c: Chunk, *, write: bool = False, load: bool = True, extra: int = 0) -> Iterator[torch.Tensor]:
+        """``c``'s buffer, pinned for the ``with`` block: loaded from the store first when STORED (the caller
+        waits for the read), fresh when EMPTY. ``write``: the caller changes the bytes (exclusive: other users
+        wait; a store chunk is DIRTY afterwards). ``load=False``: the caller overwrites every byte, so a STORED
+        chunk gets a fresh buffer instead of a read. ``extra``: when a buffer is made now, ``extra`` bytes of
+        working memory come with it (:meth:`extra`)."""
         me = threading.get_ident()
         read = claimed = False
         with self._cond:
@@ -220,7 +285,7 @@ class SwapManager:
             else:
                 self._pin(c, write, me)
         if claimed:
-            self._fill(c, read, write, me)
+            self._fill(c, read, write, me, extra)
         try:
             yield c._tensor
         finally:
@@ -233,6 +298,11 @@ class SwapManager:
                     c._readers -= 1
                 self._cond.notify_all()
 
+    def extra(self, c: Chunk) -> torch.Tensor | None:
+        """The working memory that came with ``c``'s buffer (``use(extra=)``, ``prefetch(extra=)``), or ``None``:
+        for the caller that holds ``c`` pinned."""
+        return c._extra
+
     @staticmethod
     def _pin(c: Chunk, write: bool, me: int) -> None:
         if write:
@@ -240,11 +310,11 @@ class SwapManager:
         else:
             c._readers += 1
 
-    def _fill(self, c: Chunk, load: bool, write: bool, me: int) -> None:
+    def _fill(self, c: Chunk, load: bool, write: bool, me: int, extra: int) -> None:
         """The claimer of a LOADING chunk: a buffer, and the stored bytes read into it when ``load``; pinned for
         the claimer in the same step that makes it READY, so no transition slips in between."""
         try:
-            tensor, release = self._acquire(c.nbytes)
+            tensor, spare, release = self._acquire_with_extra(c, extra, wait=True)
         except BaseException:
             with self._cond:
                 c.state = ChunkState.STORED if load else ChunkState.EMPTY
@@ -253,7 +323,7 @@ class SwapManager:
         try:
             if load:
                 handle = self.store.read(c.key, out=tensor)
-                self._trace(handle, "disk_read", c.key, c.nbytes)
+                self._trace(handle, "disk_read", c)
                 handle.wait()
         except BaseException:
             release()
@@ -262,17 +332,100 @@ class SwapManager:
                 self._cond.notify_all()
             raise
         with self._cond:
-            c._tensor, c._release = tensor, release
+            c._tensor, c._extra, c._release = tensor, spare, release
             c.state = ChunkState.READY if load else ChunkState.DIRTY
             self._pin(c, write, me)
             self._cond.notify_all()
 
+    def prefetch(self, c: Chunk, *, extra: int = 0) -> bool:
+        """Start reading a STORED chunk into a new host buffer (with ``extra`` bytes of working memory), without
+        waiting: for the read itself, or for host budget. Returns False when the budget has no room now; True
+        when the read was issued or the chunk needs none (it has a buffer, or a transfer is under way). A read
+        that fails leaves the chunk STORED, and its error goes to the next :meth:`use`."""
+        with self._cond:
+            if c.state is not ChunkState.STORED or c.pinned:
+                return c.state is not ChunkState.EMPTY
+            c.state = ChunkState.LOADING
+        try:
+            tensor, spare, release = self._acquire_with_extra(c, extra, wait=False)
+        except TierFullError:
+            with self._cond:
+                c.state = ChunkState.STORED
+                self._cond.notify_all()
+            return False
+        try:
+            handle = self.store.read(c.key, out=tensor)
+        except BaseException:
+            release()
+            with self._cond:
+                c.state = ChunkState.STORED
+                self._cond.notify_all()
+            raise
+        self._trace(handle, "disk_read", c)
+
+        def landed(f) -> None:
+            with self._cond:
+                if f.exception() is not None:
+                    release()
+                    c.state, c._error = ChunkState.STORED, f.exception()
+                else:
+                    c._tensor, c._extra, c._release = tensor, spare, release
+                    c.state = ChunkState.READY
+                self._cond.notify_all()
+
+        handle.future.add_done_callback(landed)
+        return True
+
+    def wait_any(self, chunks: list[Chunk]) -> None:
+        """Until one of ``chunks`` has no transfer in flight (at once when one has none)."""
+        with self._cond:
+            while chunks and all(c.state in (ChunkState.LOADING, ChunkState.WRITING) for c in chunks):
+                self._cond.wait()
+
     def buffer(self, c: Chunk) -> torch.Tensor | None:
-        """``c``'s host buffer when it has one with current bytes (READY or DIRTY, after any write in flight
+        """``c``'s buffer when it has one with current bytes (READY or DIRTY, after any transfer in flight
         lands), else ``None``: for readers between the phases that change it."""
         with self._cond:
             self._wait(c)
             return c._tensor if c.state in _HAS_BUFFER else None
+
+    def resize(self, c: Chunk, nbytes: int, fill: Callable[[torch.Tensor], None], *, home: Tier | None = None
+               ) -> None:
+        """Give ``c`` new bytes in a new buffer of ``nbytes`` (in its memory, or ``home``'s when given: a chunk
+        that moves to another tier): ``fill(new)`` writes them, and may read the old buffer, which is given back
+        afterwards. A store chunk is DIRTY afterwards (write it back), a HOST or DEVICE one READY, and a chunk
+        that leaves the store has its stored copy deleted. The caller holds ``c`` for writing, or nobody holds
+        it; no transfer may be in flight."""
+        me = threading.get_ident()
+        with self._cond:
+            self._wait(c)
+            if c._readers or c._writer not in (None, me):
+                raise AssertionError(f"resize of {c!r}: held by another user")
+        home = c.home if home is None else home
+        if home is Tier.NVME:
+            tensor, release = self._acquire(nbytes) if nbytes else (None, None)
+        else:
+            tensor, release = self._home_buffer(nbytes, home)
+        try:
+            if tensor is not None:
+                fill(tensor)
+        except BaseException:
+            if release is not None:
+                release()
+            raise
+        left_store = c.home is Tier.NVME and home is not Tier.NVME
+        with self._cond:
+            if c._release is not None:
+                c._release()
+            c._tensor, c._extra, c._release = tensor, None, release
+            c.nbytes, c.home = nbytes, home
+            if home is not Tier.NVME:
+                c.state = ChunkState.READY
+            else:
+                c.state = ChunkState.DIRTY if tensor is not None else ChunkState.EMPTY
+            self._cond.notify_all()
+        if (left_store or (home is Tier.NVME and not nbytes)) and self._store is not None and c.key in self._store:
+            self._store.delete(c.key)
 
     def write_back(self, c: Chunk, *, evict: bool = True, wait: bool = False) -> None:
         """Write ``c``'s new bytes to the store (DIRTY -> WRITING -> STORED, or READY without ``evict``); a READY
@@ -294,7 +447,7 @@ class SwapManager:
                 c.state = ChunkState.DIRTY
                 self._cond.notify_all()
             raise
-        self._trace(handle, "disk_write", c.key, c.nbytes)
+        self._trace(handle, "disk_write", c)
 
         def landed(f) -> None:
             with self._cond:
@@ -311,7 +464,7 @@ class SwapManager:
             self.settle(c)
 
     def settle(self, c: Chunk) -> None:
-        """Wait for any I/O in flight on ``c``; raise a failed write's error."""
+        """Wait for any I/O in flight on ``c``; raise a failed transfer's error."""
         with self._cond:
             self._wait(c)
 
@@ -326,7 +479,7 @@ class SwapManager:
         """Forget ``c``'s bytes (-> EMPTY): its buffer goes back to the pool, a HOST chunk keeps its own."""
         with self._cond:
             self._wait_idle(c)
-            if c.home is not Tier.HOST:
+            if c.home is Tier.NVME:
                 self._let_go(c, ChunkState.EMPTY)
 
     def _wait_idle(self, c: Chunk) -> None:
@@ -339,17 +492,19 @@ class SwapManager:
 
     @staticmethod
     def _let_go(c: Chunk, state: ChunkState) -> None:
-        """Under the lock (or with no other user left): ``c``'s buffer back to the pool, and ``c`` is ``state``."""
+        """Under the lock (or with no other user left): ``c``'s buffer given back, and ``c`` is ``state``."""
         if c._release is not None:
             c._release()
-        c._tensor, c._release = None, None
+        c._tensor, c._extra, c._release = None, None, None
         c.state = state
 
     def rehome(self, c: Chunk, home: Tier, *, keep: bool = True) -> None:
-        """Between iterations: move ``c`` to ``home`` (HOST or NVME), its bytes with it when ``keep`` (a store
+        """Between iterations: move ``c`` between HOST and NVME, its bytes with it when ``keep`` (a store
         chunk's are read in first), else as nothing (EMPTY in the store, a fresh buffer on the host)."""
         if home is c.home:
             return
+        if Tier.DEVICE in (home, c.home):
+            raise AssertionError(f"rehome of {c!r} to {home.value}: device chunks move with resize()")
         self.settle(c)
         if home is Tier.NVME:
             has = keep and c.state in _HAS_BUFFER
@@ -382,7 +537,7 @@ class SwapManager:
             out = aligned_empty(c.nbytes)[:c.nbytes]
         if tensor is None:
             handle = self.store.read(c.key, out=out)
-            self._trace(handle, "disk_read", c.key, c.nbytes)
+            self._trace(handle, "disk_read", c)
             handle.wait()
             return out
         try:
@@ -394,7 +549,7 @@ class SwapManager:
         return out
 
     def free(self, c: Chunk) -> None:
-        """The chunk is no longer used: its buffer back to the pool, its store copy (an NVMe chunk's) deleted."""
+        """The chunk is no longer used: its buffer given back, its store copy (a store chunk's) deleted."""
         with self._cond:
             self._wait_idle(c)
             stored = c.home is Tier.NVME and c.state is not ChunkState.EMPTY
@@ -402,9 +557,10 @@ class SwapManager:
         if stored and self._store is not None and c.key in self._store:
             self._store.delete(c.key)
 
-    def _trace(self, handle, resource: str, key: str, nbytes: int) -> None:
+    def _trace(self, handle, resource: str, c: Chunk) -> None:
+        self._moved[c.kind][resource] += c.nbytes
         if self.trace is not None:
-            done = self.trace(resource, key, nbytes)
+            done = self.trace(resource, c)
             handle.future.add_done_callback(lambda _f: done())
 
     def close(self) -> None:
@@ -419,3 +575,7 @@ class SwapManager:
         self.pool.trim()
         if self._store is not None:
             self._store.close()
+
+
+def _nothing() -> None:
+    pass

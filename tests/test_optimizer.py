@@ -366,7 +366,7 @@ def test_failed_write_back_keeps_state_in_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "pwritev", real)
     plain.zero_grad()
     off.zero_grad()
-    assert any(s.residency.value == "resident" for s in off._subgroups)
+    assert any(s.chunk.state.value == "dirty" for s in off._subgroups)
     for m, o in ((m1, plain), (m2, off)):
         ((m(x) - 1) ** 2).mean().backward()
         o.step()

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import pytest
@@ -21,27 +19,27 @@ ARGS_70B = ["plan", "llama-70b", "--batch", "4", "--seq", "2048", "--profile", "
 
 
 def test_plan_70b_under_5s_and_1gib(tmp_path):
-    cmd = [sys.executable, "-c", "import sys; from offload.cli import main; sys.exit(main(sys.argv[1:]))",
-           *ARGS_70B, "--json"]
+    # The child reports its own peak RSS (VmHWM, of its own address space) on exit. The rusage wait4 gives is no
+    # good here: Linux carries the high-water mark of the address space exec replaced into it, and that is a copy
+    # of this test process's (hundreds of MiB, more as the suite goes on).
+    hwm = tmp_path / "vmhwm"
+    cmd = [sys.executable, "-c",
+           "import sys; from offload.cli import main; rc = main(sys.argv[2:]); "
+           "open(sys.argv[1], 'w').write([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]); "
+           "sys.exit(rc)", str(hwm), *ARGS_70B, "--json"]
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:
         p = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, text=True)
-        # wait4 has no timeout: a planner that hangs is killed after 120 s (and then fails the return code check).
-        watchdog = threading.Timer(120, p.kill)
-        watchdog.start()
-        # This child's own peak RSS (wait4), not RUSAGE_CHILDREN's: that is the largest of every child this test
-        # session has waited for, so an earlier test's subprocess would count.
         try:
-            _, status, usage = os.wait4(p.pid, 0)
+            p.wait(timeout=120)  # a planner that hangs fails here
         finally:
-            watchdog.cancel()
-        p.returncode = os.waitstatus_to_exitcode(status)
+            p.kill()
         wall_s = time.perf_counter() - t0
         out_f.seek(0)
         err_f.seek(0)
         stdout, stderr = out_f.read(), err_f.read()
-    rss_bytes = usage.ru_maxrss * 1024  # Linux reports KiB
     assert p.returncode == 0, stderr
+    rss_bytes = int(hwm.read_text().split()[1]) * 1024  # "VmHWM:  123456 kB"
     # The < 5 s half of the bar is a timing: printed here (pytest -s), never asserted (a loaded machine would fail
     # it). Measured: see the issue note.
     print(f"offload plan llama-70b: {wall_s:.2f} s wall, peak RSS {rss_bytes / GiB:.2f} GiB")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import threading
 import time
 
@@ -339,22 +338,25 @@ def test_overlapped_update_reads_state_ahead(buffers, tmp_path):
     rt = runtime_of(model)
 
     read_issued, held, step_no = threading.Event(), [], [0]
-    real_trace, real_prefetch = opt._trace, opt.prefetch_state
+    real_trace, real_prefetch = rt.swap.trace, opt.prefetch_state
+    stored = [s for s in opt._subgroups if s.tier is Tier.NVME]
 
-    def trace(resource, name, handle, nbytes):
-        real_trace(resource, name, handle, nbytes)  # records the issue time first
-        if resource == "disk_read" and name.startswith("state "):
+    def trace(resource, chunk):
+        done = real_trace(resource, chunk)  # records the issue time first
+        if resource == "disk_read" and chunk.kind == "state":
             read_issued.set()
+        return done
 
     def prefetch_state(subs):
-        _, pending = concurrent.futures.wait([wb.handle.future for wb in opt._late_writes], timeout=GATE_S)
-        assert not pending, "a state write-back did not finish"
+        deadline = time.monotonic() + GATE_S
+        while any(s.chunk.state is ChunkState.WRITING for s in stored):
+            assert time.monotonic() < deadline, "a state write-back did not finish"
+            time.sleep(0.001)
         return real_prefetch(subs)
 
-    opt._trace, opt.prefetch_state = trace, prefetch_state
+    rt.swap.trace, opt.prefetch_state = trace, prefetch_state
     # From the second step: the first creates the state, so there is nothing stored to read yet.
     hold_backward_before(m.blocks[0], read_issued, held, armed=lambda: step_no[0] > 0)
-    stored = [s for s in opt._subgroups if s.tier is Tier.NVME]
     losses = []
     for step, idx in enumerate(data):
         step_no[0] = step
@@ -364,7 +366,7 @@ def test_overlapped_update_reads_state_ahead(buffers, tmp_path):
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-        assert not opt._ahead and not opt._late_writes, "read-ahead or write-backs outlived the step"
+        assert all(s.chunk.state is ChunkState.STORED for s in stored), "read-ahead or write-backs outlived the step"
         if step == 0:
             continue
         assert held[-1], "no state read was issued while backward still had blocks.0 to run"

@@ -1,0 +1,156 @@
+"""The swap manager's chunk states on their own: reads ahead, write-backs, re-packing, device chunks, counters."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from offload.swap import ChunkState, DeviceCache, SwapManager
+from storage import HostPool, NvmeStore, Tier, TierFullError
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def swap(tmp_path):
+    s = SwapManager(HostPool(budget_bytes=8 * MiB, slab_bytes=MiB), DeviceCache(torch.device("cpu"), 4 * MiB, keep=2),
+                    lambda: NvmeStore([str(tmp_path)], 64 * MiB, reset=True))
+    yield s
+    s.close()
+
+
+def stored_chunk(swap, key="c", nbytes=MiB, value=7, kind="state"):
+    c = swap.chunk(key, nbytes, Tier.NVME, kind=kind)
+    with swap.use(c, write=True, load=False) as buf:
+        buf.fill_(value)
+    swap.write_back(c, wait=True)
+    assert c.state is ChunkState.STORED
+    return c
+
+
+def test_prefetch_reads_ahead_and_use_takes_the_read(swap):
+    c = stored_chunk(swap)
+    assert swap.prefetch(c)
+    assert c.state in (ChunkState.LOADING, ChunkState.READY)
+    with swap.use(c) as buf:  # waits for the read instead of reading again
+        assert c.state is ChunkState.READY and bool((buf == 7).all())
+    assert swap.moved("state")["disk_read"] == MiB  # one read, not two
+    swap.evict(c)
+    assert c.state is ChunkState.STORED and swap.pool.in_use_bytes == 0
+
+
+def test_prefetch_does_not_wait_for_host_budget(swap):
+    c = stored_chunk(swap)
+    hog = swap.pool.acquire(8 * MiB)
+    assert not swap.prefetch(c)  # no room now: says so instead of waiting
+    assert c.state is ChunkState.STORED
+    hog.release()
+    assert swap.prefetch(c)
+    swap.settle(c)
+    assert c.state is ChunkState.READY
+
+
+def test_use_with_extra_brings_working_memory_after_the_bytes(swap):
+    c = stored_chunk(swap, nbytes=5000)
+    with swap.use(c, write=True, extra=3 * 4096) as buf:
+        extra = swap.extra(c)
+        assert buf.numel() == 5000 and extra.numel() == 3 * 4096
+        assert extra.data_ptr() - buf.data_ptr() == 8192  # the chunk's bytes rounded up to 4 KiB, then the extra
+        extra.fill_(1)  # the caller's scratch: the chunk's bytes stay
+        assert bool((buf == 7).all())
+
+
+def test_resize_gives_new_bytes_and_the_store_gets_them_on_write_back(swap):
+    c = stored_chunk(swap, nbytes=4096)
+    with swap.use(c, write=True) as old:
+        swap.resize(c, 3 * 4096, lambda new: (new.fill_(0), new[:4096].copy_(old)))
+    assert c.state is ChunkState.DIRTY and c.nbytes == 3 * 4096
+    swap.write_back(c, wait=True)
+    got = swap.copy(c)
+    assert bool((got[:4096] == 7).all()) and bool((got[4096:] == 0).all())
+
+
+def test_resize_to_another_home_deletes_the_stored_copy(swap):
+    c = stored_chunk(swap, nbytes=4096)
+    with swap.use(c, write=True) as old:
+        swap.resize(c, 4096, lambda new: new.copy_(old), home=Tier.HOST)
+    assert c.home is Tier.HOST and c.state is ChunkState.READY
+    assert c.key not in swap.store
+    assert bool((swap.buffer(c) == 7).all())
+
+
+def test_resize_of_a_chunk_someone_else_holds_is_refused(swap):
+    c = stored_chunk(swap, nbytes=4096)
+    held, release = threading.Event(), threading.Event()
+
+    def reader():
+        with swap.use(c):
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    assert held.wait(30)
+    try:
+        with pytest.raises(AssertionError, match="held by another user"):
+            swap.resize(c, 8192, lambda new: None)
+    finally:
+        release.set()
+        t.join(30)
+
+
+def test_device_chunks_live_within_the_device_budget(swap):
+    a = swap.chunk("a", 3 * MiB, Tier.DEVICE, kind="state")
+    assert a.state is ChunkState.READY and swap.device.budget.used_bytes == 3 * MiB
+    with pytest.raises(TierFullError):
+        swap.chunk("b", 2 * MiB, Tier.DEVICE, kind="state")
+    swap.free(a)
+    assert swap.device.budget.used_bytes == 0
+    b = swap.chunk("b", 2 * MiB, Tier.DEVICE, kind="state")
+    with pytest.raises(AssertionError, match="only store chunks"):
+        swap.write_back(b)
+
+
+def test_failed_write_keeps_the_bytes_and_raises_once(swap, monkeypatch):
+    import errno
+    import os
+
+    c = stored_chunk(swap, nbytes=4096)
+    with swap.use(c, write=True) as buf:
+        buf.fill_(9)
+    real = os.pwritev
+
+    def full(fd, bufs, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwritev", full)
+    swap.write_back(c)  # issued; fails on the store's thread
+    with pytest.raises(Exception, match="disk full"):
+        swap.settle(c)
+    assert c.state is ChunkState.DIRTY  # the store kept the old version: the new bytes stay in memory
+    swap.settle(c)  # raised once
+    monkeypatch.setattr(os, "pwritev", real)
+    swap.write_back(c, wait=True)
+    assert c.state is ChunkState.STORED and bool((swap.copy(c) == 9).all())
+
+
+def test_bytes_moved_are_counted_by_kind_and_link(swap):
+    stored_chunk(swap, "p", 4096, kind="params")
+    c = stored_chunk(swap, "s", 8192, kind="state")
+    with swap.use(c):
+        pass
+    swap.count("params", "h2d", 100)
+    assert swap.moved("params") == {"h2d": 100, "d2h": 0, "disk_read": 0, "disk_write": 4096}
+    assert swap.moved("state") == {"h2d": 0, "d2h": 0, "disk_read": 8192, "disk_write": 8192}
+    assert swap.moved() == {"h2d": 100, "d2h": 0, "disk_read": 8192, "disk_write": 12288}
+
+
+def test_wait_any_returns_once_one_transfer_lands(swap):
+    a, b = stored_chunk(swap, "a"), stored_chunk(swap, "b")
+    assert swap.prefetch(a) and swap.prefetch(b)
+    swap.wait_any([a, b])
+    assert ChunkState.READY in (a.state, b.state)
+    swap.settle(a)
+    swap.settle(b)
