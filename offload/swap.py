@@ -327,9 +327,7 @@ class SwapManager:
                 handle.wait()
         except BaseException:
             release()
-            with self._cond:
-                c.state = ChunkState.STORED
-                self._cond.notify_all()
+            self._set_state(c, ChunkState.STORED)
             raise
         with self._cond:
             c._tensor, c._extra, c._release = tensor, spare, release
@@ -349,17 +347,13 @@ class SwapManager:
         try:
             tensor, spare, release = self._acquire_with_extra(c, extra, wait=False)
         except TierFullError:
-            with self._cond:
-                c.state = ChunkState.STORED
-                self._cond.notify_all()
+            self._set_state(c, ChunkState.STORED)
             return False
         try:
             handle = self.store.read(c.key, out=tensor)
         except BaseException:
             release()
-            with self._cond:
-                c.state = ChunkState.STORED
-                self._cond.notify_all()
+            self._set_state(c, ChunkState.STORED)
             raise
         self._trace(handle, "disk_read", c)
 
@@ -375,6 +369,12 @@ class SwapManager:
 
         handle.future.add_done_callback(landed)
         return True
+
+    def _set_state(self, c: Chunk, state: ChunkState) -> None:
+        """``c`` is ``state`` now (a transfer that was not issued goes back), and its waiters are told."""
+        with self._cond:
+            c.state = state
+            self._cond.notify_all()
 
     def wait_any(self, chunks: list[Chunk]) -> None:
         """Until one of ``chunks`` has no transfer in flight (at once when one has none)."""
@@ -443,9 +443,7 @@ class SwapManager:
         try:
             handle = self.store.write(c.key, c._tensor)
         except BaseException:  # not issued (a closed store, a full one): the bytes stay here
-            with self._cond:
-                c.state = ChunkState.DIRTY
-                self._cond.notify_all()
+            self._set_state(c, ChunkState.DIRTY)
             raise
         self._trace(handle, "disk_write", c)
 
