@@ -263,6 +263,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
                                       f"Adagrad, ...)")
         self.optimizer_class = cls
         super().__init__(groups, defaults)
+        self._per_param_state: int | None = None
         self._stats = {"steps": 0, "skipped_steps": 0, "update_s": 0.0, "cpu_update_s": 0.0, "wait_read_s": 0.0,
                        "step_s": 0.0}
         self._scale = None
@@ -601,6 +602,8 @@ class OffloadOptimizer(torch.optim.Optimizer):
         budget check: a unit moving params and state to the device drops its master)."""
         align = lambda n: (n + SLOT_ALIGN - 1) // SLOT_ALIGN * SLOT_ALIGN  # noqa: E731
         state = sum(align(sl.nbytes) for sl in sub.slots if sl.key != "master")
+        if not state:  # before its first step: the state that step will make
+            state = sum(pc.numel * self._state_per_element() + SLOT_ALIGN * 4 for pc in sub.pieces)
         need = any(pc.param.dtype != torch.float32 or params_on_device != (site == "device") for pc in sub.pieces)
         return state + (sum(align(4 * pc.numel) for pc in sub.pieces) if need else 0)
 
@@ -763,12 +766,16 @@ class OffloadOptimizer(torch.optim.Optimizer):
         """Bytes the state chunks of ``unit``'s subgroups will take once every piece has state (per-element state
         the class creates, measured on a small parameter, plus fp32 masters), and their tier; what the runtime
         counts before the first step has made any."""
-        per = getattr(self, "_per_param_state", None)
-        if per is None:
-            per = self._per_param_state = self._probe_state_bytes()
+        per = self._state_per_element()
         subs = self._subgroups_of(unit)
         total = sum(s.numel * (per + (4 if s.has_master else 0)) + len(s.pieces) * SLOT_ALIGN * 4 for s in subs)
         return total, (subs[0].tier if subs else Tier.HOST)
+
+    def _state_per_element(self) -> int:
+        """Bytes of state per parameter element (:meth:`_probe_state_bytes`, measured once)."""
+        if self._per_param_state is None:
+            self._per_param_state = self._probe_state_bytes()
+        return self._per_param_state
 
     @property
     def runtime(self):

@@ -11,7 +11,10 @@ store, as are the unit's fp32 grads; on the device they exist only while needed:
 - forward: a unit's pre-forward hook makes its params resident (waiting for the prefetch issued earlier) and
   prefetches the next ``prefetch`` units in the order recorded on the previous pass; its post-forward hook
   releases them (``param.data`` becomes an empty tensor, as FSDP1 did) and registers a pre-backward hook on
-  its outputs;
+  its outputs. Autograd keeps views of the released memory (a linear layer saves ``weight.t()``), so the unit's
+  device buffer keeps one storage for its life: released, the storage is emptied and its memory becomes a spare
+  others may take; fetched again, the same storage gets memory back and the weights, and those views read them
+  (FSDP2 frees and refills its unsharded params the same way);
 - backward: the pre-backward hook (the first gradient reaching the unit's outputs) fetches the params again
   and prefetches the units backward will need next; each parameter's post-accumulate-grad hook frees the device
   gradient and hands it to the grad thread, which adds it into the unit's fp32 host buffer (a copy stream under
@@ -102,7 +105,7 @@ class Unit:
         self.grad_tier = Tier.HOST  # where accumulated grads wait for the update
         self.weights: Chunk | None = None  # the flat params between uses (host or nvme tier; None: device tier)
         self.grads: Chunk | None = None  # the flat fp32 grads (None: no trainable params)
-        self.device_buf: torch.Tensor | None = None
+        self.device_buf: torch.Tensor | None = None  # one storage for life: emptied on release, refilled on fetch
         self.fetch: concurrent.futures.Future | None = None
         self.has_grads = False  # some param of the unit has a grad in the current accumulation
         self.got = [False] * len(params)  # which params have one
@@ -292,6 +295,9 @@ class OffloadRuntime:
             self._init_tiers()
             self._home = _Home(self)
             self.optimizer = self._make_optimizer(optimizer)
+            if plan is not None:  # optimizer state the plan keeps on the device, at its size after the first step
+                self._check_device_budget([u.param_tier for u in self.units], "offload.wrap",
+                                          self.optimizer.device_state_bytes(lambda unit: plan.units[unit]))
             self._grad_backlog = self._check_host_budget("offload.wrap")
         except BaseException:  # refused (or failed): the model keeps its params; give back what was taken
             for lane in (self._copy_pool, self._update_pool, self._grad_pool):
@@ -518,7 +524,11 @@ class OffloadRuntime:
             resident = ", ".join(x.name for x in self.units if x.state is not ParamState.RELEASED)
             raise TierFullError("device", f"unit {u.name!r} (resident now: {resident})", u.nbytes,
                                 self.device_budget.used_bytes, self.device_budget.capacity_bytes) from None
-        u.device_buf = self.swap.device.buffer(u.nbytes)
+        if u.device_buf is None:
+            u.device_buf = self.swap.device.buffer(u.nbytes)
+        else:
+            # Its own storage again, not another buffer: autograd may still hold views of it from forward.
+            self.swap.device.fill(u.device_buf, u.nbytes)
         u.state = ParamState.FETCHING
         self._counters["fetches"] += 1
         u.fetch = self._copy_pool.submit(self._fetch_work, u, src)
@@ -586,9 +596,8 @@ class OffloadRuntime:
                 # The buffer may still be read by kernels queued on the compute stream; the caching allocator
                 # keeps it from reuse by other streams until they finish when we record it on that stream.
                 u.device_buf.record_stream(torch.cuda.current_stream(self.device))
-            buf, u.device_buf = u.device_buf, None
             self.swap.device.release(u.nbytes)
-            self.swap.device.give_back(buf, u.nbytes)
+            self.swap.device.empty(u.device_buf, u.nbytes)
         u.state = ParamState.RELEASED
 
     def _prefetch(self, seq: list[int], pos: int) -> None:

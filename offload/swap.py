@@ -42,6 +42,11 @@ from storage import HostPool, NvmeStore, Tier, TierBudget, TierFullError
 from storage.memory import aligned_empty
 
 
+_CAN_SWAP_STORAGE = hasattr(torch.UntypedStorage, "_swap_data_ptr_")
+"""Whether a storage's memory can be exchanged with another's (:meth:`DeviceCache.fill`); else it is freed and
+allocated again (correct, but a CPU device then pays page faults on every fetch)."""
+
+
 class ChunkState(enum.Enum):
     """Where a chunk's bytes are, and who may touch its host buffer."""
 
@@ -136,6 +141,28 @@ class DeviceCache:
                 return free.pop()
         self.trim()
         return aligned_empty(nbytes)[:nbytes]
+
+    def fill(self, t: torch.Tensor, nbytes: int) -> None:
+        """Give memory back to ``t``, a buffer of ``nbytes`` from :meth:`buffer` that :meth:`empty` emptied (its
+        budget is already reserved again), in the same storage: views of ``t`` made before it was emptied (the
+        weights autograd saved in forward, such as the ``weight.t()`` a linear layer keeps) see the bytes written
+        into ``t`` now. FSDP frees and refills its unsharded params the same way, for the same reason."""
+        if self.device.type == "cuda" or not _CAN_SWAP_STORAGE:
+            t.untyped_storage().resize_(t.storage_offset() + nbytes)
+            return
+        src = self.buffer(nbytes)  # a spare of this size (a storage like t's), or fresh memory
+        t.untyped_storage()._swap_data_ptr_(src.untyped_storage())
+
+    def empty(self, t: torch.Tensor, nbytes: int) -> None:
+        """Take ``t``'s memory (``nbytes`` from :meth:`buffer`, its reservation released) out of its storage, which
+        keeps existing with no bytes, and keep the memory as a spare: see :meth:`fill`."""
+        if self.device.type == "cuda" or not _CAN_SWAP_STORAGE:
+            t.untyped_storage().resize_(0)
+            return
+        holder = torch.empty(0, dtype=torch.uint8)
+        t.untyped_storage()._swap_data_ptr_(holder.untyped_storage())
+        holder.set_(holder.untyped_storage(), t.storage_offset(), (nbytes,), (1,))
+        self.give_back(holder, nbytes)
 
     def give_back(self, buf: torch.Tensor, nbytes: int) -> None:
         """A buffer whose reservation was released: kept as a spare (CPU device) while there is room."""

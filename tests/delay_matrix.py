@@ -5,13 +5,15 @@ bit for bit.
 The default suite (tests/test_delays.py) runs a covering subset of the cells with a few seeds. The slow job runs
 every cell with many seeds and prints the mismatch count:
 
-    .venv/bin/python tests/delay_matrix.py --seeds 20            # all 256 cells (hours on 2 cores: shard it)
+    .venv/bin/python tests/delay_matrix.py --seeds 20            # all 288 cells (hours on 2 cores: shard it)
     .venv/bin/python tests/delay_matrix.py --seeds 20 --model gpt --params nvme
     for k in 0 1 2 3 4 5; do .venv/bin/python tests/delay_matrix.py --seeds 20 --shard $k/6 & done; wait
 
-A cell: model (our GPT, HF Llama), where params, grads and state live (host or nvme each), the overlapped update
-on or off, 1 or 3 micro-batches per step, clipping on or off, and whether the placement switches (every tier
-flips) after the first step.
+A cell: model (our GPT, HF Llama), where params, grads and state live (host or nvme each, or "mixed": a plan
+that gives each unit its own params, grads and state tiers, the device included, and updates some units on the
+device: their scratch memory comes from the same device cache as the params'), the overlapped update on or off,
+1 or 3 micro-batches per step, clipping on or off, and whether the placement switches (every tier flips; a mixed
+plan rotates so that every unit moves) after the first step.
 """
 
 from __future__ import annotations
@@ -61,13 +63,31 @@ class Cell:
 
 def all_cells() -> list[Cell]:
     tiers = ("host", "nvme")
-    return [Cell(m, p, g, s, o, a, c, w) for m, p, g, s, o, a, c, w in itertools.product(
-        ("gpt", "llama"), tiers, tiers, tiers, (False, True), (1, 3), (None, 0.05), (False, True))]
+    knobs = list(itertools.product((False, True), (1, 3), (None, 0.05), (False, True)))
+    return [Cell(m, p, g, s, o, a, c, w) for m, p, g, s, (o, a, c, w) in itertools.product(
+        ("gpt", "llama"), tiers, tiers, tiers, knobs)] + [
+        Cell(m, "mixed", "mixed", "mixed", o, a, c, w) for m, (o, a, c, w) in itertools.product(("gpt", "llama"), knobs)]
+
+
+def _up(params: Tier, state: Tier, update: str, grads: Tier = Tier.HOST) -> UnitPlacement:
+    return UnitPlacement(params, state, update, grad_tier=grads)
+
+
+_D, _H, _N = Tier.DEVICE, Tier.HOST, Tier.NVME
+MIXED = (_up(_D, _H, "cpu"), _up(_H, _N, "cpu", _N), _up(_N, _H, "cpu"), _up(_H, _D, "device"),
+         _up(_N, _N, "device"), _up(_D, _D, "device"))
+"""The "mixed" cells' placements, unit by unit (cycled): params and state on every tier, grads on host and nvme,
+updates on the CPU and on the device."""
+
+
+def mixed_plan(n_units: int, shift: int, overlap: bool) -> Plan:
+    return Plan(strategy="test", units=tuple(MIXED[(i + shift) % len(MIXED)] for i in range(n_units)),
+                prefetch_depth=1, overlap_update=overlap)
 
 
 def covering_cells() -> list[Cell]:
     """Every tier combination for each model once, with overlap, accumulation, clipping and the switch varied so
-    that each pair of those choices appears (16 cells)."""
+    that each pair of those choices appears (16 cells), and two cells of the mixed plan with the overlapped update."""
     cells = []
     combos = list(itertools.product(("host", "nvme"), repeat=3))
     knobs = [(o, a, c, w) for o, a, c, w in itertools.product((True, False), (3, 1), (None, 0.05), (False, True))
@@ -76,6 +96,8 @@ def covering_cells() -> list[Cell]:
         for i, (p, g, s) in enumerate(combos):
             o, a, c, w = knobs[(i + mi * 3) % len(knobs)]
             cells.append(Cell(model, p, g, s, o, a, c, w))
+    cells.append(Cell("gpt", "mixed", "mixed", "mixed", overlap=True, accum=3, clip=None, switch=True))
+    cells.append(Cell("llama", "mixed", "mixed", "mixed", overlap=True, accum=1, clip=None, switch=False))
     return cells
 
 
@@ -127,18 +149,28 @@ def run_cell(cell: Cell, seed: int | None, nvme_dir: str, *, rule=None) -> list[
     plain = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
     losses_ref = _train(cell, ref, plain, data, wrapped=False)
 
-    budget = sum(p.numel() * p.element_size() for p in m.parameters()) // 2
-    cfg = OffloadConfig(param_tier=cell.params, grad_tier=cell.grads, state_tier=cell.state, nvme_dirs=nvme_dir,
+    mixed = cell.params == "mixed"
+    model_bytes = sum(p.numel() * p.element_size() for p in m.parameters())
+    budget = model_bytes * 4 if mixed else model_bytes // 2  # mixed: room for its units' params and state there
+    tiers = ("nvme",) * 3 if mixed else (cell.params, cell.grads, cell.state)
+    cfg = OffloadConfig(param_tier=tiers[0], grad_tier=tiers[1], state_tier=tiers[2], nvme_dirs=nvme_dir,
                         impl="as_given", device_budget_bytes=budget, prefetch=1, overlap_update=cell.overlap,
                         accumulation_steps=cell.accum, max_grad_norm=cell.clip)
     model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1), cfg)
     rt = runtime_of(model)
+    if mixed:
+        rt.apply_plan(mixed_plan(len(rt.units), 0, cell.overlap))
 
     def switch(step: int) -> None:
-        if cell.switch and step == 0:  # every tier flips between the first and second step
-            pl = UnitPlacement(_flipped(cell.params), _flipped(cell.state), "cpu", grad_tier=_flipped(cell.grads))
-            rt.apply_plan(Plan(strategy="test", units=(pl,) * len(rt.units), prefetch_depth=1,
-                               overlap_update=cell.overlap))
+        if not (cell.switch and step == 0):
+            return
+        if mixed:  # every unit takes the next unit's placement
+            rt.apply_plan(mixed_plan(len(rt.units), 1, cell.overlap))
+            return
+        # every tier flips between the first and second step
+        pl = UnitPlacement(_flipped(cell.params), _flipped(cell.state), "cpu", grad_tier=_flipped(cell.grads))
+        rt.apply_plan(Plan(strategy="test", units=(pl,) * len(rt.units), prefetch_depth=1,
+                           overlap_update=cell.overlap))
 
     try:
         with inject_delays(seed=seed, max_s=MAX_DELAY_S, p=DELAY_P, rule=rule):

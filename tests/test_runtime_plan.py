@@ -290,6 +290,28 @@ def test_plan_over_the_device_budget_is_refused_before_anything_moves(tmp_path):
     p.rt.close()
 
 
+def test_device_state_is_counted_at_the_size_its_first_step_makes(tmp_path):
+    """Before the first step a subgroup's chunk holds only its fp32 masters; AdamW's first step adds two moments.
+    A plan that keeps state on the device is checked against what the state will take, not what it takes now, so
+    it is refused at wrap or apply_plan, not by the update thread in the middle of the first backward."""
+    m = gpt()
+    model_bytes = sum(x.numel() * x.element_size() for x in m.parameters())
+    state_on_device = plan((up(H, D, "device"),) * UNITS)  # masters (1x the params) + moments (2x) there
+    budget = model_bytes * 2  # masters and streamed params fit; the moments do not
+    with pytest.raises(ValueError, match=r"optimizer state on the device"):
+        wrap(m, adamw(m), OffloadConfig(device_budget_bytes=budget, impl="as_given"), plan=state_on_device)
+    p = Pair(tmp_path, plan(ALL_HOST), device_budget_bytes=budget)
+    with pytest.raises(ValueError, match=r"apply_plan: .*optimizer state on the device"):
+        p.rt.apply_plan(state_on_device)
+    p.step(batches(1)[0])
+    p.rt.close()
+    q = Pair(tmp_path / "q", state_on_device, device_budget_bytes=model_bytes * 4)  # room for it: trains
+    for idx in batches(2):
+        q.step(idx)
+    assert q.rt.device_budget.used_bytes == device_bytes_expected(q.rt) > 2 * model_bytes
+    q.rt.close()
+
+
 def test_checkpoint_after_a_switch_resumes_bit_identical(tmp_path):
     p = Pair(tmp_path / "a", plan(ALL_HOST))
     data = batches(6)

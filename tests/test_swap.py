@@ -154,3 +154,22 @@ def test_wait_any_returns_once_one_transfer_lands(swap):
     assert ChunkState.READY in (a.state, b.state)
     swap.settle(a)
     swap.settle(b)
+
+
+def test_device_buffer_emptied_and_filled_keeps_its_storage_for_older_views():
+    """A released device buffer's memory becomes a spare that others take and overwrite; filled again, the buffer
+    has its own storage back with new memory, so a view made before it was emptied (what autograd saved) reads
+    what is written into the buffer now, not what the spare's new owner wrote."""
+    dev = DeviceCache(torch.device("cpu"), 4 * MiB, keep=2)
+    a = dev.buffer(MiB)
+    a.fill_(1)
+    saved = a[4096:8192].view(torch.float32)
+    dev.empty(a, MiB)
+    assert a.untyped_storage().nbytes() == 0 and dev.spare_bytes == MiB
+    b = dev.buffer(MiB)  # the spare: a's old memory
+    assert dev.spare_bytes == 0
+    b.fill_(0xFF)
+    dev.fill(a, MiB)
+    a.fill_(3)
+    assert bool((saved == torch.tensor([3], dtype=torch.uint8).repeat(4).view(torch.float32)).all())
+    assert bool((b == 0xFF).all())  # b keeps its memory: a got fresh memory, not b's

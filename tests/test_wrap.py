@@ -440,3 +440,33 @@ def test_cpu_device_reuses_released_buffers_within_the_budget(tmp_path, monkeypa
         assert per_iter[0] > 0 and per_iter[1:] == [0, 0], per_iter
         assert max(seen) <= rt.device_budget.capacity_bytes
         rt.close()
+
+
+@pytest.mark.parametrize("param_tier", ["host", "nvme"])
+def test_backward_reads_the_weights_forward_saved_after_their_memory_was_reused(param_tier, tmp_path):
+    """A linear layer's forward saves ``weight.t()``, a view of the memory the unit's params were fetched into;
+    the unit is released after forward and fetched again before its backward. That view must see the unit's
+    weights then, whatever took the released memory meanwhile (here: every released buffer is taken, filled
+    with NaN and given back in another order, as the overlapped device updates do with their scratch)."""
+    ref, m = gpt(), gpt()
+    plain = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    cfg = OffloadConfig(param_tier=param_tier, state_tier="host", prefetch=1, impl="as_given", nvme_dirs=str(tmp_path))
+    model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2), cfg)
+    rt = runtime_of(model)
+    sizes = {u.nbytes for u in rt.units[1:]}
+    for idx in batches(2):
+        lm_loss(ref, idx).backward()
+        loss = lm_loss(model, idx)
+        taken = [rt.swap.scratch(n, Tier.DEVICE) for n in sizes for _ in range(len(rt.units))]
+        for buf, _ in taken:
+            buf.fill_(0xFF)
+        for _, release in reversed(taken):
+            release()
+        loss.backward()
+        plain.step()
+        opt.step()
+        plain.zero_grad()
+        opt.zero_grad()
+        for a, p in zip(ref.parameters(), m.parameters()):
+            assert torch.equal(a, rt.param_value(p))
+    rt.close()
