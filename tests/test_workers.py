@@ -1,6 +1,7 @@
 """The store's worker pool serves reads before writes (storage/workers.py), and the store uses it that way."""
 
 import os
+import re
 import threading
 
 import torch
@@ -8,6 +9,9 @@ import torch
 from helpers import wait_until
 from storage import NvmeStore, StoreConfig
 from storage.workers import BACKGROUND, URGENT, PriorityWorkers
+
+GATE_S = 30
+"""How long a held I/O thread waits for its gate: only a store that never gets there comes near this."""
 
 
 def _gated(pool: PriorityWorkers) -> threading.Event:
@@ -64,34 +68,41 @@ def test_a_failing_task_does_not_kill_its_thread():
 
 
 def test_store_read_overtakes_writes_queued_before_it(tmp_path, monkeypatch):
-    """One I/O thread, held inside its first write: a read issued after three more chunk writes completes
-    before them, and every byte still lands where it should."""
+    """One I/O thread, held inside its first write: a read issued after three more chunk writes goes to the disk
+    before any of their blocks (and before the rest of the first write), and every byte still lands where it
+    should. Order from the system calls the I/O thread makes: the read's completion also waits for its checksum
+    on another thread, which a busy machine may run after the writes."""
     cfg = StoreConfig(block_bytes=64 << 10, workers=1)
     with NvmeStore(tmp_path, capacity_bytes=8 << 20, config=cfg) as s:
         s.write("r", torch.arange(50_000, dtype=torch.float32)).wait()
-        real, gate, inside = os.pwritev, threading.Event(), threading.Event()
+        real_write, real_read = os.pwritev, os.preadv
+        gate, inside = threading.Event(), threading.Event()
+        calls = []
 
         def held_pwritev(*a):
+            calls.append("w")
             inside.set()
-            gate.wait(5)
-            return real(*a)
+            assert gate.wait(GATE_S)
+            return real_write(*a)
+
+        def preadv(*a):
+            calls.append("r")
+            return real_read(*a)
 
         monkeypatch.setattr(os, "pwritev", held_pwritev)
-        finished = []
+        monkeypatch.setattr(os, "preadv", preadv)
         handles = []
         for i in range(4):
-            h = s.write(f"w{i}", torch.full((50_000,), float(i)))
-            h.future.add_done_callback(lambda _f, k=f"w{i}": finished.append(k))
-            handles.append(h)
+            handles.append(s.write(f"w{i}", torch.full((50_000,), float(i))))
             if i == 0:
-                assert inside.wait(5)  # the thread is now stuck in w0's first block
+                assert inside.wait(GATE_S)  # the thread is now stuck in w0's first block
         rh = s.read("r")
-        rh.future.add_done_callback(lambda _f: finished.append("r"))
         gate.set()
         out = rh.wait()
         for h in handles:
             h.wait()
-        assert finished.index("r") < finished.index("w1"), finished
+        order = "".join(calls)
+        assert re.fullmatch(r"wr+w+", order), order  # w0's first block, then every block of r, then the rest
         assert torch.equal(out, torch.arange(50_000, dtype=torch.float32))
         for i in range(4):
             assert torch.equal(s.read(f"w{i}").wait(), torch.full((50_000,), float(i)))
