@@ -389,7 +389,12 @@ class OffloadOptimizer(torch.optim.Optimizer):
         if self._runtime is not None:  # one subgroup per unit (within this group), in unit order
             by_unit: dict[int, list[_Piece]] = {}
             for idx, p in trainable:
-                unit, home = self._runtime.home_of(p)
+                owner = self._runtime.home_of(p)
+                if owner is None:
+                    raise ValueError(f"offload.wrap: the optimizer's param group {gi} holds a parameter of shape "
+                                     f"{tuple(p.shape)} that is not a parameter of the wrapped model: build the "
+                                     f"optimizer over model.parameters() of the model you pass to wrap")
+                unit, home = owner
                 by_unit.setdefault(unit, []).append(_Piece(p, idx, 0, p.numel(), home))
             trainable = []
             packs = [by_unit[u] for u in sorted(by_unit)]

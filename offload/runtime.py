@@ -111,6 +111,8 @@ class Unit:
         self.got = [False] * len(params)  # which params have one
         self.grad_key = f"unit{index}.grads"
         self.pending = 0  # trainable params whose grad has not arrived in this backward
+        self.frozen = self.trainable < len(params)
+        self.inputs_pending = 0  # a unit with frozen params: input-grad hooks of its last forward not fired yet
         self.key = f"unit{index}.params"
 
     def padded_bytes(self, k: int) -> int:
@@ -612,7 +614,7 @@ class OffloadRuntime:
         self._handles.append(self.model.register_forward_hook(self._root_post_forward))
         for u in self.units[1:]:
             for m in u.modules:
-                self._handles.append(m.register_forward_pre_hook(lambda mod, args, u=u: self._pre_forward(u)))
+                self._handles.append(m.register_forward_pre_hook(lambda mod, args, u=u: self._pre_forward(u, args)))
                 self._handles.append(m.register_forward_hook(lambda mod, args, out, u=u: self._post_forward(u, out)))
         for u in self.units:
             for p in u.params:
@@ -627,6 +629,8 @@ class OffloadRuntime:
         if self._backward_running():
             return  # recomputation under activation checkpointing
         self._fwd_seq = []
+        for u in self.units:  # hooks of a forward that had no backward are dropped with its tensors
+            u.inputs_pending = 0
         if self._new_iteration:  # the first forward after a step: a new iteration's timeline
             self._new_iteration = False
             if self.timeline.events:
@@ -665,10 +669,12 @@ class OffloadRuntime:
         else:
             self._release(self.units[0])
 
-    def _pre_forward(self, u: Unit) -> None:
+    def _pre_forward(self, u: Unit, args) -> None:
         if self._backward_running():
             self._wait_resident(u)  # recomputation: already fetched by the pre-backward hook
             return
+        if u.frozen and torch.is_grad_enabled():
+            self._register_inputs_done(u, args)
         self._fwd_seq.append(u.index)
         self._wait_resident(u)
         self._prefetch(self._fwd_order, len(self._fwd_seq) - 1)
@@ -688,6 +694,22 @@ class OffloadRuntime:
                 if self.device_budget.free_bytes >= need:
                     return
         self._release(u)
+
+    def _register_inputs_done(self, u: Unit, args) -> None:
+        """A unit with frozen params: their weights are read in backward to pass grads on (the grad of a frozen
+        linear layer's input needs its weight), and no grad hook of theirs says when that is over. It is over
+        once every trainable param of the unit has its grad and the grads of the unit's inputs are computed:
+        every node of the unit's backward lies on a path to one or the other."""
+        tensors = [t for t in _tensors(args) if t.requires_grad]
+        if not tensors:
+            return  # nothing upstream needs a grad: its trainable params' grads end its backward
+        u.inputs_pending += 1
+        torch.autograd.graph.register_multi_grad_hook(tensors, lambda grads, u=u: self._inputs_done(u), mode="all")
+
+    def _inputs_done(self, u: Unit) -> None:
+        u.inputs_pending -= 1
+        if u.inputs_pending == 0 and u.pending == 0 and u.index != 0:
+            self._release(u)
 
     def _register_pre_backward(self, u: Unit, out) -> None:
         tensors = [t for t in _tensors(out) if t.requires_grad]
@@ -744,7 +766,7 @@ class OffloadRuntime:
         self._grad_futures.append(self._grad_pool.submit(self._grad_work, u, k, g, event))
         u.pending -= 1
         if u.pending == 0:
-            if u.index != 0:
+            if u.index != 0 and u.inputs_pending == 0:
                 self._release(u)  # its backward is done: the params are no longer needed on the device
             # Queued behind the unit's copies on the same (FIFO, single) thread, so it runs once all are done.
             self._grad_futures.append(self._grad_pool.submit(self._unit_grads_done, u))
