@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from offload import clipping
 from offload.autoplan import from_config as replan_from_config
 from offload.config import OffloadConfig, config_from_env
 from offload.optimizer import OffloadOptimizer
@@ -36,10 +37,15 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, config: OffloadConf
     - with ``OffloadConfig(replan=True)``: a re-planner is attached (:func:`offload.autoplan.from_config`);
     - under ``offload run`` (``OFFLOAD_PRINT_PLAN`` set): the placement is printed to stderr on rank 0;
     - at interpreter exit (and under ``offload run``, to its report directory): the run report
-      (:func:`offload.report.report_at_exit`).
+      (:func:`offload.report.report_at_exit`);
+    - ``torch.nn.utils.clip_grad_norm_`` is replaced (once per process) by :func:`offload.clipping.clip_grad_norm_`,
+      which clips a wrapped model's grads through its optimizer (they are not in ``param.grad``) and passes
+      every other call to torch's own function.
 
-    Clip with ``opt.clip_grad_norm_(max_norm)``: the grads are no longer in ``param.grad``. Without ``config``,
-    the one ``offload run`` was given (``OFFLOAD_CONFIG``) is used, else the defaults.
+    ``torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)`` and ``opt.clip_grad_norm_(max_norm)`` clip
+    and return the true norm, between backward and the step; with the overlapped update on, the update has run
+    by then, so set ``OffloadConfig(max_grad_norm=...)`` (which turns it off) instead. Without ``config``, the one
+    ``offload run`` was given (``OFFLOAD_CONFIG``) is used, else the defaults.
 
     ``plan``: a :class:`scheduler.Plan` placing each unit on its own (unit 0 is ``rest``, then the blocks, the
     order of :func:`offload.measure.workload_of`): params on host, nvme or device (kept resident), grads on host or
@@ -51,6 +57,8 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, config: OffloadConf
     runtime = OffloadRuntime(model, optimizer, config or config_from_env() or OffloadConfig(), units=units,
                              plan=plan)
     model._offload_runtime = runtime
+    clipping.install()
+    clipping.register(runtime.optimizer)
     orig_zero_grad = model.zero_grad
 
     def zero_grad(set_to_none: bool = True):

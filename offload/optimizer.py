@@ -32,11 +32,13 @@ import contextlib
 import inspect
 import math
 import time
+import warnings
 import weakref
 from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 
+from offload import clipping
 from offload.config import OffloadConfig, config_from_env
 from offload.swap import Chunk, ChunkState, DeviceCache, SwapManager
 from storage import HostPool, NvmeStore, Tier, format_bytes
@@ -264,6 +266,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
         self.optimizer_class = cls
         super().__init__(groups, defaults)
         self._per_param_state: int | None = None
+        self._clipped = False  # clip_grad_norm_ ran since the last step: the step does not clip again
         self._stats = {"steps": 0, "skipped_steps": 0, "update_s": 0.0, "cpu_update_s": 0.0, "wait_read_s": 0.0,
                        "step_s": 0.0}
         self._scale = None
@@ -668,11 +671,20 @@ class OffloadOptimizer(torch.optim.Optimizer):
             # The updates already ran during backward (offload.wrap's overlapped update): wait for them.
             self._runtime.finish_overlapped_step()
             return loss
+        if self._runtime is not None and self._runtime.grads_consumed:
+            raise RuntimeError("optimizer.step() again without a backward: the last step consumed the gradients kept "
+                               "on NVMe, so this one cannot apply them a second time as plain PyTorch would. Run "
+                               "loss.backward() before each step (or zero_grad() for a step without gradients)")
         t0 = time.perf_counter()
         if not self.begin_step():
+            self._clipped = False
             return loss
         try:
-            self._update_subgroups(self._update_order())
+            subs = self._update_order()
+            if not subs:
+                warnings.warn("optimizer.step(): no parameter has a gradient (no backward since the last "
+                              "zero_grad()), so nothing was updated", RuntimeWarning, stacklevel=2)
+            self._update_subgroups(subs)
         finally:
             self.end_step(t0)
         return loss
@@ -688,7 +700,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
             self._unscaled = False
             self._on_overflow()
             return False
-        if self.config.max_grad_norm is not None:
+        if self.config.max_grad_norm is not None and not self._clipped:
             self.clip_grad_norm_(self.config.max_grad_norm)
         self._sync_hparams()
         return True
@@ -831,6 +843,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
 
     def end_step(self, t0: float) -> None:
         self._unscaled = False
+        self._clipped = False
         if self._runtime is not None:
             self._runtime.after_step()
         if self._scale is not None:
@@ -1003,11 +1016,15 @@ class OffloadOptimizer(torch.optim.Optimizer):
     def loss_scale(self) -> float | None:
         return self._scale
 
-    def _grads(self) -> list[torch.Tensor]:
-        """Every parameter's full gradient, in param-group order, wherever it lives."""
+    def _grads(self, params: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Every parameter's full gradient (of ``params`` only, when given), in param-group order, wherever it
+        lives."""
+        only = None if params is None else {id(p) for p in params}
         out = []
         for g in self.param_groups:
             for p in g["params"]:
+                if only is not None and id(p) not in only:
+                    continue
                 owner = self._runtime.home_of(p) if self._runtime is not None else None
                 home = None if owner is None else owner[1]
                 grad = p.grad if home is None else home.grad(p)
@@ -1016,6 +1033,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
         return out
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        self._clipped = False
         if self._runtime is not None:
             self._runtime.zero_grad()
         super().zero_grad(set_to_none)
@@ -1052,10 +1070,18 @@ class OffloadOptimizer(torch.optim.Optimizer):
         self._unscaled = True
         return False
 
+    def owns_grad_of(self, param: torch.Tensor) -> bool:
+        """Whether ``param``'s grad is kept by offload.wrap's runtime for this optimizer (not in ``param.grad``)."""
+        return self._runtime is not None and self._runtime.home_of(param) is not None
+
     @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-        """``torch.nn.utils.clip_grad_norm_`` over every trainable parameter's grad, wherever it lives (the same
-        global norm and the same arithmetic, so results are bit-identical). Unscales first under loss scaling."""
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, *, params: list[torch.Tensor] | None = None,
+                        error_if_nonfinite: bool = False, foreach: bool | None = None) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over every trainable parameter's grad (``params``' only, when given),
+        wherever it lives: the same global norm and the same arithmetic, so results are bit-identical. Unscales
+        first under loss scaling. Under offload.wrap, ``torch.nn.utils.clip_grad_norm_(model.parameters(), ...)``
+        comes here (:mod:`offload.clipping`). A step clips once: with ``OffloadConfig(max_grad_norm=...)`` the
+        step does not clip again after this."""
         if self._runtime is not None and self._runtime.overlap_started():
             raise RuntimeError("clip_grad_norm_: the overlapped update already started during backward, so clipping "
                                "now would come too late. Set OffloadConfig(max_grad_norm=...) instead: the runtime "
@@ -1063,12 +1089,13 @@ class OffloadOptimizer(torch.optim.Optimizer):
         if self._scale is not None and self.unscale_():
             return torch.tensor(float("inf"))
         holders = []
-        for grad in self._grads():  # stand-ins holding each grad, so torch's own function does the arithmetic
+        for grad in self._grads(params):  # stand-ins holding each grad, so torch's own function does the arithmetic
             h = torch.empty(0, dtype=grad.dtype, device=grad.device)
             h.data = grad
             h.grad = grad
             holders.append(h)
-        return torch.nn.utils.clip_grad_norm_(holders, max_norm, norm_type)
+        self._clipped = True
+        return clipping.torch_clip_grad_norm_(holders, max_norm, norm_type, error_if_nonfinite, foreach)
 
     # -- optimizer protocol -----------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:

@@ -291,6 +291,8 @@ class OffloadRuntime:
         self._replan_record: dict | None = None  # what the last apply_plan did, for the next history record
         self._empty = {}
         self._released_once = False  # until then, params still hold their weights in param.data
+        self.grads_consumed = False
+        """The last step consumed the grads kept on NVMe and no backward (or zero_grad) came since."""
         self.plan: Plan | None = plan
         """The plan running now (``None``: the config's uniform placement)."""
         try:
@@ -719,6 +721,7 @@ class OffloadRuntime:
 
     def _pre_backward(self, u: Unit) -> None:
         if not self._in_backward:
+            self.grads_consumed = False
             if self._step_pending:
                 raise RuntimeError(
                     f"backward called again after the last of {self.config.accumulation_steps} accumulation steps, "
@@ -897,6 +900,7 @@ class OffloadRuntime:
 
     def zero_grad(self) -> None:
         """Forget accumulated grads (what ``optimizer.zero_grad()`` and ``model.zero_grad()`` do)."""
+        self.grads_consumed = False
         for u in self.units:
             u.has_grads = False
             u.got = [False] * len(u.params)
@@ -1036,6 +1040,8 @@ class OffloadRuntime:
 
     def after_step(self) -> None:
         self.finish_unit_update()
+        # A step consumes the grads kept on NVMe; a second step without a backward cannot apply them again.
+        self.grads_consumed = any(u.grad_tier is Tier.NVME and u.grads is not None for u in self.units)
         for u in self.units:  # grads on NVMe are consumed by the step
             if u.grad_tier is Tier.NVME and u.has_grads:
                 self._drop_grads(u)
