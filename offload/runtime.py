@@ -907,6 +907,11 @@ class OffloadRuntime:
             if u.grad_tier is Tier.NVME and u.grads is not None:
                 self.swap.drop(u.grads)
 
+    def num_parameters(self, *, trainable_only: bool = False) -> int:
+        """How many parameter elements the model has (``sum(p.numel() ...)`` counts the empty tensors released
+        params hold between uses), or only those that require grad."""
+        return sum(n for u in self.units for p, n in zip(u.params, u.numels) if p.requires_grad or not trainable_only)
+
     def param_shape(self, p: nn.Parameter) -> tuple[int, ...]:
         """``p``'s shape (a released param holds an empty tensor; its unit recorded the shape)."""
         unit, k = self._owner[p]

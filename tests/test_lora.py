@@ -55,6 +55,8 @@ def test_lora_trains_bit_identical(tier, overlap, accum, tmp_path):
                         overlap_update=overlap, accumulation_steps=accum, prefetch=1, device_budget_bytes=budget)
     model, opt = wrap(m, torch.optim.AdamW(trainable(m), lr=1e-2), cfg)
     rt = runtime_of(model)
+    assert rt.num_parameters() == sum(p.numel() for p in ref.parameters())
+    assert rt.num_parameters(trainable_only=True) == sum(p.numel() for p in trainable(ref))
     assert [u.grad_nbytes for u in rt.units[1:]] == [
         4 * sum(p.numel() for p in trainable(b)) for b in ref.blocks]  # grad buffers for the adapters only
     data = iter(token_batches(3 * accum, TINY_GPT.vocab))
