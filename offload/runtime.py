@@ -535,7 +535,14 @@ class OffloadRuntime:
             self.swap.device.fill(u.device_buf, u.nbytes)
         u.state = ParamState.FETCHING
         self._counters["fetches"] += 1
-        u.fetch = self._copy_pool.submit(self._fetch_work, u, src)
+        ready = None
+        if self.device.type == "cuda":
+            # The memory just came from the caching allocator on the compute stream, which may hand out a block
+            # that kernels queued there still read (a unit released a moment ago): the copy stream must not write
+            # it before they ran. Compute queued after this point still overlaps the copy.
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+        u.fetch = self._copy_pool.submit(self._fetch_work, u, src, ready)
         return True
 
     def _fetch_now(self, u: Unit, src: torch.Tensor) -> None:
@@ -543,19 +550,22 @@ class OffloadRuntime:
         self._issue_fetch(u, required=True, src=src)
         self._wait_resident(u)
 
-    def _fetch_work(self, u: Unit, src: torch.Tensor | None = None):
-        """On the copy thread: (disk ->) host -> device. Returns a CUDA event when the copy is asynchronous."""
+    def _fetch_work(self, u: Unit, src: torch.Tensor | None = None, ready=None):
+        """On the copy thread: (disk ->) host -> device, once the compute stream reached ``ready`` (CUDA). Returns a
+        CUDA event when the copy is asynchronous."""
         if src is not None:
-            return self._copy_to_device(u, src)
+            return self._copy_to_device(u, src, ready)
         with self.swap.use(u.weights) as flat:  # read from the store first when the params live there
-            event = self._copy_to_device(u, flat)
+            event = self._copy_to_device(u, flat, ready)
         self.swap.evict(u.weights)  # NVMe params: the host copy was only on the way to the device
         return event
 
-    def _copy_to_device(self, u: Unit, src: torch.Tensor):
+    def _copy_to_device(self, u: Unit, src: torch.Tensor, ready=None):
         with self.timeline.span("h2d", f"fetch {u.name}", u.nbytes):
             if self._copy_stream is not None:
                 with torch.cuda.stream(self._copy_stream):
+                    if ready is not None:
+                        self._copy_stream.wait_event(ready)
                     u.device_buf.copy_(src, non_blocking=True)
                     event = torch.cuda.Event()
                     event.record(self._copy_stream)
