@@ -31,8 +31,9 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, config: OffloadConf
 
     - the model: forward, backward and post-accumulate-grad hooks on its units; each param's ``.data`` is an
       empty tensor between uses (``model.state_dict()`` still returns the real weights); ``model.zero_grad``
-      also forgets the offloaded grads; ``model._offload_runtime`` holds the runtime (reach it with
-      :func:`runtime_of`);
+      also forgets the offloaded grads; ``model.load_state_dict`` writes the offloaded params into their tiers
+      unit by unit (and the optimizer's fp32 masters follow); ``model._offload_runtime`` holds the runtime
+      (reach it with :func:`runtime_of`);
     - the optimizer: its state moves into the returned one; do not step the original;
     - with ``OffloadConfig(replan=True)``: a re-planner is attached (:func:`offload.autoplan.from_config`);
     - under ``offload run`` (``OFFLOAD_PRINT_PLAN`` set): the placement is printed to stderr on rank 0;
@@ -66,6 +67,15 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, config: OffloadConf
         orig_zero_grad(set_to_none)
 
     model.zero_grad = zero_grad
+    orig_load_state_dict = model.load_state_dict
+
+    def load_state_dict(state_dict, strict: bool = True, assign: bool = False):
+        if assign:
+            raise ValueError("load_state_dict(assign=True) on a model wrapped by offload: its params are the runtime's "
+                             "buffers; load without assign (the values are copied into them)")
+        return runtime.load_state_dict(state_dict, orig_load_state_dict, strict=strict)
+
+    model.load_state_dict = load_state_dict
     if runtime.config.replan:  # re-plan from measured rates
         replan_from_config(model, runtime.config)
     if os.environ.get("OFFLOAD_PRINT_PLAN") and int(os.environ.get("RANK", "0")) == 0:  # under `offload run`

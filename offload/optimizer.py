@@ -762,6 +762,22 @@ class OffloadOptimizer(torch.optim.Optimizer):
         chunks' write-backs are issued; :meth:`finish_unit_io` waits for them at the end of the step."""
         self._update_subgroups(self._update_order(unit), late_writes=True)
 
+    def reload_masters(self, unit: int, weights_of: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Set the fp32 masters of ``unit``'s subgroups to its params' weights, ``weights_of(param)`` (after they
+        were loaded from elsewhere: a pretrained checkpoint, ``model.load_state_dict``): a plain optimizer steps
+        the params themselves, so its next step starts from those. The rest of the state is kept, as a plain
+        optimizer keeps its moments when the model's weights are loaded."""
+        for sub in self._subgroups_of(unit):
+            masters = {s.piece: s for s in sub.slots if s.key == "master"}
+            if not (sub.has_master and masters):
+                continue
+            with self._swap.use(sub.chunk, write=True) as mem:
+                for pi, pc in enumerate(sub.pieces):
+                    m = masters[pi].view(mem)
+                    m.copy_(pc.of(weights_of(pc.param)).reshape(m.shape))
+            if sub.tier is Tier.NVME:
+                self._swap.write_back(sub.chunk, wait=True)
+
     def unit_placements(self, unit: int) -> list[tuple[Tier, str]]:
         """(state tier, update site) of each subgroup of one of the runtime's units."""
         return [(s.tier, s.site) for s in self._subgroups_of(unit)]

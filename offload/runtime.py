@@ -941,25 +941,26 @@ class OffloadRuntime:
                                f"backward not collected): call optimizer.step() first")
 
     @contextlib.contextmanager
-    def _weights_of(self, u: Unit, *, load: bool):
-        """The unit's host copy of its weights, to read (``load``) or to overwrite whole (not ``load``): the host
-        chunk itself, the store chunk in a buffer (written back after an overwrite), or for a unit kept on the
-        device a pool buffer copied from or to the device."""
+    def _weights_of(self, u: Unit, *, load: bool, write: bool | None = None):
+        """The unit's host copy of its weights, to read (``load``), to overwrite whole (not ``load``), or to change
+        in part (``load`` and ``write``): the host chunk itself, the store chunk in a buffer (written back after a
+        write), or for a unit kept on the device a pool buffer copied from or to the device."""
+        write = not load if write is None else write
         if u.weights is not None:
-            with self.swap.use(u.weights, write=not load, load=load) as flat:
+            with self.swap.use(u.weights, write=write, load=load) as flat:
                 yield flat
             if u.weights.home is Tier.NVME:
-                if load:
-                    self.swap.evict(u.weights)
-                else:
+                if write:
                     self.swap.write_back(u.weights, wait=True)
+                else:
+                    self.swap.evict(u.weights)
             return
         with self.swap.pool.acquire(u.nbytes) as buf:
             flat = buf.tensor[:u.nbytes]
             if load:
                 self._read_weights(u, flat)
             yield flat
-            if not load:
+            if write:
                 self._sync_compute()  # compute may still read the old weights
                 u.device_buf.copy_(flat)
                 self.swap.count("params", "h2d", u.nbytes)
@@ -1001,6 +1002,48 @@ class OffloadRuntime:
                 with self._weights_of(u, load=False) as flat:
                     for k, p in enumerate(u.params):
                         fill(p, u.view(flat, k))
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], load_rest: Callable, *, strict: bool = True):
+        """``model.load_state_dict`` of the wrapped model (``wrap`` routes it here): the offloaded params are
+        written unit by unit into their tiers and their fp32 masters follow; ``load_rest(state_dict,
+        strict=False)`` (the module's own method) loads the rest (buffers). Checks shapes before anything is
+        written, and reports missing and unexpected keys as torch does (raising when ``strict``)."""
+        self.check_between_steps("load a state dict")
+        owned = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            if p in self._owner:
+                owned[name] = p
+        errors = [f"size mismatch for {k}: copying a param with shape {tuple(v.shape)} from checkpoint, the shape "
+                  f"in current model is {self.param_shape(owned[k])}."
+                  for k, v in state_dict.items() if k in owned and tuple(v.shape) != self.param_shape(owned[k])]
+        if errors:
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self.model).__name__}:\n\t"
+                               + "\n\t".join(errors))
+        result = load_rest({k: v for k, v in state_dict.items() if k not in owned}, strict=False)
+        missing = [k for k in result.missing_keys if k not in state_dict]
+        if strict and (missing or result.unexpected_keys):
+            parts = []
+            if missing:
+                parts.append("Missing key(s) in state_dict: " + ", ".join(f'"{k}"' for k in missing) + ".")
+            if result.unexpected_keys:
+                parts.append("Unexpected key(s) in state_dict: "
+                             + ", ".join(f'"{k}"' for k in result.unexpected_keys) + ".")
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self.model).__name__}:\n\t"
+                               + "\n\t".join(parts))
+        source = {p: v for k, v in state_dict.items() if (p := owned.get(k)) is not None}
+        for u in self.units:
+            if not (u.nbytes and any(p in source for p in u.params)):
+                continue
+            self._release(u)  # a unit on the device gets the new weights at its next fetch
+            partial = not all(p in source for p in u.params)  # the others' weights are read in and kept
+            with self._weights_of(u, load=partial, write=True) as flat:
+                for k, p in enumerate(u.params):
+                    if p in source:
+                        out = u.view(flat, k)
+                        out.copy_(source[p].reshape(out.shape))
+                self.optimizer.reload_masters(u.index, lambda p, u=u, flat=flat: u.view(flat, self._owner[p][1]))
+        return type(result)(missing, result.unexpected_keys)
 
     def _state_dict_hook(self, module, state_dict, prefix, local_metadata) -> None:
         """``model.state_dict()`` gives the real weights, not the empty tensors released params hold."""

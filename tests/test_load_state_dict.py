@@ -1,0 +1,67 @@
+"""``model.load_state_dict`` on a wrapped model (loading pretrained or other weights into offloaded params): the
+weights land in every tier and the optimizer's fp32 masters follow, so training goes on exactly as a plain model
+and optimizer would after the same load; bad state dicts fail as torch's do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import TINY_GPT, gpt, lm_loss, token_batches
+from offload import OffloadConfig, wrap
+from offload.runtime import runtime_of
+
+
+def other_weights() -> dict[str, torch.Tensor]:
+    torch.manual_seed(5)
+    m = gpt()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return m.state_dict()
+
+
+@pytest.mark.parametrize("tier", ["host", "nvme"])
+def test_loaded_weights_train_on_as_plainly(tier, tmp_path):
+    ref, m = gpt(), gpt()
+    plain = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2), OffloadConfig(
+        param_tier=tier, grad_tier=tier, state_tier=tier, nvme_dirs=str(tmp_path), impl="as_given"))
+    data = token_batches(4, TINY_GPT.vocab)
+    for i, idx in enumerate(data):
+        if i == 2:  # mid-training: new weights, the optimizer's moments kept (as plainly)
+            new = other_weights()
+            ref.load_state_dict(new)
+            assert model.load_state_dict(new) == ref.load_state_dict(new)  # same (empty) missing/unexpected keys
+            sd = model.state_dict()
+            assert all(torch.equal(sd[k], v) for k, v in new.items())
+        for mm, o in ((ref, plain), (model, opt)):
+            lm_loss(mm, idx).backward()
+            o.step()
+            o.zero_grad()
+        sd_ref, sd = ref.state_dict(), model.state_dict()
+        assert [k for k in sd_ref if not torch.equal(sd_ref[k], sd[k])] == [], i
+    runtime_of(model).close()
+
+
+def test_partial_and_bad_state_dicts(tmp_path):
+    ref, m = gpt(), gpt()
+    model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2), OffloadConfig(
+        param_tier="nvme", state_tier="nvme", nvme_dirs=str(tmp_path), impl="as_given"))
+    new = other_weights()
+    before = model.state_dict()
+    bad = dict(new, **{"blocks.0.q.weight": torch.zeros(3, 3)})
+    with pytest.raises(RuntimeError, match=r"size mismatch for blocks.0.q.weight: copying a param with shape "
+                                           r"\(3, 3\) from checkpoint, the shape in current model is \(32, 32\)"):
+        model.load_state_dict(bad)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing written
+    partial = {"blocks.1.q.weight": new["blocks.1.q.weight"], "extra.weight": torch.zeros(2)}
+    with pytest.raises(RuntimeError, match=r'(?s)Missing key\(s\) in state_dict: "wte.weight".*Unexpected key\(s\) '
+                                           r'in state_dict: "extra.weight"'):
+        model.load_state_dict(partial)
+    result = model.load_state_dict(partial, strict=False)
+    assert result.unexpected_keys == ["extra.weight"] and "wte.weight" in result.missing_keys
+    sd = model.state_dict()  # the one param given, the others as they were (same unit: read, then written)
+    assert torch.equal(sd["blocks.1.q.weight"], new["blocks.1.q.weight"])
+    assert all(torch.equal(sd[k], before[k]) for k in before if k != "blocks.1.q.weight")
+    runtime_of(model).close()
