@@ -27,6 +27,11 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, config: OffloadConf
     the :class:`OffloadOptimizer` to use instead of ``optimizer``. The training loop stays
     ``loss = model(x); loss.backward(); opt.step(); opt.zero_grad()``.
 
+    A model whose params are on the meta device (buffers real: ``accelerate.init_empty_weights()``) is wrapped
+    without weights: each unit is allocated on its tier, zeroed, and each param object becomes an empty param
+    on the compute device (CUDA when available, else the CPU); load the weights with ``model.load_state_dict``
+    (shard by shard with ``strict=False``).
+
     What it changes, all of it (``runtime_of(model).close()`` removes the hooks and frees the memory):
 
     - the model: forward, backward and post-accumulate-grad hooks on its units; each param's ``.data`` is an

@@ -226,6 +226,17 @@ class OffloadRuntime:
         if len(devices) != 1:
             raise ValueError(f"offload.wrap: expected the model on one device, got {sorted(map(str, devices))}")
         self.device = next(iter(devices))
+        self._from_meta = self.device.type == "meta"
+        if self._from_meta:  # built under torch.device("meta"): no weights anywhere yet, compute where torch would
+            meta_buffers = [n for n, b in model.named_buffers() if b.is_meta]
+            if meta_buffers:
+                raise ValueError(f"offload.wrap: the model's params are on the meta device, and so are its buffers "
+                                 f"({', '.join(meta_buffers[:3])}{', ...' if len(meta_buffers) > 3 else ''}), which "
+                                 f"no state dict may hold (computed in __init__): build it with params only on meta "
+                                 f"(accelerate.init_empty_weights(), or torch.device('meta') and then the buffers "
+                                 f"materialized)")
+            self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+                else torch.device("cpu")
         self.timeline = Timeline()
         self._counters = {"fetches": 0, "fetch_wait_s": 0.0, "replans": 0, "replan_h2d_bytes": 0,
                           "replan_d2h_bytes": 0, "replan_disk_read_bytes": 0, "replan_disk_write_bytes": 0}
@@ -234,6 +245,8 @@ class OffloadRuntime:
         for u in self.units:
             for k, p in enumerate(u.params):
                 self._owner[p] = (u, k)
+        if self._from_meta:
+            self._leave_meta()
         if plan is not None:
             self._check_plan(plan, "offload.wrap")
         for i, u in enumerate(self.units):
@@ -290,7 +303,7 @@ class OffloadRuntime:
         self._pending_plan: tuple[Plan, int] | None = None  # (plan, the iteration whose callback returned it)
         self._replan_record: dict | None = None  # what the last apply_plan did, for the next history record
         self._empty = {}
-        self._released_once = False  # until then, params still hold their weights in param.data
+        self._released_once = self._from_meta  # until then, params still hold their weights in param.data
         self.grads_consumed = False
         """The last step consumed the grads kept on NVMe and no backward (or zero_grad) came since."""
         self.plan: Plan | None = plan
@@ -473,9 +486,21 @@ class OffloadRuntime:
             if u.param_tier is Tier.NVME:
                 self.swap.write_back(u.weights, wait=True)
 
-    @staticmethod
+    def _leave_meta(self) -> None:
+        """Each meta param becomes an empty param on the compute device, the same Python object (the model's
+        modules and the optimizer keep theirs): ``.data`` cannot point a meta tensor at memory. The units
+        recorded the shapes and dtypes; their chunks start at zero until weights are loaded
+        (``model.load_state_dict``, which may come one checkpoint shard at a time)."""
+        for u in self.units:
+            for p in u.params:
+                torch.utils.swap_tensors(p, nn.Parameter(torch.empty(0, dtype=p.dtype, device=self.device),
+                                                         requires_grad=p.requires_grad))
+
     @torch.no_grad()
-    def _copy_params_into(u: Unit, flat: torch.Tensor) -> None:
+    def _copy_params_into(self, u: Unit, flat: torch.Tensor) -> None:
+        if self._from_meta:
+            flat.zero_()
+            return
         for k, p in enumerate(u.params):
             u.view(flat, k).copy_(p.data)
 

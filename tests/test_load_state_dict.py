@@ -10,6 +10,7 @@ import torch
 from helpers import TINY_GPT, gpt, lm_loss, token_batches
 from offload import OffloadConfig, wrap
 from offload.runtime import runtime_of
+from scheduler.workload import build_transformer
 
 
 def other_weights() -> dict[str, torch.Tensor]:
@@ -65,3 +66,39 @@ def test_partial_and_bad_state_dicts(tmp_path):
     assert torch.equal(sd["blocks.1.q.weight"], new["blocks.1.q.weight"])
     assert all(torch.equal(sd[k], before[k]) for k in before if k != "blocks.1.q.weight")
     runtime_of(model).close()
+
+
+@pytest.mark.parametrize("tier", ["host", "nvme"])
+def test_a_model_built_on_meta_is_wrapped_without_its_weights_and_loaded_shard_by_shard(tier, tmp_path):
+    """Nothing of the model is ever materialized whole: wrap allocates each unit on its tier, and the weights come
+    one piece of the checkpoint at a time (as from the shards of a HF checkpoint)."""
+    ref, m = gpt(), build_transformer(TINY_GPT, device="meta")
+    assert all(p.is_meta for p in m.parameters())
+    model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2), OffloadConfig(
+        param_tier=tier, grad_tier=tier, state_tier=tier, nvme_dirs=str(tmp_path), impl="as_given"))
+    rt = runtime_of(model)
+    assert not any(p.is_meta for p in m.parameters())
+    assert rt.num_parameters() == sum(p.numel() for p in ref.parameters())
+    sd = ref.state_dict()
+    keys = list(sd)
+    for shard in (keys[:len(keys) // 2], keys[len(keys) // 2:]):
+        result = model.load_state_dict({k: sd[k] for k in shard}, strict=False)
+        assert result.unexpected_keys == [] and set(result.missing_keys) == set(keys) - set(shard)
+    got = model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in sd.items())
+    plain = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    for idx in token_batches(3, TINY_GPT.vocab):
+        for mm, o in ((ref, plain), (model, opt)):
+            lm_loss(mm, idx).backward()
+            o.step()
+            o.zero_grad()
+    sd_ref, sd = ref.state_dict(), model.state_dict()
+    assert [k for k in sd_ref if not torch.equal(sd_ref[k], sd[k])] == []
+    rt.close()
+
+
+def test_a_model_whose_buffers_are_on_meta_is_refused():
+    m = build_transformer(TINY_GPT, device="meta")
+    m.register_buffer("inv_freq", torch.ones(4, device="meta"))
+    with pytest.raises(ValueError, match=r"buffers \(inv_freq\).*init_empty_weights"):
+        wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2), OffloadConfig(param_tier="host"))
