@@ -1110,7 +1110,9 @@ class OffloadOptimizer(torch.optim.Optimizer):
             h.data = grad
             h.grad = grad
             holders.append(h)
-        self._clipped = True
+        # The step's own clip is replaced only by a clip over every param: clipping a few leaves it to the step.
+        self._clipped = params is None or {id(p) for p in params} >= {id(p) for g in self.param_groups
+                                                                       for p in g["params"]}
         return clipping.torch_clip_grad_norm_(holders, max_norm, norm_type, error_if_nonfinite, foreach)
 
     # -- optimizer protocol -----------------------------------------------------------------------------------------
