@@ -47,7 +47,7 @@ import enum
 import time
 import warnings
 import weakref
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Collection, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -223,20 +223,21 @@ class OffloadRuntime:
             config = _with_plan(config, plan)
         self.config = config
         devices = {p.device for p in model.parameters()}
-        if len(devices) != 1:
+        real = devices - {torch.device("meta")}
+        if len(real) > 1:
             raise ValueError(f"offload.wrap: expected the model on one device, got {sorted(map(str, devices))}")
-        self.device = next(iter(devices))
-        self._from_meta = self.device.type == "meta"
-        if self._from_meta:  # built under torch.device("meta"): no weights anywhere yet, compute where torch would
-            meta_buffers = [n for n, b in model.named_buffers() if b.is_meta]
-            if meta_buffers:
-                raise ValueError(f"offload.wrap: the model's params are on the meta device, and so are its buffers "
-                                 f"({', '.join(meta_buffers[:3])}{', ...' if len(meta_buffers) > 3 else ''}), which "
-                                 f"no state dict may hold (computed in __init__): build it with params only on meta "
-                                 f"(accelerate.init_empty_weights(), or torch.device('meta') and then the buffers "
-                                 f"materialized)")
+        # Params on the meta device (a model built under torch.device("meta") or accelerate.init_empty_weights(),
+        # in whole or in part) have no weights yet: their chunks start at zero until weights are loaded
+        # (offload.load_pretrained, model.load_state_dict). Compute runs where torch would put it.
+        self._meta_born = {p for p in model.parameters() if p.is_meta}
+        self._from_meta = bool(self._meta_born)
+        if real:
+            self.device = next(iter(real))
+        else:
             self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
                 else torch.device("cpu")
+        if any(b.is_meta for b in model.buffers()):
+            materialize_meta_buffers(model, self.device)
         self.timeline = Timeline()
         self._counters = {"fetches": 0, "fetch_wait_s": 0.0, "replans": 0, "replan_h2d_bytes": 0,
                           "replan_d2h_bytes": 0, "replan_disk_read_bytes": 0, "replan_disk_write_bytes": 0}
@@ -489,20 +490,25 @@ class OffloadRuntime:
     def _leave_meta(self) -> None:
         """Each meta param becomes an empty param on the compute device, the same Python object (the model's
         modules and the optimizer keep theirs): ``.data`` cannot point a meta tensor at memory. The units
-        recorded the shapes and dtypes; their chunks start at zero until weights are loaded
-        (``model.load_state_dict``, which may come one checkpoint shard at a time)."""
+        recorded the shapes and dtypes; their slots start at zero until weights are loaded
+        (``offload.load_pretrained``, or ``model.load_state_dict``, which may come one shard at a time)."""
         for u in self.units:
             for p in u.params:
-                torch.utils.swap_tensors(p, nn.Parameter(torch.empty(0, dtype=p.dtype, device=self.device),
-                                                         requires_grad=p.requires_grad))
+                if p in self._meta_born:
+                    torch.utils.swap_tensors(p, nn.Parameter(torch.empty(0, dtype=p.dtype, device=self.device),
+                                                             requires_grad=p.requires_grad))
 
     @torch.no_grad()
     def _copy_params_into(self, u: Unit, flat: torch.Tensor) -> None:
-        if self._from_meta:
-            flat.zero_()
-            return
         for k, p in enumerate(u.params):
-            u.view(flat, k).copy_(p.data)
+            if p in self._meta_born:
+                u.view(flat, k).zero_()
+            else:
+                u.view(flat, k).copy_(p.data)
+
+    def meta_born(self, p: nn.Parameter) -> bool:
+        """Whether ``p`` was on the meta device at ``wrap`` (no weights until loaded)."""
+        return p in self._meta_born
 
     def _make_optimizer(self, optimizer) -> OffloadOptimizer:
         if isinstance(optimizer, OffloadOptimizer):
@@ -966,17 +972,18 @@ class OffloadRuntime:
                                f"backward not collected): call optimizer.step() first")
 
     @contextlib.contextmanager
-    def _weights_of(self, u: Unit, *, load: bool, write: bool | None = None):
+    def _weights_of(self, u: Unit, *, load: bool, write: bool | None = None, wait: bool = True):
         """The unit's host copy of its weights, to read (``load``), to overwrite whole (not ``load``), or to change
         in part (``load`` and ``write``): the host chunk itself, the store chunk in a buffer (written back after a
-        write), or for a unit kept on the device a pool buffer copied from or to the device."""
+        write; without ``wait`` the write is only issued: ``swap.settle(u.weights)`` waits for it), or for a unit
+        kept on the device a pool buffer copied from or to the device."""
         write = not load if write is None else write
         if u.weights is not None:
             with self.swap.use(u.weights, write=write, load=load) as flat:
                 yield flat
             if u.weights.home is Tier.NVME:
                 if write:
-                    self.swap.write_back(u.weights, wait=True)
+                    self.swap.write_back(u.weights, wait=wait)
                 else:
                     self.swap.evict(u.weights)
             return
@@ -1019,14 +1026,47 @@ class OffloadRuntime:
     def load_params(self, fill: Callable[[nn.Parameter, torch.Tensor], None]) -> None:
         """Set every param's weights, one unit at a time: ``fill(param, out)`` writes them into ``out`` (the
         param's place in the unit's host buffer, or in a buffer then written to the store). Units on the device
-        are released first, so their next use fetches the new weights."""
-        self.check_between_steps("load weights")
-        for u in self.units:
-            self._release(u)
-            if u.nbytes:
-                with self._weights_of(u, load=False) as flat:
-                    for k, p in enumerate(u.params):
-                        fill(p, u.view(flat, k))
+        are released first, so their next use fetches the new weights. The optimizer's masters are left as they
+        are (a resume loads them with its state)."""
+        self.write_params(fill, masters=False)
+
+    @torch.no_grad()
+    def write_params(self, fill: Callable[[nn.Parameter, torch.Tensor], None],
+                     params: Collection[nn.Parameter] | None = None, *, masters: bool = True,
+                     fill_unit: Callable[[Unit, dict[nn.Parameter, torch.Tensor]], None] | None = None,
+                     on_unit: Callable[[Unit], None] | None = None) -> None:
+        """Set the weights of ``params`` (default: all the runtime owns) unit by unit: ``fill(param, out)`` writes
+        a param's weights into ``out``, its place in the unit's host copy; a unit's other params keep theirs.
+        A unit on the device is released first (its next fetch reads the new weights); a unit on the store is
+        written back while the next one is filled. ``masters``: the optimizer's fp32 masters follow the new
+        weights (a plain optimizer steps the params themselves). ``fill_unit(u, views)``: after the unit's
+        ``fill`` calls, with every param's place (``{param: out}``), for what needs the unit whole (an
+        initializer that sets several params at once). ``on_unit(u)``: after each unit is filled."""
+        self.check_between_steps("write weights")
+        chosen = None if params is None else set(params)
+        issued = []
+        try:
+            for u in self.units:
+                mine = [k for k, p in enumerate(u.params) if chosen is None or p in chosen]
+                if not (u.nbytes and mine):
+                    continue
+                self._release(u)
+                partial = len(mine) < len(u.params)  # the others' weights are read in and kept
+                with self._weights_of(u, load=partial, write=True, wait=False) as flat:
+                    for k in mine:
+                        fill(u.params[k], u.view(flat, k))
+                    if fill_unit is not None:
+                        fill_unit(u, {p: u.view(flat, k) for k, p in enumerate(u.params)})
+                    if masters:
+                        self.optimizer.reload_masters(u.index, lambda p, u=u, flat=flat: u.view(flat,
+                                                                                              self._owner[p][1]))
+                if u.weights is not None and u.weights.home is Tier.NVME:
+                    issued.append(u.weights)
+                if on_unit is not None:
+                    on_unit(u)
+        finally:
+            for c in issued:
+                self.swap.settle(c)
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict[str, torch.Tensor], load_rest: Callable, *, strict: bool = True):
@@ -1057,17 +1097,7 @@ class OffloadRuntime:
             raise RuntimeError(f"Error(s) in loading state_dict for {type(self.model).__name__}:\n\t"
                                + "\n\t".join(parts))
         source = {p: v for k, v in state_dict.items() if (p := owned.get(k)) is not None}
-        for u in self.units:
-            if not (u.nbytes and any(p in source for p in u.params)):
-                continue
-            self._release(u)  # a unit on the device gets the new weights at its next fetch
-            partial = not all(p in source for p in u.params)  # the others' weights are read in and kept
-            with self._weights_of(u, load=partial, write=True) as flat:
-                for k, p in enumerate(u.params):
-                    if p in source:
-                        out = u.view(flat, k)
-                        out.copy_(source[p].reshape(out.shape))
-                self.optimizer.reload_masters(u.index, lambda p, u=u, flat=flat: u.view(flat, self._owner[p][1]))
+        self.write_params(lambda p, out: out.copy_(source[p].reshape(out.shape)), source)
         return type(result)(missing, result.unexpected_keys)
 
     def _state_dict_hook(self, module, state_dict, prefix, local_metadata) -> None:
@@ -1335,6 +1365,33 @@ def _with_plan(config: OffloadConfig, plan: Plan) -> OffloadConfig:
     """The config with the plan's pipeline sizes; placement comes from the plan, the rest from the config."""
     return dataclasses.replace(config, prefetch=plan.prefetch_depth, buffers=plan.state_buffers,
                                overlap_update=plan.overlap_update)
+
+
+def materialize_meta_buffers(model: nn.Module, device: torch.device) -> None:
+    """Give the model's meta buffers memory on ``device`` and their values. No checkpoint holds a buffer computed
+    in ``__init__`` (a rotary embedding's ``inv_freq``), so a model built under ``torch.device("meta")`` needs
+    them recomputed: a transformers model's own ``_init_weights`` does it for a module without params (what
+    ``from_pretrained`` does too). Anything else is refused, naming the buffers and the way to build the model."""
+    init = getattr(model, "_init_weights", None)
+    left = []
+    for name, module in model.named_modules():
+        mine = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
+        if not mine:
+            continue
+        if init is None or next(module.parameters(recurse=False), None) is not None:
+            left += [f"{name}.{n}" if name else n for n in mine]
+            continue
+        for n in mine:
+            b = module._buffers[n]
+            module._buffers[n] = torch.empty(b.shape, dtype=b.dtype, device=device)
+        with torch.no_grad():
+            init(module)
+        left += [f"{name}.{n}" if name else n for n in mine if module._buffers[n].is_meta]
+    if left:
+        raise ValueError(f"offload.wrap: the model's buffers {', '.join(left[:3])}{', ...' if len(left) > 3 else ''} "
+                         f"are on the meta device and nothing here can compute them (a buffer made in __init__ is in "
+                         f"no checkpoint): build the model with only its params on meta "
+                         f"(accelerate.init_empty_weights()), or materialize the buffers before offload.wrap")
 
 
 def runtime_of(model: nn.Module) -> OffloadRuntime:
