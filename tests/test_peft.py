@@ -1,0 +1,145 @@
+"""peft's LoRA on a HF Llama (built from a config, nothing downloaded) through offload.wrap: found unit by unit through
+peft's wrapping, trained bit-identical to the same peft model trained plainly, its adapter state dict the trained
+one, and the frozen base given no grad buffer, no optimizer state and no write-back (checked from the runtime's
+counters, the store's versions and the recorded timeline). ``merge_and_unload`` is refused on a wrapped model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offload import OffloadConfig, wrap
+from offload.runtime import runtime_of
+from storage import Tier
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+ATTN = ["q_proj", "v_proj"]
+ATTN_MLP = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+LAYERS = 3
+
+
+def base_llama():
+    """A tiny LlamaForCausalLM, the same on every call (seed 0)."""
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).float()
+
+
+def lora_llama(targets=ATTN, **lora):
+    """:func:`base_llama` with LoRA adapters from peft (seed 1), the same on every call. The adapters start random
+    (``init_lora_weights=False``: B is not zero), so the first step already moves A and B."""
+    base = base_llama()
+    torch.manual_seed(1)
+    return peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=targets, lora_dropout=0.0,
+                                                     init_lora_weights=False, **lora))
+
+
+def trainable(m):
+    return [p for p in m.parameters() if p.requires_grad]
+
+
+def batches(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 96, (4, 12), generator=g) for _ in range(n)]
+
+
+def hf_loss(model, idx):
+    return model(input_ids=idx, labels=idx).loss
+
+
+def block_names():
+    return [f"base_model.model.model.layers.{i}" for i in range(LAYERS)]
+
+
+@pytest.mark.parametrize("targets", [ATTN, ATTN_MLP], ids=["attn", "attn+mlp"])
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "step"])
+@pytest.mark.parametrize("tier", ["host", "nvme"])
+def test_peft_lora_trains_bit_identical(tier, overlap, targets, tmp_path):
+    ref, m = lora_llama(targets), lora_llama(targets)
+    plain = torch.optim.AdamW(trainable(ref), lr=1e-2)
+    base_before = {k: v.clone() for k, v in ref.state_dict().items() if "lora_" not in k}
+    cfg = OffloadConfig(param_tier=tier, grad_tier=tier, state_tier=tier, nvme_dirs=str(tmp_path), impl="as_given",
+                        overlap_update=overlap, prefetch=1)
+    model, opt = wrap(m, torch.optim.AdamW(trainable(m), lr=1e-2), cfg)
+    rt = runtime_of(model)
+    # PeftModel -> LoraModel -> LlamaForCausalLM -> model.layers: one unit per decoder layer, the rest frozen.
+    assert [u.name for u in rt.units] == ["rest"] + block_names()
+    blocks = ref.base_model.model.model.layers
+    assert [u.grad_nbytes for u in rt.units] == [0] + [4 * sum(p.numel() for p in trainable(b)) for b in blocks]
+    assert rt.units[0].grads is None and opt.unit_placements(0) == []  # no grad buffer, no state: all frozen
+    assert rt.num_parameters(trainable_only=True) == sum(p.numel() for p in trainable(ref))
+    losses, expected = [], []
+    for idx in batches(3):
+        loss_ref = hf_loss(ref, idx)
+        loss_ref.backward()
+        plain.step()
+        plain.zero_grad()
+        loss = hf_loss(model, idx)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+        expected.append(loss_ref.item())
+    assert losses == expected
+    sd_ref, sd = ref.state_dict(), model.state_dict()
+    assert sd.keys() == sd_ref.keys()
+    assert [k for k in sd_ref if not torch.equal(sd_ref[k], sd[k])] == []
+    assert [k for k, v in base_before.items() if not torch.equal(sd[k], v)] == []  # the base did not move
+    adapters_ref, adapters = peft.get_peft_model_state_dict(ref), peft.get_peft_model_state_dict(model)
+    assert adapters.keys() == adapters_ref.keys() and len(adapters) == len(trainable(ref))
+    assert all(torch.equal(adapters[k], adapters_ref[k]) for k in adapters_ref)
+    assert all(v.numel() for v in adapters.values())  # the weights, not the empty tensors of released params
+    osd, osd_ref = opt.state_dict(), plain.state_dict()
+    assert len(osd["state"]) == len(osd_ref["state"]) == len(trainable(ref))  # state for the adapters only
+    for k, entry in osd_ref["state"].items():
+        for key, v in entry.items():
+            assert torch.equal(v, osd["state"][k][key]), (k, key)
+    rt.close()
+
+
+def test_peft_save_pretrained_writes_the_trained_adapter(tmp_path):
+    """``PeftModel.save_pretrained`` (what a LoRA run keeps) reads the wrapped model's state dict: the adapter it
+    writes loads onto a fresh base and gives the trained model's logits."""
+    ref, m = lora_llama(), lora_llama()
+    plain = torch.optim.AdamW(trainable(ref), lr=1e-2)
+    model, opt = wrap(m, torch.optim.AdamW(trainable(m), lr=1e-2),
+                      OffloadConfig(param_tier="nvme", state_tier="nvme", nvme_dirs=str(tmp_path), impl="as_given"))
+    for idx in batches(2):
+        hf_loss(ref, idx).backward()
+        plain.step()
+        plain.zero_grad()
+        hf_loss(model, idx).backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(tmp_path / "adapter")
+    runtime_of(model).close()
+    loaded = peft.PeftModel.from_pretrained(base_llama(), tmp_path / "adapter")
+    idx = batches(1, seed=5)[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=idx).logits, ref(input_ids=idx).logits)
+
+
+@pytest.mark.parametrize("call", ["merge_and_unload", "merge_adapter", "unload"])
+def test_peft_merge_on_a_wrapped_model_is_refused(call, tmp_path):
+    """Between uses the base weights are empty tensors (the runtime holds the real ones): peft would merge the
+    adapters into those and hand back a model of empty weights. Refused, naming what to do instead; the model
+    trains on unchanged."""
+    m = lora_llama()
+    model, opt = wrap(m, torch.optim.AdamW(trainable(m), lr=1e-2), OffloadConfig(param_tier="host"))
+    before = model.state_dict()
+    with pytest.raises(NotImplementedError, match=rf"{call}\(\) on a model wrapped by offload.*save_pretrained"):
+        getattr(model, call)()
+    with pytest.raises(NotImplementedError, match=rf"{call}\(\) on a model wrapped by offload"):
+        getattr(model.base_model, call)()  # peft's LoraModel, which PeftModel forwards to
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    with pytest.raises(NotImplementedError, match=r"Linear.merge\(\) on a model wrapped by offload"):
+        q_proj.merge()  # what every merge comes down to
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    hf_loss(model, batches(1)[0]).backward()
+    opt.step()
+    runtime_of(model).close()
