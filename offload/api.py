@@ -38,7 +38,8 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, config: OffloadConf
       empty tensor between uses (``model.state_dict()`` still returns the real weights); ``model.zero_grad``
       also forgets the offloaded grads; ``model.load_state_dict`` writes the offloaded params into their tiers
       unit by unit (and the optimizer's fp32 masters follow); ``model._offload_runtime`` holds the runtime
-      (reach it with :func:`runtime_of`);
+      (reach it with :func:`runtime_of`); on a peft model, ``merge_and_unload``, ``merge_adapter`` and ``unload``
+      raise (:func:`_refuse_peft_merges`);
     - the optimizer: its state moves into the returned one; do not step the original;
     - with ``OffloadConfig(replan=True)``: a re-planner is attached (:func:`offload.autoplan.from_config`);
     - under ``offload run`` (``OFFLOAD_PRINT_PLAN`` set): the placement is printed to stderr on rank 0;
@@ -81,9 +82,40 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, config: OffloadConf
         return runtime.load_state_dict(state_dict, orig_load_state_dict, strict=strict)
 
     model.load_state_dict = load_state_dict
+    _refuse_peft_merges(model)
     if runtime.config.replan:  # re-plan from measured rates
         replan_from_config(model, runtime.config)
     if os.environ.get("OFFLOAD_PRINT_PLAN") and int(os.environ.get("RANK", "0")) == 0:  # under `offload run`
         print(placement_text(runtime), file=sys.stderr, flush=True)
     report_at_exit(model, runtime.optimizer)
     return model, runtime.optimizer
+
+
+PEFT_MERGES = ("merge_and_unload", "merge_adapter", "unload")
+"""The peft tuner methods that change or hand out the base layers' weights, refused on a wrapped model."""
+
+
+def _refuse_peft_merges(model: nn.Module) -> None:
+    """peft merges an adapter by adding its delta into ``base_layer.weight`` in place, and unloads by handing back
+    the base layers. Between uses those weights are empty tensors (the runtime holds the real ones), so a merge
+    would change nothing and the model handed back would have no weights: refused instead, naming what works."""
+    peft = sys.modules.get("peft")
+    if peft is None:  # never imported: the model is no peft model
+        return
+    from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+
+    def refuse(name: str) -> Callable:
+        def refused(*args, **kwargs):
+            raise NotImplementedError(
+                f"{name}() on a model wrapped by offload: the base weights live in the runtime's tiers and the "
+                f"params hold empty tensors between uses, so peft would merge into those. Save the adapter instead "
+                f"(model.save_pretrained(dir), or peft.get_peft_model_state_dict(model)) and merge it into the base "
+                f"model outside offload (PeftModel.from_pretrained(base, dir).merge_and_unload())")
+        return refused
+
+    for mod in model.modules():
+        if isinstance(mod, BaseTuner):  # PeftModel forwards these to its tuner (LoraModel, ...)
+            for name in PEFT_MERGES:
+                setattr(mod, name, refuse(name))
+        elif isinstance(mod, BaseTunerLayer):  # what every merge comes down to, however it was asked for
+            mod.merge = refuse(f"{type(mod).__name__}.merge")

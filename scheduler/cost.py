@@ -8,7 +8,9 @@ describe what the runtime does (offload/runtime.py, offload/optimizer.py), so th
 against a measured iteration (offload/measure.py).
 
 Bytes per link (exact accounting; ``pb``, ``gb``, ``sb`` = a unit's param, grad and state bytes, ``P`` its params;
-``sb`` includes an fp32 master where the workload needs one for this placement, workload.py):
+``sb`` includes an fp32 master where the workload needs one for this placement, workload.py). Grads, state and
+updates are those of the unit's trainable params (``gb``, ``sb`` count only them); ``tpb`` is their share of
+``pb``:
 
 ====================  =========================================================================================
 params on host        h2d ``f pb``; a block is fetched for forward and again for backward (``f = 2``), except the
@@ -16,11 +18,14 @@ params on host        h2d ``f pb``; a block is fetched for forward and again for
                       (``f = 1``); the rest unit is fetched once and held through the iteration (``f = 1``)
 params on nvme        disk read ``f pb`` and h2d ``f pb`` (staged through host buffers)
 update on cpu         d2h ``gb`` (grads leave as they complete); state on nvme: disk read + write ``sb``;
-                      new params: to the device h2d ``pb`` (params on device), none (host), disk write ``pb`` (nvme);
+                      new params: to the device h2d ``tpb`` (params on device), none (host), disk write ``pb``
+                      (nvme: the whole chunk, read first, disk read ``pb``, when some of its params are frozen);
                       grads on nvme: disk write + read ``gb`` when the update waits for backward (spilled after
                       backward, read back by the step), none when it overlaps backward (they go straight to it)
 update on device      state on host: h2d + d2h ``sb``; on nvme: also disk read + write ``sb``;
-                      new params: none (device), d2h ``pb`` (host), d2h + disk write ``pb`` (nvme)
+                      new params: none (device), d2h ``tpb`` (host), d2h ``tpb`` + disk write ``pb`` (nvme; read
+                      first as above when some are frozen)
+no trainable params   fetches only: no grads, no state, no update, no new params (never written back)
 ====================  =========================================================================================
 
 The ``rest`` unit (embeddings and head) is used at both ends of forward and backward: on the device it stays
@@ -111,15 +116,22 @@ class Traffic(NamedTuple):
 
 
 def unit_traffic(pb: int, gb: int, sb: int, params: int, pl: UnitPlacement, *, fetches: int = 2,
-                 overlap: bool = True) -> Traffic:
+                 overlap: bool = True, tpb: int | None = None, frozen: bool = False) -> Traffic:
     """The table in the module note, for one unit fetched ``fetches`` times (when its params are off the device),
-    its update overlapped with backward or not."""
+    its update overlapped with backward or not. ``params``: the params it updates (0: all frozen, no update);
+    ``tpb``: their bytes in the param chunk (default ``pb``); ``frozen``: some of its params are frozen."""
+    tpb = pb if tpb is None else tpb
     h2d = d2h = rd = wr = 0
     if pl.params is H:
         h2d += fetches * pb
     elif pl.params is N:
         rd += fetches * pb
         h2d += fetches * pb
+    if not params:
+        return Traffic(h2d, d2h, rd, wr, 0, 0)
+    if pl.params is N:  # the new weights go to the store as a whole chunk; the frozen ones read in first
+        wr += pb
+        rd += pb if frozen else 0
     if pl.update == "cpu":
         d2h += gb
         if pl.grad_tier is N and not overlap:
@@ -129,9 +141,7 @@ def unit_traffic(pb: int, gb: int, sb: int, params: int, pl: UnitPlacement, *, f
             rd += sb
             wr += sb
         if pl.params is D:
-            h2d += pb
-        elif pl.params is N:
-            wr += pb
+            h2d += tpb
         return Traffic(h2d, d2h, rd, wr, params, 0)
     if pl.state in (H, N):
         h2d += sb
@@ -140,9 +150,7 @@ def unit_traffic(pb: int, gb: int, sb: int, params: int, pl: UnitPlacement, *, f
         rd += sb
         wr += sb
     if pl.params in (H, N):
-        d2h += pb
-    if pl.params is N:
-        wr += pb
+        d2h += tpb
     return Traffic(h2d, d2h, rd, wr, 0, params)
 
 
@@ -203,7 +211,11 @@ class CostModel:
         self.sb = [workload.state_bytes(i) for i in range(n)]
         """State chunks without a master; :meth:`state_bytes` adds one where a placement needs it."""
         self.sb_master = [workload.state_bytes(i, master=True) for i in range(n)]
-        self.params = [u.params for u in workload.units]
+        self.params = [u.trainable for u in workload.units]
+        """Params each unit updates: its trainable ones (0: all frozen, never updated nor written back)."""
+        self.tpb = [workload.trainable_param_bytes(i) for i in range(n)]
+        self.frozen = [0 < u.trainable < u.params for u in workload.units]
+        """Units whose params are partly frozen: an update of their params on nvme reads the chunk in first."""
         self.has_rest = workload.units[0].kind == REST
         self.blocks = list(range(1, n)) if self.has_rest else list(range(n))
         recompute = 1.0 if workload.checkpointing else 0.0
@@ -244,7 +256,7 @@ class CostModel:
 
     def unit_traffic(self, i: int, pl: UnitPlacement, *, fetches: int = 2, overlap: bool = True) -> Traffic:
         return unit_traffic(self.pb[i], self.gb[i], self.state_bytes(i, pl), self.params[i], pl, fetches=fetches,
-                            overlap=overlap)
+                            overlap=overlap, tpb=self.tpb[i], frozen=self.frozen[i])
 
     def traffic(self, plan: Plan) -> Traffic:
         total, kept = Traffic(), self.kept(plan)
@@ -342,13 +354,13 @@ class CostModel:
     def update_order(self, plan: Plan) -> list[int]:
         """Units in the order the update thread takes them: as their grads land (backward order, the rest unit's
         embedding last) when the update overlaps backward; else host-state units, then nvme-state ones, each in
-        unit order (``OffloadOptimizer._update_subgroups``)."""
-        grad_order = list(reversed(self.blocks)) + ([0] if self.has_rest else [])
+        unit order (``OffloadOptimizer._update_subgroups``). Units without trainable params are never updated."""
+        grad_order = [i for i in list(reversed(self.blocks)) + ([0] if self.has_rest else []) if self.params[i]]
         if plan.overlap_update:
             return grad_order
         n = len(plan.units)
-        return [i for i in range(n) if plan.units[i].state is not N] + [i for i in range(n)
-                                                                        if plan.units[i].state is N]
+        return [i for i in range(n) if plan.units[i].state is not N and self.params[i]] + [
+            i for i in range(n) if plan.units[i].state is N and self.params[i]]
 
     def fill_s(self, plan: Plan, r: dict[str, float]) -> float:
         """Head: the rest unit's and the first block's params must arrive (one after the other, on the copy thread)
@@ -359,9 +371,12 @@ class CostModel:
         first += [self.blocks[0]] if self.blocks and plan.units[self.blocks[0]].params is not D else []
         for i in first:
             head += self.pb[i] * r["h2d"] + (self.pb[i] * r["disk_read"] if plan.units[i].params is N else 0.0)
-        last = self.update_order(plan)[-1]
+        order = self.update_order(plan)
+        if not order:  # nothing trains
+            return head
+        last = order[-1]
         pl, pb, p = plan.units[last], self.pb[last], self.params[last]
-        sb = self.state_bytes(last, pl)
+        sb, tpb = self.state_bytes(last, pl), self.tpb[last]
         if pl.update == "cpu":
             g_last = 0 if self.has_rest else self.blocks[0]  # the unit whose grads complete with the last backward
             tail = self.gb[g_last] * r["d2h"] if plan.units[g_last].update == "cpu" else 0.0
@@ -373,11 +388,11 @@ class CostModel:
             if pl.params is N:  # written once its update and state write are done (after_step)
                 after += pb * r["disk_write"]
             elif pl.params is D:  # beside the state write
-                after = max(after, pb * r["h2d"])
+                after = max(after, tpb * r["h2d"])
             return head + tail + after
         tail = p * r["device_update"]
         after = [sb * r["d2h"] + (sb * r["disk_write"] if pl.state is N else 0.0) if pl.state is not D else 0.0,
-                 pb * r["d2h"] if pl.params is not D else 0.0]
+                 tpb * r["d2h"] if pl.params is not D else 0.0]
         return head + tail + max(after)
 
     def bound(self, plan: Plan, t: Traffic | None = None) -> tuple[float, float, str, dict[str, float]]:
@@ -427,7 +442,7 @@ class CostModel:
 
         units, blocks, k = plan.units, self.blocks, plan.prefetch_depth
         names = [u.name for u in self.w.units]
-        pb, gb = self.pb, self.gb
+        pb, gb, tpb = self.pb, self.gb, self.tpb
         sb = [self.state_bytes(i, pl) for i, pl in enumerate(units)]
         kept = self.kept(plan)
         # Compute order: forward blocks, head (rest), head backward, blocks in reverse.
@@ -480,7 +495,7 @@ class CostModel:
         done_grad = {i: bwd_ops[i] if i != 0 or not self.has_rest else last_bwd for i in grad_order}
         grad_d2h: dict[int, int] = {}
         for g, i in enumerate(grad_order):
-            if units[i].update == "cpu":
+            if units[i].update == "cpu" and self.params[i]:  # frozen units have no grads
                 grad_d2h[i] = grad_release[g] = add("d2h", f"grad {names[i]}", gb[i] * r["d2h"], [done_grad[i]],
                                                     gb[i])
         spill = {i: add("disk_write", f"grads {names[i]}", gb[i] * r["disk_write"], [grad_d2h[i]], gb[i])
@@ -520,13 +535,16 @@ class CostModel:
                     flush = add("disk_write", f"new params {names[j]}", pb[j] * r["disk_write"], [after, rd], pb[j])
                 grad_rd = add("disk_read", f"grads {names[i]}", gb[i] * r["disk_read"], [spill[i], flush, rd], gb[i]) \
                     if i in spill else None
-                upd = add("cpu_update", f"update {names[i]}", p * r["cpu_update"], [*gate, rd, flush, grad_rd])
+                # then its own params (nvme) are read in, when some are frozen: the update rewrites the whole chunk
+                old = add("disk_read", f"params {names[i]}", pb[i] * r["disk_read"], [flush, rd, grad_rd], pb[i]) \
+                    if pl.params is N and self.frozen[i] else None
+                upd = add("cpu_update", f"update {names[i]}", p * r["cpu_update"], [*gate, rd, flush, grad_rd, old])
                 wr = None
                 if pl.state is N:
                     wr = add("disk_write", f"state {names[i]}", sb[i] * r["disk_write"], [upd], sb[i])
                     state_release.append(wr)
                 if pl.params is D:
-                    add("h2d", f"new params {names[i]}", pb[i] * r["h2d"], [upd], pb[i])
+                    add("h2d", f"new params {names[i]}", tpb[i] * r["h2d"], [upd], tpb[i])
                 flush_after = (i, upd) if pl.params is N else None
                 chain = upd  # write-backs run on while the next units update
                 upd_ops.append(upd)
@@ -537,14 +555,16 @@ class CostModel:
                     rd = add("disk_read", f"state {names[i]}", sb[i] * r["disk_read"], [last_fwd, slot], sb[i]) \
                         if pl.state is N else None
                     up = add("h2d", f"state {names[i]}", sb[i] * r["h2d"], [rd, last_fwd, slot], sb[i])
-                upd = add("compute", f"update {names[i]}", p * r["device_update"], [done_grad[i], up, gate])
+                old = add("disk_read", f"params {names[i]}", pb[i] * r["disk_read"], [gate], pb[i]) \
+                    if pl.params is N and self.frozen[i] else None
+                upd = add("compute", f"update {names[i]}", p * r["device_update"], [done_grad[i], up, gate, old])
                 grad_release[grad_pos[i]] = upd
                 if pl.state is not D:
                     down = add("d2h", f"state {names[i]}", sb[i] * r["d2h"], [upd], sb[i])
                     state_release.append(add("disk_write", f"state {names[i]}", sb[i] * r["disk_write"], [down],
                                              sb[i]) if pl.state is N else down)
                 if pl.params is not D:
-                    pd = add("d2h", f"new params {names[i]}", pb[i] * r["d2h"], [upd], pb[i])
+                    pd = add("d2h", f"new params {names[i]}", tpb[i] * r["d2h"], [upd], tpb[i])
                     if pl.params is N:
                         add("disk_write", f"new params {names[i]}", pb[i] * r["disk_write"], [pd], pb[i])
         if flush_after is not None:  # the last unit's new params: written at the end of the step

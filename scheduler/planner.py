@@ -69,10 +69,11 @@ class _Search:
     def __init__(self, cm: CostModel, options: Sequence[UnitPlacement]):
         self.cm = cm
         w = cm.w
-        # Groups of interchangeable units: same kind and size. The rest unit may only keep params on the device.
+        # Groups of interchangeable units: same kind and size, as much of it trained. The rest unit may only keep
+        # params on the device.
         keyed: dict[tuple, list[int]] = {}
         for i, u in enumerate(w.units):
-            keyed.setdefault((u.kind, u.params, u.fwd_flops, u.act_bytes), []).append(i)
+            keyed.setdefault((u.kind, u.params, u.trainable, u.fwd_flops, u.bwd_flops, u.act_bytes), []).append(i)
         self.groups = list(keyed.values())
         self.opts = [[o for o in options if not (w.units[g[0]].kind == "rest" and o.params is not D)]
                      for g in self.groups]

@@ -33,7 +33,7 @@ def compare(workload: Workload, profile: HardwareProfile, ours: Result) -> list[
 def to_dict(workload: Workload, profile: HardwareProfile, res: Result, rows: list[dict]) -> dict:
     p = res.prediction
     return {"model": workload.name, "batch": workload.batch, "seq": workload.seq, "params": workload.params,
-            "profile": profile.to_dict(), "fits": res.fits,
+            "trainable": workload.trainable, "profile": profile.to_dict(), "fits": res.fits,
             "shortfall": None if res.shortfall is None else {"tier": res.shortfall.tier,
                                                             "short_bytes": res.shortfall.short_bytes,
                                                             "fix": res.shortfall.fix},
@@ -51,9 +51,11 @@ def to_dict(workload: Workload, profile: HardwareProfile, res: Result, rows: lis
 def text(workload: Workload, profile: HardwareProfile, res: Result, rows: list[dict]) -> str:
     p, cm = res.prediction, CostModel(workload, profile)
     cap = cm.capacity()
-    out = [f"model {workload.name}: {workload.params / 1e9:.2f} B params in {len(workload.units)} units, batch "
-           f"{workload.batch} x seq {workload.seq}, {workload.compute_dtype} (state {workload.state_bytes_per_param}"
-           f" B/param)", f"profile {profile.name} ({profile.device_name})"]
+    trained = f" ({workload.trainable:,} trainable, {workload.trainable / workload.params:.2%}: grads and state " \
+              f"for those only)" if workload.trainable < workload.params else ""
+    out = [f"model {workload.name}: {workload.params / 1e9:.2f} B params{trained} in {len(workload.units)} units, "
+           f"batch {workload.batch} x seq {workload.seq}, {workload.compute_dtype} (state "
+           f"{workload.state_bytes_per_param} B/param)", f"profile {profile.name} ({profile.device_name})"]
     out.append("FITS" if res.fits else f"DOES NOT FIT: {res.shortfall}")
     out.append("memory per tier (used / capacity):")
     for tier, terms in cm.memory_terms(res.plan).items():

@@ -23,6 +23,10 @@ Assumptions (each a field of :class:`Workload`, so a different recipe is a diffe
   activations: ``seq * batch * (18 d + 4 ff g)`` bytes (Korthikanti et al. 2022, eq. 1 with its MLP term scaled
   by ``ff / 4d`` and ``g = 1.5`` for gated MLPs, flash attention assumed so no ``5 a s^2 b`` term).
 
+- frozen params (``requires_grad=False``, e.g. the base under LoRA adapters; :attr:`UnitWork.trainable`) are
+  fetched like the others but have no grads, no optimizer state and no update; a frozen matmul's backward
+  computes only its input's grad (``2 n`` FLOPs per token, not ``4 n``). Presets train every param.
+
 Presets are computed from shapes (``TransformerShape``), never instantiated: a 70B model costs no time. A test
 builds :class:`TransformerLM` from the same shape on the ``meta`` device and checks the two agree.
 """
@@ -55,14 +59,29 @@ class UnitWork:
     work_bytes: int
     """Transient device bytes while the unit computes (its full activations during recompute and backward)."""
     tensor_numels: tuple[int, ...] = ()
-    """Elements of each of the unit's tensors (all trained: frozen params are not modelled), when the workload lays
-    chunks out tensor by tensor (``Workload.chunk_align_bytes``); empty otherwise."""
+    """Elements of each of the unit's tensors, when the workload lays chunks out tensor by tensor
+    (``Workload.chunk_align_bytes``); empty otherwise."""
+    trainable: int | None = None
+    """Params that train: they get grads, optimizer state and an update; the others are frozen (a LoRA base) and
+    only fetched. ``None``: all of them."""
+    trainable_numels: tuple[int, ...] = ()
+    """Elements of each trainable tensor, when chunks are laid out tensor by tensor; may be left empty when every
+    tensor trains (then it is ``tensor_numels``)."""
 
     def __post_init__(self):
         object.__setattr__(self, "tensor_numels", tuple(self.tensor_numels))
+        object.__setattr__(self, "trainable", self.params if self.trainable is None else self.trainable)
         if self.tensor_numels and sum(self.tensor_numels) != self.params:
             raise ValueError(f"UnitWork.tensor_numels of {self.name!r}: expected them to sum to params "
                              f"({self.params}), got {sum(self.tensor_numels)}")
+        if not 0 <= self.trainable <= self.params:
+            raise ValueError(f"UnitWork.trainable of {self.name!r}: expected 0 to params ({self.params}), got "
+                             f"{self.trainable}")
+        numels = tuple(self.trainable_numels) or (self.tensor_numels if self.trainable == self.params else ())
+        object.__setattr__(self, "trainable_numels", numels)
+        if (numels or self.tensor_numels) and sum(numels) != self.trainable:
+            raise ValueError(f"UnitWork.trainable_numels of {self.name!r}: expected the trainable tensors' elements, "
+                             f"summing to trainable ({self.trainable}), got {list(numels)}")
         if self.kind not in (BLOCK, REST):
             raise ValueError(f"UnitWork.kind: expected 'block' or 'rest', got {self.kind!r}")
         for f in ("params", "fwd_flops", "bwd_flops", "act_bytes", "work_bytes"):
@@ -116,25 +135,39 @@ class Workload:
     def params(self) -> int:
         return sum(u.params for u in self.units)
 
-    def _chunk(self, i: int, bytes_per_elem: int, tensors: int = 1) -> int:
-        """``tensors`` tensors of ``bytes_per_elem`` per element for each of unit ``i``'s, padded per tensor."""
+    @property
+    def trainable(self) -> int:
+        return sum(u.trainable for u in self.units)
+
+    def _chunk(self, i: int, bytes_per_elem: int, tensors: int = 1, *, trainable: bool = False) -> int:
+        """``tensors`` tensors of ``bytes_per_elem`` per element for each of unit ``i``'s (its trainable ones
+        only, with ``trainable``), padded per tensor."""
         u, a = self.units[i], self.chunk_align_bytes
         if not a:
-            return u.params * bytes_per_elem * tensors
-        return tensors * sum((n * bytes_per_elem + a - 1) // a * a for n in u.tensor_numels)
+            return (u.trainable if trainable else u.params) * bytes_per_elem * tensors
+        return tensors * sum((n * bytes_per_elem + a - 1) // a * a
+                             for n in (u.trainable_numels if trainable else u.tensor_numels))
 
     def param_bytes(self, i: int) -> int:
         return self._chunk(i, self.param_bytes_per_param)
 
+    def trainable_param_bytes(self, i: int) -> int:
+        """Bytes of the unit's trainable params in its param chunk: what an update's new weights are, when they
+        travel to where the params live apart from the rest of the chunk (across the link)."""
+        return self._chunk(i, self.param_bytes_per_param, trainable=True)
+
     def grad_bytes(self, i: int) -> int:
-        return self.units[i].params * self.grad_bytes_per_param
+        """Grads of the trainable params only: frozen ones get none."""
+        return self.units[i].trainable * self.grad_bytes_per_param
 
     def state_bytes(self, i: int, *, master: bool = False) -> int:
-        """The unit's state chunk; ``master``: plus an fp32 master (see ``master_bytes_per_param``). State is
-        fp32, one tensor per 4 bytes per param (AdamW: exp_avg, exp_avg_sq), each padded on its own."""
-        sb = self._chunk(i, 4, self.state_bytes_per_param // 4) if self.state_bytes_per_param % 4 == 0 else \
-            self.units[i].params * self.state_bytes_per_param
-        return sb + (self._chunk(i, self.master_bytes_per_param) if master and self.master_bytes_per_param else 0)
+        """The unit's state chunk, for its trainable params only; ``master``: plus an fp32 master (see
+        ``master_bytes_per_param``). State is fp32, one tensor per 4 bytes per param (AdamW: exp_avg,
+        exp_avg_sq), each padded on its own."""
+        sb = self._chunk(i, 4, self.state_bytes_per_param // 4, trainable=True) \
+            if self.state_bytes_per_param % 4 == 0 else self.units[i].trainable * self.state_bytes_per_param
+        return sb + (self._chunk(i, self.master_bytes_per_param, trainable=True)
+                     if master and self.master_bytes_per_param else 0)
 
     @property
     def model_flops(self) -> float:
@@ -143,6 +176,7 @@ class Workload:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "batch": self.batch, "seq": self.seq, "params": self.params,
+                "trainable": self.trainable,
                 "compute_dtype": self.compute_dtype, "param_bytes_per_param": self.param_bytes_per_param,
                 "grad_bytes_per_param": self.grad_bytes_per_param,
                 "state_bytes_per_param": self.state_bytes_per_param,
@@ -342,8 +376,9 @@ def from_module(model, *, batch: int, seq: int, name: str = "model", d_model: in
 
     Units: each child of the largest ``nn.ModuleList``, plus ``rest``. FLOPs count every 2-D weight of a
     ``nn.Linear`` (or a HF ``Conv1D``) as a matmul; a shared (tied) weight counts where each module uses it, its
-    bytes once. ``d_model`` (for the attention term and activations) is read from ``model.config`` or the first
-    matmul of a block when not given.
+    bytes once. Params with ``requires_grad=False`` are frozen (a LoRA base, as peft leaves it): no grads, state
+    or update for them (:attr:`UnitWork.trainable`), and no weight-grad FLOPs in backward. ``d_model`` (for the
+    attention term and activations) is read from ``model.config`` or the first matmul of a block when not given.
     """
     from torch import nn
 
@@ -367,6 +402,16 @@ def from_module(model, *, batch: int, seq: int, name: str = "model", d_model: in
     d_model = int(d_model or 0)
     units, in_blocks = [], set()
     sizes = bool(kw.get("chunk_align_bytes"))  # chunks laid out tensor by tensor: record each tensor's size
+    def frozen_mm(mods) -> int:  # backward computes no grad for these weights: 2 n FLOPs per token fewer
+        return sum(m.weight.numel() for m in mods if not m.weight.requires_grad)
+
+    def sizes_of(ps) -> dict:
+        """The unit's trainable params (frozen ones get no grads, state or update: a LoRA base), and with
+        ``chunk_align_bytes`` each tensor's size."""
+        train = [p for p in ps if p.requires_grad]
+        return {"trainable": sum(p.numel() for p in train),
+                "tensor_numels": tuple(p.numel() for p in ps) if sizes else (),
+                "trainable_numels": tuple(p.numel() for p in train) if sizes else ()}
     for i, blk in enumerate(blocks):
         ps = list(blk.parameters())
         in_blocks.update(id(p) for p in ps)
@@ -377,8 +422,8 @@ def from_module(model, *, batch: int, seq: int, name: str = "model", d_model: in
         fwd = 2 * mm * tokens + 4 * seq * d_model * tokens
         kept, work = block_act_bytes(seq, batch, d_model, d_ff, gated)
         units.append(UnitWork(name=f"blocks.{i}", kind=BLOCK, params=sum(p.numel() for p in ps), fwd_flops=fwd,
-                              bwd_flops=2 * fwd, act_bytes=kept, work_bytes=work,
-                              tensor_numels=tuple(p.numel() for p in ps) if sizes else ()))
+                              bwd_flops=2 * fwd - 2 * frozen_mm(matmuls(blk)) * tokens, act_bytes=kept,
+                              work_bytes=work, **sizes_of(ps)))
     rest_ps = [p for p in model.parameters() if id(p) not in in_blocks]
     rest_params = sum(p.numel() for p in rest_ps)
     block_mods = {id(m) for m in blocks.modules()}
@@ -388,8 +433,8 @@ def from_module(model, *, batch: int, seq: int, name: str = "model", d_model: in
         head_fwd = 2 * sum(m.weight.numel() for m in rest_mm) * tokens
         rk, rw = rest_act_bytes(seq, batch, d_model, vocab)
         units.insert(0, UnitWork(name="rest", kind=REST, params=rest_params, fwd_flops=head_fwd,
-                                 bwd_flops=2 * head_fwd, act_bytes=rk, work_bytes=rw,
-                                 tensor_numels=tuple(p.numel() for p in rest_ps) if sizes else ()))
+                                 bwd_flops=2 * head_fwd - 2 * frozen_mm(rest_mm) * tokens, act_bytes=rk,
+                                 work_bytes=rw, **sizes_of(rest_ps)))
     return Workload(name=name, batch=batch, seq=seq, units=tuple(units), **kw)
 
 

@@ -137,3 +137,44 @@ def test_shared_cores_put_host_work_on_the_compute_stream():
     assert p1.busy_s["compute"] == pytest.approx(b["compute"] + expect)
     assert CostModel(w, shared).busy(p1.traffic)["compute"] == pytest.approx(p1.busy_s["compute"])
     assert p1.iteration_s > p0.iteration_s
+
+
+def _frozen() -> Workload:
+    """_tiny with frozen params: rest all frozen, b0 10 of its 100 trainable (a LoRA block), b1 all frozen, b2 all
+    trainable."""
+    w = _tiny()
+    trained = (0, 10, 0, 300)
+    return dataclasses.replace(w, units=tuple(dataclasses.replace(u, trainable=t) for u, t in zip(w.units, trained)))
+
+
+def test_frozen_params_get_no_grads_no_state_no_update_and_no_write_back():
+    w, hw = _frozen(), profile.resolve("h100-pcie5-gen4nvme")
+    assert [w.grad_bytes(i) for i in range(4)] == [0, 20, 0, 600]
+    assert [w.state_bytes(i) for i in range(4)] == [0, 120, 0, 3600]
+    cm = CostModel(w, hw)
+    nvme = UnitPlacement(N, N, "cpu")
+    plan = Plan(strategy="t", prefetch_depth=0, units=(UnitPlacement(D, H, "cpu"),) + (nvme,) * 3)
+    t = cm.traffic(plan)
+    # h2d: every block fetched twice (200, 400, 600 B each time); d2h: the trainable params' grads only
+    assert (t.h2d_bytes, t.d2h_bytes) == (2 * (200 + 400 + 600), 20 + 600)
+    # disk read: the fetches; b0's state 120 and its params 200 read in before its update rewrites the chunk
+    # whole; b2's state 3600. b1 (all frozen) is only fetched.
+    assert t.disk_read_bytes == 2 * (200 + 400 + 600) + 120 + 200 + 3600
+    # disk write: b0's state and whole params, b2's state and params; nothing of rest and b1
+    assert t.disk_write_bytes == 120 + 200 + 3600 + 600
+    assert (t.cpu_update_params, t.device_update_params) == (310, 0)
+    # New weights that travel alone are the trainable params' only (2 B each here): after a CPU update to params
+    # on the device, after a device update to params on the host.
+    on_device = cm.unit_traffic(1, UnitPlacement(D, H, "cpu"))
+    device_update = cm.unit_traffic(1, UnitPlacement(H, D, "device"), fetches=0)
+    assert (on_device.h2d_bytes, device_update.d2h_bytes) == (20, 20)
+    assert cm.update_order(plan) == [3, 1]  # frozen units are never updated
+    m = cm.memory_terms(plan)
+    assert m["host"]["grads"] == plan.grad_buffers * 600 and m["nvme"]["state"] == 120 + 3600
+    p = cm.predict(plan, events=True)
+    assert not [e for e in p.events if e.name.endswith(("rest", "b1")) and not e.name.startswith(
+        ("F fetch", "B fetch", "forward", "backward", "steal"))]  # b1 and rest: fetches and compute only
+    moved = {r: sum(e.nbytes for e in p.events if e.resource == r) for r in ("h2d", "d2h", "disk_read", "disk_write")}
+    assert moved == {"h2d": t.h2d_bytes, "d2h": t.d2h_bytes, "disk_read": t.disk_read_bytes,
+                     "disk_write": t.disk_write_bytes}
+    assert p.lower_bound_s * (1 - 1e-9) <= p.iteration_s <= sum(p.busy_s.values()) * (1 + 1e-9)

@@ -65,3 +65,29 @@ def test_hf_config_through_transformers(tmp_path):
                                "vocab_size": 500}))
     w = workload.load(str(cfg), batch=1, seq=64)
     assert w.params == from_shape(workload.shape_from_hf_config(json.loads(cfg.read_text())), batch=1, seq=64).params
+
+
+def test_frozen_params_from_a_module():
+    """``requires_grad=False`` params (a LoRA base) are counted, but not as trainable: no grads, state or update,
+    and backward computes no grads for frozen weights (2 n FLOPs per token fewer)."""
+    shape = dataclasses.replace(PRESETS["gpt2"][0], n_layer=2, d_model=64, n_head=4, d_ff=256, vocab=100, n_pos=32)
+    model = build_transformer(shape)
+    whole = from_module(model, batch=2, seq=8, chunk_align_bytes=64)
+    model.requires_grad_(False)
+    model.blocks[0].q.weight.requires_grad_(True)
+    w = from_module(model, batch=2, seq=8, chunk_align_bytes=64)
+    assert [u.params for u in w.units] == [u.params for u in whole.units]
+    assert [u.trainable for u in w.units] == [0, 64 * 64, 0] and w.trainable == 64 * 64
+    assert w.units[1].trainable_numels == (64 * 64,) and whole.units[1].trainable_numels == whole.units[1].tensor_numels
+    assert [w.grad_bytes(i) for i in range(3)] == [0, 2 * 64 * 64, 0]
+    assert w.state_bytes(1) == 12 * 64 * 64 and w.state_bytes(0) == w.state_bytes(2) == 0
+    assert w.param_bytes(1) == whole.param_bytes(1) and w.trainable_param_bytes(1) == 2 * 64 * 64
+    frozen_mm = shape.block_matmul_params() - 64 * 64
+    assert w.units[1].bwd_flops == whole.units[1].bwd_flops - 2 * frozen_mm * w.tokens
+    assert w.units[0].bwd_flops == w.units[0].fwd_flops  # the head: its input's grad only
+    with pytest.raises(ValueError, match=r"UnitWork.trainable of 'b': expected 0 to params \(10\), got 11"):
+        workload.UnitWork(name="b", kind="block", params=10, trainable=11, fwd_flops=0, bwd_flops=0, act_bytes=0,
+                          work_bytes=0)
+    with pytest.raises(ValueError, match=r"UnitWork.trainable_numels of 'b': expected the trainable tensors"):
+        workload.UnitWork(name="b", kind="block", params=10, trainable=4, tensor_numels=(4, 6), fwd_flops=0,
+                          bwd_flops=0, act_bytes=0, work_bytes=0)
