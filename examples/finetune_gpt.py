@@ -51,7 +51,7 @@ def main():
     if args.resume:  # weights, optimizer state (wherever it lives), RNG; the data position is the step
         start = offload.load_checkpoint(args.checkpoint, model, opt)["step"]
     tokens = corpus_tokens()
-    report = RunReport(model, opt, total_steps=args.steps - start, name="finetune_gpt")
+    report = RunReport(model, opt, total_steps=args.steps, start_step=start, name="finetune_gpt")
     with StopOnSignal() as stop:  # Ctrl-C: finish the step, save, stop
         for step in range(start, args.steps):
             idx = batch_at(tokens, step, args.batch, args.seq).to(device)

@@ -112,7 +112,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--nvme", help="directory for the store (default: a temporary directory, removed after)")
     p.add_argument("--state", choices=["host", "nvme"], default="nvme", help="optimizer state tier (default nvme)")
     p.add_argument("--params", choices=["host", "nvme"], default="nvme", help="param and grad tier (default nvme)")
-    p.add_argument("--out", default="offload-demo", help="directory for report.json, report.txt and trace.json")
+    p.add_argument("--out", default="offload-demo", help="directory for report.json, report.txt, trace.json and "
+                                                         "metrics.jsonl (one line per step, written as it goes)")
     p.add_argument("--checkpoint", metavar="DIR", help="save a checkpoint here at the end, on Ctrl-C (then exit) "
                                                       "and every --save-every steps")
     p.add_argument("--save-every", type=int, default=0, metavar="N", help="also save every N steps (default: no)")
@@ -169,8 +170,9 @@ def run(args: argparse.Namespace) -> dict:
                                extra={"seed": args.seed, "batch": args.batch, "seq": args.seq, "steps": args.steps})
         print(f"checkpoint at step {step}: {path}", file=sys.stderr, flush=True)
 
-    report = RunReport(model, opt, total_steps=args.steps - start, name="offload demo", progress=not args.quiet,
-                       predicted=predict(shape, cfg, args.batch, args.seq))
+    report = RunReport(model, opt, total_steps=args.steps, start_step=start, name="offload demo",
+                       progress=not args.quiet, predicted=predict(shape, cfg, args.batch, args.seq),
+                       metrics_dir=args.out)
     interrupted = False
     try:
         with StopOnSignal() as stop:
@@ -190,7 +192,7 @@ def run(args: argparse.Namespace) -> dict:
                     interrupted = True
                     break
         print(report.text())
-        paths = report.save(args.out)
+        paths = report.save(args.out) + ([report.metrics_file] if report.metrics_file else [])
         print(f"report: {', '.join(str(p) for p in paths)} (open trace.json in https://ui.perfetto.dev)")
         return {**report.summary(), "interrupted": interrupted, "start_step": start}
     finally:

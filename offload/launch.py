@@ -8,22 +8,25 @@ The config (TOML, see ``examples/offload.toml``) is validated here, before anyth
 value of the wrong type or a budget this machine cannot give fails in one line naming the key, the value and the
 fix. The script then gets it through ``OFFLOAD_CONFIG``: ``offload.wrap(model, opt)`` and ``OffloadOptimizer``
 use it when given no config, each rank with its own store directory (``<dir>/rank<N>``). The wrapped model prints
-its placement before the first step; when the script ends, its run report (``offload/report.py``) is printed and
-left in ``--report`` as text, JSON and a Chrome trace. Ctrl-C reaches the script first (it may save a
-checkpoint: ``offload.checkpoint``); the launcher waits for it to exit.
+its placement before the first step and each step's metrics as a line of ``--report``/``metrics.jsonl`` as it
+ends; when the script ends, its run report (``offload/report.py``) is printed and left in ``--report`` as text,
+JSON and a Chrome trace. Under several ranks, each rank writes its own part and the report printed sums the
+ranks' bytes. Ctrl-C reaches the script first (it may save a checkpoint: ``offload.checkpoint``); the launcher
+waits for it to exit.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from offload.config import ENV_VAR, ConfigError, config_to_dict, load_config
-from offload.report import REPORT_DIR_ENV
+from offload.report import REPORT_DIR_ENV, TENSORBOARD_DIR, merge_rank_reports
 from storage import Tier
 
 PLAN_ENV = "OFFLOAD_PRINT_PLAN"
@@ -35,6 +38,26 @@ def command(script: str, script_args: list[str], nproc: int) -> list[str]:
         return [sys.executable, script, *script_args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", script,
             *script_args]
+
+
+_OUTPUTS = ("report.txt", "report.json", "report.rank*.json", "metrics.jsonl", "metrics.rank*.jsonl", "trace.json",
+            TENSORBOARD_DIR)
+"""What a run leaves in its report directory (offload/report.py), in the order they are named."""
+
+
+def clear_report_dir(report: Path) -> None:
+    """Remove what an earlier run left in ``report``: a stale file must not pass for this run's."""
+    for pattern in _OUTPUTS:
+        for old in report.glob(pattern):
+            if old.is_dir():
+                shutil.rmtree(old)
+            else:
+                old.unlink(missing_ok=True)
+
+
+def written(report: Path) -> list[str]:
+    """The names of what this run wrote in ``report`` (cleared before it started), in :data:`_OUTPUTS` order."""
+    return [p.name for pattern in _OUTPUTS for p in sorted(report.glob(pattern))]
 
 
 def launch(script: str, script_args: list[str], *, config_path: str | None = None, overrides: list[str] = (),
@@ -60,8 +83,7 @@ def launch(script: str, script_args: list[str], *, config_path: str | None = Non
         return 2
     report = Path(report_dir or Path("offload-runs") / Path(script).stem)
     report.mkdir(parents=True, exist_ok=True)
-    for old in ("report.txt", "report.json", "trace.json"):  # a stale report must not pass for this run's
-        (report / old).unlink(missing_ok=True)
+    clear_report_dir(report)
     env = dict(os.environ)
     env[ENV_VAR] = json.dumps(config_to_dict(cfg))
     env[REPORT_DIR_ENV] = str(report.resolve())
@@ -85,10 +107,14 @@ def launch(script: str, script_args: list[str], *, config_path: str | None = Non
             interrupted = True
             print("\noffload run: interrupted; waiting for the script to save and exit (Ctrl-C again to stop it)",
                   file=out, flush=True)
+    if nproc > 1:
+        merge_rank_reports(report, nproc)
     text = report / "report.txt"
     if text.is_file():
         print(text.read_text().rstrip(), file=out)
-        print(f"report: {report}/ (report.txt, report.json, trace.json for https://ui.perfetto.dev)", file=out)
+        files = written(report)
+        trace = "; trace.json for https://ui.perfetto.dev" if "trace.json" in files else ""
+        print(f"report: {report}/ ({', '.join(f for f in files if f != 'trace.json')}{trace})", file=out)
     elif rc == 0:
         print("offload run: the script never wrapped a model (offload.wrap), so there is no run report", file=out)
     if interrupted and rc != 0:

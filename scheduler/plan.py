@@ -52,8 +52,23 @@ class UnitPlacement:
 
     @property
     def code(self) -> str:
-        """Three letters for compact reports: params, state, update site (``NHc`` = params nvme, state host, cpu)."""
-        return self.params.value[0].upper() + self.state.value[0].upper() + self.update[0]
+        """Three letters for compact reports: params, state, update site (``NHc`` = params nvme, state host, cpu);
+        :func:`code_legend` says what each letter means."""
+        return _tier_letter(self.params) + _tier_letter(self.state) + _site_letter(self.update)
+
+
+def _tier_letter(tier: Tier) -> str:
+    return tier.value[0].upper()
+
+
+def _site_letter(site: str) -> str:
+    return site[0]
+
+
+def code_legend() -> dict[str, str]:
+    """What the letters of :attr:`UnitPlacement.code` mean, ``{"D": "device", ..., "c": "cpu", ...}``: tiers in
+    upper case (params, then state), update sites in lower case."""
+    return {**{_tier_letter(t): t.value for t in Tier}, **{_site_letter(s): s for s in SITES}}
 
 
 OPTIONS: tuple[UnitPlacement, ...] = tuple(

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from scheduler.cost import RESOURCES, CostModel, Prediction
+from scheduler.plan import code_legend
 from scheduler.planner import Result, strategies
 from scheduler.profile import HardwareProfile
 from scheduler.workload import Workload
@@ -62,9 +63,9 @@ def text(workload: Workload, profile: HardwareProfile, res: Result, rows: list[d
         detail = ", ".join(f"{k} {format_bytes(v)}" for k, v in terms.items() if v)
         out.append(f"  {tier:6s} {format_bytes(p.memory_bytes[tier]):>10s} / {format_bytes(cap[tier]):>10s}"
                    f"   ({detail})")
-    out.append(f"placement (params/state/update; D device, H host, N nvme; c cpu, d device update), "
-               f"prefetch depth {res.plan.prefetch_depth}:")
+    out.append(f"placement, unit by unit in order (prefetch depth {res.plan.prefetch_depth}):")
     out.append(f"  {res.plan.compact()}")
+    out += ["  " + line for line in placement_legend()]
     t = p.traffic
     out.append(f"bytes per iteration: h2d {format_bytes(t.h2d_bytes)}, d2h {format_bytes(t.d2h_bytes)}, disk read "
                f"{format_bytes(t.disk_read_bytes)}, disk write {format_bytes(t.disk_write_bytes)}; updates: cpu "
@@ -81,6 +82,16 @@ def text(workload: Workload, profile: HardwareProfile, res: Result, rows: list[d
         out.append(f"  {r['strategy']:16s} {'yes' if r['fits'] else 'no':>5s} {_s(r['iteration_s']):>11s} "
                    f"{r['tokens_per_s']:10,.0f} {r['tflops']:8.2f}  {r['bottleneck']}{note}")
     return "\n".join(out)
+
+
+def placement_legend() -> list[str]:
+    """The legend under the placement picture (:meth:`scheduler.plan.Plan.compact`): every symbol it can hold."""
+    letters = code_legend()
+    tiers = ", ".join(f"{k} {v}" for k, v in letters.items() if k.isupper())
+    sites = ", ".join(f"{k} {v}" for k, v in letters.items() if k.islower())
+    return ["legend: XYz xN = N units in a row with params on X, optimizer state on Y, update on z; | separates "
+            "runs",
+            f"        X, Y: {tiers}; z: {sites} (grads wait where the update runs)"]
 
 
 def chrome_trace(p: Prediction) -> dict:

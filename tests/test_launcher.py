@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from storage import format_bytes
+
 ROOT = Path(__file__).resolve().parent.parent
 OFFLOAD = [sys.executable, "-m", "offload.cli"]
 pytestmark = pytest.mark.slow  # every test here starts other processes
@@ -127,13 +129,48 @@ def test_demo_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
 
 def test_run_nproc_2_each_rank_its_own_store(tmp_path):
     """`offload run --nproc 2` starts two ranks through torchrun; each keeps its shard of the state in its own
-    directory under the configured one, and rank 0's report is printed at the end."""
-    store = tmp_path / "store"
+    directory under the configured one. The report printed at the end sums the ranks' bytes (each rank's own
+    beside the sum), and names only the files this run wrote: a stale trace.json is removed, not named."""
+    store, rep = tmp_path / "store", tmp_path / "rep"
     store.mkdir()
-    out = run(["run", "--nproc", "2", "--set", "state_tier=nvme", "--set", f"nvme_dirs={store}", "--report",
-               str(tmp_path / "rep"), str(ROOT / "examples" / "finetune_ddp.py"), "--steps", "2"], cwd=tmp_path)
+    rep.mkdir()
+    (rep / "trace.json").write_text("{}")  # an earlier run's
+    # Small subgroups, so that each rank's state streams through the store every step.
+    out = run(["run", "--nproc", "2", "--set", "state_tier=nvme", "--set", f"nvme_dirs={store}", "--set",
+               "subgroup_numel=65536", "--report", str(rep), str(ROOT / "examples" / "finetune_ddp.py"), "--steps",
+               "2"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "rank 0: owns" in out.stdout and "rank 1: owns" in out.stdout
     assert sorted(p.name for p in store.iterdir()) == ["rank0", "rank1"]
     assert all(any((store / r).iterdir()) for r in ("rank0", "rank1"))
-    assert "== finetune_ddp.py: 2 steps ==" in out.stderr
+    assert "== finetune_ddp.py: 2 steps, 2 ranks ==" in out.stderr
+    m = json.loads((rep / "report.json").read_text())
+    ranks = [json.loads((rep / f"report.rank{r}.json").read_text()) for r in range(2)]
+    for key in ("bytes_moved", "held_bytes"):
+        assert m[key] == {k: ranks[0][key][k] + ranks[1][key][k] for k in m[key]}, key
+    assert all(r["bytes_moved"]["disk_read"] > 0 and r["bytes_moved"]["disk_write"] > 0 for r in ranks)
+    assert all(r["held_bytes"]["nvme"] > 0 for r in ranks)
+    assert f"disk write {format_bytes(m['bytes_moved']['disk_write'])}" in out.stderr
+    assert not (rep / "trace.json").exists()  # no wrapped model: no timeline to trace
+    assert f"report: {rep}/ (report.txt, report.json, report.rank0.json, report.rank1.json)" in out.stderr
+
+
+def test_run_resumed_script_counts_from_its_checkpoint(tmp_path):
+    """A script resumed at step 2 of 4 under `offload run`: its progress line shows 3/4 and 4/4, its report says
+    which steps ran, metrics.jsonl has a line for each as it ran, and the files named are the ones written."""
+    ck, rep = tmp_path / "ck", tmp_path / "rep"
+    script = [str(ROOT / "examples" / "finetune_gpt.py"), "--batch", "2", "--seq", "32", "--checkpoint", str(ck)]
+    first = run(["run", "--report", str(rep), *script, "--steps", "2", "--save-every", "2"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads((ck / "manifest.json").read_text())["step"] == 2
+    out = run(["run", "--report", str(rep), *script, "--steps", "4", "--resume"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    drawn = [line.split(" | ")[0] for line in out.stderr.splitlines() if line.startswith("step ") and " | " in line]
+    assert drawn[0] == "step 3/4" and drawn[-1] == "step 4/4", drawn  # steps between are drawn at most twice a second
+    assert "== finetune_gpt: 2 steps (3-4 of 4, resumed at step 2)" in out.stderr
+    rep_json = json.loads((rep / "report.json").read_text())
+    assert (rep_json["steps"], rep_json["start_step"], rep_json["total_steps"]) == (2, 2, 4)
+    lines = [json.loads(x) for x in (rep / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [3, 4] and [x["loss"] for x in lines] == rep_json["losses"]
+    assert f"report: {rep}/ (report.txt, report.json, metrics.jsonl; trace.json for https://ui.perfetto.dev)" \
+        in out.stderr

@@ -191,3 +191,24 @@ def test_plan_json_runs_in_wrap(tmp_path, monkeypatch, capsys):
     runtime_of(model).close()
     with pytest.raises(ValueError, match=r"Plan.from_dict: expected Plan.to_dict\(\)'s form"):
         Plan.from_dict({"units": [{"params": "host"}]})
+
+
+def test_plan_picture_has_a_legend_naming_every_symbol(capsys):
+    """The placement picture (run-length codes) is followed by a legend; every symbol the picture uses is in it:
+    each letter with its meaning (tiers in upper case, update sites in lower case), the run length and the
+    separator. The 70B plan at batch 1 mixes every tier and both update sites, so every letter is used."""
+    assert main([*ARGS_70B[:2], "--batch", "1", *ARGS_70B[4:]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("placement, unit by unit"))
+    picture, legend = lines[at + 1].strip(), "\n".join(lines[at + 2:at + 4])
+    assert legend.lstrip().startswith("legend:")
+    runs = picture.split(" | ")
+    codes = [run.split(" x")[0] for run in runs]
+    assert all(len(c) == 3 and run.split(" x")[1].isdigit() for c, run in zip(codes, runs)), picture
+    used = {ch for c in codes for ch in c}
+    assert used == {"D", "H", "N", "c", "d"}, used
+    names = {"D": "device", "H": "host", "N": "nvme", "c": "cpu", "d": "device"}
+    for ch in used:
+        assert f"{ch} {names[ch]}" in legend, ch
+    assert "xN = N units in a row" in legend and "| separates runs" in legend
+    assert "params on X, optimizer state on Y, update on z" in legend
