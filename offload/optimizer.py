@@ -65,6 +65,10 @@ class ParamHome:
     def weights(self, param: torch.Tensor) -> torch.Tensor | None:
         raise NotImplementedError
 
+    def shape(self, param: torch.Tensor) -> tuple[int, ...]:
+        """The parameter's shape (a released param, or one built on meta, holds an empty tensor)."""
+        return tuple(param.shape)
+
     def grad(self, param: torch.Tensor) -> torch.Tensor | None:
         raise NotImplementedError
 
@@ -108,6 +112,32 @@ class PieceSpan(NamedTuple):
         return self.start == 0 and self.stop == math.prod(self.shape)
 
 
+def _cut(params: list[tuple[int, torch.Tensor, int, ParamHome]], target: int | None,
+         can_split: bool) -> list[list[_Piece]]:
+    """Pack ``params`` ((index, param, numel, home), in order) into pieces of subgroups of at most ``target``
+    elements (``None``: one subgroup); a larger param is cut on SPLIT_ALIGN boundaries when ``can_split``."""
+    if target is None:
+        return [[_Piece(p, idx, 0, n, home) for idx, p, n, home in params]]
+    packs, cur, cur_n = [], [], 0
+    for idx, p, n, home in params:
+        if n > target and can_split:
+            step = max(SPLIT_ALIGN, target // SPLIT_ALIGN * SPLIT_ALIGN)
+            for s in range(0, n, step):
+                if cur:
+                    packs.append(cur)
+                    cur, cur_n = [], 0
+                packs.append([_Piece(p, idx, s, min(step, n - s), home)])
+            continue
+        if cur and cur_n + n > target:
+            packs.append(cur)
+            cur, cur_n = [], 0
+        cur.append(_Piece(p, idx, 0, n, home))
+        cur_n += n
+    if cur:
+        packs.append(cur)
+    return packs
+
+
 class _Piece:
     """A whole parameter or a slice ``[start, start + numel)`` of its flattened elements."""
 
@@ -118,8 +148,8 @@ class _Piece:
         self.index = index  # the parameter's position across all param groups (the state_dict key)
         self.start = start
         self.numel = numel
-        self.whole = start == 0 and numel == param.numel()
-        self.param_shape = tuple(param.shape)  # recorded: the runtime empties released params
+        self.param_shape = tuple(param.shape) if home is None else home.shape(param)  # released params are empty
+        self.whole = start == 0 and numel == math.prod(self.param_shape)
         self.proxy = torch.empty(0)  # the inner optimizer's param; .data / .grad rebound for each update
         self.home = home
 
@@ -279,7 +309,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
         # a chunk leaves once the swap manager has given its buffer back). Under the overlapped update (one
         # unit per call) reads ahead and write-backs outlive a call: finish_unit_io settles them at the step's end.
         self._held: dict[int, _Subgroup] = {}
-        self._param_shapes = {p: tuple(p.shape) for g in self.param_groups for p in g["params"]}
+        self._param_shapes = {p: self._shape_of(p) for g in self.param_groups for p in g["params"]}
         self._subgroups: list[_Subgroup] = []
         self._setup_memory()
         self._frozen: list[torch.Tensor] = []
@@ -389,8 +419,8 @@ class OffloadOptimizer(torch.optim.Optimizer):
                 self._frozen.append(p)
         can_split = issubclass(self.optimizer_class, ELEMENTWISE)
         packs: list[list[_Piece]] = []
-        if self._runtime is not None:  # one subgroup per unit (within this group), in unit order
-            by_unit: dict[int, list[_Piece]] = {}
+        if self._runtime is not None:  # subgroups never span units (within this group), in unit order
+            by_unit: dict[int, list[tuple[int, torch.Tensor, int, ParamHome]]] = {}
             for idx, p in trainable:
                 owner = self._runtime.home_of(p)
                 if owner is None:
@@ -398,34 +428,23 @@ class OffloadOptimizer(torch.optim.Optimizer):
                                      f"{tuple(p.shape)} that is not a parameter of the wrapped model: build the "
                                      f"optimizer over model.parameters() of the model you pass to wrap")
                 unit, home = owner
-                by_unit.setdefault(unit, []).append(_Piece(p, idx, 0, p.numel(), home))
+                by_unit.setdefault(unit, []).append((idx, p, math.prod(home.shape(p)), home))
             trainable = []
-            packs = [by_unit[u] for u in sorted(by_unit)]
-            self._unit_of_pack = sorted(by_unit)
-        cur: list[_Piece] = []
-        cur_n = 0
+            self._unit_of_pack = []
+            for unit in sorted(by_unit):
+                placed = self._runtime.state_placement(unit)
+                # State streamed from the store is cut to subgroup_numel: the host holds `buffers` chunks of it
+                # at once. Elsewhere a unit's state is one subgroup (each cut would cost an optimizer call).
+                streamed = (placed[0] if placed is not None else cfg.state_tier) is Tier.NVME
+                cut = _cut(by_unit[unit], cfg.subgroup_numel if streamed else None, can_split)
+                packs += cut
+                self._unit_of_pack += [unit] * len(cut)
         target = cfg.subgroup_numel
         if cfg.state_tier is Tier.HOST and cfg.update_on == "cpu":
             # State that stays in host memory and is updated there moves nowhere: cutting it would only add inner
             # optimizer calls (~0.5 ms each here). One subgroup per group updates like the plain optimizer.
             target = max(target, sum(p.numel() for _, p in trainable))
-        for idx, p in trainable:
-            n = p.numel()
-            if n > target and can_split:
-                step = max(SPLIT_ALIGN, target // SPLIT_ALIGN * SPLIT_ALIGN)
-                for s in range(0, n, step):
-                    if cur:
-                        packs.append(cur)
-                        cur, cur_n = [], 0
-                    packs.append([_Piece(p, idx, s, min(step, n - s))])
-                continue
-            if cur and cur_n + n > target:
-                packs.append(cur)
-                cur, cur_n = [], 0
-            cur.append(_Piece(p, idx, 0, n))
-            cur_n += n
-        if cur:
-            packs.append(cur)
+        packs += _cut([(idx, p, p.numel(), None) for idx, p in trainable], target, can_split)
         flags = self._inner_flags(group)
         self._impl = self._impl_name(group, flags)
         start = len(self._subgroups)
@@ -476,6 +495,11 @@ class OffloadOptimizer(torch.optim.Optimizer):
                        for s in self._subgroups)
             cap = int(need * 2.2) + (64 << 20)
         return NvmeStore(list(cfg.nvme_dirs), cap, config=cfg.store, reset=True)
+
+    def _shape_of(self, p: torch.Tensor) -> tuple[int, ...]:
+        """``p``'s shape; a param the runtime owns may be empty (released, or built on meta): its recorded one."""
+        owner = self._runtime.home_of(p) if self._runtime is not None else None
+        return tuple(p.shape) if owner is None else owner[1].shape(p)
 
     def _probe_state_bytes(self) -> int:
         """Bytes of per-element state the optimizer class creates, from one step on a 64x64 parameter."""
@@ -795,14 +819,14 @@ class OffloadOptimizer(torch.optim.Optimizer):
         for sub in self._subgroups_of(unit):
             self._relocate(sub, tier, site, master_of)
 
-    def state_bytes_estimate(self, unit: int) -> tuple[int, Tier]:
-        """Bytes the state chunks of ``unit``'s subgroups will take once every piece has state (per-element state
-        the class creates, measured on a small parameter, plus fp32 masters), and their tier; what the runtime
-        counts before the first step has made any."""
+    def state_bytes_estimate(self, unit: int) -> tuple[list[int], Tier]:
+        """Bytes the state chunk of each of ``unit``'s subgroups will take once every piece has state (per-element
+        state the class creates, measured on a small parameter, plus fp32 masters), and their tier; what the
+        runtime counts before the first step has made any."""
         per = self._state_per_element()
         subs = self._subgroups_of(unit)
-        total = sum(s.numel * (per + (4 if s.has_master else 0)) + len(s.pieces) * SLOT_ALIGN * 4 for s in subs)
-        return total, (subs[0].tier if subs else Tier.HOST)
+        return ([s.numel * (per + (4 if s.has_master else 0)) + len(s.pieces) * SLOT_ALIGN * 4 for s in subs],
+                subs[0].tier if subs else Tier.HOST)
 
     def _state_per_element(self) -> int:
         """Bytes of state per parameter element (:meth:`_probe_state_bytes`, measured once)."""
@@ -1125,7 +1149,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
         filled, _ = fill_groups(self.optimizer_class, [group], {k: v for k, v in self.defaults.items()
                                                                       if k not in group})
         super().add_param_group(filled[0])
-        self._param_shapes.update({p: tuple(p.shape) for p in filled[0]["params"]})
+        self._param_shapes.update({p: self._shape_of(p) for p in filled[0]["params"]})
         self._build_subgroups(len(self.param_groups) - 1)
 
     def state_dict(self) -> dict:

@@ -183,6 +183,9 @@ class _Home(ParamHome):
     def on_device(self, param):
         return self.rt._owner[param][0].param_tier is Tier.DEVICE
 
+    def shape(self, param):
+        return self.rt.param_shape(param)
+
     def load_weights(self, param):
         return self.rt.param_value(param)
 
@@ -404,12 +407,12 @@ class OffloadRuntime:
         need["grads_in_flight"] = sum(nvme_grads) if all_grads else 2 * max(nvme_grads, default=0)
         stored = []
         for u in self.units:
-            nbytes, tier = self.optimizer.state_bytes_estimate(u.index)
+            chunks, tier = self.optimizer.state_bytes_estimate(u.index)
             tier = plan.units[u.index].state if plan else tier
             if tier is Tier.HOST:
-                need["state"] += r4k(nbytes)
-            elif tier is Tier.NVME and nbytes:
-                stored.append(r4k(nbytes))
+                need["state"] += sum(map(r4k, chunks))
+            elif tier is Tier.NVME:
+                stored += [r4k(n) for n in chunks if n]
         need["state_in_flight"] = (cfg.buffers + 1) * max(stored, default=0)
         return need
 
@@ -1148,7 +1151,8 @@ class OffloadRuntime:
         on_device = u.param_tier is Tier.DEVICE
         if on_device == (sub.site == "device"):
             return
-        nbytes = sum(u.padded_bytes(self._owner[pc.param][1]) for pc in sub.pieces)
+        nbytes = sum(u.padded_bytes(self._owner[pc.param][1]) if pc.whole else pc.numel * pc.param.dtype.itemsize
+                     for pc in sub.pieces)
         self.swap.count("params", "h2d" if on_device else "d2h", nbytes)
 
     def after_step(self) -> None:

@@ -35,7 +35,7 @@ def _on_meta(cfg, dtype=torch.float32):
 
 
 def _offload_config(tier, tmp_path, **kw):
-    (tmp_path / "store").mkdir(exist_ok=True)
+    (tmp_path / "store").mkdir(parents=True, exist_ok=True)
     return OffloadConfig(param_tier=tier, state_tier=tier, grad_tier=tier, nvme_dirs=str(tmp_path / "store"),
                          impl="as_given", **kw)
 
@@ -79,10 +79,29 @@ def test_streamed_load_trains_bit_identically_to_from_pretrained(tier, tied, tmp
     assert _differ(ref.state_dict(), model.state_dict()) == []
     assert all(torch.equal(b, dict(ref.named_buffers())[n]) for n, b in model.named_buffers())
     data = _batches(4)
-    losses_ref = _train(ref, torch.optim.AdamW(ref.parameters(), lr=1e-2), data)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    losses_ref = _train(ref, ref_opt, data)
     assert _train(model, opt, data) == losses_ref
     assert _differ(ref.state_dict(), model.state_dict()) == []
+    state, ref_state = opt.state_dict()["state"], ref_opt.state_dict()["state"]
+    assert set(state) == set(ref_state)
+    assert all(torch.equal(state[i][k], ref_state[i][k]) for i in ref_state for k in ("exp_avg", "exp_avg_sq"))
     runtime_of(model).close()
+
+
+def test_a_model_built_on_meta_is_sized_as_the_same_model_built_whole(tmp_path):
+    """The optimizer and the budgets see the recorded shapes of params built on meta (which hold empty
+    tensors): subgroups, host minimum and device state are those of the model built with its weights."""
+    cfg = _config()
+    whole = transformers.LlamaForCausalLM(cfg)
+    a, _ = wrap(whole, torch.optim.AdamW(whole.parameters(), lr=1e-2), _offload_config("nvme", tmp_path))
+    meta = _on_meta(cfg)
+    b, _ = wrap(meta, torch.optim.AdamW(meta.parameters(), lr=1e-2), _offload_config("nvme", tmp_path / "b"))
+    ra, rb = runtime_of(a), runtime_of(b)
+    assert rb.host_minimum() == ra.host_minimum() and ra.host_minimum()["state_in_flight"] > 0
+    assert [s.numel for s in rb.optimizer._subgroups] == [s.numel for s in ra.optimizer._subgroups]
+    ra.close()
+    rb.close()
 
 
 @pytest.mark.parametrize("tier", ["host", "nvme"])
