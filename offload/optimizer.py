@@ -1099,7 +1099,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
         comes here (:mod:`offload.clipping`). A step clips once: with ``OffloadConfig(max_grad_norm=...)`` the
         step does not clip again after this."""
         if self._runtime is not None and self._runtime.overlap_started():
-            if math.isinf(max_norm):  # a norm-only call: the HF Trainer logs the norm so even with max_grad_norm=0
+            if math.isinf(max_norm):  # a norm-only call (the HF Trainer's, to log it, when max_grad_norm=0)
                 raise RuntimeError("clip_grad_norm_(max_norm=inf), the grad norm alone: the overlapped update "
                                    "already consumed the grads during backward, so their norm is not known. Set "
                                    "OffloadConfig(overlap_update=False) (the HF Trainer asks for the norm at every "
