@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from offload import clipping
+from offload import clipping, trainer
 from offload.autoplan import from_config as replan_from_config
 from offload.config import OffloadConfig, config_from_env
 from offload.optimizer import OffloadOptimizer
@@ -39,7 +39,8 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, config: OffloadConf
       also forgets the offloaded grads; ``model.load_state_dict`` writes the offloaded params into their tiers
       unit by unit (and the optimizer's fp32 masters follow); ``model._offload_runtime`` holds the runtime
       (reach it with :func:`runtime_of`); on a peft model, ``merge_and_unload``, ``merge_adapter`` and ``unload``
-      raise (:func:`_refuse_peft_merges`);
+      raise (:func:`_refuse_peft_merges`); each HF ``PreTrainedModel`` in it gets a ``num_parameters`` that counts
+      the real sizes (the HF ``Trainer`` computes its FLOPs from it);
     - the optimizer: its state moves into the returned one; do not step the original;
     - with ``OffloadConfig(replan=True)``: a re-planner is attached (:func:`offload.autoplan.from_config`);
     - under ``offload run`` (``OFFLOAD_PRINT_PLAN`` set): the placement is printed to stderr on rank 0;
@@ -47,7 +48,9 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, config: OffloadConf
       (:func:`offload.report.report_at_exit`);
     - ``torch.nn.utils.clip_grad_norm_`` is replaced (once per process) by :func:`offload.clipping.clip_grad_norm_`,
       which clips a wrapped model's grads through its optimizer (they are not in ``param.grad``) and passes
-      every other call to torch's own function.
+      every other call to torch's own function; accelerate's ``Accelerator.clip_grad_norm_`` (the HF ``Trainer``'s)
+      likewise, and the step of any other optimizer holding the model's params (which would change nothing) raises
+      (:mod:`offload.trainer`).
 
     ``torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)`` and ``opt.clip_grad_norm_(max_norm)`` clip
     and return the true norm, between backward and the step; with the overlapped update on, the update has run
@@ -66,6 +69,7 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, config: OffloadConf
     model._offload_runtime = runtime
     clipping.install()
     clipping.register(runtime.optimizer)
+    trainer.install()
     orig_zero_grad = model.zero_grad
 
     def zero_grad(set_to_none: bool = True):
@@ -83,6 +87,7 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, config: OffloadConf
 
     model.load_state_dict = load_state_dict
     _refuse_peft_merges(model)
+    trainer.count_hf_parameters(model, runtime)
     if runtime.config.replan:  # re-plan from measured rates
         replan_from_config(model, runtime.config)
     if os.environ.get("OFFLOAD_PRINT_PLAN") and int(os.environ.get("RANK", "0")) == 0:  # under `offload run`

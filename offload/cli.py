@@ -241,11 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
                               "rtx4090-pcie4-gen4nvme --device-memory 24GiB --host-memory 128GiB --nvme 2TB\n"
                               "  offload plan gpt2 --batch 8 --seq 1024 --out plan/\n"
                               "  offload plan mypkg.models:build --batch 1 --seq 4096 --json\n"
+                              "  offload plan ./Llama-2-7b-hf --batch 1 --seq 4096   # a HF checkpoint directory\n"
                               "  offload plan gpt2 --batch 2 --seq 256 --measure   # predicted vs measured here\n"
                               "models: a preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, llama-7b, llama-13b, "
-                              "llama-70b, gpt3-175b), module:function, or a HF config.json",
+                              "llama-70b, gpt3-175b), module:function, or a HF checkpoint directory (its config.json "
+                              "gives the sizes and the dtype planned; nothing is allocated)",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="preset name, package.module:function, or path to a HF config.json")
+    p.add_argument("model", help="preset name, package.module:function, or a HF checkpoint directory (or the path "
+                                 "of its config.json)")
     p.add_argument("--batch", type=int, default=1, help="sequences per iteration (default 1)")
     p.add_argument("--seq", type=int, default=2048, help="tokens per sequence (default 2048)")
     p.add_argument("--profile", help="shipped profile name or JSON path (default: this machine's cached probe, "

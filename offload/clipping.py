@@ -2,8 +2,9 @@
 runtime's buffers, not in ``param.grad``, so torch's function alone would see none, return 0 and clip nothing.
 
 :func:`install` (called by :func:`offload.wrap`) puts :func:`clip_grad_norm_` in its place, under both names torch
-exports it by (``torch.nn.utils.clip_grad_norm_`` and ``torch.nn.utils.clip_grad.clip_grad_norm_``): the HF
-``Trainer``, accelerate and most loops look it up there when they call it. Params of a wrapped model are clipped
+exports it by (``torch.nn.utils.clip_grad_norm_`` and ``torch.nn.utils.clip_grad.clip_grad_norm_``): most loops
+look it up there when they call it (accelerate's ``Accelerator.clip_grad_norm_``, which the HF ``Trainer`` calls,
+does not: :mod:`offload.trainer` routes it here). Params of a wrapped model are clipped
 by their optimizer (the same global norm and arithmetic as torch's, so training stays bit-identical); any other
 call goes to torch's function unchanged. A reference taken before ``wrap`` (``from torch.nn.utils import
 clip_grad_norm_`` at import time) still points at torch's: call ``opt.clip_grad_norm_(max_norm)`` there.
@@ -28,6 +29,12 @@ _OPTIMIZERS: "weakref.WeakSet" = weakref.WeakSet()
 def register(optimizer) -> None:
     """Route ``clip_grad_norm_`` calls over the params of ``optimizer``'s wrapped model to it."""
     _OPTIMIZERS.add(optimizer)
+
+
+def owns_any(params: Iterable[torch.Tensor]) -> bool:
+    """Whether the grad of one of ``params`` is kept by a wrapped model's runtime (not in ``param.grad``)."""
+    opts = list(_OPTIMIZERS)
+    return bool(opts) and any(opt.owns_grad_of(p) for p in params for opt in opts)
 
 
 def clip_grad_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0,

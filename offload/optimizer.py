@@ -1123,9 +1123,16 @@ class OffloadOptimizer(torch.optim.Optimizer):
         comes here (:mod:`offload.clipping`). A step clips once: with ``OffloadConfig(max_grad_norm=...)`` the
         step does not clip again after this."""
         if self._runtime is not None and self._runtime.overlap_started():
+            if math.isinf(max_norm):  # a norm-only call (the HF Trainer's, to log it, when max_grad_norm=0)
+                raise RuntimeError("clip_grad_norm_(max_norm=inf), the grad norm alone: the overlapped update "
+                                   "already consumed the grads during backward, so their norm is not known. Set "
+                                   "OffloadConfig(overlap_update=False) (the HF Trainer asks for the norm at every "
+                                   "step, to log it)")
             raise RuntimeError("clip_grad_norm_: the overlapped update already started during backward, so clipping "
                                "now would come too late. Set OffloadConfig(max_grad_norm=...) instead: the runtime "
-                               "then clips before updating (and updates after backward)")
+                               "then clips before updating (and updates after backward); or, when the loop clips "
+                               "itself (the HF Trainer's max_grad_norm, 1.0 by default), "
+                               "OffloadConfig(overlap_update=False)")
         if self._scale is not None and self.unscale_():
             return torch.tensor(float("inf"))
         holders = []
@@ -1134,9 +1141,11 @@ class OffloadOptimizer(torch.optim.Optimizer):
             h.data = grad
             h.grad = grad
             holders.append(h)
-        # The step's own clip is replaced only by a clip over every param: clipping a few leaves it to the step.
-        self._clipped = params is None or {id(p) for p in params} >= {id(p) for g in self.param_groups
-                                                                       for p in g["params"]}
+        # The step's own clip is replaced only by a clip over every param: clipping a few leaves it to the step. A
+        # norm-only call (max_norm=inf; the HF Trainer's with max_grad_norm=0) clips nothing, so it replaces nothing.
+        if not math.isinf(max_norm):
+            self._clipped = self._clipped or params is None or {id(p) for p in params} >= {
+                id(p) for g in self.param_groups for p in g["params"]}
         return clipping.torch_clip_grad_norm_(holders, max_norm, norm_type, error_if_nonfinite, foreach)
 
     # -- optimizer protocol -----------------------------------------------------------------------------------------

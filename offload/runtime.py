@@ -1104,10 +1104,14 @@ class OffloadRuntime:
         return type(result)(missing, result.unexpected_keys)
 
     def _state_dict_hook(self, module, state_dict, prefix, local_metadata) -> None:
-        """``model.state_dict()`` gives the real weights, not the empty tensors released params hold."""
+        """``model.state_dict()`` gives the real weights, not the empty tensors released params hold; a param under
+        several names (tied embeddings) is one tensor under each, as plainly (savers such as HF's detect ties so)."""
+        values: dict[nn.Parameter, torch.Tensor] = {}
         for name, p in self.model.named_parameters(prefix=prefix.rstrip("."), remove_duplicate=False):
             if name in state_dict and p in self._owner:
-                state_dict[name] = self.param_value(p).detach().clone()
+                if p not in values:
+                    values[p] = self.param_value(p).detach().clone()
+                state_dict[name] = values[p]
 
     # -- the optimizer's side -----------------------------------------------------------------------------------
     def _before_update(self, sub) -> None:

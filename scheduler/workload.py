@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import json
 import os
 from typing import Any
@@ -455,7 +456,8 @@ def from_factory(spec: str, *, batch: int, seq: int, **kw) -> Workload:
 
 
 def shape_from_hf_config(cfg: dict) -> TransformerShape | None:
-    """The shape of a HF ``config.json`` for the families we know by heart (no transformers needed)."""
+    """The shape of a HF ``config.json`` for the families we know by heart (no transformers needed); ``None`` for
+    another family. A size the family needs and ``cfg`` lacks raises ``KeyError`` naming it."""
     mt = cfg.get("model_type")
     if mt == "gpt2":
         d = cfg["n_embd"]
@@ -471,13 +473,66 @@ def shape_from_hf_config(cfg: dict) -> TransformerShape | None:
     return None
 
 
-def from_hf_config(path: str, *, batch: int, seq: int, **kw) -> Workload:
-    """A HF ``config.json``: built on ``meta`` with transformers when it is installed, else from its shape."""
+HF_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+"""A HF config's ``dtype`` (``torch_dtype`` before transformers 5) -> the recipe of :func:`precision`."""
+
+HF_SIZES = ("hidden_size", "intermediate_size", "ffn_dim", "num_hidden_layers", "num_attention_heads", "vocab_size")
+"""The sizes a config.json must give when its config class takes them (under that class's own name, e.g. GPT-2's
+``n_embd`` for ``hidden_size``): transformers fills in a missing one with the class's default, another model."""
+
+
+def hf_config_path(model: str) -> str:
+    """``model``, a HF checkpoint directory or its ``config.json``, -> the config file, which must exist."""
+    path = os.path.join(model, "config.json") if os.path.isdir(model) else model
+    if not os.path.isfile(path):
+        what = f"a HF checkpoint directory with a config.json, got none at {path}" if os.path.isdir(model) else \
+            f"a HF config.json, got no file {path}"
+        raise ValueError(f"model {model!r}: expected {what} (transformers' save_pretrained writes it)")
+    return path
+
+
+def read_hf_config(path: str) -> dict:
+    """The dict of the config file ``path``, with the keys that size the model checked to be there."""
     try:
-        cfg = json.loads(open(path).read())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"model {path!r}: expected a readable HF config.json, got {e}") from None
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: expected a readable HF config.json, got {e}") from None
+    if not isinstance(cfg, dict) or not cfg.get("model_type"):
+        raise ValueError(f"{path}: expected a HF config.json with a model_type (transformers' save_pretrained "
+                         f"writes one), got {'no model_type' if isinstance(cfg, dict) else type(cfg).__name__}")
+    return cfg
+
+
+def hf_precision(cfg: dict, path: str) -> dict:
+    """The :func:`precision` fields for the dtype the checkpoint stores (``dtype``, or ``torch_dtype``); the
+    default mixed precision (bf16) when it names none."""
+    dtype = cfg.get("dtype") or cfg.get("torch_dtype")
+    if dtype is None:
+        return {}
+    if dtype not in HF_DTYPES:
+        raise ValueError(f"{path}: dtype {dtype!r}: expected one of {', '.join(HF_DTYPES)} (or none: bf16 mixed "
+                         f"precision is planned)")
+    return precision(HF_DTYPES[dtype])
+
+
+def _hf_unsized(cfg: dict, config) -> list[str]:
+    """The sizes (:data:`HF_SIZES`) ``config``'s class takes that ``cfg`` does not give."""
+    taken = inspect.signature(type(config).__init__).parameters
+    amap = getattr(config, "attribute_map", {}) or {}
+    return [amap.get(k, k) for k in HF_SIZES if amap.get(k, k) in taken and amap.get(k, k) not in cfg]
+
+
+def from_hf_config(model: str, *, batch: int, seq: int, **kw) -> Workload:
+    """A HF checkpoint directory or its ``config.json``: the model built on ``meta`` by transformers when it is
+    installed (nothing allocated), else from its shape (:func:`shape_from_hf_config`); planned in the dtype the
+    config names (:func:`hf_precision`; ``kw`` overrides). A missing file, a size the config lacks, or a model
+    transformers cannot build as a causal LM is a ``ValueError`` naming the file."""
+    path = hf_config_path(model)
+    cfg = read_hf_config(path)
+    kw = {**hf_precision(cfg, path), **kw}
     name = os.path.basename(os.path.dirname(os.path.abspath(path))) or path
+    mt = cfg["model_type"]
     try:
         import transformers  # optional: only this path needs it
     except ImportError:
@@ -485,24 +540,40 @@ def from_hf_config(path: str, *, batch: int, seq: int, **kw) -> Workload:
     if transformers is not None:
         import torch
 
-        config = transformers.AutoConfig.for_model(**cfg)
-        with torch.device("meta"):
-            model = transformers.AutoModelForCausalLM.from_config(config)
-        return from_module(model, batch=batch, seq=seq, name=name, **kw)
-    shape = shape_from_hf_config(cfg)
+        try:
+            config = transformers.AutoConfig.for_model(**cfg)
+        except (ValueError, KeyError) as e:  # its message lists every model type: too long to pass on
+            raise ValueError(f"{path}: model_type {mt!r} is not one transformers {transformers.__version__} knows "
+                             f"({type(e).__name__}); upgrade transformers, or name a model of a known type") from None
+        missing = _hf_unsized(cfg, config)
+        if missing:
+            raise ValueError(f"{path}: expected the sizes of the model, got no {', '.join(missing)} (transformers "
+                             f"would use {type(config).__name__}'s defaults, a different model)")
+        try:
+            with torch.device("meta"):
+                built = transformers.AutoModelForCausalLM.from_config(config)
+        except ValueError:
+            raise ValueError(f"{path}: model_type {mt!r} ({type(config).__name__}) is not a causal language model "
+                             f"transformers can build (AutoModelForCausalLM); offload plan sizes decoder-only "
+                             f"language models") from None
+        return from_module(built, batch=batch, seq=seq, name=name, **kw)
+    try:
+        shape = shape_from_hf_config(cfg)
+    except KeyError as e:
+        raise ValueError(f"{path}: expected the sizes of a {mt} model, got no {e.args[0]}") from None
     if shape is None:
-        raise ValueError(f"model {path!r}: model_type {cfg.get('model_type')!r} needs transformers to be read "
-                         f"(pip install transformers); without it we know gpt2, llama, mistral")
+        raise ValueError(f"{path}: model_type {mt!r} needs transformers to be read (pip install transformers); "
+                         f"without it we know gpt2, llama, mistral, qwen2")
     return from_shape(shape, batch=batch, seq=seq, name=name, **kw)
 
 
 def load(model: str, *, batch: int, seq: int, **kw) -> Workload:
-    """A preset name, a ``module:function`` factory, or a path to a HF config JSON."""
+    """A preset name, a ``module:function`` factory, or a HF checkpoint directory or config JSON path."""
     if model in PRESETS:
         return preset(model, batch=batch, seq=seq, **kw)
-    if model.endswith(".json") or os.path.isfile(model):
+    if model.endswith(".json") or os.path.isfile(model) or os.path.isdir(model):
         return from_hf_config(model, batch=batch, seq=seq, **kw)
     if ":" in model:
         return from_factory(model, batch=batch, seq=seq, **kw)
-    raise ValueError(f"model: expected a preset ({', '.join(sorted(PRESETS))}), 'module:function' or a HF config "
-                     f"JSON path, got {model!r}")
+    raise ValueError(f"model: expected a preset ({', '.join(sorted(PRESETS))}), 'module:function', or a HF "
+                     f"checkpoint directory or config.json path, got {model!r}")

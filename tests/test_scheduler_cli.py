@@ -107,6 +107,72 @@ def test_bad_input_errors(capsys):
     assert "expected a preset" in capsys.readouterr().err
 
 
+# -- `offload plan DIR`: a HF checkpoint directory, sized from its config.json ---------------------------------------
+def _tiny_llama_config(**over):
+    transformers = pytest.importorskip("transformers")
+    return transformers.LlamaConfig(**{"vocab_size": 96, "hidden_size": 32, "intermediate_size": 64,
+                                       "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                       "tie_word_embeddings": True, **over})
+
+
+PLAN_TINY = ["--seq", "32", "--profile", "cpu-dev-2core", "--json"]
+
+
+@pytest.mark.parametrize("dtype, recipe", [("float32", "fp32"), ("bfloat16", "bf16"), (None, "bf16")])
+def test_plan_a_hf_checkpoint_directory(dtype, recipe, tmp_path, capsys):
+    """Sized from config.json on the meta device, in the dtype it names (bf16 mixed precision when none): the
+    params are the model's own (tied embeddings once), one unit per decoder layer; its config.json path plans the
+    same."""
+    import torch
+    import transformers
+
+    cfg = _tiny_llama_config(**({"dtype": dtype} if dtype else {}))
+    cfg.save_pretrained(tmp_path / "tiny-llama")
+    assert main(["plan", str(tmp_path / "tiny-llama"), *PLAN_TINY]) == 0
+    out = json.loads(capsys.readouterr().out)
+    with torch.device("meta"):
+        numel = sum(p.numel() for p in transformers.LlamaForCausalLM(cfg).parameters())
+    w = out["workload"]
+    assert out["params"] == w["params"] == numel
+    assert w["name"] == "tiny-llama" and w["compute_dtype"] == recipe
+    assert [u["kind"] for u in w["units"]] == ["rest"] + ["block"] * 3
+    assert main(["plan", str(tmp_path / "tiny-llama" / "config.json"), *PLAN_TINY]) == 0
+    assert json.loads(capsys.readouterr().out)["workload"] == w
+
+
+def _write_config(d, cfg) -> str:
+    d.mkdir()
+    (d / "config.json").write_text(cfg if isinstance(cfg, str) else json.dumps(cfg))
+    return str(d / "config.json")
+
+
+LLAMA_SIZES = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "vocab_size": 96}
+
+
+@pytest.mark.parametrize("cfg, expected", [
+    (None, "expected a HF checkpoint directory with a config.json, got none at {d}/config.json"),
+    ("{not json", "{path}: expected a readable HF config.json"),
+    ({k: v for k, v in LLAMA_SIZES.items() if k != "model_type"}, "{path}: expected a HF config.json with a "
+                                                                    "model_type"),
+    ({k: v for k, v in LLAMA_SIZES.items() if k not in ("hidden_size", "vocab_size")},
+     "{path}: expected the sizes of the model, got no hidden_size, vocab_size (transformers would use LlamaConfig's "
+     "defaults"),
+    ({"model_type": "gpt2", "n_layer": 2, "n_head": 4, "vocab_size": 96}, "got no n_embd"),  # under GPT-2's names
+    ({**LLAMA_SIZES, "model_type": "no-such-type"}, "{path}: model_type 'no-such-type' is not one transformers"),
+    ({"model_type": "t5", "d_model": 32, "num_layers": 2, "num_heads": 4, "vocab_size": 96},
+     "{path}: model_type 't5' (T5Config) is not a causal language model"),
+    ({**LLAMA_SIZES, "dtype": "float64"}, "{path}: dtype 'float64': expected one of float32, bfloat16, float16"),
+], ids=["no-config", "bad-json", "no-model-type", "no-sizes", "gpt2-names", "unknown-type", "not-causal",
+        "bad-dtype"])
+def test_plan_a_hf_directory_it_cannot_size_says_why(cfg, expected, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    d = tmp_path / "ckpt"
+    path = _write_config(d, cfg) if cfg is not None else (d.mkdir() or str(d / "config.json"))
+    assert main(["plan", str(d), *PLAN_TINY]) == 2
+    assert expected.format(d=d, path=path) in capsys.readouterr().err
+
+
 # -- `offload plan --measure` runs the planner's own plan; `offload plan --json` feeds offload.wrap -------------------
 TINY = ("from scheduler.workload import TransformerShape, build_transformer\n"
         "SHAPE = TransformerShape(n_layer=3, d_model=36, n_head=4, d_ff=70, vocab=97, n_pos=16, bias=True, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import sys
 
 import pytest
 
@@ -91,3 +92,21 @@ def test_frozen_params_from_a_module():
     with pytest.raises(ValueError, match=r"UnitWork.trainable_numels of 'b': expected the trainable tensors"):
         workload.UnitWork(name="b", kind="block", params=10, trainable=4, tensor_numels=(4, 6), fwd_flops=0,
                           bwd_flops=0, act_bytes=0, work_bytes=0)
+
+
+def test_hf_directory_without_transformers(tmp_path, monkeypatch):
+    """Without transformers the families known by heart are sized from config.json alone: the same numbers, the
+    dtype it names, and a size it lacks named."""
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
+    cfg = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+           "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False,
+           "torch_dtype": "float32"}
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps(cfg))
+    w = workload.load(str(tmp_path / "llama"), batch=1, seq=128)
+    assert w.params == PRESETS["llama-7b"][1] and w.name == "llama"
+    assert (w.compute_dtype, w.param_bytes_per_param, w.state_bytes_per_param) == ("fp32", 4, 8)
+    del cfg["intermediate_size"]
+    (tmp_path / "llama" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="config.json: expected the sizes of a llama model, got no intermediate_size"):
+        workload.load(str(tmp_path / "llama"), batch=1, seq=128)
