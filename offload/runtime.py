@@ -233,7 +233,6 @@ class OffloadRuntime:
         # in whole or in part) have no weights yet: their chunks start at zero until weights are loaded
         # (offload.load_pretrained, model.load_state_dict). Compute runs where torch would put it.
         self._meta_born = {p for p in model.parameters() if p.is_meta}
-        self._from_meta = bool(self._meta_born)
         if real:
             self.device = next(iter(real))
         else:
@@ -249,7 +248,7 @@ class OffloadRuntime:
         for u in self.units:
             for k, p in enumerate(u.params):
                 self._owner[p] = (u, k)
-        if self._from_meta:
+        if self._meta_born:
             self._leave_meta()
         if plan is not None:
             self._check_plan(plan, "offload.wrap")
@@ -307,7 +306,7 @@ class OffloadRuntime:
         self._pending_plan: tuple[Plan, int] | None = None  # (plan, the iteration whose callback returned it)
         self._replan_record: dict | None = None  # what the last apply_plan did, for the next history record
         self._empty = {}
-        self._released_once = self._from_meta  # until then, params still hold their weights in param.data
+        self._released_once = bool(self._meta_born)  # until then, params still hold their weights in param.data
         self.grads_consumed = False
         """The last step consumed the grads kept on NVMe and no backward (or zero_grad) came since."""
         self.plan: Plan | None = plan
@@ -1036,15 +1035,14 @@ class OffloadRuntime:
     @torch.no_grad()
     def write_params(self, fill: Callable[[nn.Parameter, torch.Tensor], None],
                      params: Collection[nn.Parameter] | None = None, *, masters: bool = True,
-                     fill_unit: Callable[[Unit, dict[nn.Parameter, torch.Tensor]], None] | None = None,
-                     on_unit: Callable[[Unit], None] | None = None) -> None:
+                     fill_unit: Callable[[Unit, dict[nn.Parameter, torch.Tensor]], None] | None = None) -> None:
         """Set the weights of ``params`` (default: all the runtime owns) unit by unit: ``fill(param, out)`` writes
         a param's weights into ``out``, its place in the unit's host copy; a unit's other params keep theirs.
         A unit on the device is released first (its next fetch reads the new weights); a unit on the store is
         written back while the next one is filled. ``masters``: the optimizer's fp32 masters follow the new
         weights (a plain optimizer steps the params themselves). ``fill_unit(u, views)``: after the unit's
         ``fill`` calls, with every param's place (``{param: out}``), for what needs the unit whole (an
-        initializer that sets several params at once). ``on_unit(u)``: after each unit is filled."""
+        initializer that sets several params at once)."""
         self.check_between_steps("write weights")
         chosen = None if params is None else set(params)
         issued = []
@@ -1065,8 +1063,6 @@ class OffloadRuntime:
                                                                                               self._owner[p][1]))
                 if u.weights is not None and u.weights.home is Tier.NVME:
                     issued.append(u.weights)
-                if on_unit is not None:
-                    on_unit(u)
         finally:
             for c in issued:
                 self.swap.settle(c)
@@ -1379,7 +1375,8 @@ def materialize_meta_buffers(model: nn.Module, device: torch.device) -> None:
     """Give the model's meta buffers memory on ``device`` and their values. No checkpoint holds a buffer computed
     in ``__init__`` (a rotary embedding's ``inv_freq``), so a model built under ``torch.device("meta")`` needs
     them recomputed: a transformers model's own ``_init_weights`` does it for a module without params (what
-    ``from_pretrained`` does too). Anything else is refused, naming the buffers and the way to build the model."""
+    ``from_pretrained`` does too). Anything else, and a buffer the initializer leaves unset, is refused, naming
+    the buffers and the way to build the model."""
     init = getattr(model, "_init_weights", None)
     left = []
     for name, module in model.named_modules():
@@ -1389,12 +1386,15 @@ def materialize_meta_buffers(model: nn.Module, device: torch.device) -> None:
         if init is None or next(module.parameters(recurse=False), None) is not None:
             left += [f"{name}.{n}" if name else n for n in mine]
             continue
-        for n in mine:
+        if not all(module._buffers[n].is_floating_point() for n in mine):
+            left += [f"{name}.{n}" if name else n for n in mine]
+            continue
+        for n in mine:  # NaN until computed: what the initializer leaves alone is found below
             b = module._buffers[n]
-            module._buffers[n] = torch.empty(b.shape, dtype=b.dtype, device=device)
+            module._buffers[n] = torch.full(b.shape, float("nan"), dtype=b.dtype, device=device)
         with torch.no_grad():
             init(module)
-        left += [f"{name}.{n}" if name else n for n in mine if module._buffers[n].is_meta]
+        left += [f"{name}.{n}" if name else n for n in mine if module._buffers[n].isnan().any()]
     if left:
         raise ValueError(f"offload.wrap: the model's buffers {', '.join(left[:3])}{', ...' if len(left) > 3 else ''} "
                          f"are on the meta device and nothing here can compute them (a buffer made in __init__ is in "

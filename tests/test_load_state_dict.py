@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from helpers import TINY_GPT, gpt, lm_loss, token_batches
 from offload import OffloadConfig, wrap
@@ -102,3 +103,22 @@ def test_a_model_whose_buffers_are_on_meta_is_refused():
     m.register_buffer("inv_freq", torch.ones(4, device="meta"))
     with pytest.raises(ValueError, match=r"buffers inv_freq are on the meta device.*init_empty_weights"):
         wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2), OffloadConfig(param_tier="host"))
+
+
+def test_a_meta_buffer_the_models_initializer_leaves_unset_is_refused():
+    """A buffer built on meta is recomputed by the model's own ``_init_weights`` (transformers' way); one that the
+    initializer does not set would hold garbage, so it is named instead."""
+    m = build_transformer(TINY_GPT, device="meta")
+    table = nn.Module()
+    table.register_buffer("freqs", torch.ones(4, device="meta"), persistent=False)
+    m.table = table
+    m._init_weights = lambda module: None  # knows nothing of `table`
+    with pytest.raises(ValueError, match=r"buffers table\.freqs are on the meta device"):
+        wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2), OffloadConfig(param_tier="host"))
+    m2 = build_transformer(TINY_GPT, device="meta")
+    m2.table = nn.Module()
+    m2.table.register_buffer("freqs", torch.ones(4, device="meta"), persistent=False)
+    m2._init_weights = lambda module: module.freqs.copy_(torch.arange(4.0)) if module is m2.table else None
+    model, _ = wrap(m2, torch.optim.AdamW(m2.parameters(), lr=1e-2), OffloadConfig(param_tier="host"))
+    assert torch.equal(model.table.freqs, torch.arange(4.0))
+    runtime_of(model).close()
