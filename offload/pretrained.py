@@ -23,7 +23,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -54,6 +54,7 @@ class SafetensorsCheckpoint:
         from safetensors import safe_open  # a runtime dependency; imported here so `import offload` stays light
 
         path = Path(path)
+        self._index: dict[str, str] | None = None  # key -> file name, from the index of a sharded checkpoint
         if path.is_dir():
             index, single = path / SAFE_INDEX, path / SAFE_WEIGHTS
             if index.exists():
@@ -97,8 +98,6 @@ class SafetensorsCheckpoint:
                 where = f"it is in {self.specs[k][2].name}" if k in self.specs else "it is in none of them"
                 raise CheckpointError(f"{path / SAFE_INDEX} puts {k} in {self._index[k]}, but {where} "
                                       f"({len(wrong)} such key(s)): the index does not match its shards")
-
-    _index: dict[str, str] | None = None
 
     def _files_of_index(self, index: Path) -> list[Path]:
         try:
@@ -293,9 +292,8 @@ def _load(rt: OffloadRuntime, model: nn.Module, ckpt: SafetensorsCheckpoint, *, 
             keys[p] = key
             continue
         missing.append(ns[0])
-        born_meta = p in rt._owner and rt.meta_born(p) or p.is_meta
         is_adapter = bool(adapters) and p.requires_grad and any(f".{a}." in ns[0] for a in adapters)
-        if born_meta:
+        if rt.meta_born(p):  # no weights anywhere: its module's initializer sets them
             to_init.append(ns[0])
         if strict and not is_adapter:
             errors.append(f"missing: {ns[0]} (no key {ns[0]!r} in {ckpt.path})")
@@ -324,11 +322,18 @@ def _load(rt: OffloadRuntime, model: nn.Module, ckpt: SafetensorsCheckpoint, *, 
             errors.append(f"dtype: {key} in {f.name} is {cdtype}, the model's {what} is {dtype}")
 
     for p, key in keys.items():
-        shape = rt.param_shape(p) if p in rt._owner else tuple(p.shape)
-        check(key, shape, p.dtype, names[p][0])
+        check(key, rt.param_shape(p), p.dtype, names[p][0])
     for bname, key in buffer_keys.items():
         m, b = persistent[bname]
         check(key, tuple(m._buffers[b].shape), m._buffers[b].dtype, f"buffer {bname}")
+    inits: dict[nn.Parameter, tuple[nn.Module, Callable | None]] = {}
+    for p, ns in names.items():
+        if ns[0] in to_init:
+            inits[p] = _initializer(model, modules, ns[0])
+            if inits[p][1] is None:
+                errors.append(f"no initializer: {ns[0]} is not in {ckpt.path}, was built on meta (no weights), and "
+                              f"its module {type(inits[p][0]).__name__} has none: load a checkpoint that has it, or "
+                              f"build that module off meta")
     if errors:
         hints = []
         if any(e.startswith("dtype:") for e in errors):
@@ -339,14 +344,9 @@ def _load(rt: OffloadRuntime, model: nn.Module, ckpt: SafetensorsCheckpoint, *, 
         shown = errors[:12] + ([f"... and {len(errors) - 12} more"] if len(errors) > 12 else [])
         raise CheckpointError(f"{ckpt.path} does not fit {type(model).__name__} ({len(errors)} problem(s)):\n  "
                               + "\n  ".join(shown) + "".join(f"\nfix: {h}" for h in hints))
-    unowned = [p for p in keys if p not in rt._owner]
-    if unowned:
-        raise CheckpointError(f"{names[unowned[0]][0]} is not in any of the runtime's units; offload.wrap owns "
-                              f"every param of the model it wrapped (was a param added after wrap?)")
 
     meter = _Progress(f"loading {ckpt.path}", ckpt.nbytes(), progress)
     read = [0]
-    init_params = {p for p, ns in names.items() if ns[0] in to_init and p in rt._owner}
 
     def fill(p: nn.Parameter, out: torch.Tensor) -> None:
         if p not in keys:
@@ -355,21 +355,16 @@ def _load(rt: OffloadRuntime, model: nn.Module, ckpt: SafetensorsCheckpoint, *, 
         meter.update(read[0])
 
     def fill_unit(u, views: dict[nn.Parameter, torch.Tensor]) -> None:
-        mine = [p for p in u.params if p in init_params]
+        mine = [p for p in u.params if p in inits]
         if not mine:
             return
         with _standing_in(mine, views):
             done = set()
             for p in mine:
-                owner, init = _initializer(model, modules, names[p][0])
-                if id(owner) in done:
-                    continue
-                if init is None:
-                    raise CheckpointError(f"{names[p][0]}: not in {ckpt.path}, built on meta (no weights), and its "
-                                          f"module {type(owner).__name__} has no initializer: load a checkpoint "
-                                          f"that has it, or build that module off meta")
-                done.add(id(owner))
-                init()
+                owner, init = inits[p]
+                if id(owner) not in done:  # an initializer sets all of its module's params at once
+                    done.add(id(owner))
+                    init()
 
     with torch.no_grad():
         for bname, key in buffer_keys.items():
@@ -377,7 +372,7 @@ def _load(rt: OffloadRuntime, model: nn.Module, ckpt: SafetensorsCheckpoint, *, 
             t = ckpt.read(key)
             m._buffers[b].copy_(t)
             read[0] += t.numel() * t.element_size()
-    rt.write_params(fill, set(keys) | init_params, fill_unit=fill_unit)
+    rt.write_params(fill, set(keys) | set(inits), fill_unit=fill_unit)
     seconds = time.perf_counter() - t0
     meter.done(read[0], seconds)
     return LoadResult(loaded=sorted(used), missing=missing, initialized=to_init, unexpected=unexpected,
@@ -442,6 +437,10 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, max_shard_size
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     adapters = _peft_adapter_names(model)
+    if len(adapters) > 1:
+        raise NotImplementedError(f"offload.save_pretrained: the peft model has adapters {sorted(adapters)}; peft's "
+                                  f"file holds one (its tensors are named without the adapter): delete the others "
+                                  f"(model.delete_adapter(name)) before saving")
     entries = _export_entries(model, rt, adapters)  # (name, param or buffer, nbytes), in the model's order
     if not entries:
         raise ValueError("offload.save_pretrained: the model has nothing to write (no params or persistent buffers "
@@ -522,11 +521,9 @@ def _export_values(rt: OffloadRuntime, wanted: set[nn.Parameter]) -> Iterator[to
 def _write_configs(model: nn.Module, path: Path, adapters: set[str]) -> list[Path]:
     written = []
     if adapters:
-        for name, cfg in model.peft_config.items():
-            cfg.save_pretrained(str(path))
-            written.append(path / "adapter_config.json")
-            break
-        return written
+        (cfg,) = model.peft_config.values()
+        cfg.save_pretrained(str(path))
+        return [path / "adapter_config.json"]
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "save_pretrained"):
         config.save_pretrained(str(path))
