@@ -51,3 +51,22 @@ def lm_loss(model: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
 
 def model_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+class TextbookMixedPrecision:
+    """The textbook mixed-precision loop a bf16 model under offload must equal bit for bit: an fp32 master copy of
+    each param updated by ``optimizer_class``, grads cast up to it, the new weights cast down into the model."""
+
+    def __init__(self, model: torch.nn.Module, optimizer_class=torch.optim.AdamW, **hp):
+        self.model = model
+        self.masters = [p.detach().float().clone().requires_grad_(True) for p in model.parameters()]
+        self.opt = optimizer_class(self.masters, **hp)
+
+    def step(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        for mp, p in zip(self.masters, self.model.parameters()):
+            mp.grad, p.grad = p.grad.float(), None
+        self.opt.step()
+        with torch.no_grad():
+            for mp, p in zip(self.masters, self.model.parameters()):
+                p.copy_(mp)

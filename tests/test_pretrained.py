@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from helpers import TextbookMixedPrecision
 
 from offload import CheckpointError, OffloadConfig, load_pretrained, runtime_of, save_pretrained, wrap
 
@@ -115,16 +116,9 @@ def test_bf16_checkpoint_loads_into_bf16_params_with_fp32_masters(tier, tmp_path
     model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=3e-3), _offload_config(tier, tmp_path))
     load_pretrained(model, ckpt, progress=False)
     assert all(v.dtype == torch.bfloat16 for v in model.state_dict().values() if v.is_floating_point())
-    masters = [p.detach().float().clone().requires_grad_(True) for p in ref.parameters()]
-    ref_opt = torch.optim.AdamW(masters, lr=3e-3)
+    textbook = TextbookMixedPrecision(ref, lr=3e-3)
     for x in _batches(3):
-        ref(input_ids=x, labels=x).loss.backward()
-        for mp, p in zip(masters, ref.parameters()):
-            mp.grad, p.grad = p.grad.float(), None
-        ref_opt.step()
-        with torch.no_grad():
-            for mp, p in zip(masters, ref.parameters()):
-                p.copy_(mp)
+        textbook.step(ref(input_ids=x, labels=x).loss)
         model(input_ids=x, labels=x).loss.backward()
         opt.step()
         opt.zero_grad()

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from helpers import TINY_GPT, gpt, lm_loss, model_bytes, token_batches
+from helpers import TINY_GPT, TextbookMixedPrecision, gpt, lm_loss, model_bytes, token_batches
 from offload import OffloadConfig, wrap
 from offload.runtime import runtime_of
 from offload.swap import ChunkState
@@ -297,19 +297,12 @@ def test_bf16_params_with_fp32_masters(tier, tmp_path):
     """A bf16 model under wrap: fp32 masters and state off the device, grads cast up as they leave it. Equals
     the textbook mixed-precision loop (fp32 master copy, grads cast up, update, cast down) bit for bit."""
     ref, m = gpt().bfloat16(), gpt().bfloat16()
-    masters = [p.detach().float().clone().requires_grad_(True) for p in ref.parameters()]
-    ref_opt = torch.optim.AdamW(masters, lr=3e-3)
+    textbook = TextbookMixedPrecision(ref, lr=3e-3)
     model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=3e-3),
                       OffloadConfig(param_tier=tier, state_tier=tier, grad_tier=tier, nvme_dirs=str(tmp_path),
                                     impl="as_given", device_budget_bytes=model_bytes(m) // 2))
     for idx in batches(4):
-        lm_loss(ref, idx).backward()
-        for mp, p in zip(masters, ref.parameters()):
-            mp.grad, p.grad = p.grad.float(), None
-        ref_opt.step()
-        with torch.no_grad():
-            for mp, p in zip(masters, ref.parameters()):
-                p.copy_(mp)
+        textbook.step(lm_loss(ref, idx))
         lm_loss(model, idx).backward()
         opt.step()
         opt.zero_grad()
