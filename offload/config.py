@@ -90,7 +90,9 @@ class OffloadConfig:
     a larger tensor is cut into pieces (on 1024-element boundaries, which keeps fused kernels bit-exact) when the
     optimizer is elementwise, or kept whole otherwise. Larger subgroups mean fewer, bigger transfers but bigger
     host buffers (``buffers x`` state bytes of one subgroup). Host-resident state updated on the CPU is not cut
-    (one subgroup per param group): it moves nowhere, and each cut costs an optimizer call."""
+    (one subgroup per param group): it moves nowhere, and each cut costs an optimizer call. Under
+    ``offload.wrap`` a subgroup never spans units: state on NVMe is cut to this size within each unit, state
+    elsewhere is one subgroup per unit."""
     buffers: int = 4
     """Host buffers the NVMe pipeline cycles through (one updating, the rest reading ahead or writing back).
     Bounded further by the host budget."""
