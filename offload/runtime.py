@@ -59,7 +59,7 @@ from offload.timeline import Timeline
 from scheduler.planner import Plan, UnitPlacement
 from storage import HostPool, NvmeStore, Tier, TierBudget, TierFullError, format_bytes
 from storage import faults
-from storage.memory import available_host_bytes
+from storage.memory import available_host_bytes, give_large_frees_back
 
 PARAM_ALIGN = 64  # byte alignment of each parameter inside a unit's flat buffer
 
@@ -130,6 +130,10 @@ class Unit:
 
     def __repr__(self) -> str:
         return f"Unit({self.name}, {len(self.params)} params, {format_bytes(self.nbytes)}, {self.state.value})"
+
+
+DEFAULT_GRAD_BUFFERS = 2
+"""Units' worth of grads that may wait on the device to be moved off, without a plan (a plan's ``grad_buffers``)."""
 
 
 def default_units(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
@@ -240,6 +244,7 @@ class OffloadRuntime:
                 else torch.device("cpu")
         if any(b.is_meta for b in model.buffers()):
             materialize_meta_buffers(model, self.device)
+        give_large_frees_back()  # what a step frees goes back to the system, so the budgets bound the process
         self.timeline = Timeline()
         self._counters = {"fetches": 0, "fetch_wait_s": 0.0, "replans": 0, "replan_h2d_bytes": 0,
                           "replan_d2h_bytes": 0, "replan_disk_read_bytes": 0, "replan_disk_write_bytes": 0}
@@ -274,6 +279,10 @@ class OffloadRuntime:
         # One thread moves grads off the device as they complete (the d2h resource), in order.
         self._grad_pool = _Lane("offload-grads", "handoff.grad")
         self._grad_futures: list[concurrent.futures.Future] = []
+        # Device grads handed to the grad thread and not yet moved off (future, bytes), oldest first: backward
+        # waits for the oldest once they pass the plan's grad_buffers largest units (what the cost model counts
+        # on the device), instead of piling up there while the grad thread waits for the updates.
+        self._grads_on_device: collections.deque[tuple[concurrent.futures.Future, int]] = collections.deque()
         self.overlap = config.overlap_update and config.max_grad_norm is None and config.loss_scale is None
         self._backwards = 0  # backward passes since the last step
         self._overlapping = False  # this backward runs the updates
@@ -809,13 +818,33 @@ class OffloadRuntime:
             # The grad is being written on the compute stream; the grad thread's copy must wait for that.
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(g.device))
-        self._grad_futures.append(self._grad_pool.submit(self._grad_work, u, k, g, event))
+        nbytes = g.numel() * g.element_size()
+        self._await_grads_on_device(nbytes)
+        future = self._grad_pool.submit(self._grad_work, u, k, g, event)
+        del g  # the grad thread holds the only reference: the memory is freed once it is moved
+        self._grad_futures.append(future)
+        self._grads_on_device.append((future, nbytes))
         u.pending -= 1
         if u.pending == 0:
             if u.index != 0 and u.inputs_pending == 0:
                 self._release(u)  # its backward is done: the params are no longer needed on the device
             # Queued behind the unit's copies on the same (FIFO, single) thread, so it runs once all are done.
             self._grad_futures.append(self._grad_pool.submit(self._unit_grads_done, u))
+
+    def _await_grads_on_device(self, nbytes: int) -> None:
+        """On the compute thread, before handing over ``nbytes`` more of device grads: wait until those not yet
+        moved off leave room for them within ``grad_buffers`` times the largest unit's grads (one grad always
+        goes). The grad thread never waits for the compute thread, so this always ends."""
+        buffers = self.plan.grad_buffers if self.plan is not None else DEFAULT_GRAD_BUFFERS
+        limit = buffers * max(u.grad_nbytes for u in self.units)
+        queue = self._grads_on_device
+        while queue and queue[0][0].done():
+            queue.popleft()
+        held = sum(n for _, n in queue)
+        while queue and held + nbytes > limit:
+            future, n = queue.popleft()
+            concurrent.futures.wait([future])  # its failure is raised where every grad is collected (_drain_grads)
+            held -= n
 
     def _grad_work(self, u: Unit, k: int, g: torch.Tensor, event) -> None:
         nbytes = u.numels[k] * 4

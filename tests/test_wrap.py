@@ -489,3 +489,49 @@ def test_state_on_nvme_is_cut_into_subgroups_within_a_unit(overlap, tmp_path):
     for (k, a), b in zip(ref.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), k
     rt.close()
+
+
+def test_backward_waits_for_device_grads_beyond_grad_buffers_units(monkeypatch):
+    """Grads handed to the grad thread are device memory until it has moved them: backward waits once they pass
+    grad_buffers times the largest unit's grads (what the cost model counts on the device) instead of piling up
+    while the grad thread is held. The grad thread is gated until the compute thread waits, or until the grads
+    outstanding pass the bound (which the check then reports)."""
+    import concurrent.futures
+
+    from offload.runtime import DEFAULT_GRAD_BUFFERS
+
+    m = gpt()
+    model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2),
+                      OffloadConfig(param_tier="host", grad_tier="host", state_tier="host", overlap_update=False))
+    rt = runtime_of(model)
+    limit = DEFAULT_GRAD_BUFFERS * max(u.grad_nbytes for u in rt.units)
+    assert sum(u.grad_nbytes for u in rt.units) > limit  # backward would pass the bound without waiting
+    gate, lock, outstanding, seen = threading.Event(), threading.Lock(), [0], []
+    real_work, real_submit, real_wait = rt._grad_work, rt._grad_pool.submit, concurrent.futures.wait
+
+    def work(u, k, g, event):
+        gate.wait(GATE_S)
+        real_work(u, k, g, event)
+        with lock:
+            outstanding[0] -= g.numel() * g.element_size()
+
+    def submit(fn, *args):
+        if fn is work:
+            with lock:
+                outstanding[0] += args[2].numel() * args[2].element_size()
+                seen.append(outstanding[0])
+                if outstanding[0] > limit:
+                    gate.set()
+        return real_submit(fn, *args)
+
+    def wait(fs, *a, **kw):
+        if threading.current_thread() is threading.main_thread():
+            gate.set()  # the compute thread waits for the grad thread: let it go
+        return real_wait(fs, *a, **kw)
+
+    rt._grad_work, rt._grad_pool.submit = work, submit
+    monkeypatch.setattr(concurrent.futures, "wait", wait)
+    lm_loss(model, batches(1)[0]).backward()
+    opt.step()
+    assert gate.is_set() and seen and max(seen) <= limit, (max(seen), limit)
+    rt.close()
