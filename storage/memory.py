@@ -28,6 +28,32 @@ def aligned_empty(nbytes: int, *, pin: bool = False, align: int = ALIGN) -> torc
     return base[skip:skip + padded]
 
 
+MMAP_THRESHOLD = 1 << 20
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_mmap_threshold_set = False
+
+
+def give_large_frees_back() -> bool:
+    """Make glibc's malloc serve every allocation of ``MMAP_THRESHOLD`` (1 MiB) or more with a mapping of its own,
+    unmapped when freed (``mallopt(M_MMAP_THRESHOLD)``), once per process; returns whether it is set.
+
+    By default glibc raises that threshold to the size of each large block freed (up to 32 MiB), so the tensors
+    of a training step that come and go at a few MiB to 32 MiB (a block's weights and grads, the optimizer's
+    temporaries) are then carved from the heap, which fragments and is not given back: measured on a 0.52B Llama
+    under offload.wrap (CPU, device 600 MiB + host 960 MiB budgets), RSS after two steps was 3851 MiB, against
+    1680 MiB with the threshold fixed at 1 MiB (peak 4110 -> 2347 MiB; benchmarks/pretrained_check.py). A
+    threshold the user set (``MALLOC_MMAP_THRESHOLD_``) is left alone; elsewhere than glibc nothing changes."""
+    global _mmap_threshold_set
+    if _mmap_threshold_set or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return _mmap_threshold_set
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        _mmap_threshold_set = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):  # not glibc
+        pass
+    return _mmap_threshold_set
+
+
 HUGE_PAGE = 2 << 20
 
 

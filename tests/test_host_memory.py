@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import sys
 
 import psutil
 import pytest
@@ -72,3 +73,33 @@ def test_config_refuses_a_host_budget_above_the_cgroup_limit(machine):
     with pytest.raises(ConfigError, match=r"host_budget_bytes = \d+: more than the 8\.0 GiB of memory this process "
                                           r"may use .*cgroup limit.*lower it or leave it unset"):
         config_from_dict({"host_budget_bytes": 9 * GiB})
+
+
+_FREED_PROBE = """
+import sys, torch
+from storage.memory import give_large_frees_back
+def rss(): return int(open("/proc/self/statm").read().split()[1]) * 4096
+if sys.argv[1] == "fixed":
+    assert give_large_frees_back()
+t = torch.ones(20 << 20, dtype=torch.uint8); del t   # a large free: glibc's dynamic threshold rises to 20 MiB
+before = rss()
+t = torch.ones(8 << 20, dtype=torch.uint8); del t    # 8 MiB then comes from the heap, unless the threshold is fixed
+print(rss() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_freed_tensors_go_back_to_the_system_once_the_mmap_threshold_is_fixed():
+    """What give_large_frees_back (called by offload.wrap) is for: by default, after a large tensor is freed glibc
+    serves the next few-MiB tensors from the heap and keeps their memory when they are freed."""
+    import os
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    kept = {mode: int(subprocess.run([sys.executable, "-c", _FREED_PROBE, mode], env=env, capture_output=True,
+                                     text=True, check=True).stdout)
+            for mode in ("default", "fixed")}
+    if kept["default"] < 4 << 20:
+        pytest.skip(f"this malloc gives freed memory back by itself ({kept})")
+    assert kept["fixed"] < 1 << 20, kept
