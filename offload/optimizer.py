@@ -85,6 +85,11 @@ class ParamHome:
         """The weights of a parameter whose ``weights()`` is ``None``, read into a new tensor."""
         raise NotImplementedError
 
+    def loading(self) -> contextlib.AbstractContextManager:
+        """Around many :meth:`load_weights` calls in a row (params in the home's order): the home may keep what
+        it read for the next call (a whole unit read once, not once per param)."""
+        return contextlib.nullcontext()
+
     def on_device(self, param: torch.Tensor) -> bool:
         """Whether ``weights()`` is device memory (by tier: on a CPU-only machine device memory is CPU memory)."""
         return False
@@ -448,6 +453,13 @@ class OffloadOptimizer(torch.optim.Optimizer):
         flags = self._inner_flags(group)
         self._impl = self._impl_name(group, flags)
         start = len(self._subgroups)
+        with contextlib.ExitStack() as reading:  # seeding masters reads weights in order: each unit once
+            for home in {pc.home for pieces in packs for pc in pieces if pc.home is not None}:
+                reading.enter_context(home.loading())
+            self._make_subgroups(gi, group, packs, start, flags, cfg)
+
+    def _make_subgroups(self, gi: int, group: dict, packs: list[list[_Piece]], start: int, flags: dict,
+                        cfg) -> None:
         total = start + len(packs)
         for j, pieces in enumerate(packs):
             i = start + j

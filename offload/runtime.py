@@ -176,6 +176,7 @@ class _Home(ParamHome):
 
     def __init__(self, runtime: "OffloadRuntime"):
         self.rt = weakref.proxy(runtime)
+        self._read: dict[int, torch.Tensor] | None = None  # inside loading(): the last unit read, by index
 
     def weights(self, param):
         unit, k = self.rt._owner[param]
@@ -191,7 +192,20 @@ class _Home(ParamHome):
         return self.rt.param_shape(param)
 
     def load_weights(self, param):
-        return self.rt.param_value(param)
+        unit, k = self.rt._owner[param]
+        if self._read is None or unit.weights is None or not self.rt._released_once:
+            return self.rt.param_value(param)
+        if unit.index not in self._read:  # a unit's params come together: read it once for all of them
+            self._read = {unit.index: self.rt.swap.copy(unit.weights)}
+        return unit.view(self._read[unit.index], k)
+
+    @contextlib.contextmanager
+    def loading(self):
+        self._read = {}
+        try:
+            yield
+        finally:
+            self._read = None
 
     def grad(self, param):
         unit, k = self.rt._owner[param]

@@ -288,3 +288,15 @@ def test_peft_lora_on_a_meta_base_loads_the_base_and_starts_from_it(tmp_path):
     back_sd = back.state_dict()
     assert _differ(back_sd, after) == []
     runtime_of(model).close()
+
+
+def test_wrapping_on_meta_reads_each_unit_once_to_seed_the_masters(tmp_path):
+    """Params on NVMe keep fp32 masters in the optimizer's state, seeded at wrap from the weights in the store:
+    a unit cut into many subgroups is read once for all of them, not once per subgroup."""
+    m = _on_meta(_config())
+    model, _ = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2),
+                    _offload_config("nvme", tmp_path, subgroup_numel=2048))
+    rt = runtime_of(model)
+    assert max(len(rt.optimizer._subgroups_of(u.index)) for u in rt.units) > 4
+    assert 0 < rt.stats["disk_read_bytes"] <= sum(u.nbytes for u in rt.units)
+    rt.close()
