@@ -138,7 +138,7 @@ def train(args) -> None:
           f"{n_params * STATE_BYTES_PER_PARAM / 2**30:.2f} GiB"
           + (f" = {n_params * STATE_BYTES_PER_PARAM / limit:.2f}x the {limit / 2**30:.2f} GiB memory limit"
              if limit else " (no memory limit found: run under memlimit.sh)")
-          + f"; wrapped on meta in {time.perf_counter() - t0:.1f} s", flush=True)
+          + f"; wrapped on meta in {time.perf_counter() - t0:.1f} s (peak RSS {_peak_mib():.0f} MiB)", flush=True)
     files = sorted(ckpt.glob("*.safetensors"))
     _drop_cache(files)
     raw_bytes, raw_s = _raw_read(files)
