@@ -807,7 +807,9 @@ class OffloadOptimizer(torch.optim.Optimizer):
             masters = {s.piece: s for s in sub.slots if s.key == "master"}
             if not (sub.has_master and masters):
                 continue
-            with self._swap.use(sub.chunk, write=True) as mem:
+            # Before the first step the chunk holds masters only: every byte is rewritten, none need reading.
+            only_masters = len(masters) == len(sub.slots) == len(sub.pieces)
+            with self._swap.use(sub.chunk, write=True, load=not only_masters) as mem:
                 for pi, pc in enumerate(sub.pieces):
                     m = masters[pi].view(mem)
                     m.copy_(pc.of(weights_of(pc.param)).reshape(m.shape))

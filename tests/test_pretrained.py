@@ -300,3 +300,20 @@ def test_wrapping_on_meta_reads_each_unit_once_to_seed_the_masters(tmp_path):
     assert max(len(rt.optimizer._subgroups_of(u.index)) for u in rt.units) > 4
     assert 0 < rt.stats["disk_read_bytes"] <= sum(u.nbytes for u in rt.units)
     rt.close()
+
+
+def test_loading_before_the_first_step_writes_the_masters_without_reading_them(tmp_path):
+    """Before the first step an NVMe state chunk holds fp32 masters only, which the load rewrites whole: nothing of
+    the optimizer's is read back from the store, and the masters are the loaded weights (training matches)."""
+    cfg = _config()
+    ckpt = _checkpoint(tmp_path / "ckpt", cfg)
+    m = _on_meta(cfg)
+    model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2), _offload_config("nvme", tmp_path))
+    before = opt.stats["read_bytes"]
+    load_pretrained(model, ckpt, progress=False)
+    assert opt.stats["read_bytes"] == before and opt.stats["write_bytes"] > 0
+    ref = transformers.LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    data = _batches(2)
+    assert _train(model, opt, data) == _train(ref, torch.optim.AdamW(ref.parameters(), lr=1e-2), data)
+    assert _differ(ref.state_dict(), model.state_dict()) == []
+    runtime_of(model).close()
