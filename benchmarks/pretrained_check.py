@@ -119,6 +119,7 @@ def train(args) -> None:
     store = d / f"store-{args.mode}"
     store.mkdir(parents=True, exist_ok=True)
     limit = _limit_bytes()
+    torch.manual_seed(0)  # peft draws the adapters' A at random
     config = transformers.AutoConfig.from_pretrained(ckpt)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
