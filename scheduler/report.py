@@ -49,12 +49,17 @@ def to_dict(workload: Workload, profile: HardwareProfile, res: Result, rows: lis
             "bound_by": p.bound_by, "strategies": rows, "workload": workload.to_dict()}
 
 
+def _count(n: int) -> str:
+    """``70e9`` -> ``'70.00 B'``, ``124e6`` -> ``'124.4 M'``, ``164e3`` -> ``'164.2 K'``."""
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n / 1e3:.1f} K"
+
+
 def text(workload: Workload, profile: HardwareProfile, res: Result, rows: list[dict]) -> str:
     p, cm = res.prediction, CostModel(workload, profile)
     cap = cm.capacity()
     trained = f" ({workload.trainable:,} trainable, {workload.trainable / workload.params:.2%}: grads and state " \
               f"for those only)" if workload.trainable < workload.params else ""
-    out = [f"model {workload.name}: {workload.params / 1e9:.2f} B params{trained} in {len(workload.units)} units, "
+    out = [f"model {workload.name}: {_count(workload.params)} params{trained} in {len(workload.units)} units, "
            f"batch {workload.batch} x seq {workload.seq}, {workload.compute_dtype} (state "
            f"{workload.state_bytes_per_param} B/param)", f"profile {profile.name} ({profile.device_name})"]
     out.append("FITS" if res.fits else f"DOES NOT FIT: {res.shortfall}")
