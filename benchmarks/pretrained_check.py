@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -197,6 +198,7 @@ def train(args) -> None:
           f"median step {sorted(s['s'] for s in steps)[len(steps) // 2]:.1f} s"
           + (f", predicted {predicted:.1f} s" if predicted else ""))
     rt.close()
+    shutil.rmtree(store, ignore_errors=True)  # preallocated at nvme_capacity_bytes: 12 GiB per mode
 
 
 def verify(args) -> int:
