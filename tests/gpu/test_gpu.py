@@ -67,13 +67,30 @@ def test_optimizer_state_on_host_parity(site, tmp_path):
     off = OffloadOptimizer(m2.parameters(), torch.optim.AdamW, lr=1e-3, fused=True,
                            config=OffloadConfig(state_tier="host", update_on=site, subgroup_numel=1 << 18))
     b = data(3)
-    l1, l2 = train(m1, plain, b), train(m2, off, b)
-    torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=1e-5, atol=1e-6)
+    l2 = train(m2, off, b)
+    if site == "device":
+        l1 = train(m1, plain, b)
+    else:
+        # The reference for a CPU update is the same arithmetic done plainly: grads to the host, the CPU's fused
+        # AdamW on fp32 copies, weights back. (Against the GPU kernel the CPU one differs in the last bit, and
+        # params whose grads are rounding noise, such as the key bias, then diverge by a good part of lr.)
+        masters = [p.detach().cpu().clone() for p in m1.parameters()]
+        cpu_opt = torch.optim.AdamW(masters, lr=1e-3, fused=True)
+        l1 = []
+        for idx in b:
+            loss = loss_of(m1, idx)
+            loss.backward()
+            l1.append(loss.item())
+            for mp, p in zip(masters, m1.parameters()):
+                mp.grad = p.grad.cpu()
+            cpu_opt.step()
+            with torch.no_grad():
+                for mp, p in zip(masters, m1.parameters()):
+                    p.copy_(mp)
+                    p.grad = None
+    assert l2 == l1
     for a, c in zip(m1.parameters(), m2.parameters()):
-        if site == "device":
-            assert torch.equal(a, c)
-        else:
-            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+        assert torch.equal(a, c)
     print(off.summary())
 
 
@@ -83,7 +100,8 @@ def test_wrap_parity_and_memory_budget(tier, tmp_path):
     ref, m = gpt(), gpt()
     b = data(4)
     l_ref = train(ref, torch.optim.AdamW(ref.parameters(), lr=1e-3), b)
-    budget = model_bytes(m) // 2
+    nbytes = model_bytes(m)  # before wrap: then released params hold empty tensors
+    budget = nbytes // 2
     model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-3),
                       OffloadConfig(param_tier=tier, state_tier=tier, nvme_dirs=str(tmp_path),
                                     device_budget_bytes=budget, impl="as_given"))
@@ -98,8 +116,8 @@ def test_wrap_parity_and_memory_budget(tier, tmp_path):
     # Params are held within the budget; activations and grads in flight come on top, but far less than the
     # whole model's params + grads + state a plain run holds.
     print(f"[{tier}] params budget {budget} B, accounted peak {rt.device_budget.peak_bytes} B, "
-          f"torch max_memory_allocated over baseline {peak} B, model {model_bytes(m)} B")
-    assert peak < 4 * model_bytes(m)
+          f"torch max_memory_allocated over baseline {peak} B, model {nbytes} B")
+    assert peak < 4 * nbytes
     trace = os.path.join(OUT, f"gpu_timeline_{tier}.json")
     rt.timeline.save_chrome_trace(trace)
     events = json.load(open(trace))["traceEvents"]

@@ -31,6 +31,9 @@ def gpt():
     return build_transformer(SHAPE, device="cuda")
 
 
+DEV = torch.device("cuda")
+
+
 def loss_of(model, idx):
     logits = model(idx[:, :-1])
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
@@ -61,11 +64,16 @@ def test_plan_and_switches_on_the_gpu(units, exact, tmp_path):
                 loss.backward()
                 oo.step()
                 oo.zero_grad()
-        sd_ref, sd = ref.state_dict(), model.state_dict()
+        # An offloaded model's state_dict is on the host whatever tier holds the params (as FSDP's cpu_offload
+        # state dicts and DeepSpeed's consolidated ones): compared on the reference's device.
+        sd_ref, sd = ref.state_dict(), {k: v.to(DEV) for k, v in model.state_dict().items()}
         for name in sd_ref:
             if exact:
                 assert torch.equal(sd_ref[name], sd[name]), (k, name)
             else:
-                torch.testing.assert_close(sd[name], sd_ref[name], rtol=1e-4, atol=1e-5)
+                # CPU updates against the GPU's fused kernel: they differ in the last bit, and params whose grads
+                # are rounding noise (the key bias: softmax ignores it) then move apart by a part of lr. A wrong
+                # copy in a switch moves a param by its own size (~0.02), far more than one lr step.
+                torch.testing.assert_close(sd[name], sd_ref[name], rtol=1e-4, atol=1e-3)
     print(rt.report()["placement"], {k: v for k, v in rt.stats.items() if k.startswith("replan")})
     rt.close()
