@@ -6,9 +6,10 @@
 
 Needs transformers and accelerate (`pip install transformers accelerate`). The Trainer is used as without offload,
 with two changes: the model and the optimizer go through `offload.wrap` first, and the optimizer it returns is
-given to the Trainer (`optimizers=(opt, None)`: the Trainer adds its LR schedule). The overlapped update is off
-(`OffloadConfig(overlap_update=False)`) because the Trainer reads the grads after backward at every step, to clip
-them (`max_grad_norm`, 1.0 by default) or to log their norm. Everything else (clipping, gradient accumulation,
+given to the Trainer (`optimizers=(opt, None)`: the Trainer adds its LR schedule). The Trainer reads the grad norm
+after backward at every step, to clip (`max_grad_norm`, 1.0 by default) or to log it: the overlapped update answers
+it speculatively (validated after backward, undone and redone exactly when the step clips), so the runtime is told
+how many backward passes make a step (`accumulation_steps`). Everything else (clipping, gradient accumulation,
 evaluation, checkpoints, `resume_from_checkpoint`) is the Trainer's own. The model is built from a config (nothing
 is downloaded); to start from real weights, build it under `accelerate.init_empty_weights()` and load them after
 `wrap` with `offload.load_pretrained(model, checkpoint_dir)`.
@@ -73,8 +74,8 @@ def main():
         nvme = args.nvme or tmp.append(tempfile.mkdtemp(prefix="finetune-hf-trainer-")) or tmp[-1]
         cfg = offload.OffloadConfig(param_tier="nvme", grad_tier="nvme", state_tier="nvme", nvme_dirs=nvme,
                                     prefetch=1)
-    # The Trainer reads the grads after backward (to clip, or to log their norm): the update cannot overlap it.
-    model, opt = offload.wrap(model, opt, dataclasses.replace(cfg, overlap_update=False))
+    # The update overlaps backward speculatively; the runtime must know which backward ends a step.
+    model, opt = offload.wrap(model, opt, dataclasses.replace(cfg, accumulation_steps=args.accumulation))
 
     out = args.out or tmp.append(tempfile.mkdtemp(prefix="finetune-hf-trainer-out-")) or tmp[-1]
     training_args = transformers.TrainingArguments(

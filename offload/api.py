@@ -57,7 +57,8 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, config: OffloadConf
 
     ``torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)`` and ``opt.clip_grad_norm_(max_norm)`` clip
     and return the true norm, between backward and the step; with the overlapped update on, the update has run
-    by then, so set ``OffloadConfig(max_grad_norm=...)`` (which turns it off) instead. Without ``config``, the one
+    by then, speculatively: the step is validated against that ``max_norm`` and undone and redone exactly when
+    it clips (``OffloadConfig.speculate``). Without ``config``, the one
     ``offload run`` was given (``OFFLOAD_CONFIG``) is used, else the defaults.
 
     ``plan``: a :class:`scheduler.Plan` placing each unit on its own (unit 0 is ``rest``, then the blocks, the

@@ -97,14 +97,62 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         return _plan_measure(args, hw)
     res = planner.plan(w, hw)
     rows = report.compare(w, hw, res)
+    clip = _clip_prices(w, hw, res) if args.clip and res.fits else None
     if args.json:
-        print(json.dumps(report.to_dict(w, hw, res, rows), indent=1))
+        print(json.dumps({**report.to_dict(w, hw, res, rows), **({"clipping": clip} if clip else {})}, indent=1))
     else:
         print(report.text(w, hw, res, rows))
+        if clip:
+            print(_clip_text(clip))
     if args.out:
         for f in report.write(args.out, w, hw, res, rows):
             print(f"wrote {f}", file=sys.stderr)
     return 0 if res.fits else 1
+
+
+def _clip_prices(w, hw, res) -> dict:
+    """``offload plan --clip``: the plan's iteration when its steps clip, both ways the policy can go."""
+    from scheduler.cost import CostModel
+    from scheduler.speculation import price
+
+    cm = CostModel(w, hw)
+    return {"never_clips": price(cm, res.plan, 0.0).as_dict(), "always_clips": price(cm, res.plan, 1.0).as_dict()}
+
+
+def _measure_clip(args, shape, w, hw, plan, d: str, log) -> list[dict]:
+    """``offload plan --measure --clip``: the plan run with a max_grad_norm no step reaches (every step speculates
+    and commits) and with one every step exceeds (the first step rolls back, then the policy waits for backward),
+    each against its price."""
+    from offload.config import OffloadConfig
+    from offload.measure import measure
+    from scheduler.cost import CostModel
+    from scheduler.speculation import price
+
+    cm = CostModel(w, hw)
+    rows = []
+    for steps, norm, p, key, how in (("steps that do not clip", 1e6, 0.0, "commit_s", "speculative, committed"),
+                                     ("steps that clip", 1e-6, 1.0, "expected_s", "waiting for backward")):
+        predicted = getattr(price(cm, plan, p), key)
+        log(f"measuring with clipping, {steps} (max_grad_norm={norm:g}; predicted {predicted:.2f} s): "
+            f"1 warm-up + {args.iters} iterations")
+        c = measure(shape, OffloadConfig(nvme_dirs=d, max_grad_norm=norm), hw, batch=args.batch, seq=args.seq,
+                    iters=args.iters, name=args.model, plan=plan, progress=log)
+        rows.append({"steps": steps, "max_grad_norm": norm, "how": how, "predicted_s": predicted,
+                     "measured_s": c.measured_s, "ratio": predicted / c.measured_s})
+    return rows
+
+
+def _clip_text(clip: dict) -> str:
+    from storage import format_bytes
+
+    never, always = clip["never_clips"], clip["always_clips"]
+    return (f"with clipping (max_grad_norm, or a loop that clips): the update speculates during backward and the "
+            f"step is validated after it\n"
+            f"  steps that do not clip: {never['commit_s']:.2f} s (speculative, committed; waiting for backward "
+            f"would take {never['wait_s']:.2f} s)\n"
+            f"  steps that clip: {always['expected_s']:.2f} s (the policy stops speculating and waits; a "
+            f"speculative step that clips costs {always['rollback_s']:.2f} s: undone, then redone)\n"
+            f"  pre-update copies while speculating: {format_bytes(never['pre_image_bytes'])} of host memory")
 
 
 def _plan_measure(args: argparse.Namespace, hw) -> int:
@@ -164,6 +212,7 @@ def _plan_measure(args: argparse.Namespace, hw) -> int:
             plan, pred = runnable_plan(w, hw)
             log(f"note: {note}; measuring the fastest uniform placement instead")
             c = run(plan, pred, "the fastest uniform placement offload.wrap runs")
+        clip_rows = _measure_clip(args, shape, w, hw, plan, d, log) if args.clip else []
     finally:
         shutil.rmtree(d, ignore_errors=True)
     # The runtime sends the grads of device-updated units to the host and back (its grads always land in a host
@@ -171,9 +220,13 @@ def _plan_measure(args: argparse.Namespace, hw) -> int:
     extra = sum(w.grad_bytes(i) for i, u in enumerate(plan.units) if u.update == "device")
     if args.json:
         print(json.dumps({**c.to_dict(), "measured_plan": "runnable" if note else "planner", "note": note,
-                          "d2h_grads_of_device_updates": extra}, indent=1))
+                          "d2h_grads_of_device_updates": extra,
+                          **({"clipping": clip_rows} if args.clip else {})}, indent=1))
         return 0
     print(c.text())
+    for r in clip_rows:
+        print(f"  with clipping, {r['steps']}: predicted {r['predicted_s']:.2f} s, measured {r['measured_s']:.2f} s "
+              f"(predicted / measured {r['ratio']:.2f}; {r['how']})")
     if extra:
         diff = c.bytes_counted["d2h"] - c.bytes_predicted["d2h"]
         print(f"  d2h counted exceeds the prediction by {format_bytes(diff)}: "
@@ -261,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure", action="store_true",
                    help="run the planner's plan for a few real iterations here (fp32, CPU) and print predicted vs "
                         "measured per resource and in total (presets and module:function)")
+    p.add_argument("--clip", action="store_true",
+                   help="the run clips the grad norm (max_grad_norm, or a loop that clips, as the HF Trainer does): "
+                        "also price its steps when they clip and when they do not (with --measure: measure both)")
     p.add_argument("--iters", type=int, default=3, help="with --measure: iterations after one warm-up (default 3)")
     p.add_argument("--dir", help="with --measure: where the NVMe store goes (default: a temp dir)")
     p.set_defaults(func=_cmd_plan)

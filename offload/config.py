@@ -77,9 +77,15 @@ class OffloadConfig:
     """With :func:`offload.wrap`: units whose params are fetched ahead of use, within the device budget."""
     overlap_update: bool = True
     """With :func:`offload.wrap`: update each unit on the CPU as soon as its grads are off the device, while
-    backward goes on with earlier units (Fuyou), instead of all at ``step()``. It needs no global information,
-    so it is off (updates wait for backward) when ``max_grad_norm`` or ``loss_scale`` is set; results are the
-    same either way."""
+    backward goes on with earlier units (Fuyou), instead of all at ``step()``. With ``max_grad_norm`` or
+    ``loss_scale``, which need every grad first, it is speculative (``speculate``). Results are the same either
+    way."""
+    speculate: bool = True
+    """With the overlapped update and ``max_grad_norm`` or ``loss_scale``: update during backward with the grads
+    as they are, then check the global norm (and inf/NaN) once backward ends; when the step should have clipped
+    (or overflowed) everything the updates changed is put back exactly (the swap manager keeps each chunk's
+    pre-update bytes: a host copy, or the store's previous version) and the step is redone with clipped grads
+    (or skipped). A policy stops speculating while recent steps clip. ``False``: such steps wait for backward."""
     accumulation_steps: int = 1
     """With the overlapped update: backward passes per ``step()``; the updates run during the last one."""
     max_grad_norm: float | None = None

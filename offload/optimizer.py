@@ -303,7 +303,11 @@ class OffloadOptimizer(torch.optim.Optimizer):
         self._per_param_state: int | None = None
         self._clipped = False  # clip_grad_norm_ ran since the last step: the step does not clip again
         self._stats = {"steps": 0, "skipped_steps": 0, "update_s": 0.0, "cpu_update_s": 0.0, "wait_read_s": 0.0,
-                       "step_s": 0.0}
+                       "step_s": 0.0, "speculative_steps": 0, "spec_commits": 0, "spec_rollbacks": 0,
+                       "spec_overflows": 0, "spec_declined": 0, "spec_stopped": 0, "rollback_s": 0.0}
+        self._spec: _Speculation | None = None  # the speculative step under way (offload.wrap's runtime)
+        self.speculation = SpeculationPolicy()
+        self._loop_reads_norm = False  # the loop called clip_grad_norm_ (its steps need the norm)
         self._scale = None
         if self.config.loss_scale is not None:
             self._scale = 65536.0 if self.config.loss_scale == "dynamic" else float(self.config.loss_scale)
@@ -714,6 +718,8 @@ class OffloadOptimizer(torch.optim.Optimizer):
         t0 = time.perf_counter()
         if not self.begin_step():
             self._clipped = False
+            if self._runtime is not None:
+                self._runtime.after_step()  # a skipped step still ends the iteration (its grads are consumed)
             return loss
         try:
             subs = self._update_order()
@@ -737,7 +743,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
             self._on_overflow()
             return False
         if self.config.max_grad_norm is not None and not self._clipped:
-            self.clip_grad_norm_(self.config.max_grad_norm)
+            self.clip_grad_norm_(self.config.max_grad_norm)  # the policy sees whether it clipped
         self._sync_hparams()
         return True
 
@@ -918,6 +924,9 @@ class OffloadOptimizer(torch.optim.Optimizer):
         """Run the inner optimizer on one subgroup whose chunk is in memory: ``host_mem`` (host-resident or just
         read from the store) or the device chunk of a device-tier subgroup. ``region``: grad scratch to use."""
         t0 = time.perf_counter()
+        if self._spec is not None:
+            self._spec.save(sub, self._swap)  # before anything of the subgroup changes (once: preserve_unit)
+            self._spec.updated.add(sub.index)
         device = self.device if sub.site == "device" else torch.device("cpu")
         mem, release_dev = host_mem, None
         if sub.site == "device" and sub.tier is not Tier.DEVICE and sub.chunk_bytes:
@@ -1058,6 +1067,200 @@ class OffloadOptimizer(torch.optim.Optimizer):
         if failed:
             raise failed[0]
 
+    # -- the speculative step ---------------------------------------------------------------------------------------
+    def step_needs_validation(self) -> bool:
+        """Whether the next step needs every grad before it may update: it clips (the config, or a loop that
+        called ``clip_grad_norm_`` before), or scales the loss; or it is the first, and speculating on it is how
+        a loop that clips itself is found out without refusing its call."""
+        return (self.config.max_grad_norm is not None or self._scale is not None or self._loop_reads_norm
+                or (self.config.speculate and self._stats["steps"] == 0 and self._stats["skipped_steps"] == 0))
+
+    def can_speculate(self) -> bool:
+        """Whether the next step may update during backward although it needs every grad first: the policy
+        wants it, and every trainable param's grad is kept by the runtime (so its norm is seen unit by unit)."""
+        if self._runtime is None or not self.step_needs_validation():
+            return False
+        if not self.speculation.wants():
+            self._stats["spec_declined"] += 1
+            return False
+        if not all(self._runtime.home_of(p) is not None for g in self.param_groups for p in g["params"]
+                   if p.requires_grad):
+            return False
+        if not self._runtime.store_room_to_speculate():
+            self._stats["spec_declined"] += 1
+            return False
+        return True
+
+    def begin_speculation(self, host_limit_bytes: int | None = None) -> None:
+        """Start a speculative step (the runtime, at the last backward of a step): each unit is updated with its
+        unclipped (unscaled, under loss scaling) grads as backward completes it, inside a swap transaction that
+        keeps what each update overwrites; :meth:`end_speculation` commits it or undoes it exactly."""
+        for p in self._frozen:
+            if p.grad is not None:
+                raise NotImplementedError("OffloadOptimizer: a parameter that did not require grad when the optimizer "
+                                          "was built now has a gradient; rebuild the optimizer (or add_param_group) "
+                                          "after unfreezing")
+        self._sync_hparams()
+        self._swap.begin(host_limit_bytes)
+        self._spec = _Speculation()
+        self._stats["speculative_steps"] += 1
+
+    @torch.no_grad()
+    def speculate_unit(self, unit: int) -> bool:
+        """Before a unit's speculative update, on the update thread: check its grads for inf/NaN (loss scaling;
+        an overflow stops the speculative updates: the step will be skipped), unscale them in place, and record
+        each grad's norm as ``clip_grad_norm_`` computes it. False: do not update the unit now."""
+        spec = self._spec
+        if spec.overflow:
+            return False
+        params = list(dict.fromkeys(pc.param for s in self._subgroups_of(unit) for pc in s.pieces))
+        have, grads = self._grad_pairs(params)
+        if self._scale is not None and not self._unscaled:
+            if not all(bool(torch.isfinite(g).all()) for g in grads):
+                spec.overflow = True
+                return False
+            inv = 1.0 / self._scale
+            for g in grads:
+                g.mul_(inv)
+        if grads:
+            spec.norms.update(zip(have, torch._foreach_norm(grads, 2.0)))
+        return not spec.stopped
+
+    def preserve_unit(self, unit: int) -> None:
+        """Keep the pre-update bytes of every subgroup of ``unit`` with grads, before any of them changes (raises
+        :class:`~storage.TierFullError` when the host has no room for a copy: then nothing changed)."""
+        for sub in self._update_order(unit):
+            self._spec.save(sub, self._swap)
+
+    def abandon_speculation(self) -> None:
+        """An update failed: put back what the speculative step changed (the step did not happen)."""
+        if self._spec is not None:
+            self._undo(self._spec)
+
+    def speculation_stopped(self, error: BaseException) -> None:
+        """A pre-image did not fit in memory: the units not updated yet wait for the end of backward."""
+        self._spec.stopped = True
+        self._spec.why_stopped = str(error)
+        self._stats["spec_stopped"] += 1
+
+    def end_speculation(self) -> str:
+        """Validate the speculative step once backward ended and its updates finished: ``"commit"`` (no grad
+        clipped, none inf/NaN: the updates stand, as plain ``clip_grad_norm_`` then ``step`` would have made
+        them, and the subgroups not updated yet are updated now), ``"rollback"`` (the clip scales the grads:
+        everything the updates changed is put back exactly and the step is redone with clipped grads) or
+        ``"overflow"`` (put back, and the step is skipped as dynamic loss scaling does)."""
+        spec, t0 = self._spec, time.perf_counter()
+        if spec.overflow:
+            self._undo(spec)
+            self._stats["spec_overflows"] += 1
+            self.speculation.observe(clipped=True)
+            self._stats["rollback_s"] += time.perf_counter() - t0
+            self._skip_step()
+            return "overflow"
+        if self._scale is not None:
+            self._unscaled = True
+        max_norm = spec.max_norm if spec.max_norm is not None else self.config.max_grad_norm
+        total = None if max_norm is None else self._spec_total_norm(spec)
+        if total is None or _unclipped(total, max_norm):
+            self._spec = None
+            self._swap.commit()
+            self._stats["spec_commits"] += 1
+            self.speculation.observe(clipped=False)
+            rest = [s for s in self._update_order() if s.index not in spec.updated]
+            if rest:
+                self._update_subgroups(rest)
+            return "commit"
+        self._undo(spec)
+        self._stats["spec_rollbacks"] += 1
+        self.speculation.observe(clipped=True)
+        self._clip_with(total, max_norm)
+        self._update_subgroups(self._update_order())
+        self._stats["rollback_s"] += time.perf_counter() - t0
+        return "rollback"
+
+    def _clip_speculative(self, max_norm: float, norm_type: float, params: list[torch.Tensor] | None,
+                          error_if_nonfinite: bool) -> torch.Tensor:
+        """The loop's ``clip_grad_norm_`` during a speculative step."""
+        every = {id(p) for g in self.param_groups for p in g["params"]}
+        if float(norm_type) != 2.0 or (params is not None and not {id(p) for p in params} >= every):
+            raise RuntimeError("clip_grad_norm_ during a speculative step: only the 2-norm over every parameter of the "
+                               "optimizer is known from the update (what clip_grad_norm_(model.parameters(), x) asks). "
+                               "Set OffloadConfig(speculate=False) to clip otherwise")
+        self._runtime.wait_updates()
+        spec = self._spec
+        if spec.overflow:
+            return torch.tensor(float("inf"))  # as unscale_ answers an overflow: the step will be skipped
+        total = self._spec_total_norm(spec)
+        if error_if_nonfinite and not bool(torch.isfinite(total)):
+            raise RuntimeError(f"The total norm of order 2.0 for gradients from `parameters` is non-finite, so it "
+                               f"cannot be clipped. To disable this error and scale the gradients by the non-finite "
+                               f"norm anyway, set `error_if_nonfinite=False`")
+        if not math.isinf(max_norm):
+            spec.max_norm = float(max_norm)  # the step's one clip: the loop's replaces the config's
+        return total
+
+    def _spec_total_norm(self, spec: "_Speculation") -> torch.Tensor:
+        """The global 2-norm of the grads from the norms recorded unit by unit, computed as clip_grad_norm_ does
+        (each grad's norm, then the norm of those in parameter order)."""
+        grads_of = {p for g in self.param_groups for p in g["params"] if self._has_grad(p)}
+        missing, grads = self._grad_pairs([p for p in grads_of if p not in spec.norms])  # not seen by a unit
+        if missing:
+            spec.norms.update(zip(missing, torch._foreach_norm(grads, 2.0)))
+        norms = [spec.norms[p] for g in self.param_groups for p in g["params"] if p in grads_of]
+        total = torch.linalg.vector_norm(torch.stack(norms), 2.0) if norms else torch.tensor(0.0)
+        self.last_grad_norm = total
+        return total
+
+    def _undo(self, spec: "_Speculation") -> None:
+        """Put back every byte the speculative updates changed, and the subgroups' bookkeeping."""
+        self._spec = None
+        self._swap.abort()
+        for sub, (slots, small) in ((self._subgroups[i], v) for i, v in spec.saved.items()):
+            sub.slots, sub.small = slots, small
+            sub.bound_mem, sub.views = None, {}
+            sub.inner.state.clear()
+            for pc in sub.pieces:
+                pc.proxy.data = torch.empty(0)
+
+    def _grad_pairs(self, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The params of ``params`` that have a grad, and their grads (wherever they live), in that order."""
+        have, grads = [], []
+        for p in params:
+            owner = self._runtime.home_of(p) if self._runtime is not None else None
+            g = p.grad if owner is None else owner[1].grad(p)
+            if g is not None:
+                have.append(p)
+                grads.append(g)
+        return have, grads
+
+    def state_bytes_on(self, tier: Tier) -> int:
+        """Bytes of the state chunks placed on ``tier``."""
+        return sum(s.chunk_bytes for s in self._subgroups if s.tier is tier)
+
+    def _has_grad(self, p: torch.Tensor) -> bool:
+        owner = self._runtime.home_of(p) if self._runtime is not None else None
+        return p.grad is not None if owner is None else owner[1].has_grad(p)
+
+    @torch.no_grad()
+    def _clip_with(self, total: torch.Tensor, max_norm: float) -> None:
+        """Scale every grad as ``clip_grad_norm_`` does, given the total norm it would compute."""
+        holders = []
+        for grad in self._grads():
+            h = torch.empty(0, dtype=grad.dtype, device=grad.device)
+            h.data = grad
+            h.grad = grad
+            holders.append(h)
+        torch.nn.utils.clip_grads_with_norm_(holders, max_norm, total)
+
+    def _skip_step(self) -> None:
+        """A step that does not update (an inf/NaN grad under loss scaling): lower the scale; the grads are
+        consumed as by a step."""
+        self._unscaled = False
+        self._clipped = False
+        self._on_overflow()
+        if self._runtime is not None:
+            self._runtime.after_step()
+
     # -- loss scaling -----------------------------------------------------------------------------------------------
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """``loss * scale`` for fp16 training with ``OffloadConfig(loss_scale=...)``; call ``.backward()`` on it.
@@ -1135,7 +1338,14 @@ class OffloadOptimizer(torch.optim.Optimizer):
         wherever it lives: the same global norm and the same arithmetic, so results are bit-identical. Unscales
         first under loss scaling. Under offload.wrap, ``torch.nn.utils.clip_grad_norm_(model.parameters(), ...)``
         comes here (:mod:`offload.clipping`). A step clips once: with ``OffloadConfig(max_grad_norm=...)`` the
-        step does not clip again after this."""
+        step does not clip again after this.
+
+        During a speculative step (the updates ran during backward) it waits for them, returns the norm they
+        recorded, and the step then validates against this ``max_norm``: committed when it does not clip,
+        otherwise undone and redone with the grads clipped."""
+        self._loop_reads_norm = True  # later steps speculate, so that the loop's call can be answered
+        if self._spec is not None:
+            return self._clip_speculative(max_norm, norm_type, params, error_if_nonfinite)
         if self._runtime is not None and self._runtime.overlap_started():
             if math.isinf(max_norm):  # a norm-only call (the HF Trainer's, to log it, when max_grad_norm=0)
                 raise RuntimeError("clip_grad_norm_(max_norm=inf), the grad norm alone: the overlapped update "
@@ -1157,10 +1367,13 @@ class OffloadOptimizer(torch.optim.Optimizer):
             holders.append(h)
         # The step's own clip is replaced only by a clip over every param: clipping a few leaves it to the step. A
         # norm-only call (max_norm=inf; the HF Trainer's with max_grad_norm=0) clips nothing, so it replaces nothing.
+        every = params is None or {id(p) for p in params} >= {id(p) for g in self.param_groups for p in g["params"]}
         if not math.isinf(max_norm):
-            self._clipped = self._clipped or params is None or {id(p) for p in params} >= {
-                id(p) for g in self.param_groups for p in g["params"]}
-        return clipping.torch_clip_grad_norm_(holders, max_norm, norm_type, error_if_nonfinite, foreach)
+            self._clipped = self._clipped or every
+        total = clipping.torch_clip_grad_norm_(holders, max_norm, norm_type, error_if_nonfinite, foreach)
+        if every and not math.isinf(max_norm) and float(norm_type) == 2.0:
+            self.speculation.observe(clipped=not _unclipped(total, max_norm))  # what speculating would have met
+        return total
 
     # -- optimizer protocol -----------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -1366,3 +1579,58 @@ class OffloadOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"Offload{self.optimizer_class.__name__}({len(self._subgroups)} subgroups, impl={self._impl})"
+
+
+def _unclipped(total: torch.Tensor, max_norm: float) -> bool:
+    """Whether ``clip_grad_norm_(max_norm)`` with this total norm leaves every grad as it is: its coefficient,
+    computed as torch computes it, is clamped to exactly 1 (the grads are multiplied by 1.0, which changes no
+    bit). A NaN or inf norm clips."""
+    coef = max_norm / (total + 1e-6)
+    return bool(torch.clamp(coef, max=1.0) == 1.0)
+
+
+class _Speculation:
+    """One speculative step: each grad's norm as units complete, and the pre-update bookkeeping of each subgroup
+    updated (its chunk's bytes are kept by the swap manager's transaction)."""
+
+    def __init__(self):
+        self.norms: dict[torch.Tensor, torch.Tensor] = {}
+        self.saved: dict[int, tuple[list, list[dict]]] = {}  # subgroup index -> (slots, small state)
+        self.updated: set[int] = set()  # subgroups updated speculatively
+        self.max_norm: float | None = None  # the loop's clip_grad_norm_ during the step
+        self.overflow = False
+        self.stopped = False
+        self.why_stopped = ""
+
+    def save(self, sub: _Subgroup, swap: SwapManager) -> None:
+        if sub.index in self.saved:
+            return
+        swap.preserve(sub.chunk)  # may raise TierFullError: then nothing of this subgroup changed
+        small = [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in d.items()} for d in sub.small]
+        self.saved[sub.index] = (list(sub.slots), small)
+
+
+class SpeculationPolicy:
+    """Whether to update during backward on a step that clips (or scales the loss): speculate while the recent
+    steps did not clip, stop while they do. Every step's outcome is seen, speculative or not (a step that waited
+    for backward still computes its norm), so a run that clips every step stops after its first rollback and
+    never pays another, and one whose clipping stops speculates again at the next step.
+
+    ``window``: how many recent steps are weighed; speculation goes on while fewer than ``max_clipped`` of them
+    clipped. The expected cost of a step is (1 - p) * overlapped + p * (overlapped + rollback + redo) against
+    waiting for backward; with a redo costing about one non-overlapped step, speculating pays while p < 1/2
+    roughly, and the default stops at the first clip of the last two steps."""
+
+    def __init__(self, window: int = 2, max_clipped: int = 1, enabled: bool = True):
+        self.window, self.max_clipped, self.enabled = window, max_clipped, enabled
+        self.recent: list[bool] = []
+
+    def observe(self, *, clipped: bool) -> None:
+        self.recent = (self.recent + [clipped])[-self.window:]
+
+    def wants(self) -> bool:
+        return self.enabled and sum(self.recent) < self.max_clipped
+
+    def clip_probability(self) -> float:
+        """The recent fraction of steps that clipped (0 before any step): what the cost model prices."""
+        return sum(self.recent) / len(self.recent) if self.recent else 0.0

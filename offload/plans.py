@@ -15,8 +15,9 @@ D = Tier.DEVICE
 
 
 def _overlaps(config: OffloadConfig) -> bool:
-    """Whether the runtime overlaps the update with backward (it cannot with clipping or loss scaling)."""
-    return config.overlap_update and config.max_grad_norm is None and config.loss_scale is None
+    """Whether the runtime overlaps the update with backward: with clipping or loss scaling only speculatively, and
+    this is the steady state of steps that do not clip (scheduler/speculation.py prices the others)."""
+    return config.overlap_update and (config.speculate or (config.max_grad_norm is None and config.loss_scale is None))
 
 
 def config_to_plan(config: OffloadConfig, workload: Workload, *, strategy: str = "config") -> Plan:

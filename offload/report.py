@@ -278,6 +278,11 @@ class RunReport:
             r = opt.report()
             out["optimizer"] = {"class": r["optimizer"], "impl": r["impl"], "subgroups": len(r["subgroups"]),
                                 "state_bytes_by_tier": r["state_bytes_by_tier"]}
+            if r.get("speculative_steps") or r.get("spec_declined"):
+                out["speculation"] = {"speculative_steps": r["speculative_steps"], "commits": r["spec_commits"],
+                                      "rollbacks": r["spec_rollbacks"], "overflows": r["spec_overflows"],
+                                      "declined": r["spec_declined"], "stopped_for_memory": r["spec_stopped"],
+                                      "rollback_s": r["rollback_s"]}
         if self.predicted:
             out["predicted"] = self.predicted
         return out
@@ -349,6 +354,14 @@ def summary_text(s: dict) -> str:
         o = s["optimizer"]
         tiers = ", ".join(f"{format_bytes(b)} on {t}" for t, b in o["state_bytes_by_tier"].items())
         lines.append(f"optimizer: {o['class']} ({o['impl']}), {o['subgroups']} subgroups, state {tiers}")
+    if "speculation" in s:
+        sp = s["speculation"]
+        lines.append(f"speculative update (clipping/loss scaling during backward): {sp['speculative_steps']} steps "
+                     f"speculated, {sp['commits']} committed, {sp['rollbacks']} rolled back and redone "
+                     f"({sp['rollback_s']:.2f} s), {sp['overflows']} overflowed; {sp['declined']} steps waited for "
+                     f"backward (recent steps clipped)" + (f"; {sp['stopped_for_memory']} stopped for lack of host "
+                                                           f"memory for pre-update copies"
+                                                           if sp["stopped_for_memory"] else ""))
     if "busy_s_median" in s:
         pred = (s.get("predicted") or {}).get("busy_s", {})
         prof = (s.get("predicted") or {}).get("profile")

@@ -297,9 +297,10 @@ class OffloadRuntime:
         # waits for the oldest once they pass the plan's grad_buffers largest units (what the cost model counts
         # on the device), instead of piling up there while the grad thread waits for the updates.
         self._grads_on_device: collections.deque[tuple[concurrent.futures.Future, int]] = collections.deque()
-        self.overlap = config.overlap_update and config.max_grad_norm is None and config.loss_scale is None
+        self.overlap = config.overlap_update
         self._backwards = 0  # backward passes since the last step
         self._overlapping = False  # this backward runs the updates
+        self._speculating = False  # ... speculatively: the optimizer validates them at step()
         self._step_pending = False  # updates ran (or run) in backward; step() must collect them
         self._update_futures: list[concurrent.futures.Future] = []
         self._submitted: set[int] = set()
@@ -800,7 +801,14 @@ class OffloadRuntime:
                 self._submitted = set()
                 self._grad_units = set()
                 self._update_futures = []
-                if not self.optimizer.begin_step():
+                if self.optimizer.step_needs_validation():
+                    # The step needs every grad first (its norm, an inf/NaN check): speculate, or wait.
+                    if self.config.speculate and self.optimizer.can_speculate():
+                        self.optimizer.begin_speculation(self._pre_image_room())
+                        self._speculating = True
+                    else:
+                        self._overlapping = False
+                elif not self.optimizer.begin_step():
                     self._overlapping = False
             self._bwd_seq = list(reversed(self._fwd_order))
             self._bwd_pos = -1
@@ -944,10 +952,57 @@ class OffloadRuntime:
         # The unit's grads are held for the whole update: nothing spills or drops them under it.
         try:
             with self.timeline.span("cpu_update", f"update {u.name}"):
-                self.optimizer.update_unit(u.index)
+                if not self._speculating:
+                    self.optimizer.update_unit(u.index)
+                elif self.optimizer.speculate_unit(u.index):
+                    try:
+                        self._preserve_unit(u)
+                    except TierFullError as e:  # a pre-image found no room: the rest waits for backward
+                        self.optimizer.speculation_stopped(e)
+                    else:
+                        self.optimizer.update_unit(u.index)
         finally:
             self.finish_unit_update()
-        self._drop_grads(u)
+        if self._speculating:
+            # A rollback redoes the step with these grads: grads on NVMe go to the store, not away.
+            if u.grad_tier is Tier.NVME and u.grads is not None:
+                self.swap.write_back(u.grads)
+        else:
+            self._drop_grads(u)
+
+    def _pre_image_room(self) -> int:
+        """Host bytes a speculative step's pre-update copies may take: what the pool has free beyond the buffers
+        this step's transfers need in flight (host_minimum's in-flight terms), so that no transfer ever waits
+        for memory the copies hold (they are freed only once every update is done)."""
+        need = self.host_minimum()
+        in_flight = need["params_in_flight"] + need["grads_in_flight"] + need["state_in_flight"]
+        budget = self.swap.pool.budget
+        return max(0, budget.capacity_bytes - self.swap.pool.in_use_bytes - in_flight)
+
+    def store_room_to_speculate(self) -> bool:
+        """Whether the store has room for a speculative step: each chunk it writes (params and state updated,
+        grads kept for a redo) takes new extents while its previous version is held until validation."""
+        if not self.swap.store_open:
+            return True
+        need = sum(u.nbytes for u in self.units if u.param_tier is Tier.NVME and u.trainable)
+        need += sum(u.grad_nbytes for u in self.units if u.grad_tier is Tier.NVME)
+        need += self.optimizer.state_bytes_on(Tier.NVME)
+        return self.swap.store.free_bytes >= need * 1.1
+
+    def _preserve_unit(self, u: Unit) -> None:
+        """Before a speculative update of ``u``: keep everything it will overwrite (its weights where they live,
+        its subgroups' state chunks) in the swap manager's transaction, all before any of it changes."""
+        if u.param_tier is Tier.DEVICE:
+            if u.device_buf is not None:
+                self.swap.preserve_tensor(u.device_buf)
+        elif u.weights is not None:
+            self.swap.preserve(u.weights)
+        self.optimizer.preserve_unit(u.index)
+
+    def wait_updates(self) -> None:
+        """Until the overlapped updates of this step are done (and their I/O settled); the step stays open."""
+        concurrent.futures.wait(self._update_futures)
+        self._update_pool.submit(self.optimizer.finish_unit_io).result()
 
     def overlap_started(self) -> bool:
         return self._overlapping or self._step_pending
@@ -956,20 +1011,34 @@ class OffloadRuntime:
         return self._step_pending
 
     def finish_overlapped_step(self) -> None:
-        """``optimizer.step()`` after an overlapped backward: wait for the updates, then close the step."""
+        """``optimizer.step()`` after an overlapped backward: wait for the updates, then close the step (a
+        speculative one is validated first: committed, or undone and redone with clipped grads, or skipped)."""
         concurrent.futures.wait(self._update_futures)
         self._step_pending = False
+        speculating, self._speculating = self._speculating, False
+        outcome = None
         try:
             try:
-                for f in self._update_futures:
-                    f.result()  # the first failure, if any
-            finally:
-                # Write-backs the updates left in flight, read-ahead no update used: settled on the update
-                # thread, which owns them (the only one that touches them).
-                self._update_pool.submit(self.optimizer.finish_unit_io).result()
+                try:
+                    for f in self._update_futures:
+                        f.result()  # the first failure, if any
+                finally:
+                    # Write-backs the updates left in flight, read-ahead no update used: settled on the update
+                    # thread, which owns them (the only one that touches them).
+                    self._update_pool.submit(self.optimizer.finish_unit_io).result()
+            except BaseException:
+                if speculating:  # a failed speculative step leaves the model as it was before the step
+                    self.optimizer.abandon_speculation()
+                raise
+            if speculating:
+                t0 = self.timeline.now()
+                outcome = self.optimizer.end_speculation()
+                if outcome != "commit":
+                    self.timeline.add("cpu_update", f"speculation {outcome}", t0, self.timeline.now())
         finally:
             self._update_futures = []
-            self.optimizer.end_step(self._step_t0)
+            if outcome != "overflow":  # a skipped step was closed by the optimizer
+                self.optimizer.end_step(self._step_t0)
 
     def _post_backward(self) -> None:
         self.timeline.add("compute", "backward", self._bwd_t0, self.timeline.now())
@@ -1283,8 +1352,7 @@ class OffloadRuntime:
         finally:
             self._io_label = ""
         self.config = self.optimizer.config = _with_plan(self.config, plan)
-        self.overlap = self.config.overlap_update and self.config.max_grad_norm is None \
-            and self.config.loss_scale is None
+        self.overlap = self.config.overlap_update
         self.swap.device.keep = self.config.prefetch + 2
         self._grad_backlog = backlog
         self.plan = plan

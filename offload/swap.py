@@ -24,6 +24,12 @@ writers exclusively, readers shared, and no transition out of READY/DIRTY starts
 write leaves the chunk DIRTY with its buffer (the store keeps the previous version); the error is raised to the
 next caller of :meth:`SwapManager.settle` or :meth:`SwapManager.use` on it.
 
+A transaction (:meth:`SwapManager.begin`) makes a run of changes undoable exactly: a writer calls
+:meth:`SwapManager.preserve` before it changes a chunk (or :meth:`SwapManager.preserve_tensor` for memory that is
+not a chunk), which keeps the chunk's bytes as they were: a copy in host memory (from the pool, so counted) of a
+HOST or DEVICE buffer, the committed store version held on disk (:meth:`storage.NvmeStore.hold`) of a store chunk.
+:meth:`SwapManager.abort` puts every pre-image back, :meth:`SwapManager.commit` lets them go.
+
 A chunk whose home is HOST or DEVICE has a permanent buffer (always READY); only a STORE (``Tier.NVME``) chunk
 moves through the other states. Device memory (:class:`DeviceCache`) is a :class:`~storage.TierBudget` plus, on a CPU device, the released
 buffers kept for reuse, which give way whenever a reservation needs their room.
@@ -38,7 +44,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from storage import HostPool, NvmeStore, Tier, TierBudget, TierFullError
+from storage import HostPool, NvmeStore, StoreVersion, Tier, TierBudget, TierFullError
 from storage.memory import aligned_empty
 
 
@@ -198,6 +204,10 @@ class SwapManager:
         self._cond = threading.Condition()
         self._chunks: list[Chunk] = []  # every chunk made here, for close()
         self._moved = {kind: dict.fromkeys(LINKS, 0) for kind in KINDS}
+        self._tx: dict[int, tuple] | None = None  # the open transaction's pre-images, by id of what they keep
+        self._tx_limit: int | None = None
+        self.tx_bytes = 0  # host bytes the open transaction's copies hold (its peak: tx_peak_bytes)
+        self.tx_peak_bytes = 0
         self.trace: Callable[[str, Chunk], Callable[[], None]] | None = None
         """Called when a chunk read or write is issued, with (resource, chunk); what it returns is called on an
         I/O thread when the transfer lands (the runtime draws it on its timeline)."""
@@ -581,6 +591,118 @@ class SwapManager:
             self._let_go(c, ChunkState.EMPTY)
         if stored and self._store is not None and c.key in self._store:
             self._store.delete(c.key)
+
+    # -- transactions --------------------------------------------------------------------------------------------
+    def begin(self, host_limit_bytes: int | None = None) -> None:
+        """Open a transaction: from now on :meth:`preserve` keeps pre-images, until :meth:`commit` or
+        :meth:`abort`. ``host_limit_bytes``: the most its host copies may take (a copy beyond it raises
+        :class:`~storage.TierFullError`), so that they never take the buffers the work in flight needs: those
+        wait for memory, and the copies are freed only when that work is done."""
+        if self._tx is not None:
+            raise AssertionError("swap transaction: one is already open")
+        self._tx = {}
+        self._tx_limit = host_limit_bytes
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._tx is not None
+
+    def preserve(self, c: Chunk) -> None:
+        """Before ``c``'s bytes change in the open transaction (no-op outside one, or once preserved): keep them.
+        The caller holds ``c`` for writing (or nobody else can reach it)."""
+        tx = self._tx
+        if tx is None or id(c) in tx:
+            return
+        with self._cond:
+            self._wait(c)
+            state, tensor = c.state, c._tensor
+        if c.home is Tier.NVME and state is not ChunkState.DIRTY:
+            # The store has the bytes (READY: the same as the buffer; STORED: only there): hold its version.
+            version = self.store.hold(c.key) if state is not ChunkState.EMPTY and c.key in self.store else None
+            tx[id(c)] = ("stored", c, version, c.nbytes)
+            return
+        copy, release = self._copy_out(tensor if tensor is not None else torch.empty(0, dtype=torch.uint8))
+        tx[id(c)] = ("copy", c, (copy, release, state), c.nbytes)
+
+    def preserve_tensor(self, t: torch.Tensor) -> None:
+        """Before ``t`` (memory that is not a chunk: a unit's params on the device) changes in the open
+        transaction: keep a host copy of it."""
+        tx = self._tx
+        if tx is None or id(t) in tx:
+            return
+        tx[id(t)] = ("tensor", t, self._copy_out(t), 0)
+
+    def _copy_out(self, t: torch.Tensor) -> tuple[torch.Tensor, Callable[[], None]]:
+        """A host copy of ``t`` from the pool; raises :class:`~storage.TierFullError` at once when the budget has
+        no room (a pre-image must not wait for memory that only the end of the transaction frees)."""
+        nbytes = t.numel() * t.element_size()
+        rounded = (nbytes + 4095) // 4096 * 4096
+        if self._tx_limit is not None and self.tx_bytes + rounded > self._tx_limit:
+            raise TierFullError("host", "a pre-update copy (within the transaction's host limit)", rounded,
+                                self.tx_bytes, self._tx_limit)
+        buf, release = self._acquire(nbytes, wait=False)
+        if nbytes:
+            buf.view(t.dtype).view(t.shape).copy_(t)
+        self.tx_bytes += rounded
+        self.tx_peak_bytes = max(self.tx_peak_bytes, self.tx_bytes)
+        return buf.view(t.dtype).view(t.shape) if nbytes else buf, release
+
+    def commit(self) -> None:
+        """Close the transaction keeping every change: the pre-images are let go."""
+        tx, self._tx = self._tx, None
+        for kind, _what, keep, _n in (tx or {}).values():
+            if kind == "stored":
+                if keep is not None:
+                    self.store.release(keep)
+            else:
+                keep[1]()
+        self.tx_bytes = 0
+
+    def abort(self) -> None:
+        """Close the transaction undoing every change: each preserved chunk and tensor has its bytes as they were
+        when preserved (a store chunk its held version, committed again, and no buffer). Nobody may hold them."""
+        tx, self._tx = self._tx, None
+        try:
+            for kind, what, keep, nbytes in (tx or {}).values():
+                if kind == "tensor":
+                    if what.numel():
+                        what.copy_(keep[0])
+                    continue
+                c = what
+                with self._cond:
+                    self._wait_idle(c)
+                if kind == "stored":
+                    version: StoreVersion | None = keep
+                    with self._cond:
+                        self._let_go(c, ChunkState.STORED if version is not None else ChunkState.EMPTY)
+                        c.nbytes = nbytes
+                    if version is not None:
+                        self.store.restore(version)
+                    elif self._store is not None and c.key in self._store:
+                        self._store.delete(c.key)
+                    continue
+                copy, _release, state = keep
+                if c._tensor is None or c.nbytes != nbytes:
+                    # Re-sized (a first step packed new state) or written out since: a buffer of the old size.
+                    if c.home is Tier.NVME:
+                        tensor, release = self._acquire(nbytes)
+                    else:
+                        tensor, release = self._home_buffer(nbytes, c.home)
+                    with self._cond:
+                        if c._release is not None:
+                            c._release()
+                        c._tensor, c._extra, c._release, c.nbytes = tensor, None, release, nbytes
+                if nbytes:
+                    c._tensor.copy_(copy)
+                self._set_state(c, state)
+        finally:
+            for kind, _what, keep, _n in (tx or {}).values():
+                if kind == "stored":
+                    if keep is not None:
+                        self.store.release(keep)
+                else:
+                    keep[1]()
+            self.tx_bytes = 0
 
     def _trace(self, handle, resource: str, c: Chunk) -> None:
         self._moved[c.kind][resource] += c.nbytes

@@ -15,11 +15,13 @@ tensors. Three places outside torch's ``clip_grad_norm_`` (:mod:`offload.clippin
   :func:`count_hf_parameters` gives each HF model inside a wrapped one a version that counts the real sizes.
 
 With the ``Trainer``: ``model, opt = offload.wrap(model, torch.optim.AdamW(model.parameters(), lr=...),
-OffloadConfig(..., overlap_update=False))``, then ``Trainer(model=model, args=..., optimizers=(opt, scheduler))``.
-The overlapped update must be off because the Trainer reads the grads after backward at every step (to clip, or
-to log their norm); ``OffloadConfig(max_grad_norm=...)`` also turns it off. Clipping, the LR scheduler, gradient
-accumulation, evaluation, checkpoints (``model.safetensors``, ``optimizer.pt``) and resuming then work as they do
-without offload, bit-identically (tests/test_hf_trainer.py).
+OffloadConfig(..., accumulation_steps=<the Trainer's gradient_accumulation_steps>))``, then ``Trainer(model=model,
+args=..., optimizers=(opt, scheduler))``. The Trainer reads the grad norm after backward at every step (to clip, or
+to log it when ``max_grad_norm`` is 0): the overlapped update answers that call speculatively (the step is
+validated against the clip afterwards, and undone and redone exactly when it clips; see OffloadConfig.speculate),
+or set ``overlap_update=False`` to update after backward. Clipping, the LR scheduler, gradient accumulation,
+evaluation, checkpoints (``model.safetensors``, ``optimizer.pt``) and resuming then work as they do without
+offload, bit-identically (tests/test_hf_trainer.py).
 """
 
 from __future__ import annotations

@@ -7,13 +7,13 @@ from storage.errors import (ChecksumError, ChunkKeyError, ChunkMismatchError, Di
                             StoreError, StoreFullError, StoreLockedError, StoreOpenError, TierFullError)
 from storage.hostpool import HostBuffer, HostPool
 from storage.memory import aligned_empty
-from storage.nvme import ChunkInfo, IOHandle, NvmeStore, StoreConfig
+from storage.nvme import ChunkInfo, IOHandle, NvmeStore, StoreConfig, StoreVersion
 from storage.stats import TransferStats
 from storage.tiers import Tier, TierBudget
 from storage.units import format_bytes
 
 __all__ = [
     "Tier", "TierBudget", "format_bytes", "HostPool", "HostBuffer", "aligned_empty", "NvmeStore", "StoreConfig",
-    "ChunkInfo", "IOHandle", "TransferStats", "TierFullError", "StoreError", "StoreOpenError", "StoreLockedError",
+    "ChunkInfo", "IOHandle", "StoreVersion", "TransferStats", "TierFullError", "StoreError", "StoreOpenError", "StoreLockedError",
     "StoreCorruptError", "ChecksumError", "StoreFullError", "DiskFullError", "ChunkKeyError", "ChunkMismatchError",
 ]

@@ -150,6 +150,22 @@ class _Chunk:
                 "blocks": [[b.file, b.offset, b.length, b.checksum] for b in self.blocks]}
 
 
+class StoreVersion:
+    """A committed version of a key held on disk by :meth:`NvmeStore.hold`."""
+
+    __slots__ = ("key", "chunk", "released")
+
+    def __init__(self, key: str, chunk: "_Chunk"):
+        self.key, self.chunk, self.released = key, chunk, False
+
+    @property
+    def info(self) -> ChunkInfo:
+        return self.chunk.info
+
+    def __repr__(self) -> str:
+        return f"StoreVersion({self.key!r}, version {self.chunk.info.version})"
+
+
 def _dtype(name: str) -> torch.dtype:
     dt = getattr(torch, name, None)
     if not isinstance(dt, torch.dtype):
@@ -665,6 +681,56 @@ class NvmeStore:
             self._latest[key] = self._seq
             self._retire(chunk)
             self._maybe_compact()
+
+    def hold(self, key: str) -> "StoreVersion":
+        """Keep the committed version of ``key`` (waiting first for a write in flight) on disk after later writes
+        or a delete supersede it, until :meth:`release`: a transaction's pre-image, which :meth:`restore` makes
+        the committed version again. Its extents stay taken while held (the store needs room for both)."""
+        self._check_open()
+        pending = self._pending.get(key)
+        if pending is not None:
+            concurrent.futures.wait([pending.handle.future])
+        with self._lock:
+            chunk = self._index.get(key)
+            if chunk is None:
+                raise self._unknown(key)
+            chunk.readers += 1  # what keeps a read's extents alive keeps the held version's
+            return StoreVersion(key, chunk)
+
+    def restore(self, version: "StoreVersion") -> None:
+        """Make a held version of its key the committed one again (journaled like a write; a crash after this
+        leaves it), superseding what was written since. The hold stays until :meth:`release`."""
+        self._check_open(writing=True)
+        if version.released:
+            raise ValueError(f"restore of {version.key!r}: that version was already released")
+        pending = self._pending.get(version.key)
+        if pending is not None:
+            concurrent.futures.wait([pending.handle.future])
+        with self._lock:
+            chunk = version.chunk
+            current = self._index.get(version.key)
+            if current is chunk:
+                return
+            self._seq += 1
+            chunk.info = dataclasses.replace(chunk.info, version=self._seq)
+            chunk.dead = False
+            self._journal_append(chunk.record())
+            self._index[version.key] = chunk
+            self._latest[version.key] = self._seq
+            if current is not None:
+                self._retire(current)
+            self._maybe_compact()
+
+    def release(self, version: "StoreVersion") -> None:
+        """Let go of a held version: its extents are freed unless it is the committed one (idempotent)."""
+        if version.released:
+            return
+        version.released = True
+        with self._lock:
+            chunk = version.chunk
+            chunk.readers -= 1
+            if chunk.dead and chunk.readers == 0 and not self._dead:
+                self._free_blocks(chunk.blocks)
 
     def flush(self) -> None:
         """Wait for every read and write in flight (their errors stay with their handles). Raises

@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import gc
 import itertools
+import math
 import sys
 import tempfile
 import time
@@ -30,6 +31,7 @@ import torch
 
 from helpers import TINY_GPT, gpt, lm_loss
 from offload import OffloadConfig, wrap
+from offload.optimizer import SpeculationPolicy
 from offload.runtime import runtime_of
 from scheduler.planner import Plan, UnitPlacement
 from storage import Tier
@@ -87,7 +89,8 @@ def mixed_plan(n_units: int, shift: int, overlap: bool) -> Plan:
 
 def covering_cells() -> list[Cell]:
     """Every tier combination for each model once, with overlap, accumulation, clipping and the switch varied so
-    that each pair of those choices appears (16 cells), and two cells of the mixed plan with the overlapped update."""
+    that each pair of those choices appears (16 cells), two cells whose clipping never clips (their speculative
+    steps commit), and two cells of the mixed plan with the overlapped update."""
     cells = []
     combos = list(itertools.product(("host", "nvme"), repeat=3))
     knobs = [(o, a, c, w) for o, a, c, w in itertools.product((True, False), (3, 1), (None, 0.05), (False, True))
@@ -96,6 +99,9 @@ def covering_cells() -> list[Cell]:
         for i, (p, g, s) in enumerate(combos):
             o, a, c, w = knobs[(i + mi * 3) % len(knobs)]
             cells.append(Cell(model, p, g, s, o, a, c, w))
+    # Clipping that never clips: speculative steps that commit (0.05 above clips every step: they roll back).
+    cells.append(Cell("gpt", "nvme", "host", "nvme", overlap=True, accum=3, clip=1e3, switch=True))
+    cells.append(Cell("llama", "host", "nvme", "host", overlap=True, accum=1, clip=1e3, switch=False))
     cells.append(Cell("gpt", "mixed", "mixed", "mixed", overlap=True, accum=3, clip=None, switch=True))
     cells.append(Cell("llama", "mixed", "mixed", "mixed", overlap=True, accum=1, clip=None, switch=False))
     return cells
@@ -157,6 +163,9 @@ def run_cell(cell: Cell, seed: int | None, nvme_dir: str, *, rule=None) -> list[
                         impl="as_given", device_budget_bytes=budget, prefetch=1, overlap_update=cell.overlap,
                         accumulation_steps=cell.accum, max_grad_norm=cell.clip)
     model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1), cfg)
+    # Clipping with the overlapped update speculates: at every step here, so that cells that clip roll back every
+    # step and cells that do not commit every step (the default policy would stop after the first clip).
+    opt.speculation = SpeculationPolicy(max_clipped=math.inf)
     rt = runtime_of(model)
     if mixed:
         rt.apply_plan(mixed_plan(len(rt.units), 0, cell.overlap))

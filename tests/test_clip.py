@@ -50,9 +50,37 @@ def test_torch_clip_grad_norm_returns_the_true_norm_and_clips_once(tier, config_
     runtime_of(model).close()
 
 
-def test_clipping_after_the_overlapped_update_is_refused(tmp_path):
+@pytest.mark.parametrize("tier", ["host", "nvme"])
+def test_a_loop_that_clips_itself_keeps_the_overlapped_update(tier, tmp_path):
+    """Nothing configured, the overlapped update on (the default), and the loop clips after backward as the HF
+    Trainer does: the first step speculates (so the call is answered), the loop is then known to clip, and later
+    steps speculate too; each is validated against the loop's max_norm, so results stay bit-identical whether a
+    step clips (undone and redone) or not (committed)."""
+    ref, plain, model, opt = pair(tmp_path, param_tier=tier, grad_tier=tier, state_tier=tier, overlap_update=True)
+    max_norm = 5.0  # the tiny GPT's first steps clip at this (norms 7.6 down to 6.1), its later ones do not
+    clipped = []
+    for idx in token_batches(8, TINY_GPT.vocab):
+        lm_loss(ref, idx).backward()
+        expected = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
+        lm_loss(model, idx).backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        assert norm.item() == expected.item()
+        clipped.append(expected.item() > max_norm)
+        plain.step()
+        opt.step()
+        plain.zero_grad()
+        opt.zero_grad()
+        assert_same(ref, model)
+    st = opt.stats
+    assert any(clipped) and not all(clipped)
+    assert st["spec_rollbacks"] >= 1 and st["spec_commits"] >= 1, st
+    runtime_of(model).close()
+
+
+def test_clipping_after_the_overlapped_update_is_refused_without_speculation(tmp_path):
     m = gpt()
-    model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2), OffloadConfig(param_tier="host"))
+    model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2), OffloadConfig(param_tier="host",
+                                                                                   speculate=False))
     lm_loss(model, token_batches(1, TINY_GPT.vocab)[0]).backward()
     with pytest.raises(RuntimeError, match=r"OffloadConfig\(max_grad_norm=\.\.\.\)"):
         torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)

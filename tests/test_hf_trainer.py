@@ -89,7 +89,10 @@ def test_trainer_parity(tier, how, accumulation, tmp_path):
     """Params, grads and state on ``tier``; the overlapped update turned off either way the Trainer's error names.
     The Trainer clips (through accelerate), logs the norm, schedules the LR and accumulates."""
     ref, tr_ref = plain_run(tmp_path, gradient_accumulation_steps=accumulation)
-    cfg = {"overlap_update": False} if how == "overlap_update=False" else {"max_grad_norm": MAX_NORM}
+    # With max_grad_norm the update overlaps backward speculatively, so the runtime must know which backward
+    # ends a step (accumulation_steps), as for any overlapped update.
+    cfg = {"overlap_update": False} if how == "overlap_update=False" else {"max_grad_norm": MAX_NORM,
+                                                                          "accumulation_steps": accumulation}
     m = llama()
     model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2), tiers(tier, tmp_path, **cfg))
     tr = trainer(model, opt, tmp_path / "offload", gradient_accumulation_steps=accumulation)
@@ -160,13 +163,30 @@ def test_trainer_checkpoints_and_resume(tmp_path):
 
 
 @pytest.mark.parametrize("trainer_clip", [MAX_NORM, 0.0], ids=["clip", "norm-only"])
-def test_trainer_with_the_overlapped_update_says_how_to_turn_it_off(trainer_clip, tmp_path):
-    """The overlapped update (the default) has consumed the grads by the time the Trainer reads them, at every
-    step: refused at the first step, naming the setting."""
+def test_trainer_with_the_default_config_overlaps_speculatively(trainer_clip, tmp_path):
+    """The default config (the overlapped update on, nothing about clipping): the Trainer reads the grad norm
+    after backward at every step (to clip it, or only to log it with ``max_grad_norm=0``). The first step
+    speculates, so its call is answered from the norms the updates recorded; the loop is then known to read the
+    norm and every later step speculates too. Bit-identical to the plain Trainer either way."""
+    ref, tr_ref = plain_run(tmp_path, max_grad_norm=trainer_clip)
     m = llama()
     model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2), tiers("host", tmp_path))
+    tr = trainer(model, opt, tmp_path / "out", max_grad_norm=trainer_clip)
+    tr.train()
+    assert logged(tr) == logged(tr_ref)
+    assert_same_weights(ref, model)
+    st = opt.stats
+    assert st["speculative_steps"] >= 1 and st["speculative_steps"] + st["spec_declined"] == st["steps"], st
+    runtime_of(model).close()
+
+
+def test_trainer_without_speculation_says_how_to_turn_the_overlap_off(tmp_path):
+    """With ``speculate=False`` the overlapped update has consumed the grads by the time the Trainer reads them:
+    refused at the first step, naming the setting."""
+    m = llama()
+    model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2), tiers("host", tmp_path, speculate=False))
     with pytest.raises(RuntimeError, match=r"OffloadConfig\(overlap_update=False\)"):
-        trainer(model, opt, tmp_path / "out", max_grad_norm=trainer_clip).train()
+        trainer(model, opt, tmp_path / "out", max_grad_norm=MAX_NORM).train()
     runtime_of(model).close()
 
 

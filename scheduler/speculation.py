@@ -1,0 +1,91 @@
+"""What clipping (or fp16 loss scaling) costs a plan: the speculative update priced against waiting for backward.
+
+A step that clips needs the global grad norm before it may update. The runtime (``OffloadConfig.speculate``)
+updates during backward anyway and validates after; the step then costs one of:
+
+- **commit** (nothing clipped): the overlapped iteration, plus a pass over the grads to take their norms (on the
+  update thread, before each unit's update) and, for grads kept on NVMe, their write to the store (a redo would
+  read them back; the overlapped update without clipping drops them instead);
+- **rollback** (it clipped): the speculative iteration, then the pre-update bytes copied back and the update
+  phase of a waiting step redone with clipped grads;
+- **wait** (speculation off, or the policy stopped it): the iteration with ``overlap_update=False``.
+
+With a probability ``p`` that a step clips, speculating costs ``(1 - p) commit + p rollback`` per step; the policy
+(``offload.optimizer.SpeculationPolicy``) speculates while that beats waiting, which in practice means while
+recent steps did not clip. The pre-update copies are memory: every host- or device-resident state chunk and param
+updated before validation has a host copy until then (NVMe chunks keep their previous store version instead,
+which the store's 2x room already holds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from scheduler.cost import CostModel
+from scheduler.plan import Plan
+from storage import Tier
+
+NORM_PASS_FRACTION = 1 / 7
+"""A grad-norm pass over a unit's grads against the AdamW update of the same params: the update streams the
+params, grads and two moments in and three of them out (7 arrays), the norm reads one."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculationCost:
+    commit_s: float
+    """A speculative step that commits."""
+    rollback_s: float
+    """A speculative step that clips: undone, then redone with clipped grads."""
+    wait_s: float
+    """A step that waits for backward before updating."""
+    clip_probability: float
+    speculates: bool
+    """Whether the policy's rule (speculate while it pays) speculates at this probability."""
+    expected_s: float
+    """The cost per step the policy gives at this probability."""
+    pre_image_bytes: int
+    """Host bytes the pre-update copies hold at their peak (end of backward), when speculating."""
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def pre_image_bytes(cm: CostModel, plan: Plan) -> int:
+    """Host bytes of the pre-update copies: state chunks and params of the units that update, where they live in
+    memory (host or device); NVMe ones keep their previous store version instead."""
+    total = 0
+    for i, pl in enumerate(plan.units):
+        if not cm.params[i]:
+            continue  # frozen: never updated
+        if pl.state is not Tier.NVME:
+            total += cm.state_bytes(i, pl)
+        if pl.params is not Tier.NVME:
+            total += cm.pb[i]
+    return total
+
+
+def price(cm: CostModel, plan: Plan, clip_probability: float = 0.0) -> SpeculationCost:
+    """The three step costs of ``plan`` under clipping, and what the policy does at ``clip_probability``."""
+    if not 0.0 <= clip_probability <= 1.0:
+        raise ValueError(f"clip_probability: expected a number in [0, 1], got {clip_probability}")
+    overlapped = cm.predict(dataclasses.replace(plan, overlap_update=True))
+    waiting = cm.predict(dataclasses.replace(plan, overlap_update=False))
+    hw = cm.hw
+    updated = sum(n for n in cm.params)
+    norm_s = updated / hw.cpu_update_params_per_s * NORM_PASS_FRACTION
+    kept_grads = sum(cm.gb[i] for i, pl in enumerate(plan.units) if cm.params[i] and pl.grads is Tier.NVME)
+    grads_s = kept_grads / (hw.disk_write_gbps * 1e9)
+    # The extra work runs beside backward on the update thread and the disk: it lengthens the iteration only where
+    # those were already the busiest resources; charged in full, it is an upper estimate.
+    commit = overlapped.iteration_s + max(0.0, norm_s + overlapped.busy_s.get("cpu_update", 0.0)
+                                          - overlapped.iteration_s) + grads_s
+    compute = waiting.busy_s.get("compute", 0.0)
+    redo = max(0.0, waiting.iteration_s - compute)  # the update phase that follows backward
+    copies = pre_image_bytes(cm, plan)
+    undo = copies / (hw.bidir_gbps * 1e9) if copies else 0.0
+    rollback = commit + undo + redo
+    spec = (1 - clip_probability) * commit + clip_probability * rollback
+    speculates = spec <= waiting.iteration_s  # a tie speculates, as the runtime does by default
+    return SpeculationCost(commit_s=commit, rollback_s=rollback, wait_s=waiting.iteration_s,
+                           clip_probability=clip_probability, speculates=speculates,
+                           expected_s=spec if speculates else waiting.iteration_s, pre_image_bytes=copies)
