@@ -14,6 +14,6 @@ from storage.units import format_bytes
 
 __all__ = [
     "Tier", "TierBudget", "format_bytes", "HostPool", "HostBuffer", "aligned_empty", "NvmeStore", "StoreConfig",
-    "ChunkInfo", "IOHandle", "StoreVersion", "TransferStats", "TierFullError", "StoreError", "StoreOpenError", "StoreLockedError",
-    "StoreCorruptError", "ChecksumError", "StoreFullError", "DiskFullError", "ChunkKeyError", "ChunkMismatchError",
+    "ChunkInfo", "IOHandle", "StoreVersion", "TransferStats", "TierFullError", "StoreError", "StoreOpenError",
+    "StoreLockedError", "StoreCorruptError", "ChecksumError", "StoreFullError", "DiskFullError", "ChunkKeyError", "ChunkMismatchError",
 ]
