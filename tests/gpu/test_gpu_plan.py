@@ -77,3 +77,55 @@ def test_plan_and_switches_on_the_gpu(units, exact, tmp_path):
                 torch.testing.assert_close(sd[name], sd_ref[name], rtol=1e-4, atol=1e-3)
     print(rt.report()["placement"], {k: v for k, v in rt.stats.items() if k.startswith("replan")})
     rt.close()
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e6], ids=["every-step-clips", "none-clips"])
+def test_speculative_steps_on_the_gpu_are_exact(max_norm, tmp_path):
+    """Clipping with the overlapped update, speculating at every step, on units whose params and state live on
+    the GPU, the host and NVMe (updated on the device). Steps that do not clip are committed: bit-identical to
+    plain clip_grad_norm_ + fused AdamW. Steps that clip are undone (device memory from its host pre-image) and
+    redone: bit-identical to the same run waiting for backward (speculate=False); against plain PyTorch both
+    differ in the last bits, since the runtime takes the grad norm from the host copies of the grads (the CPU's
+    reduction) and plain PyTorch on the GPU."""
+    import math
+
+    from offload.optimizer import SpeculationPolicy
+
+    torch.use_deterministic_algorithms(True)
+    ref = gpt()
+    plain = torch.optim.AdamW(ref.parameters(), lr=1e-3, fused=True)
+    runs = []
+    for speculate in (True, False):
+        m = gpt()
+        (tmp_path / str(speculate)).mkdir()
+        model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-3),
+                          OffloadConfig(nvme_dirs=str(tmp_path / str(speculate)), impl="fused", max_grad_norm=max_norm,
+                                        speculate=speculate),
+                          plan=Plan(strategy="gpu", units=DEVICE_UPDATES, prefetch_depth=1))
+        opt.speculation = SpeculationPolicy(max_clipped=math.inf)
+        runs.append((model, opt))
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        idx = torch.randint(0, SHAPE.vocab, (4, 33), generator=g).cuda()
+        loss_of(ref, idx).backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
+        plain.step()
+        plain.zero_grad()
+        for model, opt in runs:
+            loss_of(model, idx).backward()
+            opt.step()
+            opt.zero_grad()
+    sd_ref = ref.state_dict()
+    (spec, spec_opt), (wait, _) = runs
+    sd, sd_wait = ({k: v.to(DEV) for k, v in mm.state_dict().items()} for mm in (spec, wait))
+    assert [k for k in sd_ref if not torch.equal(sd_wait[k], sd[k])] == []
+    if max_norm > 1:
+        assert [k for k in sd_ref if not torch.equal(sd_ref[k], sd[k])] == []
+    else:
+        for k in sd_ref:
+            torch.testing.assert_close(sd[k], sd_ref[k], rtol=1e-5, atol=1e-6)
+    st = spec_opt.stats
+    assert st["speculative_steps"] == 4
+    assert (st["spec_rollbacks"] if max_norm < 1 else st["spec_commits"]) == 4, st
+    for model, _ in runs:
+        runtime_of(model).close()
