@@ -228,6 +228,18 @@ def apply(profile: HardwareProfile, estimates: Mapping[str, Estimate], workload:
         if field in estimates:
             e = estimates[field]
             put(field, e.measured, "bytes / busy seconds, median", e.iterations)
+    if t.disk_read_bytes and t.disk_write_bytes and ({"disk_read_gbps", "disk_write_gbps"} & set(estimates)):
+        # Both directions ran in this plan, so what was measured are the rates under its mix: each direction
+        # takes its effective rate (measured, or the profile's after its mixed-rate share), and the mixed rate
+        # becomes their harmonic mean, which makes the share 1 (cost.py, CostModel.disk_share).
+        n = max(estimates[f].iterations for f in ("disk_read_gbps", "disk_write_gbps") if f in estimates)
+        for f in ("disk_read_gbps", "disk_write_gbps"):
+            if f not in estimates:
+                put(f, 1 / (r[LINK_FIELDS[f]] * 1e9), "the profile's rate under this plan's mix of reads and "
+                    "writes (disk_mixed_gbps), as the other direction was measured", n)
+        rd, wr = changes["disk_read_gbps"], changes["disk_write_gbps"]
+        put("disk_mixed_gbps", 2 / (1 / rd + 1 / wr), "reads and writes ran together: the harmonic mean of the "
+            "calibrated disk_read_gbps and disk_write_gbps", n)
     if "h2d_gbps" in estimates or "d2h_gbps" in estimates:
         # Keep the sharing stretch the profile applies to this traffic, so the effective rates come out as measured.
         stretch = r["h2d"] * hw.h2d_gbps * 1e9 if t.h2d_bytes and t.d2h_bytes else 1.0
