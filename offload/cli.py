@@ -75,6 +75,9 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     from scheduler.probe import probe, summary
     from scheduler.profile import cached_path
 
+    if args.rounds is not None and args.rounds < 1:
+        print(f"offload probe: expected --rounds >= 1, got {args.rounds}", file=sys.stderr)
+        return 2
     prof = probe(quick=args.quick, directory=args.dir, rounds=args.rounds)
     path = None if args.no_save else prof.save(cached_path(args.dir))
     if args.json:

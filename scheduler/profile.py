@@ -39,7 +39,8 @@ RATE_FIELDS = ("device_tflops", "compute_efficiency", "h2d_gbps", "d2h_gbps", "b
                "cpu_update_params_per_s_under_io", "device_update_params_per_s", "cpu_steal")
 CAPACITY_FIELDS = ("device_memory_bytes", "host_memory_bytes", "nvme_bytes")
 RESERVE_FIELDS = ("device_reserve", "host_reserve")
-"""Per tier, what no plan may use: ``{"bytes": fixed, "fraction": of the capacity}`` (:meth:`HardwareProfile.reserve_bytes`)."""
+"""Per tier, what no plan may use: ``{"bytes": fixed, "fraction": of the capacity}``
+(:meth:`HardwareProfile.reserve_bytes`)."""
 NO_RESERVE = MappingProxyType({"bytes": 0, "fraction": 0.0})
 STALE_DAYS = 90
 """A cached probe older than this is flagged when a plan uses it: drivers, firmware and the machine's load change."""
@@ -86,8 +87,11 @@ class HardwareProfile:
     cores at no extra cost; above 1 when sharing costs more than it takes (oversubscribed OpenMP threads spin).
     Measured by ``offload probe``: a training step timed alone and beside that work (cost.py, "Shared cores")."""
     device_memory_bytes: int
+    """The device's memory, all of it (``total_memory``, the vendor's figure, ``--device-memory``); a plan may fill
+    it less ``device_reserve`` (:meth:`usable_bytes`). On a CPU-only machine: a budget our accounting enforces."""
     host_memory_bytes: int
-    """Host memory the runtime may use (pinned pool plus staging), not the machine's total."""
+    """The host's memory (RAM, a container's limit, ``--host-memory``); a plan may fill it less ``host_reserve``
+    with the runtime's pinned pool and staging."""
     nvme_bytes: int
     device_reserve: Mapping[str, float]
     """Of ``device_memory_bytes``, what no plan may use: ``bytes`` (the CUDA context with its kernels and library
