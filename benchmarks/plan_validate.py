@@ -68,7 +68,7 @@ def planner_choice(w, hw, share: float = 0.5):
 
     total = sum(w.param_bytes(i) + w.grad_bytes(i) + w.state_bytes(i) for i in range(len(w.units)))
     options = [o for o in OPTIONS if o.update == "cpu"]
-    res = make_plan(w, hw.with_capacities(host_memory_bytes=int(share * total)), options=options)
+    res = make_plan(w, hw.with_capacities(host_memory_bytes=int(share * total), host_reserve_bytes=0), options=options)
     return dataclasses.replace(res.plan, strategy="planner")
 
 

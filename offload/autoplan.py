@@ -95,6 +95,11 @@ def _profile(profile, config, w: Workload, plan: Plan) -> HardwareProfile:
     for field, key in (("host_memory_bytes", "host_budget_bytes"), ("nvme_bytes", "nvme_capacity_bytes")):
         if getattr(config, key):
             changes[field], sources[field] = int(getattr(config, key)), f"the runtime's OffloadConfig.{key}"
+    # A budget is what the runtime may use: all of it usable, no reserve taken off it again.
+    for field, reserve in (("device_memory_bytes", "device_reserve"), ("host_memory_bytes", "host_reserve")):
+        if field in changes:
+            changes[reserve] = {"bytes": 0, "fraction": 0.0}
+            sources[reserve] = "none: the capacity is the runtime's budget, already net of any reserve"
     return dataclasses.replace(hw, **changes, sources=sources) if changes else hw
 
 

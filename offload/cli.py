@@ -71,14 +71,32 @@ def _parse_bytes(text: str) -> int:
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
-    """Measure this machine (FLOP/s, copies, disk, CPU update) and cache the profile."""
-    from scheduler.probe import probe_and_cache
+    """Measure this machine (FLOP/s, copies, disk, CPU update) and cache the profile, unless --no-save."""
+    from scheduler.probe import probe, summary
+    from scheduler.profile import cached_path
 
-    prof, path = probe_and_cache(quick=args.quick, directory=args.dir)
+    if args.rounds is not None and args.rounds < 1:
+        print(f"offload probe: expected --rounds >= 1, got {args.rounds}", file=sys.stderr)
+        return 2
+    prof = probe(quick=args.quick, directory=args.dir, rounds=args.rounds)
+    path = None if args.no_save else prof.save(cached_path(args.dir))
     if args.json:
         print(json.dumps(prof.to_dict(), indent=1))
     else:
-        print(f"profile {prof.name} saved to {path}")
+        print(summary(prof))
+    # Where it went, and what that means, on stderr with --json too: later plans use it without being told.
+    if path is None:
+        print("not saved (--no-save): `offload plan` keeps its current default profile", file=sys.stderr)
+    else:
+        print(f"saved to {path}: the default profile of every later `offload plan` on this machine (one without "
+              f"--profile); delete the file, or re-run `offload probe`, to replace it", file=sys.stderr)
+    if prof.warnings:
+        print(f"offload probe: {len(prof.warnings)} warning(s): these numbers may not be this machine's; re-run "
+              f"`offload probe` when the machine is otherwise idle" + ("" if path is None else
+                                                                      ", or delete the file above") + ":",
+              file=sys.stderr)
+        for w in prof.warnings:
+            print(f"  - {w}", file=sys.stderr)
     return 0
 
 
@@ -88,11 +106,16 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     try:
         w = workload.load(args.model, batch=args.batch, seq=args.seq)
-        hw = profile.resolve(args.profile).with_capacities(device_memory_bytes=args.device_memory,
-                                                           host_memory_bytes=args.host_memory, nvme_bytes=args.nvme)
+        hw = profile.resolve(args.profile).with_capacities(
+            device_memory_bytes=args.device_memory, host_memory_bytes=args.host_memory, nvme_bytes=args.nvme,
+            device_reserve_bytes=args.device_reserve, host_reserve_bytes=args.host_reserve)
     except ValueError as e:
         print(f"offload plan: {e}", file=sys.stderr)
         return 2
+    for doubt in hw.doubts():  # a suspect profile is said every time it is used, not only when it was measured
+        print(f"offload plan: warning: profile {hw.name}"
+              f"{' (' + str(profile.cached_path()) + ', the default)' if args.profile is None else ''}: {doubt}",
+              file=sys.stderr)
     if args.measure:
         return _plan_measure(args, hw)
     res = planner.plan(w, hw)
@@ -279,11 +302,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("probe", help="measure this machine into a hardware profile",
                        description="Measure device FLOP/s per dtype, host<->device copies, disk read/write/mixed "
                                    "through the NVMe store, and CPU optimizer throughput alone and under disk "
-                                   "traffic; cache the result under ~/.cache/offload/profiles (OFFLOAD_CACHE_DIR).",
+                                   "traffic, each in several interleaved rounds (median and spread reported); check "
+                                   "related rates against each other and warn when they are implausible (run it on "
+                                   "an otherwise idle machine). The result is cached under "
+                                   "~/.cache/offload/profiles/<fingerprint>.json (OFFLOAD_CACHE_DIR) and becomes the "
+                                   "default profile of `offload plan` on this machine; --no-save prints it only.",
                        epilog="examples:\n  offload probe\n  offload probe --dir /mnt/nvme --json\n"
-                              "  offload probe --quick", formatter_class=argparse.RawDescriptionHelpFormatter)
+                              "  offload probe --no-save --rounds 9\n  offload probe --quick",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", help="directory on the disk to measure (default: the temp dir)")
     p.add_argument("--quick", action="store_true", help="a few seconds, rough numbers (for tests)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="times each noisy rate is measured, interleaved with the related ones (default 5, --quick "
+                        "2); the median is kept and the spread reported")
+    p.add_argument("--no-save", action="store_true",
+                   help="print the profile, do not cache it (the cached one becomes every later plan's default)")
     p.add_argument("--json", action="store_true", help="print the profile as JSON")
     p.set_defaults(func=_cmd_probe)
     p = sub.add_parser("plan", help="dry run: placement, memory, predicted iteration time",
@@ -309,6 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-memory", type=_parse_bytes, help="override device capacity, e.g. 24GiB")
     p.add_argument("--host-memory", type=_parse_bytes, help="override host capacity, e.g. 128GiB")
     p.add_argument("--nvme", type=_parse_bytes, help="override NVMe capacity, e.g. 2TB")
+    p.add_argument("--device-reserve", type=_parse_bytes,
+                   help="device memory no plan may use (CUDA context, fragmentation), e.g. 2GiB; default: the "
+                        "profile's, kept when --device-memory is given")
+    p.add_argument("--host-reserve", type=_parse_bytes,
+                   help="host memory no plan may use (OS, this process, data loader), e.g. 16GiB; default: the "
+                        "profile's, kept when --host-memory is given")
     p.add_argument("--out", help="directory for plan.json, trace.json (Chrome trace) and timeline.svg")
     p.add_argument("--json", action="store_true", help="print JSON for tools instead of text")
     p.add_argument("--measure", action="store_true",

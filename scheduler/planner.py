@@ -326,8 +326,8 @@ def strategies(workload: Workload, profile: HardwareProfile, *, dos_stride: int 
     implementations). Params go to the host where a strategy allows it and they fit, else NVMe."""
     cm = CostModel(workload, profile)
     block_pb = sum(cm.pb[i] for i in cm.blocks)
-    p_off = H if block_pb + (profile.host_memory_bytes // 4) <= profile.host_memory_bytes and \
-        block_pb <= profile.host_memory_bytes // 2 else N
+    host = profile.usable_bytes("host")
+    p_off = H if block_pb + (host // 4) <= host and block_pb <= host // 2 else N
     out = {
         "no offload": uniform(workload, UnitPlacement(D, D, "device"), "no offload", prefetch_depth=0),
         # ZeRO-Offload (Ren et al. 2021): fp16 params on the GPU, fp32 state and Adam on the CPU, step after bwd.

@@ -9,6 +9,7 @@ by offload probe". FlexGen's fitted constants could not be reproduced by its use
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import json
 import os
@@ -18,9 +19,13 @@ from types import MappingProxyType
 from typing import Mapping
 
 PROFILE_FORMAT = "offload-hardware-profile"
-PROFILE_VERSION = 2
+PROFILE_VERSION = 3
 """Bump when a field changes meaning; ``load`` refuses other versions (re-run ``offload probe``). 2: adds
-``cpu_steal``, and ``compute_efficiency`` is measured on a training step instead of assumed 1.0."""
+``cpu_steal``, and ``compute_efficiency`` is measured on a training step instead of assumed 1.0. 3: adds
+``device_reserve`` and ``host_reserve`` (the capacities become the whole tier, the reserve is what plans leave
+free) and the probe's ``measured_at``, ``spread`` and ``warnings``. Version 2 still loads, with no reserve (what
+it planned with) and a doubt that says so (:meth:`HardwareProfile.doubts`)."""
+READABLE_VERSIONS = (2, PROFILE_VERSION)
 SHIPPED_DIR = Path(__file__).resolve().parent / "profiles"
 DTYPES = ("fp32", "bf16", "fp16")
 STEAL_KINDS = ("copy", "update", "disk")
@@ -33,6 +38,12 @@ RATE_FIELDS = ("device_tflops", "compute_efficiency", "h2d_gbps", "d2h_gbps", "b
                "disk_write_gbps", "disk_mixed_gbps", "disk_block_bytes", "cpu_update_params_per_s",
                "cpu_update_params_per_s_under_io", "device_update_params_per_s", "cpu_steal")
 CAPACITY_FIELDS = ("device_memory_bytes", "host_memory_bytes", "nvme_bytes")
+RESERVE_FIELDS = ("device_reserve", "host_reserve")
+"""Per tier, what no plan may use: ``{"bytes": fixed, "fraction": of the capacity}``
+(:meth:`HardwareProfile.reserve_bytes`)."""
+NO_RESERVE = MappingProxyType({"bytes": 0, "fraction": 0.0})
+STALE_DAYS = 90
+"""A cached probe older than this is flagged when a plan uses it: drivers, firmware and the machine's load change."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -76,11 +87,28 @@ class HardwareProfile:
     cores at no extra cost; above 1 when sharing costs more than it takes (oversubscribed OpenMP threads spin).
     Measured by ``offload probe``: a training step timed alone and beside that work (cost.py, "Shared cores")."""
     device_memory_bytes: int
+    """The device's memory, all of it (``total_memory``, the vendor's figure, ``--device-memory``); a plan may fill
+    it less ``device_reserve`` (:meth:`usable_bytes`). On a CPU-only machine: a budget our accounting enforces."""
     host_memory_bytes: int
-    """Host memory the runtime may use (pinned pool plus staging), not the machine's total."""
+    """The host's memory (RAM, a container's limit, ``--host-memory``); a plan may fill it less ``host_reserve``
+    with the runtime's pinned pool and staging."""
     nvme_bytes: int
+    device_reserve: Mapping[str, float]
+    """Of ``device_memory_bytes``, what no plan may use: ``bytes`` (the CUDA context with its kernels and library
+    workspaces, a display) plus ``fraction`` of the capacity (the caching allocator's rounding and fragmentation).
+    Kept when the capacity is overridden (``with_capacities``), so that ``--device-memory 24GiB`` means the card's
+    24 GiB, not 24 GiB of tensors."""
+    host_reserve: Mapping[str, float]
+    """Of ``host_memory_bytes``, what no plan may use: the OS, this process itself, the data loader, page cache."""
     sources: Mapping[str, str]
-    """Field name -> where its number came from. Every rate and capacity field needs one."""
+    """Field name -> where its number came from. Every rate, capacity and reserve field needs one."""
+    measured_at: str = ""
+    """When ``offload probe`` measured it (ISO 8601, local time); empty for a hand-written profile."""
+    spread: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    """Rate field -> (slowest - fastest) / median of the probe's repeated rounds: how noisy its number is."""
+    warnings: tuple[str, ...] = ()
+    """What the probe found implausible (a noisy rate, fp32 matmul far below bf16, the update faster under disk
+    traffic than alone, other processes busy): shown again whenever a plan uses this profile."""
 
     def __post_init__(self):
         if not self.name:
@@ -100,6 +128,17 @@ class HardwareProfile:
             raise ValueError(f"HardwareProfile.cpu_steal: expected a number >= 0 for each of {STEAL_KINDS} (0 for a "
                              f"GPU), got {steal!r}; `offload probe` measures them")
         object.__setattr__(self, "cpu_steal", MappingProxyType(steal))
+        for f in RESERVE_FIELDS:
+            r = dict(getattr(self, f))
+            if set(r) != {"bytes", "fraction"} or not (isinstance(r["bytes"], (int, float)) and r["bytes"] >= 0
+                                                       and isinstance(r["fraction"], (int, float))
+                                                       and 0 <= r["fraction"] < 1):
+                raise ValueError(f"HardwareProfile.{f}: expected {{'bytes': >= 0, 'fraction': in [0, 1)}}, got {r!r}; "
+                                 f"e.g. {{'bytes': 1073741824, 'fraction': 0.05}} for a GPU's CUDA context and "
+                                 f"fragmentation")
+            object.__setattr__(self, f, MappingProxyType({"bytes": int(r["bytes"]), "fraction": float(r["fraction"])}))
+        object.__setattr__(self, "spread", MappingProxyType(dict(self.spread)))
+        object.__setattr__(self, "warnings", tuple(self.warnings))
         for f in RATE_FIELDS[1:-1] + CAPACITY_FIELDS:
             v = getattr(self, f)
             if not (isinstance(v, (int, float)) and v > 0):
@@ -107,7 +146,7 @@ class HardwareProfile:
         if self.compute_efficiency > 1:
             raise ValueError(f"HardwareProfile.compute_efficiency: expected a fraction in (0, 1], got "
                              f"{self.compute_efficiency}")
-        missing = [f for f in RATE_FIELDS + CAPACITY_FIELDS if not self.sources.get(f)]
+        missing = [f for f in RATE_FIELDS + CAPACITY_FIELDS + RESERVE_FIELDS if not self.sources.get(f)]
         if missing:
             raise ValueError(f"HardwareProfile.sources: expected a source for every number, missing {missing}; "
                              f"write e.g. 'vendor spec: ...', 'estimate: ...' or 'measured ... by offload probe'")
@@ -120,24 +159,65 @@ class HardwareProfile:
                              f"{sorted(self.device_tflops)}; add it to device_tflops or pick another dtype")
         return self.device_tflops[dtype] * 1e12 * self.compute_efficiency
 
+    def reserve_bytes(self, tier: str) -> int:
+        """Bytes of ``tier`` (``device``, ``host``; ``nvme`` has none) that no plan may use."""
+        if tier == "nvme":
+            return 0
+        r, cap = getattr(self, f"{tier}_reserve"), getattr(self, f"{tier}_memory_bytes")
+        return min(cap, int(r["bytes"] + r["fraction"] * cap))
+
+    def usable_bytes(self, tier: str) -> int:
+        """Capacity less reserve: what the planner may fill on ``tier``."""
+        cap = self.nvme_bytes if tier == "nvme" else getattr(self, f"{tier}_memory_bytes")
+        return cap - self.reserve_bytes(tier)
+
     def with_capacities(self, *, device_memory_bytes: int | None = None, host_memory_bytes: int | None = None,
-                        nvme_bytes: int | None = None) -> "HardwareProfile":
-        """A copy with some capacities overridden (``offload plan --device-memory ...``); sources say so."""
+                        nvme_bytes: int | None = None, device_reserve_bytes: int | None = None,
+                        host_reserve_bytes: int | None = None,
+                        source: str = "given on the command line") -> "HardwareProfile":
+        """A copy with some capacities or reserves overridden (``offload plan --device-memory 24GiB
+        --device-reserve 2GiB``); sources say so. A capacity given alone keeps the profile's reserve; a reserve
+        given is that many bytes (no fraction), 0 for none."""
         changes, sources = {}, dict(self.sources)
         for f, v in (("device_memory_bytes", device_memory_bytes), ("host_memory_bytes", host_memory_bytes),
                      ("nvme_bytes", nvme_bytes)):
             if v is not None:
                 changes[f] = int(v)
-                sources[f] = "given on the command line"
+                sources[f] = source
+        for f, v in (("device_reserve", device_reserve_bytes), ("host_reserve", host_reserve_bytes)):
+            if v is not None:
+                if v < 0:
+                    raise ValueError(f"{f.replace('_', '-')}: expected bytes >= 0, got {v}")
+                changes[f] = {"bytes": int(v), "fraction": 0.0}
+                sources[f] = source
         return dataclasses.replace(self, **changes, sources=sources) if changes else self
+
+    def doubts(self, *, today: datetime.date | None = None) -> list[str]:
+        """Why this profile's numbers may not be this machine's now: the probe's own warnings, its age (over
+        :data:`STALE_DAYS`), a version-2 file without reserves. Empty for a hand-written profile that says nothing."""
+        out = list(self.warnings)
+        if self.measured_at:
+            try:
+                age = ((today or datetime.date.today()) - datetime.date.fromisoformat(self.measured_at[:10])).days
+            except ValueError:
+                age = None
+            if age is not None and age > STALE_DAYS:
+                out.append(f"measured {age} days ago ({self.measured_at[:10]}): re-run `offload probe`")
+        if any("profile version 2" in self.sources.get(f, "") for f in RESERVE_FIELDS):
+            out.append("a version-2 profile: no memory reserve for the CUDA context and the OS, plans may fill "
+                       "every byte; re-run `offload probe` or pass --device-reserve/--host-reserve")
+        return out
 
     # -- JSON -------------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         out = {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "name": self.name,
                "fingerprint": self.fingerprint, "device_name": self.device_name}
-        for f in RATE_FIELDS + CAPACITY_FIELDS:
+        for f in RATE_FIELDS + CAPACITY_FIELDS + RESERVE_FIELDS:
             v = getattr(self, f)
             out[f] = {"value": dict(v) if isinstance(v, Mapping) else v, "source": self.sources[f]}
+        if self.measured_at or self.spread or self.warnings:
+            out["probe"] = {"measured_at": self.measured_at, "spread": dict(self.spread),
+                            "warnings": list(self.warnings)}
         return out
 
     @classmethod
@@ -145,11 +225,14 @@ class HardwareProfile:
         if d.get("format") != PROFILE_FORMAT:
             raise ValueError(f"{where}: expected a JSON object with format {PROFILE_FORMAT!r}, got "
                              f"{d.get('format')!r}; is this a hardware profile?")
-        if d.get("version") != PROFILE_VERSION:
+        if d.get("version") not in READABLE_VERSIONS:
             raise ValueError(f"{where}: expected profile version {PROFILE_VERSION}, got {d.get('version')!r}; "
                              f"re-run `offload probe` (or update the file by hand)")
+        if d["version"] == 2:  # what it planned with: the whole capacity; doubts() says so
+            d = dict(d, **{f: {"value": dict(NO_RESERVE), "source": "none: profile version 2 had no reserve"}
+                           for f in RESERVE_FIELDS})
         kwargs, sources = {}, {}
-        for f in RATE_FIELDS + CAPACITY_FIELDS:
+        for f in RATE_FIELDS + CAPACITY_FIELDS + RESERVE_FIELDS:
             entry = d.get(f)
             if not isinstance(entry, dict) or "value" not in entry:
                 raise ValueError(f"{where}: field {f!r}: expected {{\"value\": ..., \"source\": ...}}, got {entry!r}")
@@ -157,8 +240,10 @@ class HardwareProfile:
             sources[f] = entry.get("source", "")
         for f in ("disk_block_bytes",) + CAPACITY_FIELDS:
             kwargs[f] = int(kwargs[f])
+        pr = d.get("probe") or {}
         return cls(name=d.get("name", ""), fingerprint=d.get("fingerprint", ""),
-                   device_name=d.get("device_name", "cpu"), sources=sources, **kwargs)
+                   device_name=d.get("device_name", "cpu"), sources=sources, measured_at=pr.get("measured_at", ""),
+                   spread=pr.get("spread", {}), warnings=tuple(pr.get("warnings", ())), **kwargs)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write JSON atomically (a reader never sees half a file)."""
@@ -189,10 +274,15 @@ def shipped_profiles() -> list[str]:
     return sorted(p.stem for p in SHIPPED_DIR.glob("*.json"))
 
 
+def cached_path(disk_path: str | None = None) -> Path:
+    """Where ``offload probe`` caches this machine's profile: the default of every later ``offload plan``."""
+    return cache_dir() / f"{fingerprint(disk_path)}.json"
+
+
 def resolve(name_or_path: str | None) -> HardwareProfile:
     """A profile by path, shipped name, or (``None``) this machine's cached probe, else ``cpu-dev-2core``."""
     if name_or_path is None:
-        cached = cache_dir() / f"{fingerprint()}.json"
+        cached = cached_path()
         if cached.exists():
             return HardwareProfile.load(cached)
         return HardwareProfile.load(SHIPPED_DIR / "cpu-dev-2core.json")

@@ -228,6 +228,26 @@ def apply(profile: HardwareProfile, estimates: Mapping[str, Estimate], workload:
         if field in estimates:
             e = estimates[field]
             put(field, e.measured, "bytes / busy seconds, median", e.iterations)
+    if t.disk_read_bytes and t.disk_write_bytes and ({"disk_read_gbps", "disk_write_gbps"} & set(estimates)):
+        # Both directions ran, so what was measured are the rates under this plan's mix (cost.py, "one device
+        # shared by reads and writes"). Keep the profile's share for this traffic (how much slower the mix is than
+        # one at a time, a property of the disk): each direction's rate is the effective one measured (or the
+        # profile's, for a direction not measured) times that share, and the mixed rate is what gives the share.
+        k = cm.disk_share(t)
+        n = max(estimates[f].iterations for f in ("disk_read_gbps", "disk_write_gbps") if f in estimates)
+        eff = {f: estimates[f].measured if f in estimates else 1 / (r[LINK_FIELDS[f]] * 1e9)
+               for f in ("disk_read_gbps", "disk_write_gbps")}
+        rd, wr = eff["disk_read_gbps"] * k * 1e9, eff["disk_write_gbps"] * k * 1e9
+        both = min(t.disk_read_bytes, t.disk_write_bytes)
+        pair_s = k * (t.disk_read_bytes / rd + t.disk_write_bytes / wr) - (t.disk_read_bytes - both) / rd - \
+            (t.disk_write_bytes - both) / wr
+        if pair_s > 0:
+            for f, v in (("disk_read_gbps", rd), ("disk_write_gbps", wr)):
+                put(f, v / 1e9, ("bytes / busy seconds, median" if f in estimates else "the profile's rate as "
+                                 "this plan ran it, the other direction being measured") +
+                    f", before the profile's mixed-traffic share ({k:.3f})", n)
+            put("disk_mixed_gbps", 2 * both / pair_s / 1e9, "what keeps the profile's mixed-traffic share with the "
+                "calibrated read and write rates", n)
     if "h2d_gbps" in estimates or "d2h_gbps" in estimates:
         # Keep the sharing stretch the profile applies to this traffic, so the effective rates come out as measured.
         stretch = r["h2d"] * hw.h2d_gbps * 1e9 if t.h2d_bytes and t.d2h_bytes else 1.0

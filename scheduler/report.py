@@ -43,6 +43,8 @@ def to_dict(workload: Workload, profile: HardwareProfile, res: Result, rows: lis
             "memory_terms_bytes": CostModel(workload, profile).memory_terms(res.plan),
             "capacity_bytes": {"device": profile.device_memory_bytes, "host": profile.host_memory_bytes,
                                "nvme": profile.nvme_bytes},
+            "reserve_bytes": {t: profile.reserve_bytes(t) for t in ("device", "host", "nvme")},
+            "usable_bytes": {t: profile.usable_bytes(t) for t in ("device", "host", "nvme")},
             "traffic": p.traffic._asdict(), "busy_s": p.busy_s, "iteration_s": p.iteration_s,
             "tokens_per_s": p.tokens_per_s(workload), "model_tflops": p.model_tflops(workload),
             "bottleneck": p.bottleneck, "lower_bound_s": p.lower_bound_s, "fill_s": p.fill_s,
@@ -63,11 +65,14 @@ def text(workload: Workload, profile: HardwareProfile, res: Result, rows: list[d
            f"batch {workload.batch} x seq {workload.seq}, {workload.compute_dtype} (state "
            f"{workload.state_bytes_per_param} B/param)", f"profile {profile.name} ({profile.device_name})"]
     out.append("FITS" if res.fits else f"DOES NOT FIT: {res.shortfall}")
-    out.append("memory per tier (used / capacity):")
+    out.append("memory per tier (used / usable: the capacity less what is reserved for the CUDA context, allocator "
+               "fragmentation, the OS):")
     for tier, terms in cm.memory_terms(res.plan).items():
         detail = ", ".join(f"{k} {format_bytes(v)}" for k, v in terms.items() if v)
+        held = profile.reserve_bytes(tier)
+        reserve = f" ({format_bytes(held + cap[tier])} less {format_bytes(held)} reserved)" if held else ""
         out.append(f"  {tier:6s} {format_bytes(p.memory_bytes[tier]):>10s} / {format_bytes(cap[tier]):>10s}"
-                   f"   ({detail})")
+                   f"{reserve}   ({detail})")
     out.append(f"placement, unit by unit in order (prefetch depth {res.plan.prefetch_depth}):")
     out.append(f"  {res.plan.compact()}")
     out += ["  " + line for line in placement_legend()]

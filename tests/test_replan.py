@@ -51,7 +51,7 @@ def _scaled(hw, **factors):
     """``hw`` with rates multiplied: ``disk=1/3`` scales both disk directions, ``cpu`` both CPU update rates."""
     out = {}
     for k, f in factors.items():
-        fields = {"disk": ("disk_read_gbps", "disk_write_gbps"),
+        fields = {"disk": ("disk_read_gbps", "disk_write_gbps", "disk_mixed_gbps"),
                   "cpu": ("cpu_update_params_per_s", "cpu_update_params_per_s_under_io")}.get(k, (k,))
         out.update({name: getattr(hw, name) * f for name in fields})
     return dataclasses.replace(hw, **out)
@@ -104,15 +104,23 @@ def _rel(a, b):
 
 # -- calibration -------------------------------------------------------------------------------------------------------
 def test_calibration_recovers_known_rates():
-    """Disk 3x / 2x slower, compute efficiency 0.8x and h2d 0.5x: each comes back exactly (no noise here)."""
+    """Disk 3x / 2x slower, compute efficiency 0.8x and h2d 0.5x: each comes back exactly (no noise here). (The
+    mixed rate is scaled so that the disk's mixed-traffic share stays the profile's: from a run that reads and
+    writes together, only the rates under that mix can be known.)"""
     true = _scaled(HW, disk_read_gbps=1 / 3, disk_write_gbps=1 / 2, compute_efficiency=0.8, h2d_gbps=0.5)
+    t = CostModel(W, HW).traffic(ALL_NVME)
+    k = CostModel(W, HW).disk_share(t)
+    both = min(t.disk_read_bytes, t.disk_write_bytes)
+    pair_s = k * (t.disk_read_bytes / true.disk_read_gbps + t.disk_write_bytes / true.disk_write_gbps) - \
+        (t.disk_read_bytes - both) / true.disk_read_gbps - (t.disk_write_bytes - both) / true.disk_write_gbps
+    true = dataclasses.replace(true, disk_mixed_gbps=2 * both / pair_s)
     recs = _records(true, ALL_NVME, 6)
     recs[0] = _records(_scaled(HW, disk=1 / 10), ALL_NVME, 1)[0]  # a slow warm-up iteration: not measured
     est = estimate(recs, W, ALL_NVME, HW)
     assert est["disk_read_gbps"].iterations == 5
     assert _rel(est["disk_read_gbps"].ratio, 1 / 3) < 1e-9 and _rel(est["disk_write_gbps"].ratio, 1 / 2) < 1e-9
     cal = calibrate(recs, W, ALL_NVME, HW, run="test-run", min_busy_s=0)  # d2h too (1.4 ms)
-    for f in ("disk_read_gbps", "disk_write_gbps", "compute_efficiency"):
+    for f in ("disk_read_gbps", "disk_write_gbps", "disk_mixed_gbps", "compute_efficiency"):
         assert _rel(getattr(cal, f), getattr(true, f)) < 1e-9, f
         assert cal.sources[f].startswith("calibrated from 5 iterations of test-run")
     # h2d and d2h share the link: the calibrated profile predicts the measured busy times for the plan that ran.

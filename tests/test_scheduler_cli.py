@@ -239,7 +239,7 @@ def test_plan_json_runs_in_wrap(tmp_path, monkeypatch, capsys):
 
     shape = _tiny(tmp_path, monkeypatch)
     assert main(["plan", "tinyplanned:make", "--batch", "2", "--seq", "8", "--profile", "cpu-dev-2core",
-                 "--device-memory", "230KiB", "--host-memory", "800KiB", "--json"]) == 0
+                 "--device-memory", "230KiB", "--host-memory", "800KiB", "--host-reserve", "0", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)["plan"]
     plan = Plan.from_dict(d)
     assert plan.to_dict() == {**d, "units": [{**u, "unit": str(i)} for i, u in enumerate(d["units"])]}

@@ -178,3 +178,30 @@ def test_frozen_params_get_no_grads_no_state_no_update_and_no_write_back():
     assert moved == {"h2d": t.h2d_bytes, "d2h": t.d2h_bytes, "disk_read": t.disk_read_bytes,
                      "disk_write": t.disk_write_bytes}
     assert p.lower_bound_s * (1 - 1e-9) <= p.iteration_s <= sum(p.busy_s.values()) * (1 + 1e-9)
+
+
+def test_disk_is_one_device_at_the_mixed_rate_when_reads_and_writes_pair_up():
+    """Reads and writes in flight together move ``disk_mixed_gbps`` (reads plus writes); the excess of the larger
+    direction runs alone at its own rate. The bound and the simulated timeline both take it: the disk's busy time
+    is 2 min(R, W) / mixed + (R - W) / read for a plan that reads more than it writes."""
+    w = dataclasses.replace(_tiny(), **workload.precision("fp32"))
+    hw = dataclasses.replace(profile.resolve("rtx4090-pcie4-gen4nvme"), disk_read_gbps=8.0, disk_write_gbps=4.0,
+                             disk_mixed_gbps=2.0)
+    plan = Plan(strategy="t", units=(UnitPlacement(N, N, "cpu"),) * 4)
+    cm = CostModel(w, hw)
+    p = cm.predict(plan, events=True)
+    r, wr = p.traffic.disk_read_bytes, p.traffic.disk_write_bytes
+    assert r > wr > 0
+    disk_s = 2 * wr / 2e9 + (r - wr) / 8e9
+    assert p.busy_s["disk_read"] + p.busy_s["disk_write"] == pytest.approx(disk_s)
+    assert p.lower_bound_s >= disk_s * (1 - 1e-9) and p.iteration_s >= disk_s * (1 - 1e-9)
+    evs = [e for e in p.events if e.resource in ("disk_read", "disk_write")]  # one device: never two at once
+    evs.sort(key=lambda e: e.start_s)
+    assert all(a.end_s <= b.start_s + 1e-12 for a, b in zip(evs, evs[1:]))
+    assert sum(e.end_s - e.start_s for e in evs) == pytest.approx(disk_s)
+    # One direction only: its own rate, the mixed one plays no part.
+    reads_only = cm.disk_share(Traffic(disk_read_bytes=r))
+    assert reads_only == 1.0 and cm.rates(Traffic(disk_read_bytes=r))["disk_read"] == pytest.approx(1 / 8e9)
+    # A mixed rate equal to one-at-a-time's (harmonic mean of the two for equal bytes) changes nothing.
+    even = dataclasses.replace(hw, disk_mixed_gbps=2 / (1 / 8 + 1 / 4))
+    assert CostModel(w, even).disk_share(Traffic(disk_read_bytes=wr, disk_write_bytes=wr)) == pytest.approx(1.0)

@@ -20,7 +20,7 @@ OPTS = [UnitPlacement(D, D, "device"), UnitPlacement(D, H, "cpu"), UnitPlacement
 def _small(device_mib: int, host_mib: int, name="rtx4090-pcie4-gen4nvme"):
     w = workload.from_shape(SMALL, batch=2, seq=256, name="gpt2-4layer")
     hw = profile.resolve(name).with_capacities(device_memory_bytes=device_mib << 20, host_memory_bytes=host_mib << 20,
-                                               nvme_bytes=8 << 30)
+                                               nvme_bytes=8 << 30, device_reserve_bytes=0, host_reserve_bytes=0)
     return w, hw
 
 
@@ -98,7 +98,8 @@ def test_planner_within_5_percent_of_exhaustive_over_all_options(device_mib, hos
     device) at prefetch depth 2: the whole space, searched."""
     w = workload.from_shape(dataclasses.replace(SMALL, n_layer=3), batch=2, seq=256)
     hw = profile.resolve(prof).with_capacities(device_memory_bytes=device_mib << 20,
-                                               host_memory_bytes=host_mib << 20, nvme_bytes=8 << 30)
+                                               host_memory_bytes=host_mib << 20, nvme_bytes=8 << 30,
+                                               device_reserve_bytes=0, host_reserve_bytes=0)
     best = planner.exhaustive(w, hw, options=planner.OPTIONS, depths=(2,))
     res = planner.plan(w, hw, depths=(2,))
     assert best is not None and res.fits

@@ -1,15 +1,21 @@
-"""Hardware profiles: JSON round trip, version check, sources required, shipped files valid, probe --quick."""
+"""Hardware profiles: JSON round trip, version check, sources required, shipped files valid, memory reserves,
+doubts about a cached probe, the probe's parts at small sizes and its plausibility checks, probe --quick."""
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
+import threading
+import time
 
 import pytest
+import torch
 
 from offload.cli import main
-from scheduler import profile
+from scheduler import probe, profile
 from scheduler.profile import HardwareProfile
+from storage import NvmeStore, StoreConfig
 
 
 def test_round_trip(tmp_path):
@@ -23,7 +29,7 @@ def test_round_trip(tmp_path):
 def test_version_and_format_are_checked(tmp_path):
     d = profile.resolve("cpu-dev-2core").to_dict()
     (tmp_path / "v.json").write_text(json.dumps(dict(d, version=99)))
-    with pytest.raises(ValueError, match="expected profile version 2, got 99; re-run `offload probe`"):
+    with pytest.raises(ValueError, match="expected profile version 3, got 99; re-run `offload probe`"):
         HardwareProfile.load(tmp_path / "v.json")
     (tmp_path / "f.json").write_text(json.dumps(dict(d, format="other")))
     with pytest.raises(ValueError, match="is this a hardware profile"):
@@ -60,6 +66,120 @@ def test_overrides_record_their_source():
     assert p.device_memory_bytes == 24 << 30 and p.sources["device_memory_bytes"] == "given on the command line"
 
 
+def test_reserves_are_kept_when_the_capacity_is_given():
+    """A GPU's CUDA context and fragmentation, the host's OS: plans may fill capacity less reserve, also after
+    ``--device-memory 24GiB``; a reserve given replaces the profile's (bytes, no fraction)."""
+    p = profile.resolve("rtx4090-pcie4-gen4nvme")
+    assert dict(p.device_reserve) == {"bytes": 1 << 30, "fraction": 0.05}
+    q = p.with_capacities(device_memory_bytes=24 << 30, host_memory_bytes=128 << 30)
+    assert q.reserve_bytes("device") == (1 << 30) + int(0.05 * (24 << 30))
+    assert q.usable_bytes("device") == (24 << 30) - q.reserve_bytes("device")
+    assert q.usable_bytes("host") == 96 << 30 and q.usable_bytes("nvme") == q.nvme_bytes
+    r = q.with_capacities(device_reserve_bytes=3 << 30, host_reserve_bytes=0)
+    assert (r.usable_bytes("device"), r.usable_bytes("host")) == (21 << 30, 128 << 30)
+    assert r.sources["device_reserve"] == "given on the command line"
+    with pytest.raises(ValueError, match="host_reserve: expected"):
+        dataclasses.replace(p, host_reserve={"bytes": 0, "fraction": 1.5})
+
+
+def test_plan_report_says_what_is_reserved(capsys):
+    argv = ["plan", "gpt2", "--seq", "256", "--profile", "rtx4090-pcie4-gen4nvme", "--device-memory", "24GiB"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "device   " in out and "(24.0 GiB less 2.2 GiB reserved)" in out
+    assert main(argv + ["--device-reserve", "0", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["reserve_bytes"]["device"] == 0 and d["usable_bytes"]["device"] == 24 << 30
+
+
+def test_version_2_loads_without_reserve_and_says_so(tmp_path):
+    d = profile.resolve("cpu-dev-2core").to_dict()
+    del d["device_reserve"], d["host_reserve"]
+    (tmp_path / "v2.json").write_text(json.dumps(dict(d, version=2)))
+    p = HardwareProfile.load(tmp_path / "v2.json")
+    assert p.usable_bytes("host") == p.host_memory_bytes  # what it planned with
+    assert any("version-2 profile: no memory reserve" in x for x in p.doubts())
+
+
+def test_doubts_carry_the_probes_warnings_and_its_age(tmp_path):
+    p = dataclasses.replace(profile.resolve("cpu-dev-2core"), measured_at="2026-01-02T03:04:05",
+                            spread={"h2d_gbps": 0.4}, warnings=("h2d noisy",))
+    q = HardwareProfile.load(p.save(tmp_path / "p.json"))
+    assert (q.measured_at, dict(q.spread), q.warnings) == (p.measured_at, {"h2d_gbps": 0.4}, ("h2d noisy",))
+    assert q.doubts(today=datetime.date(2026, 2, 1)) == ["h2d noisy"]
+    assert "measured 120 days ago (2026-01-02): re-run `offload probe`" in q.doubts(today=datetime.date(2026, 5, 2))
+    assert profile.resolve("h100-pcie5-gen4nvme").doubts() == []  # hand-written: nothing to doubt
+
+
+def test_plan_flags_a_suspect_cached_profile(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OFFLOAD_CACHE_DIR", str(tmp_path))
+    bad = dataclasses.replace(profile.resolve("cpu-dev-2core"), name="probe-x", measured_at="2026-01-02T03:04:05",
+                              warnings=("the CPU update ran faster under disk traffic than alone",))
+    bad.save(profile.cached_path())
+    assert main(["plan", "gpt2", "--seq", "64"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: profile probe-x ({profile.cached_path()}, the default): the CPU update ran faster" in err
+    assert main(["plan", "gpt2", "--seq", "64", "--profile", "cpu-dev-2core"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+# -- the probe's parts, small ---------------------------------------------------------------------------------------
+def test_measure_rounds_interleaves_and_reports_spread():
+    calls, prepared = [], []
+    jobs = {"a": (lambda: calls.append("a"), 10.0), "b": (lambda: calls.append("b"), 20.0)}
+    r = probe.measure_rounds(jobs, rounds=3, repeats=2, prepare={"b": lambda: prepared.append("b")})
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 3  # one warm-up each, then rounds alternate the jobs
+    assert len(prepared) == 4 and set(r) == {"a", "b"} and len(r["a"].rounds) == 3
+    assert all(v > 0 for v in r["b"].rounds) and r["a"].spread >= 0
+    assert probe.Rate((1.0, 2.0, 4.0)).value == 2.0 and probe.Rate((1.0, 2.0, 4.0)).spread == 1.5
+    with pytest.raises(ValueError, match="rounds >= 1"):
+        probe.measure_rounds(jobs, rounds=0)
+
+
+def test_matmul_disk_and_update_rates_at_small_sizes(tmp_path):
+    mm, sizes = probe.matmul_rates(torch.device("cpu"), 64, rounds=2, budget_s=1.0)
+    assert set(mm) == set(profile.DTYPES) and all(r.value > 0 and len(r.rounds) == 2 for r in mm.values())
+    assert sizes["fp32"] == 64
+    cfg = StoreConfig(block_bytes=1 << 20)
+    with NvmeStore(str(tmp_path), capacity_bytes=64 << 20, config=cfg) as store:
+        bufs = [torch.full((1 << 20,), i, dtype=torch.uint8) for i in range(2)]
+        outs = [torch.zeros(1 << 20, dtype=torch.uint8) for _ in range(2)]
+        dk, mixed = probe.disk_rates(store, bufs, outs, rounds=2)
+        assert set(dk) == {"read", "write", "mixed"} and all(r.value > 0 for r in dk.values())
+        assert torch.equal(outs[1], bufs[1])  # the mixed job read back what was written
+    beside = []
+
+    def side():  # records whether it ran while a step was timed
+        beside.append(threading.get_ident())
+        time.sleep(0.002)
+    alone, under, step = probe.update_rates(4096, side, rounds=2, repeats=2)
+    assert alone.value > 0 and under.value > 0 and len(alone.rounds) == 2 and beside
+    step()
+
+
+def test_plausibility_flags_what_this_machine_once_reported():
+    """fp32 matmul at 0.045 TFLOP/s against bf16 at 1.34 on a CPU without bf16 instructions, the step faster than
+    fp32 matmul, AdamW faster under disk traffic than alone, a wide spread, other processes busy."""
+    bad = probe.plausibility(device="cpu", tflops={"fp32": 0.045, "bf16": 1.34, "fp16": 0.001}, step_tflops=0.14,
+                             cpu_update=0.9e9, cpu_update_io=1.5e9, disk={"read": 2.8, "write": 4.5, "mixed": 3.4},
+                             spread={"device_tflops": 0.6, "h2d_gbps": 0.1}, foreign_cpu=0.4)
+    text = "\n".join(bad)
+    assert len(bad) == 5, text
+    assert "faster than the fp32 matmul alone" in text and "30x fp32" in text
+    assert "faster under disk traffic" in text and "device_tflops 60%" in text and "h2d_gbps" not in text
+    assert "other processes used 40%" in text
+    good = probe.plausibility(device="cpu", tflops={"fp32": 0.18, "bf16": 0.002, "fp16": 0.001}, step_tflops=0.14,
+                              cpu_update=1.9e9, cpu_update_io=1.0e9, disk={"read": 2.8, "write": 4.5, "mixed": 3.4},
+                              spread={"device_tflops": 0.05}, foreign_cpu=0.02)
+    assert good == []
+    # A GPU's bf16 tensor cores are 2-28x its fp32: not flagged; an AMX CPU's bf16 neither.
+    gpu = dict(device="cuda", tflops={"fp32": 51.0, "bf16": 756.0}, step_tflops=20.0, cpu_update=2e9,
+               cpu_update_io=1.7e9, disk={"read": 7.45, "write": 6.9, "mixed": 5.0}, spread={}, foreign_cpu=None)
+    assert probe.plausibility(**gpu) == []
+    assert probe.plausibility(**dict(gpu, device="cpu", cpu_bf16=True)) == []
+    assert "mixed disk traffic" in probe.plausibility(**dict(gpu, disk={"read": 1.0, "write": 1.0, "mixed": 5.0}))[0]
+
+
 @pytest.mark.slow
 def test_probe_quick_caches_a_profile(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OFFLOAD_CACHE_DIR", str(tmp_path / "cache"))
@@ -70,4 +190,12 @@ def test_probe_quick_caches_a_profile(tmp_path, monkeypatch, capsys):
     assert p.disk_read_gbps > 0 and p.cpu_update_params_per_s > 0 and "offload probe --quick" in p.sources["h2d_gbps"]
     assert 0 < p.compute_efficiency <= 1 and set(p.cpu_steal) == set(profile.STEAL_KINDS)
     assert all(v >= 0 for v in p.cpu_steal.values()) and "training step" in p.sources["cpu_steal"]
-    assert "[6/7] cpu steal" in capsys.readouterr().err  # progress shown
+    err = capsys.readouterr().err
+    assert "[6/7] cpu steal" in err  # progress shown
+    assert f"saved to {files[0]}: the default profile of every later `offload plan`" in err
+    assert p.measured_at and set(p.spread) >= {"disk_read_gbps", "cpu_update_params_per_s", "device_tflops"}
+    assert p.warnings[0].startswith("--quick") and p.reserve_bytes("host") > 0
+    assert main(["probe", "--quick", "--dir", str(tmp_path), "--no-save", "--rounds", "1", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["probe"]["warnings"] and "not saved (--no-save)" in err
+    assert list((tmp_path / "cache" / "profiles").glob("*.json")) == files
