@@ -75,14 +75,15 @@ def price(cm: CostModel, plan: Plan, clip_probability: float = 0.0) -> Speculati
     norm_s = updated / hw.cpu_update_params_per_s * NORM_PASS_FRACTION
     kept_grads = sum(cm.gb[i] for i, pl in enumerate(plan.units) if cm.params[i] and pl.grads is Tier.NVME)
     grads_s = kept_grads / (hw.disk_write_gbps * 1e9)
-    # The extra work runs beside backward on the update thread and the disk: it lengthens the iteration only where
-    # those were already the busiest resources; charged in full, it is an upper estimate.
-    commit = overlapped.iteration_s + max(0.0, norm_s + overlapped.busy_s.get("cpu_update", 0.0)
+    copies = pre_image_bytes(cm, plan)
+    copy_s = copies / (hw.bidir_gbps * 1e9) if copies else 0.0  # one memory copy each way (taken, put back)
+    # The norm pass and the pre-update copies run on the update thread beside backward: they lengthen the
+    # iteration only where the update thread becomes the busiest; the kept grads' writes are charged in full.
+    commit = overlapped.iteration_s + max(0.0, norm_s + copy_s + overlapped.busy_s.get("cpu_update", 0.0)
                                           - overlapped.iteration_s) + grads_s
     compute = waiting.busy_s.get("compute", 0.0)
     redo = max(0.0, waiting.iteration_s - compute)  # the update phase that follows backward
-    copies = pre_image_bytes(cm, plan)
-    undo = copies / (hw.bidir_gbps * 1e9) if copies else 0.0
+    undo = copy_s
     rollback = commit + undo + redo
     spec = (1 - clip_probability) * commit + clip_probability * rollback
     speculates = spec <= waiting.iteration_s  # a tie speculates, as the runtime does by default
