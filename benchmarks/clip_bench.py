@@ -1,7 +1,9 @@
 """Clipping with the overlapped update: speculate (update during backward, validate the norm after, undo and
-redo exactly when it clips) against waiting for backward, on a 124M GPT with params and optimizer state on NVMe.
+redo exactly when it clips) against waiting for backward, on a 124M GPT with params and optimizer state on NVMe
+(by default; --params/--state/--grads place them elsewhere).
 
-    .venv/bin/python benchmarks/clip_bench.py              # GPT-2 small shape (124M), medians of 5 iterations
+    .venv/bin/python benchmarks/clip_bench.py              # GPT-2 small (124M), batch 1 x 64, medians of 5
+    .venv/bin/python benchmarks/clip_bench.py --batch 2 --seq 256 --state host   # another point and placement
     .venv/bin/python benchmarks/clip_bench.py --quick      # a tiny model, to try it
 
 Four wrapped models train side by side, their iterations interleaved (so machine noise hits all alike):
@@ -51,8 +53,11 @@ def loss_of(model, idx):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", help="directory for the NVMe stores (default: a temporary one under benchmarks/results)")
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--params", default="nvme", help="params tier (default nvme)")
+    ap.add_argument("--state", default="nvme", help="optimizer state tier (default nvme)")
+    ap.add_argument("--grads", default="host", help="grads tier (default host)")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2, help="iterations left out of the medians (default 2)")
     ap.add_argument("--quick", action="store_true")
@@ -68,14 +73,16 @@ def main(argv=None) -> int:
     nparams = sum(v.numel() for k, v in init.items() if not k.endswith("lm_head.weight"))
     model_bytes = nparams * 4
     print(f"clip benchmark: {nparams / 1e6:.1f}M params ({format_bytes(model_bytes)}), batch {args.batch} x seq "
-          f"{args.seq}, {args.warmup} + {args.iters} iterations per mode; params and state on NVMe in {work}",
+          f"{args.seq}, {args.warmup} + {args.iters} iterations per mode; params on {args.params}, state on "
+          f"{args.state}, grads on {args.grads}; stores in {work}",
           flush=True)
     runs = {}
     for name, extra in MODES.items():
         m = build_transformer(shape, device="cpu")
         m.load_state_dict(init)
         (work / name).mkdir(parents=True, exist_ok=True)
-        cfg = OffloadConfig(param_tier="nvme", state_tier="nvme", nvme_dirs=str(work / name),
+        cfg = OffloadConfig(param_tier=args.params, state_tier=args.state, grad_tier=args.grads,
+                            nvme_dirs=str(work / name),
                             device_budget_bytes=model_bytes // 2, prefetch=2, **extra)
         runs[name] = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True), cfg)
     g = torch.Generator().manual_seed(1)
@@ -102,6 +109,7 @@ def main(argv=None) -> int:
     bars = {"speculate/overlap": ("<=", 1.05), "wait/speculate": (">=", 1.2), "clip-every-step/wait": ("<=", 1.05)}
     passed = {k: (ratios[k] <= b) if op == "<=" else (ratios[k] >= b) for k, (op, b) in bars.items()}
     out = {"params": nparams, "batch": args.batch, "seq": args.seq, "warmup": args.warmup, "iters": args.iters,
+           "placement": {"params": args.params, "state": args.state, "grads": args.grads},
            "times_s": times, "median_s": med, "ratios": ratios, "pass": passed, "stats": stats,
            "bit_identical": {"speculate==overlap": same("speculate", "overlap"),
                              "clip-every-step==wait": same("clip-every-step", "wait")}}
