@@ -304,7 +304,8 @@ class OffloadOptimizer(torch.optim.Optimizer):
         self._clipped = False  # clip_grad_norm_ ran since the last step: the step does not clip again
         self._stats = {"steps": 0, "skipped_steps": 0, "update_s": 0.0, "cpu_update_s": 0.0, "wait_read_s": 0.0,
                        "step_s": 0.0, "speculative_steps": 0, "spec_commits": 0, "spec_rollbacks": 0,
-                       "spec_overflows": 0, "spec_declined": 0, "spec_stopped": 0, "rollback_s": 0.0}
+                       "spec_overflows": 0, "spec_declined": 0, "spec_stopped": 0, "spec_undone_for_accumulation": 0,
+                       "rollback_s": 0.0}
         self._spec: _Speculation | None = None  # the speculative step under way (offload.wrap's runtime)
         self.speculation = SpeculationPolicy()
         self._loop_reads_norm = False  # the loop called clip_grad_norm_ (its steps need the norm)
@@ -1132,10 +1133,14 @@ class OffloadOptimizer(torch.optim.Optimizer):
         for sub in self._update_order(unit):
             self._spec.save(sub, self._swap)
 
-    def abandon_speculation(self) -> None:
-        """An update failed: put back what the speculative step changed (the step did not happen)."""
+    def abandon_speculation(self, *, accumulating: bool = False) -> None:
+        """Put back what the speculative step changed (an update failed, or the loop accumulates one more
+        micro-batch before the step): the step did not happen."""
         if self._spec is not None:
             self._undo(self._spec)
+            if accumulating:
+                self._stats["speculative_steps"] -= 1
+                self._stats["spec_undone_for_accumulation"] += 1
 
     def speculation_stopped(self, error: BaseException) -> None:
         """A pre-image did not fit in memory: the units not updated yet wait for the end of backward."""

@@ -301,6 +301,9 @@ class OffloadRuntime:
         self._backwards = 0  # backward passes since the last step
         self._overlapping = False  # this backward runs the updates
         self._speculating = False  # ... speculatively: the optimizer validates them at step()
+        # Backward passes per step: the config's, raised when a loop is seen accumulating more (a speculative step
+        # is undone when another backward follows the one taken as its last).
+        self._accumulation = config.accumulation_steps
         self._step_pending = False  # updates ran (or run) in backward; step() must collect them
         self._update_futures: list[concurrent.futures.Future] = []
         self._submitted: set[int] = set()
@@ -697,6 +700,10 @@ class OffloadRuntime:
     def _root_pre_forward(self, module, args) -> None:
         if self._backward_running():
             return  # recomputation under activation checkpointing
+        if self._step_pending and self._speculating and torch.is_grad_enabled() and self.config.loss_scale is None:
+            # A training forward between a speculative backward and its step: the loop accumulates another
+            # micro-batch, which must see the weights from before the step.
+            self._undo_for_accumulation()
         self._fwd_seq = []
         for u in self.units:  # hooks of a forward that had no backward are dropped with its tensors
             u.inputs_pending = 0
@@ -790,12 +797,15 @@ class OffloadRuntime:
         if not self._in_backward:
             self.grads_consumed = False
             if self._step_pending:
-                raise RuntimeError(
-                    f"backward called again after the last of {self.config.accumulation_steps} accumulation steps, "
-                    f"whose backward already ran the optimizer update (overlap_update): call optimizer.step() "
-                    f"first, or set OffloadConfig(accumulation_steps=...) to the number of backward passes per step")
+                if not (self._speculating and self.config.loss_scale is None):
+                    raise RuntimeError(
+                        f"backward called again after the last of {self._accumulation} accumulation steps, "
+                        f"whose backward already ran the optimizer update (overlap_update): call optimizer.step() "
+                        f"first, or set OffloadConfig(accumulation_steps=...) to the number of backward passes per "
+                        f"step")
+                self._undo_for_accumulation()
             self._in_backward = True
-            self._overlapping = self.overlap and self._backwards + 1 == self.config.accumulation_steps
+            self._overlapping = self.overlap and self._backwards + 1 == self._accumulation
             if self._overlapping:
                 self._step_t0 = time.perf_counter()
                 self._submitted = set()
@@ -988,6 +998,26 @@ class OffloadRuntime:
         need += sum(u.grad_nbytes for u in self.units if u.grad_tier is Tier.NVME)
         need += self.optimizer.state_bytes_on(Tier.NVME)
         return self.swap.store.free_bytes >= need * 1.1
+
+    def _undo_for_accumulation(self) -> None:
+        """Another forward (or backward) after the backward taken as a step's last: the loop accumulates more
+        micro-batches than ``accumulation_steps`` says. The speculative updates of that backward are undone exactly (its grads stay,
+        and the next micro-batch adds to them), and later steps overlap only their last backward. Not under loss
+        scaling, whose speculation unscales the grads in place."""
+        concurrent.futures.wait(self._update_futures)
+        try:
+            self._update_pool.submit(self.optimizer.finish_unit_io).result()
+            for f in self._update_futures:
+                f.result()
+        finally:
+            self._update_futures = []
+            self.optimizer.abandon_speculation(accumulating=True)
+            self._speculating = self._step_pending = False
+        self._accumulation = self._backwards + 1
+        warnings.warn(f"offload: a backward followed the one taken as the step's last: the loop accumulates "
+                      f"{self._accumulation} or more micro-batches per step; the speculative update of that backward "
+                      f"was undone exactly. Set OffloadConfig(accumulation_steps=...) to skip the undo", RuntimeWarning,
+                      stacklevel=4)
 
     def _preserve_unit(self, u: Unit) -> None:
         """Before a speculative update of ``u``: keep everything it will overwrite (its weights where they live,
@@ -1274,6 +1304,7 @@ class OffloadRuntime:
         for u in self.units:  # grads on NVMe are consumed by the step
             if u.grad_tier is Tier.NVME and u.has_grads:
                 self._drop_grads(u)
+        self._accumulation = max(self._accumulation, self._backwards)
         self._backwards = 0
         self._new_iteration = True
         self._at_boundary = True

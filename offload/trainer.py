@@ -15,8 +15,8 @@ tensors. Three places outside torch's ``clip_grad_norm_`` (:mod:`offload.clippin
   :func:`count_hf_parameters` gives each HF model inside a wrapped one a version that counts the real sizes.
 
 With the ``Trainer``: ``model, opt = offload.wrap(model, torch.optim.AdamW(model.parameters(), lr=...),
-OffloadConfig(..., accumulation_steps=<the Trainer's gradient_accumulation_steps>))``, then ``Trainer(model=model,
-args=..., optimizers=(opt, scheduler))``. The Trainer reads the grad norm after backward at every step (to clip, or
+OffloadConfig(...))`` (``accumulation_steps=`` the Trainer's ``gradient_accumulation_steps`` saves one undo at the
+first step, when the runtime learns it), then ``Trainer(model=model, args=..., optimizers=(opt, scheduler))``. The Trainer reads the grad norm after backward at every step (to clip, or
 to log it when ``max_grad_norm`` is 0): the overlapped update answers that call speculatively (the step is
 validated against the clip afterwards, and undone and redone exactly when it clips; see OffloadConfig.speculate),
 or set ``overlap_update=False`` to update after backward. Clipping, the LR scheduler, gradient accumulation,

@@ -4,6 +4,8 @@ clipping), bit-identical weights, checkpoints and resumes; and a clear error whe
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -162,17 +164,22 @@ def test_trainer_checkpoints_and_resume(tmp_path):
     runtime_of(model).close()
 
 
+@pytest.mark.parametrize("accumulation", [1, 2])
 @pytest.mark.parametrize("trainer_clip", [MAX_NORM, 0.0], ids=["clip", "norm-only"])
-def test_trainer_with_the_default_config_overlaps_speculatively(trainer_clip, tmp_path):
-    """The default config (the overlapped update on, nothing about clipping): the Trainer reads the grad norm
-    after backward at every step (to clip it, or only to log it with ``max_grad_norm=0``). The first step
-    speculates, so its call is answered from the norms the updates recorded; the loop is then known to read the
+def test_trainer_with_the_default_config_overlaps_speculatively(trainer_clip, accumulation, tmp_path):
+    """The default config (the overlapped update on, nothing about clipping or accumulation): the Trainer reads
+    the grad norm after backward at every step (to clip it, or only to log it with ``max_grad_norm=0``). The first
+    step speculates, so its call is answered from the norms the updates recorded (and, accumulating, the forward
+    of the next micro-batch undoes the updates of the backward taken as last); the loop is then known to read the
     norm and every later step speculates too. Bit-identical to the plain Trainer either way."""
-    ref, tr_ref = plain_run(tmp_path, max_grad_norm=trainer_clip)
+    ref, tr_ref = plain_run(tmp_path, max_grad_norm=trainer_clip, gradient_accumulation_steps=accumulation)
     m = llama()
     model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2), tiers("host", tmp_path))
-    tr = trainer(model, opt, tmp_path / "out", max_grad_norm=trainer_clip)
-    tr.train()
+    tr = trainer(model, opt, tmp_path / "out", max_grad_norm=trainer_clip, gradient_accumulation_steps=accumulation)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr.train()
+    assert sum("accumulates" in str(w.message) for w in caught) == accumulation - 1
     assert logged(tr) == logged(tr_ref)
     assert_same_weights(ref, model)
     st = opt.stats

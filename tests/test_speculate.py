@@ -317,3 +317,30 @@ def test_a_host_budget_at_its_minimum_speculates_without_starving_transfers(tmp_
     assert [k for k in sd_ref if not torch.equal(sd_ref[k], sd[k])] == []
     assert opt.stats["spec_stopped"] >= 1
     runtime_of(model).close()
+
+
+@pytest.mark.parametrize("tier", ["host", "nvme"])
+def test_a_loop_that_accumulates_more_than_configured_is_undone_not_refused(tier, tmp_path):
+    """``accumulation_steps`` left at 1 while the loop accumulates 3 micro-batches: the first step speculates, so
+    the backward that follows the one taken as last undoes its updates exactly (instead of raising), the runtime
+    learns 3, and later steps overlap their last backward. Bit-identical to plain PyTorch."""
+    ref, m = gpt(), gpt()
+    plain = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2),
+                      OffloadConfig(param_tier=tier, grad_tier=tier, state_tier=tier, nvme_dirs=str(tmp_path),
+                                    impl="as_given"))
+    data = token_batches(12, TINY_GPT.vocab)
+    with pytest.warns(RuntimeWarning, match="accumulates") as caught:
+        for s in range(4):
+            for a in range(3):
+                lm_loss(ref, data[3 * s + a]).backward()
+                lm_loss(model, data[3 * s + a]).backward()
+            plain.step()
+            opt.step()
+            plain.zero_grad()
+            opt.zero_grad()
+            sd_ref, sd = ref.state_dict(), model.state_dict()
+            assert [k for k in sd_ref if not torch.equal(sd_ref[k], sd[k])] == [], s
+    assert len([w for w in caught if "accumulates" in str(w.message)]) == 2
+    assert opt.stats["spec_undone_for_accumulation"] == 2 and runtime_of(model)._accumulation == 3
+    runtime_of(model).close()
