@@ -650,6 +650,10 @@ class SwapManager:
     def commit(self) -> None:
         """Close the transaction keeping every change: the pre-images are let go."""
         tx, self._tx = self._tx, None
+        self._let_go_pre_images(tx)
+
+    def _let_go_pre_images(self, tx: dict | None) -> None:
+        """A closed transaction's host copies back to the pool, its held store versions released."""
         for kind, _what, keep, _n in (tx or {}).values():
             if kind == "stored":
                 if keep is not None:
@@ -696,13 +700,7 @@ class SwapManager:
                     c._tensor.copy_(copy)
                 self._set_state(c, state)
         finally:
-            for kind, _what, keep, _n in (tx or {}).values():
-                if kind == "stored":
-                    if keep is not None:
-                        self.store.release(keep)
-                else:
-                    keep[1]()
-            self.tx_bytes = 0
+            self._let_go_pre_images(tx)
 
     def _trace(self, handle, resource: str, c: Chunk) -> None:
         self._moved[c.kind][resource] += c.nbytes

@@ -668,9 +668,7 @@ class NvmeStore:
     def delete(self, key: str) -> None:
         """Remove ``key`` (committed at once). Its extents are reused when reads in flight on it finish."""
         self._check_open(writing=True)
-        pending = self._pending.get(key)
-        if pending is not None:
-            concurrent.futures.wait([pending.handle.future])
+        self._settle_write(key)
         with self._lock:
             chunk = self._index.get(key)
             if chunk is None:
@@ -682,14 +680,18 @@ class NvmeStore:
             self._retire(chunk)
             self._maybe_compact()
 
+    def _settle_write(self, key: str) -> None:
+        """Until the write in flight to ``key``, if any, has committed or failed."""
+        pending = self._pending.get(key)
+        if pending is not None:
+            concurrent.futures.wait([pending.handle.future])
+
     def hold(self, key: str) -> "StoreVersion":
         """Keep the committed version of ``key`` (waiting first for a write in flight) on disk after later writes
         or a delete supersede it, until :meth:`release`: a transaction's pre-image, which :meth:`restore` makes
         the committed version again. Its extents stay taken while held (the store needs room for both)."""
         self._check_open()
-        pending = self._pending.get(key)
-        if pending is not None:
-            concurrent.futures.wait([pending.handle.future])
+        self._settle_write(key)
         with self._lock:
             chunk = self._index.get(key)
             if chunk is None:
@@ -703,9 +705,7 @@ class NvmeStore:
         self._check_open(writing=True)
         if version.released:
             raise ValueError(f"restore of {version.key!r}: that version was already released")
-        pending = self._pending.get(version.key)
-        if pending is not None:
-            concurrent.futures.wait([pending.handle.future])
+        self._settle_write(version.key)
         with self._lock:
             chunk = version.chunk
             current = self._index.get(version.key)
