@@ -336,7 +336,8 @@ def test_autoplan_reads_the_wrapped_model_and_the_runtimes_budgets(tmp_path):
     # The workload of the model's shapes, though its params are empty between uses (and stay so).
     assert rp.workload == workload_of(shape, batch=2, seq=8, name="TransformerLM")
     assert all(p.numel() == 0 for p in model.parameters())
-    assert rp.plan == config_to_plan(cfg, rp.workload, strategy="config") and not rp.plan.overlap_update
+    # Clipping overlaps speculatively: priced as the steady state of steps that do not clip.
+    assert rp.plan == config_to_plan(cfg, rp.workload, strategy="config") and rp.plan.overlap_update
     cm = CostModel(rp.workload, rp.profile)
     grads = cm.gb[0] + rp.plan.grad_buffers * max(cm.gb[1:])
     assert rp.profile.device_memory_bytes == (1 << 20) + cm.act_bytes + grads
