@@ -36,6 +36,8 @@ import dataclasses
 import itertools
 from typing import Sequence
 
+import numpy as np
+
 from scheduler.cost import CostModel, Prediction
 # Plan and UnitPlacement live in scheduler/plan.py (the cost model needs them too); imported from here they still work.
 from scheduler.plan import OPTIONS, Plan, UnitPlacement
@@ -374,9 +376,6 @@ class Feasibility:
                     if (p, s) not in types or chunk < types[(p, s)][1]:
                         types[(p, s)] = (o, chunk)
                 self.sets.append((pools, [(p, s, o, c) for (p, s), (o, c) in types.items()]))
-        import numpy as np
-
-        self._np = np
         xd, xh = np.meshgrid(np.arange(self.n + 1), np.arange(self.n + 1), indexing="ij")
         keep = xd + xh <= self.n
         self.x = [xd[keep].astype(np.int64), xh[keep].astype(np.int64)]
@@ -397,7 +396,6 @@ class Feasibility:
         when the bounds cannot tell (see the class note)."""
         if not self.exact:
             return None
-        np = self._np
         unknown = False
         for r, (rlin, rpools) in zip(self.rest_opts, self.rest_vals):
             base = [cap[k] - self.const[k] - rlin[k] for k in range(3)]
@@ -421,7 +419,7 @@ class Feasibility:
     def _split(self, left, types, chunk):
         """The first params split ``x`` (device, host, nvme counts) and state capacities that Hall's condition
         admits, with every state chunk ``chunk`` bytes; ``None`` when there is none."""
-        np, n, pb = self._np, self.n, self.pb
+        n, pb = self.n, self.pb
         rem = [left[t] - self.x[t] * pb for t in range(3)]
         ok = (rem[0] >= 0) & (rem[1] >= 0) & (rem[2] >= 0)
         k = [np.minimum(np.maximum(r, 0) // chunk, n) if chunk else np.full_like(r, n) for r in rem]
@@ -655,22 +653,28 @@ def diagnose(workload: Workload, profile: HardwareProfile, *, options: Sequence[
         return Fix(tuple(ch), tuple((FLAGS[t], size_at_least(v)[1]) for t, v in values.items()))
 
     if must:
-        # Each must grow: the least of each in turn, the ones not yet set unbounded; a tier found short once the
-        # others are set joins them.
-        grown = list(cap)
-        todo = list(must)
-        while True:
-            trial = [UNBOUNDED if k in todo else c for k, c in enumerate(grown)]
-            if fits(trial) is not None:
-                break
-            todo.append(next(k for k in range(3) if k not in todo))
-        for k in sorted(todo):
-            rest = [UNBOUNDED if j in todo and j > k else c for j, c in enumerate(grown)]
-            grown[k] = _least(fits, rest, k)
-        assert fits(grown) is not None, "each tier's least was found with the later ones unbounded, so they fit"
-        values = {TIERS[k]: grown[k] for k in sorted(todo)}
-        fixes.append(fix_of(values))
-        short = [(t, v - cap[TIERS.index(t)]) for t, v in values.items()]
+        # Each must grow at least to its floor (its least with the other tiers unbounded): that is what it is
+        # short by. Grown to their floors, they may still not fit with the others: then one more tier grows
+        # with them (each that can is a fix), or the must tiers alone grow further (the least of each in turn,
+        # the ones not yet set unbounded).
+        floor = list(cap)
+        for k in must:
+            floor[k] = _least(fits, [c if j == k else UNBOUNDED for j, c in enumerate(cap)], k)
+        short = [(TIERS[k], floor[k] - cap[k]) for k in must]
+        if fits(floor) is not None:
+            fixes.append(fix_of({TIERS[k]: floor[k] for k in must}))
+        else:
+            for k in range(3):
+                v = None if k in must else _least(fits, list(floor), k)
+                if v is not None:
+                    fixes.append(fix_of({TIERS[j]: v if j == k else floor[j] for j in sorted(must + [k])}))
+            grown, todo = list(cap), list(must)
+            while fits([UNBOUNDED if k in todo else c for k, c in enumerate(grown)]) is None:
+                todo.append(next(k for k in range(3) if k not in todo))
+            for k in sorted(todo):
+                grown[k] = _least(fits, [UNBOUNDED if j in todo and j > k else c for j, c in enumerate(grown)], k)
+            assert fits(grown) is not None, "each tier's least was found with the later ones unbounded: they fit"
+            fixes.append(fix_of({TIERS[k]: grown[k] for k in sorted(todo)}))
     else:
         for k in range(3):
             v = _least(fits, list(cap), k)
