@@ -14,9 +14,20 @@
    a fixed number of simulations (deterministic, not a time limit); from the best arrangement and, as a second
    start, from the best uniform plan.
 
-The counts are tried at each prefetch depth; the fastest fitting plan wins. A plan that cannot fit comes back with
-:class:`Shortfall`: the tier, how many bytes it lacks under the placement that needs least of it, and the
-smallest change that makes it fit.
+The counts are tried at each prefetch depth; the fastest fitting plan wins.
+
+**Bounds before search.** :class:`Feasibility` decides from the memory formulas alone, in milliseconds, whether any
+placement of the space fits, and finds one that does; the search above runs only when one does (or where the bounds
+cannot tell), so a "does not fit" costs no search.
+
+**When nothing fits** the result carries a :class:`Shortfall`. A tier is *short alone* when no placement fits it
+even with the other two tiers unbounded; each such tier must grow, and the fix names the least growth of each
+(found one after the other, the later ones unbounded meanwhile). When no tier is short alone the bytes are short
+together: every tier that could take the rest alone is listed with the least capacity at which it would. The
+least capacity is found by bisection with :class:`Feasibility`, then rounded up to the 3 digits printed and
+checked again at that value, so a printed fix fits as printed. Where the device is the only tier that must grow,
+a smaller ``--batch`` (or, when even one sequence does not fit, a shorter ``--seq``) is offered too, the largest
+that fits (activations scale with the tokens).
 """
 
 from __future__ import annotations
@@ -24,6 +35,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from typing import Sequence
+
+import numpy as np
 
 from scheduler.cost import CostModel, Prediction
 # Plan and UnitPlacement live in scheduler/plan.py (the cost model needs them too); imported from here they still work.
@@ -36,23 +49,11 @@ D, H, N = Tier.DEVICE, Tier.HOST, Tier.NVME
 
 
 @dataclasses.dataclass(frozen=True)
-class Shortfall:
-    """Why nothing fits: the tier, the bytes it lacks under the placement needing least of it, and the fix."""
-
-    tier: str
-    short_bytes: int
-    fix: str
-
-    def __str__(self) -> str:
-        return f"{self.tier} memory is short by {format_bytes(self.short_bytes)}: {self.fix}"
-
-
-@dataclasses.dataclass(frozen=True)
 class Result:
     plan: Plan
     prediction: Prediction
     fits: bool
-    shortfall: Shortfall | None = None
+    shortfall: "Shortfall | None" = None
 
 
 def uniform(workload: Workload, pl: UnitPlacement, strategy: str, **kw) -> Plan:
@@ -81,6 +82,9 @@ class _Search:
             raise ValueError("plan: the options given leave the rest unit none (it needs params on 'device')")
         self.traffic = [[cm.unit_traffic(g[0], o) for o in opts] for g, opts in zip(self.groups, self.opts)]
         self.cap = cm.capacity()
+        self.max_evals = 40_000
+        """Count states the greedy may evaluate (~0.2 ms each for 81 units) before it gives up: a 70B plan that
+        fits takes ~10,000; one where a tier is tight can wander through ~600,000 before it finds its way."""
 
     def evaluate(self, counts, proto: Plan) -> tuple[float, dict]:
         t = None
@@ -113,7 +117,10 @@ class _Search:
                   for g, opts in zip(self.groups, self.opts)]
         proxy, mem = self.evaluate(counts, proto)
         seen = {self._key(counts)}  # freeing one tier may fill another: never revisit a state, so no ping-pong
+        evals = 0
         for _ in range(10_000):  # bounded: each move frees bytes on the short tier or lowers the proxy
+            if evals > self.max_evals:  # wandering where little fits: the bounds' witness is the start then
+                return None
             short = self.over(mem)
             best = None
             for gi, cs in enumerate(counts):
@@ -128,6 +135,7 @@ class _Search:
                             cs[b] += m
                             key = self._key(counts)
                             p2, mem2 = self.evaluate(counts, proto) if key not in seen else (0.0, None)
+                            evals += 1
                             cs[a] += m
                             cs[b] -= m
                             if mem2 is None:
@@ -221,15 +229,29 @@ def plan(workload: Workload, profile: HardwareProfile, *, options: Sequence[Unit
          depths: Sequence[int] = (1, 2, 3), grad_buffers: int = 2, state_buffers: int = 4,
          max_sims: int | None = None) -> Result:
     """The fastest plan the search finds that fits every tier (module note), or the least-short one, diagnosed."""
-    cm = CostModel(workload, profile)
+    fits = _Fits(workload, profile, options, depths, grad_buffers, state_buffers)
+    cm = fits.cm
     search = _Search(cm, options)
+    # Bounds first: when no placement fits, that is proved here, before any search (class Feasibility).
+    witness = fits.feas.decide(list(cm.capacity().values()))
+    if witness is False:
+        fallback = uniform(workload, UnitPlacement(N, N, "cpu"), "ours", prefetch_depth=min(depths),
+                           grad_buffers=grad_buffers, state_buffers=state_buffers)
+        return Result(fallback, cm.predict(fallback, events=True), False,
+                      diagnose(workload, profile, options=options, depths=depths, grad_buffers=grad_buffers,
+                               state_buffers=state_buffers, fits=fits))
     if max_sims is None:  # enough for small models to converge; bounded for big ones (~ms per simulation)
         max_sims = 3000 if len(workload.units) <= 8 else 60
     # The greedy runs at one depth (the middle one; smaller ones if nothing fits): depth changes only the param
     # buffers, so its counts are then tried at every depth, which costs a simulation each, not a search.
-    order = sorted(depths, key=lambda k: (abs(k - sorted(depths)[len(depths) // 2]), k))
+    # The bounds say at which depths anything fits (memory grows with depth): the greedy is not run at one where
+    # nothing does (a greedy that cannot succeed wanders long before it gives up).
+    cap = list(cm.capacity().values())
+    live = [k for k in sorted(depths) if k == min(depths) or Feasibility(
+        cm, options, depth=k, grad_buffers=grad_buffers, state_buffers=state_buffers).decide(cap) is not False]
+    order = sorted(live, key=lambda k: (abs(k - sorted(depths)[len(depths) // 2]), k))
     counts = None
-    for k in [order[0]] + sorted(d for d in depths if d < order[0])[::-1]:
+    for k in [order[0]] + sorted(d for d in live if d < order[0])[::-1]:
         proto = Plan(strategy="ours", units=(), prefetch_depth=k, grad_buffers=grad_buffers,
                      state_buffers=state_buffers)
         counts = search.greedy(proto)
@@ -252,12 +274,16 @@ def plan(workload: Workload, profile: HardwareProfile, *, options: Sequence[Unit
             t = cm.predict(cand).iteration_s
             if how not in starts or t < starts[how][0] * (1 - 1e-9):
                 starts[how] = (t, cand)
+    if not starts and isinstance(witness, Plan):  # the greedy missed what the bounds found: start from that
+        starts["witness"] = (cm.predict(witness).iteration_s, witness)
     if not starts:
         fallback = uniform(workload, UnitPlacement(N, N, "cpu"), "ours", prefetch_depth=min(depths),
                            grad_buffers=grad_buffers, state_buffers=state_buffers)
-        return Result(fallback, cm.predict(fallback, events=True), False, diagnose(cm, fallback))
+        return Result(fallback, cm.predict(fallback, events=True), False,
+                      diagnose(workload, profile, options=options, depths=depths, grad_buffers=grad_buffers,
+                               state_buffers=state_buffers, fits=fits))
     best: tuple[float, Plan] | None = None
-    for how in ("greedy", "uniform"):  # fixed order: deterministic
+    for how in ("greedy", "uniform", "witness"):  # fixed order: deterministic
         if how in starts:
             p, t = local_search(cm, starts[how][1], options, max_sims=max_sims)
             if best is None or t < best[0] * (1 - 1e-9):
@@ -265,38 +291,415 @@ def plan(workload: Workload, profile: HardwareProfile, *, options: Sequence[Unit
     return Result(best[1], cm.predict(best[1], events=True), True)
 
 
-def diagnose(cm: CostModel, proto: Plan) -> Shortfall:
-    """The tier that is short under the placement needing least of it, by how much, and the smallest fix."""
-    w, cap = cm.w, cm.capacity()
-    least_device = uniform(w, UnitPlacement(N, N, "cpu"), "least-device", prefetch_depth=0, grad_buffers=1,
-                           state_buffers=1)
-    mem = cm.memory(least_device)
-    if mem["device"] > cap["device"]:
-        short = mem["device"] - cap["device"]
-        per_sample = (sum(u.act_bytes for u in w.units) + max(u.work_bytes for u in w.units)) / w.batch
-        fixed = mem["device"] - per_sample * w.batch
-        fix = f"a device with at least {format_bytes(mem['device'])} (--device-memory)"
-        if fixed < cap["device"] and per_sample > 0:
-            b = int((cap["device"] - fixed) // per_sample)
-            if b >= 1:
-                fix += f", or --batch {b} (activations take {format_bytes(per_sample)} per sample)"
-            elif w.seq > 1:
-                fix += ", or a shorter --seq"
-        return Shortfall("device", short, fix)
-    # Offloaded bytes go to host or nvme; the host needs at least its staging buffers (all on nvme).
-    least_host = uniform(w, UnitPlacement(N, N, "cpu"), "least-host", prefetch_depth=max(proto.prefetch_depth, 1),
-                         grad_buffers=proto.grad_buffers, state_buffers=proto.state_buffers)
-    mh = cm.memory(least_host)
-    if mh["host"] > cap["host"]:
-        return Shortfall("host", mh["host"] - cap["host"],
-                         f"at least {format_bytes(mh['host'])} of host memory (--host-memory), or fewer buffers")
-    # Everything that is on neither the device nor the host must fit on nvme.
-    sb = [cm.state_bytes(i, pl) for i, pl in enumerate(least_host.units)]
-    total = sum(cm.pb) + sum(sb)
-    room = max(0, cap["device"] - mem["device"]) + max(0, cap["host"] - mh["host"])
-    need_nvme = max(0, total - room) + least_host.state_buffers * max(sb)
-    return Shortfall("nvme", max(0, need_nvme - cap["nvme"]),
-                     f"at least {format_bytes(need_nvme)} of NVMe (--nvme), or more host memory")
+# -- feasibility from bounds ------------------------------------------------------------------------------------------
+TIERS = ("device", "host", "nvme")
+_POOLS = (("device", "param_buffers"), ("device", "state_buffers"), ("host", "grads"), ("host", "param_staging"),
+          ("host", "state_staging"), ("nvme", "write_room"))
+"""Memory terms that are pools: the largest chunk among the units placed some way, times a buffer count
+(cost.py, :meth:`CostModel.memory`). The others are chunks (``params``, ``state``: one per unit, summed) or do not
+depend on the placement (``activations``; the device ``grads``, whose rotating buffers hold any block's)."""
+_TERMS = {"device": {"params", "param_buffers", "state", "grads", "state_buffers", "activations"},
+          "host": {"params", "state", "grads", "param_staging", "state_staging"},
+          "nvme": {"params", "state", "write_room"}}
+_TIER_OF = {D: 0, H: 1, N: 2}
+UNBOUNDED = 1 << 62
+"""A capacity that holds anything (bounds with one tier left free)."""
+
+
+class Feasibility:
+    """Whether any plan of the planner's space fits given capacities, decided from the memory formulas, without a
+    search; and one that does (a witness).
+
+    The planner's space: every unit one of ``options`` (the rest unit one keeping params on the device), at one of
+    its depths. Memory only grows with the depth, so the least one decides. Memory per tier is a constant, plus a
+    chunk per unit where the unit puts its params and its state, plus pools, each the largest of some units'
+    chunks (``_POOLS``). Units of the same sizes are interchangeable, so with one group of blocks the question is
+    *how many* blocks take each placement:
+
+    1. The pools. Each block option contributes a value to each pool; a "level" per pool (the largest value
+       allowed) leaves the options under it. Every combination of levels is enumerated (a handful per pool);
+       combinations that allow the same options with larger pools, or a subset of another's options with pools no
+       smaller, are dropped.
+    2. For each rest option and each remaining set of allowed options, the pools and the rest unit's own bytes
+       are fixed, and what is left of each tier must hold the blocks' chunks: ``x_t`` param chunks (``pb`` each) and
+       ``y_t`` state chunks (``sb`` each) on tier ``t``. Every split ``x`` of the params is tried (``O(n^2)``,
+       vectorized); the states each tier can then take are ``(left_t - x_t pb) // sb``, and whether the blocks'
+       states can go there, each to a tier its params' tier allows with an allowed option, is a transport
+       problem, feasible iff for every set ``S`` of params tiers the blocks with params in ``S`` number at most
+       the states the tiers reachable from ``S`` can take (Hall's condition).
+
+    Exact when every allowed option of a block with params on tier ``p`` and state on tier ``s`` uses the same
+    state chunk, which holds whenever no placement needs an fp32 master beside the state (16-bit training, the
+    default and every preset). Where masters make the state chunk vary (fp32 training), the witness search
+    assumes every state chunk is the largest and the proof of infeasibility that each is the smallest; the gap
+    between the two, and workloads with blocks of several sizes, are left to the search (:meth:`decide` says
+    ``None``).
+    """
+
+    def __init__(self, cm: CostModel, options: Sequence[UnitPlacement], *, depth: int, grad_buffers: int,
+                 state_buffers: int):
+        self.cm, w = cm, cm.w
+        self.proto = Plan(strategy="ours", units=(), prefetch_depth=depth, grad_buffers=grad_buffers,
+                          state_buffers=state_buffers)
+        self.has_rest = cm.has_rest
+        blocks = cm.blocks
+        full = self._terms([(i, options[0] if not (self.has_rest and i == 0) else UnitPlacement(D, D, "device"), 1)
+                            for i in range(len(w.units))])
+        for t in TIERS:
+            assert set(full[t]) == _TERMS[t], f"cost.py's memory terms changed: {sorted(full[t])}; update _POOLS"
+        self.const = [full["device"]["activations"] + full["device"]["grads"], 0, 0]
+        self.rest_opts = [o for o in options if o.params is D] if self.has_rest else [None]
+        self.rest_vals = [self._values(0, o) for o in self.rest_opts] if self.has_rest else [((0, 0, 0), (0,) * 6)]
+        sizes = {(cm.pb[i], cm.gb[i], cm.sb[i], cm.sb_master[i], cm.params[i], cm.tpb[i]) for i in blocks}
+        self.exact = len(sizes) <= 1
+        self.blocks = list(blocks)
+        self.n = len(blocks)
+        self.sets: list[tuple[tuple, list]] = []  # (block pools, types [(p, s, option, state chunk)])
+        if self.n and self.exact:
+            self.pb = cm.pb[blocks[0]]
+            vals = {o: self._values(blocks[0], o) for o in options}
+            levels = [sorted({v[1][k] for v in vals.values()}) for k in range(len(_POOLS))]
+            seen: dict[frozenset, tuple] = {}
+            for lv in itertools.product(*levels):
+                allowed = frozenset(o for o, v in vals.items() if all(a <= b for a, b in zip(v[1], lv)))
+                if allowed and allowed not in seen:
+                    seen[allowed] = tuple(max(vals[o][1][k] for o in allowed) for k in range(len(_POOLS)))
+            kept = [(a, p) for a, p in seen.items()
+                    if not any(b > a and all(x >= y for x, y in zip(p, q)) for b, q in seen.items())]
+            for allowed, pools in kept:
+                types: dict[tuple, tuple] = {}
+                for o in (o for o in options if o in allowed):
+                    lin = vals[o][0]
+                    p, s = _TIER_OF[o.params], _TIER_OF[o.state]
+                    chunk = lin[s] - (self.pb if p == s else 0)
+                    assert sum(lin) == self.pb + chunk, f"a block's bytes are not one param and one state chunk: {o}"
+                    if (p, s) not in types or chunk < types[(p, s)][1]:
+                        types[(p, s)] = (o, chunk)
+                self.sets.append((pools, [(p, s, o, c) for (p, s), (o, c) in types.items()]))
+        xd, xh = np.meshgrid(np.arange(self.n + 1), np.arange(self.n + 1), indexing="ij")
+        keep = xd + xh <= self.n
+        self.x = [xd[keep].astype(np.int64), xh[keep].astype(np.int64)]
+        self.x.append(self.n - self.x[0] - self.x[1])
+        self.evaluated = 0
+        """Combinations of (rest option, allowed options) examined so far: the work, for tests to bound."""
+
+    def _terms(self, items):
+        return self.cm.memory_terms_of(self.proto, items)
+
+    def _values(self, i: int, o: UnitPlacement) -> tuple[tuple, tuple]:
+        """Unit ``i`` at ``o``: its chunk bytes per tier and its value to each pool."""
+        t = self._terms([(i, o, 1)])
+        return tuple(t[k]["params"] + t[k]["state"] for k in TIERS), tuple(t[k][term] for k, term in _POOLS)
+
+    def decide(self, cap: Sequence[int]) -> Plan | bool | None:
+        """A plan that fits ``cap`` (device, host, nvme bytes); ``False`` when none of the space does; ``None``
+        when the bounds cannot tell (see the class note)."""
+        if not self.exact:
+            return None
+        unknown = False
+        for r, (rlin, rpools) in zip(self.rest_opts, self.rest_vals):
+            base = [cap[k] - self.const[k] - rlin[k] for k in range(3)]
+            for pools, types in self.sets if self.n else [((0,) * 6, [])]:
+                self.evaluated += 1
+                left = list(base)
+                for (tier, _), a, b in zip(_POOLS, pools, rpools):
+                    left[TIERS.index(tier)] -= max(a, b)
+                if min(left) < 0:
+                    continue
+                if not self.n:
+                    return self._witness(r, [], None)
+                chunks = [c for _, _, _, c in types]
+                got = self._split(left, types, max(chunks))
+                if got is not None:
+                    return self._witness(r, types, got)
+                if min(chunks) != max(chunks) and self._split(left, types, min(chunks)) is not None:
+                    unknown = True
+        return None if unknown else False
+
+    def _split(self, left, types, chunk):
+        """The first params split ``x`` (device, host, nvme counts) and state capacities that Hall's condition
+        admits, with every state chunk ``chunk`` bytes; ``None`` when there is none."""
+        n, pb = self.n, self.pb
+        rem = [left[t] - self.x[t] * pb for t in range(3)]
+        ok = (rem[0] >= 0) & (rem[1] >= 0) & (rem[2] >= 0)
+        k = [np.minimum(np.maximum(r, 0) // chunk, n) if chunk else np.full_like(r, n) for r in rem]
+        reach = [{s for p, s, _, _ in types if p == c} for c in range(3)]
+        for mask in range(1, 8):
+            s = [c for c in range(3) if mask >> c & 1]
+            tiers = set().union(*(reach[c] for c in s))
+            need = sum(self.x[c] for c in s)
+            ok &= need <= (sum(k[t] for t in tiers) if tiers else 0)
+        idx = np.flatnonzero(ok)
+        if not idx.size:
+            return None
+        j = idx[0]
+        return [int(self.x[t][j]) for t in range(3)], [int(k[t][j]) for t in range(3)]
+
+    def _witness(self, rest_opt, types, got) -> Plan:
+        units: list[UnitPlacement] = [None] * len(self.cm.w.units)  # type: ignore[list-item]
+        if self.has_rest:
+            units[0] = rest_opt
+        if self.n:
+            x, k = got
+            flow = _transport(x, k, [(p, s) for p, s, _, _ in types])
+            opt = {(p, s): o for p, s, o, _ in types}
+            seq = [opt[ps] for ps, f in sorted(flow.items()) for _ in range(f)]
+            for i, o in zip(self.blocks, seq):
+                units[i] = o
+        plan = dataclasses.replace(self.proto, strategy="ours", units=tuple(units))
+        return plan
+
+
+def _transport(supply, cap, edges) -> dict[tuple[int, int], int]:
+    """Integer flow from params tiers (``supply``) to state tiers (``cap``) along ``edges``, moving all of the
+    supply (the caller checked Hall's condition): augmenting paths on a 3 x 3 graph."""
+    flow = {e: 0 for e in edges}
+    left, room = list(supply), list(cap)
+    while any(left):
+        # breadth-first from every params tier with supply left, through edges forward and flows backward
+        prev: dict = {("p", c): None for c in range(3) if left[c]}
+        queue, end = list(prev), None
+        while queue and end is None:
+            node = queue.pop(0)
+            side, c = node
+            nxt = [("s", s) for (p, s) in edges if side == "p" and p == c] if side == "p" else \
+                [("p", p) for (p, s) in edges if s == c and flow[(p, s)] > 0]
+            for m in nxt:
+                if m not in prev:
+                    prev[m] = node
+                    if m[0] == "s" and room[m[1]] > 0:
+                        end = m
+                        break
+                    queue.append(m)
+        assert end is not None, "Hall's condition held, so an augmenting path exists"
+        path = [end]
+        while prev[path[-1]] is not None:
+            path.append(prev[path[-1]])
+        path.reverse()
+        amount = min(left[path[0][1]], room[end[1]],
+                     *(flow[(b[1], a[1])] for a, b in zip(path, path[1:]) if a[0] == "s"))
+        for a, b in zip(path, path[1:]):
+            if a[0] == "p":
+                flow[(a[1], b[1])] += amount
+            else:
+                flow[(b[1], a[1])] -= amount
+        left[path[0][1]] -= amount
+        room[end[1]] -= amount
+    return {e: f for e, f in flow.items() if f}
+
+
+FLAGS = {"device": "--device-memory", "host": "--host-memory", "nvme": "--nvme"}
+"""The ``offload plan`` option that sets each tier's capacity (what a fix names)."""
+_UNITS = (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10))
+
+
+def size_at_least(n: int) -> tuple[str, int]:
+    """The shortest size text, 3 significant digits in the largest binary unit (``'11.6GiB'``), of at least ``n``
+    bytes, and the bytes it reads as (``int(float(number) * unit)``, as ``offload plan``'s options read it)."""
+    if n < 1024:
+        return f"{n}B", n
+    unit, mult = next((u, m) for u, m in _UNITS if n >= m)
+    digits = max(0, 2 - len(str(int(n / mult))) + 1)
+    scale = 10 ** digits
+    k = -(-n * scale // mult)  # ceiling, in integers: exact for any n
+    while True:
+        text = f"{k / scale:.{digits}f}"
+        value = int(float(text) * mult)
+        if value >= n:
+            return f"{text}{unit}", value
+        k += 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Fix:
+    """One change of the command line that makes the workload fit, checked by planning with it: ``changes`` maps
+    an option (``--nvme``, ``--batch``) to its text, ``values`` the same keys to the number each reads as (bytes,
+    or sequences and tokens)."""
+
+    changes: tuple[tuple[str, str], ...]
+    values: tuple[tuple[str, int], ...]
+
+    def __str__(self) -> str:
+        return " ".join(f"{k} {v}" for k, v in self.changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shortfall:
+    """Why nothing fits: each tier that is short and by how much, and the least changes that make it fit.
+
+    ``short`` lists ``(tier, bytes)``: with ``joint`` False every one of those tiers must grow by at least that
+    much (no placement fits it otherwise); with ``joint`` True each tier has room for its floor and the bytes
+    together do not fit: growing any one listed tier by its amount is enough. ``fixes`` are alternatives, each
+    verified by planning with it; ``tier`` and ``short_bytes`` are the first entry of ``short``."""
+
+    short: tuple[tuple[str, int], ...]
+    joint: bool
+    fixes: tuple[Fix, ...]
+
+    @property
+    def tier(self) -> str:
+        return self.short[0][0]
+
+    @property
+    def short_bytes(self) -> int:
+        return self.short[0][1]
+
+    @property
+    def fix(self) -> str:
+        return "fits with " + ", or ".join(str(f) for f in self.fixes) if self.fixes else \
+            "no change of memory, --batch or --seq found that fits"
+
+    def __str__(self) -> str:
+        first, *more = [f"{t} memory is short by {format_bytes(b)}" for t, b in self.short]
+        if self.joint:
+            what = ", or ".join([first] + [m.replace(" is short", "") for m in more])
+            what += " (no tier is short alone: together they are)"
+        else:
+            what = " and ".join([first] + [m.replace(" memory is short", "") for m in more])
+        return f"{what}; {self.fix}"
+
+
+def _rescaled(w: Workload, batch: int, seq: int) -> Workload:
+    """``w`` at another batch and sequence length, for the fix search: activation bytes scale with the tokens (the
+    formulas of workload.py are linear in them; rounded up), FLOPs too (they do not bear on what fits)."""
+    num, den = batch * seq, w.batch * w.seq
+    units = tuple(dataclasses.replace(u, act_bytes=-(-u.act_bytes * num // den),
+                                      work_bytes=-(-u.work_bytes * num // den),
+                                      fwd_flops=u.fwd_flops * num / den, bwd_flops=u.bwd_flops * num / den)
+                  for u in w.units)
+    return dataclasses.replace(w, batch=batch, seq=seq, units=units)
+
+
+class _Fits:
+    """Whether the planner finds a fitting plan for given capacities (and tokens): :class:`Feasibility`, with the
+    search where it cannot tell. Counts the checks (the work a diagnosis does)."""
+
+    def __init__(self, workload: Workload, profile: HardwareProfile, options, depths, grad_buffers, state_buffers):
+        self.args = (profile, list(options), tuple(depths), grad_buffers, state_buffers)
+        self.w = workload
+        self.cm = CostModel(workload, profile)
+        self.feas = self._feas(self.cm)
+        self.checks = 0
+
+    def _feas(self, cm: CostModel) -> Feasibility:
+        _, options, depths, gb, sb = self.args
+        return Feasibility(cm, options, depth=min(depths), grad_buffers=gb, state_buffers=sb)
+
+    def __call__(self, cap, feas: Feasibility | None = None) -> Plan | None:
+        self.checks += 1
+        f = feas or self.feas
+        v = f.decide(cap)
+        if v is None:  # the bounds cannot tell: the search decides
+            v = _search_fits(f.cm, *self.args[1:], cap=cap)
+        return v or None
+
+    def at_tokens(self, batch: int, seq: int) -> Plan | None:
+        cm = CostModel(_rescaled(self.w, batch, seq), self.args[0])
+        return self(list(self.cm.capacity().values()), self._feas(cm))
+
+
+def _search_fits(cm: CostModel, options, depths, grad_buffers, state_buffers, *, cap) -> Plan | None:
+    """The planner's search (greedy, then uniform plans) at capacities ``cap``: a plan that fits, or ``None``."""
+    search = _Search(cm, options)
+    search.cap = dict(zip(TIERS, cap))
+    for k in sorted(depths):
+        proto = Plan(strategy="ours", units=(), prefetch_depth=k, grad_buffers=grad_buffers,
+                     state_buffers=state_buffers)
+        counts = search.greedy(proto)
+        cands = search.arrangements(counts, proto) if counts is not None else []
+        cands += [dataclasses.replace(uniform(cm.w, o, "ours"), prefetch_depth=k, grad_buffers=grad_buffers,
+                                      state_buffers=state_buffers) for o in options]
+        for p in cands:
+            m = cm.memory(p)
+            if all(m[t] <= c for t, c in zip(TIERS, cap)):
+                return p
+    return None
+
+
+def _least(fits: _Fits, cap: list[int], k: int) -> int | None:
+    """The least size a fix can print (:func:`size_at_least`) for tier ``k``'s capacity, the others as in ``cap``,
+    at which a plan fits; ``None`` when no capacity of it is enough. ``cap[k]`` itself must not fit."""
+    top = fits(cap[:k] + [UNBOUNDED] + cap[k + 1:])
+    if top is None:
+        return None
+    lo, hi = cap[k], fits.cm.memory(top)[TIERS[k]]  # lo does not fit; hi does (top's usage)
+    while hi - lo > max(1, hi // 4096):  # to well under the printed digits
+        mid = (lo + hi) // 2
+        if fits(cap[:k] + [mid] + cap[k + 1:]) is None:
+            lo = mid
+        else:
+            hi = mid
+    # The least fits somewhere in (lo, hi]: the printed sizes from lo + 1 up, the first that fits.
+    v = size_at_least(lo + 1)[1]
+    while fits(cap[:k] + [v] + cap[k + 1:]) is None:  # at most a step or two: hi fits, and a step is ~v / 1000
+        v = size_at_least(v + 1)[1]
+    return v
+
+
+def diagnose(workload: Workload, profile: HardwareProfile, *, options: Sequence[UnitPlacement] = OPTIONS,
+             depths: Sequence[int] = (1, 2, 3), grad_buffers: int = 2, state_buffers: int = 4,
+             fits: _Fits | None = None) -> Shortfall:
+    """Why no plan fits: the tiers that are short, and the least change of each that fits, verified (module
+    note, "When nothing fits")."""
+    fits = fits or _Fits(workload, profile, options, depths, grad_buffers, state_buffers)
+    cap = list(fits.cm.capacity().values())
+    # A tier is short alone when no plan fits even with the other two unbounded: it must grow.
+    must = [k for k in range(3) if fits([c if j == k else UNBOUNDED for j, c in enumerate(cap)]) is None]
+    fixes: list[Fix] = []
+    short: list[tuple[str, int]] = []
+
+    def fix_of(values: dict[str, int]) -> Fix:
+        ch = [(FLAGS[t], size_at_least(v)[0]) for t, v in values.items()]
+        return Fix(tuple(ch), tuple((FLAGS[t], size_at_least(v)[1]) for t, v in values.items()))
+
+    if must:
+        # Each must grow at least to its floor (its least with the other tiers unbounded): that is what it is
+        # short by. Grown to their floors, they may still not fit with the others: then one more tier grows
+        # with them (each that can is a fix), or the must tiers alone grow further (the least of each in turn,
+        # the ones not yet set unbounded).
+        floor = list(cap)
+        for k in must:
+            floor[k] = _least(fits, [c if j == k else UNBOUNDED for j, c in enumerate(cap)], k)
+        short = [(TIERS[k], floor[k] - cap[k]) for k in must]
+        if fits(floor) is not None:
+            fixes.append(fix_of({TIERS[k]: floor[k] for k in must}))
+        else:
+            for k in range(3):
+                v = None if k in must else _least(fits, list(floor), k)
+                if v is not None:
+                    fixes.append(fix_of({TIERS[j]: v if j == k else floor[j] for j in sorted(must + [k])}))
+            grown, todo = list(cap), list(must)
+            while fits([UNBOUNDED if k in todo else c for k, c in enumerate(grown)]) is None:
+                todo.append(next(k for k in range(3) if k not in todo))
+            for k in sorted(todo):
+                grown[k] = _least(fits, [UNBOUNDED if j in todo and j > k else c for j, c in enumerate(grown)], k)
+            assert fits(grown) is not None, "each tier's least was found with the later ones unbounded: they fit"
+            fixes.append(fix_of({TIERS[k]: grown[k] for k in sorted(todo)}))
+    else:
+        for k in range(3):
+            v = _least(fits, list(cap), k)
+            if v is not None:
+                fixes.append(fix_of({TIERS[k]: v}))
+                short.append((TIERS[k], v - cap[k]))
+        assert short, "a tier short by nothing: every tier has room for its floor and yet nothing fits either way"
+    if set(must) <= {0}:  # activations are device bytes: fewer tokens may fit where the other tiers do
+        w = workload
+        tokens = None
+        if w.batch > 1 and fits.at_tokens(1, w.seq) is not None:
+            lo, hi = 1, w.batch  # lo fits, hi does not
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if fits.at_tokens(mid, w.seq) is not None else (lo, mid)
+            tokens = ("--batch", lo)
+        elif w.seq > 1 and fits.at_tokens(w.batch, 1) is not None:
+            lo, hi = 1, w.seq
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if fits.at_tokens(w.batch, mid) is not None else (lo, mid)
+            tokens = ("--seq", lo)
+        if tokens is not None:
+            fixes.append(Fix(((tokens[0], str(tokens[1])),), (tokens,)))
+    return Shortfall(tuple(short), not must, tuple(fixes))
 
 
 def exhaustive(workload: Workload, profile: HardwareProfile, *, options: Sequence[UnitPlacement],

@@ -35,9 +35,10 @@ def to_dict(workload: Workload, profile: HardwareProfile, res: Result, rows: lis
     p = res.prediction
     return {"model": workload.name, "batch": workload.batch, "seq": workload.seq, "params": workload.params,
             "trainable": workload.trainable, "profile": profile.to_dict(), "fits": res.fits,
-            "shortfall": None if res.shortfall is None else {"tier": res.shortfall.tier,
-                                                            "short_bytes": res.shortfall.short_bytes,
-                                                            "fix": res.shortfall.fix},
+            "shortfall": None if res.shortfall is None else {
+                "tier": res.shortfall.tier, "short_bytes": res.shortfall.short_bytes, "fix": res.shortfall.fix,
+                "short": dict(res.shortfall.short), "joint": res.shortfall.joint,
+                "fixes": [dict(f.changes) for f in res.shortfall.fixes]},
             "plan": res.plan.to_dict(workload),
             "memory_bytes": p.memory_bytes,
             "memory_terms_bytes": CostModel(workload, profile).memory_terms(res.plan),

@@ -221,6 +221,14 @@ class TransformerShape:
     """Output head shares the token embedding matrix."""
 
     def __post_init__(self):
+        for f in ("n_layer", "d_model", "n_head", "d_ff", "vocab"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"TransformerShape.{f}: expected a positive integer, got {v!r}")
+        for f in ("n_kv_head", "n_pos"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"TransformerShape.{f}: expected an integer >= 0, got {v!r}")
         if self.norm not in ("layernorm", "rmsnorm"):
             raise ValueError(f"TransformerShape.norm: expected 'layernorm' or 'rmsnorm', got {self.norm!r}")
         if self.d_model % self.n_head:
@@ -263,8 +271,17 @@ def rest_act_bytes(seq: int, batch: int, d_model: int, vocab: int) -> tuple[int,
     return 2 * seq * batch * d_model, 6 * seq * batch * vocab
 
 
+def check_tokens(batch, seq) -> None:
+    """``batch`` and ``seq`` are positive integers, checked before any size is computed from them (a negative batch
+    would otherwise surface as a negative FLOP count deep in a unit)."""
+    for name, v, what in (("batch", batch, "sequences per iteration"), ("seq", seq, "tokens per sequence")):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: expected a positive integer ({what}), got {v!r}")
+
+
 def from_shape(shape: TransformerShape, *, batch: int, seq: int, name: str = "transformer", **kw) -> Workload:
     """Per-unit numbers from a shape alone (no torch): how presets of any size stay cheap."""
+    check_tokens(batch, seq)
     tokens = batch * seq
     fwd = 2 * shape.block_matmul_params() * tokens + 4 * seq * shape.d_model * tokens
     kept, work = block_act_bytes(seq, batch, shape.d_model, shape.d_ff, shape.gated_mlp)
@@ -383,11 +400,15 @@ def from_module(model, *, batch: int, seq: int, name: str = "model", d_model: in
     """
     from torch import nn
 
+    check_tokens(batch, seq)
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
     if not lists:
         raise ValueError(f"{name}: expected a model with an nn.ModuleList of repeated blocks, got none; wrap the "
                          f"blocks in one so each can be a unit")
     blocks = max(lists, key=lambda ml: sum(p.numel() for p in ml.parameters()))
+    if not len(blocks):
+        raise ValueError(f"{name}: expected repeated blocks in its largest nn.ModuleList, got an empty one (a layer "
+                         f"count of 0?)")
     tokens = batch * seq
 
     def matmuls(mod) -> list:
@@ -455,10 +476,19 @@ def from_factory(spec: str, *, batch: int, seq: int, **kw) -> Workload:
     return from_module(model, batch=batch, seq=seq, name=spec, **kw)
 
 
+HF_NEEDS = {"gpt2": ("n_embd", "n_layer", "n_head", "vocab_size", "n_positions"),
+            **{mt: ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+               for mt in ("llama", "mistral", "qwen2")}}
+"""The sizes :func:`shape_from_hf_config` reads, per family it knows by heart."""
+
+
 def shape_from_hf_config(cfg: dict) -> TransformerShape | None:
     """The shape of a HF ``config.json`` for the families we know by heart (no transformers needed); ``None`` for
-    another family. A size the family needs and ``cfg`` lacks raises ``KeyError`` naming it."""
+    another family. Sizes the family needs and ``cfg`` lacks raise ``KeyError`` naming them all."""
     mt = cfg.get("model_type")
+    missing = [k for k in HF_NEEDS.get(mt, ()) if cfg.get(k) is None]
+    if missing:
+        raise KeyError(", ".join(missing))
     if mt == "gpt2":
         d = cfg["n_embd"]
         return TransformerShape(n_layer=cfg["n_layer"], d_model=d, n_head=cfg["n_head"],
@@ -475,6 +505,19 @@ def shape_from_hf_config(cfg: dict) -> TransformerShape | None:
 
 HF_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 """A HF config's ``dtype`` (``torch_dtype`` before transformers 5) -> the recipe of :func:`precision`."""
+
+HF_PRICED = frozenset({
+    "gpt2", "gpt_neo", "gptj", "gpt_neox", "gpt_bigcode", "codegen", "opt", "bloom", "falcon", "llama", "mistral",
+    "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "stablelm", "starcoder2", "olmo", "olmo2", "cohere",
+    "granite", "persimmon", "smollm3"})
+"""Model types whose blocks are dense attention + MLP, which the formulas of the module note price. Others (state
+space models such as Mamba, mixtures of experts, whose FLOPs per token are not those of their params) are refused,
+not guessed at."""
+
+HF_SIZE_KEYS = ("hidden_size", "intermediate_size", "ffn_dim", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "head_dim", "n_embd", "n_layer", "n_head", "n_inner",
+                "n_positions", "max_position_embeddings", "d_model", "num_layers", "num_heads")
+"""Keys of a config.json that are sizes: when given (not null) each must be a positive integer."""
 
 HF_SIZES = ("hidden_size", "intermediate_size", "ffn_dim", "num_hidden_layers", "num_attention_heads", "vocab_size")
 """The sizes a config.json must give when its config class takes them (under that class's own name, e.g. GPT-2's
@@ -530,6 +573,10 @@ def from_hf_config(model: str, *, batch: int, seq: int, **kw) -> Workload:
     transformers cannot build as a causal LM is a ``ValueError`` naming the file."""
     path = hf_config_path(model)
     cfg = read_hf_config(path)
+    bad = [f"{k}={cfg[k]!r}" for k in HF_SIZE_KEYS if cfg.get(k) is not None and
+           (isinstance(cfg[k], bool) or not isinstance(cfg[k], int) or cfg[k] < 1)]
+    if bad:
+        raise ValueError(f"{path}: expected sizes that are positive integers, got {', '.join(bad)}")
     kw = {**hf_precision(cfg, path), **kw}
     name = os.path.basename(os.path.dirname(os.path.abspath(path))) or path
     mt = cfg["model_type"]
@@ -556,7 +603,9 @@ def from_hf_config(model: str, *, batch: int, seq: int, **kw) -> Workload:
             raise ValueError(f"{path}: model_type {mt!r} ({type(config).__name__}) is not a causal language model "
                              f"transformers can build (AutoModelForCausalLM); offload plan sizes decoder-only "
                              f"language models") from None
+        _check_priced(mt, path, f" ({type(config).__name__})")
         return from_module(built, batch=batch, seq=seq, name=name, **kw)
+    _check_priced(mt, path, "")
     try:
         shape = shape_from_hf_config(cfg)
     except KeyError as e:
@@ -567,8 +616,16 @@ def from_hf_config(model: str, *, batch: int, seq: int, **kw) -> Workload:
     return from_shape(shape, batch=batch, seq=seq, name=name, **kw)
 
 
+def _check_priced(mt: str, path: str, cls: str) -> None:
+    if mt not in HF_PRICED:
+        raise ValueError(f"{path}: model_type {mt!r}{cls} is not an architecture offload plan can price: its formulas "
+                         f"are those of dense attention + MLP blocks ({', '.join(sorted(HF_PRICED))}); a "
+                         f"module:function factory of such a model plans it")
+
+
 def load(model: str, *, batch: int, seq: int, **kw) -> Workload:
     """A preset name, a ``module:function`` factory, or a HF checkpoint directory or config JSON path."""
+    check_tokens(batch, seq)
     if model in PRESETS:
         return preset(model, batch=batch, seq=seq, **kw)
     if model.endswith(".json") or os.path.isfile(model) or os.path.isdir(model):

@@ -102,9 +102,32 @@ def test_plan_that_cannot_fit_exits_1_and_says_what_to_change(capsys):
     assert "DOES NOT FIT: device memory is short by" in out and ("--batch" in out or "--device-memory" in out)
 
 
-def test_bad_input_errors(capsys):
-    assert main(["plan", "no-such-model"]) == 2
-    assert "expected a preset" in capsys.readouterr().err
+def test_plan_that_cannot_fit_lists_every_short_tier_and_fixes_that_fit(capsys):
+    """Llama-70B with 64 GiB of host memory and no NVMe: no tier is short alone; each that could take the rest is
+    named with the least capacity that fits, and each printed fix, run again, fits (exit 0)."""
+    args = [*ARGS_70B[:-6], "--device-memory", "24GiB", "--host-memory", "64GiB", "--nvme", "1"]
+    assert main([*args, "--json"]) == 1
+    sf = json.loads(capsys.readouterr().out)["shortfall"]
+    assert sf["joint"] and set(sf["short"]) == {"device", "host", "nvme"} and all(b > 0 for b in sf["short"].values())
+    assert len(sf["fixes"]) == 3
+    for fix in sf["fixes"]:
+        (flag, value), = fix.items()
+        fixed = list(args)
+        fixed[fixed.index(flag) + 1] = value
+        assert main([*fixed, "--json"]) == 0, fix
+        assert json.loads(capsys.readouterr().out)["fits"]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["plan", "no-such-model"], "expected a preset"),
+    (["plan", "gpt2", "--batch", "-3"], "offload plan: batch: expected a positive integer (sequences per iteration), "
+                                        "got -3"),
+    (["plan", "gpt2", "--seq", "0"], "offload plan: seq: expected a positive integer (tokens per sequence), got 0"),
+], ids=["unknown-model", "negative-batch", "zero-seq"])
+def test_bad_input_errors(args, expected, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1
 
 
 # -- `offload plan DIR`: a HF checkpoint directory, sized from its config.json ---------------------------------------
@@ -163,8 +186,16 @@ LLAMA_SIZES = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64
     ({"model_type": "t5", "d_model": 32, "num_layers": 2, "num_heads": 4, "vocab_size": 96},
      "{path}: model_type 't5' (T5Config) is not a causal language model"),
     ({**LLAMA_SIZES, "dtype": "float64"}, "{path}: dtype 'float64': expected one of float32, bfloat16, float16"),
+    ({**LLAMA_SIZES, "num_hidden_layers": -2}, "{path}: expected sizes that are positive integers, got "
+                                               "num_hidden_layers=-2"),
+    ({"model_type": "llama", "hidden_size": 4096}, "{path}: expected the sizes of the model, got no "
+                                                   "intermediate_size, num_hidden_layers, num_attention_heads, "
+                                                   "vocab_size"),
+    ({"model_type": "mamba", "hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 96, "state_size": 4,
+      "intermediate_size": 64}, "{path}: model_type 'mamba' (MambaConfig) is not an architecture offload plan can "
+                                "price"),
 ], ids=["no-config", "bad-json", "no-model-type", "no-sizes", "gpt2-names", "unknown-type", "not-causal",
-        "bad-dtype"])
+        "bad-dtype", "negative-layers", "only-hidden-size", "mamba"])
 def test_plan_a_hf_directory_it_cannot_size_says_why(cfg, expected, tmp_path, capsys):
     pytest.importorskip("transformers")
     d = tmp_path / "ckpt"

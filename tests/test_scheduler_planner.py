@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 
@@ -51,18 +52,161 @@ def test_everything_on_device_when_it_fits():
     assert all(u == UnitPlacement(D, D, "device") for u in res.plan.units)
 
 
+def _capacities(hw):
+    return [hw.device_memory_bytes, hw.host_memory_bytes, hw.nvme_bytes]
+
+
 def test_plan_that_cannot_fit_names_tier_and_amount():
     w, hw = _small(8, 4096)  # 8 MiB device: activations alone exceed it
     res = planner.plan(w, hw)
-    assert not res.fits and res.shortfall.tier == "device"
-    need = CostModel(w, hw).memory(planner.uniform(w, UnitPlacement(N, N, "cpu"), "x", prefetch_depth=0,
-                                                   grad_buffers=1, state_buffers=1))["device"]
-    assert res.shortfall.short_bytes == need - (8 << 20)
-    assert "--device-memory" in res.shortfall.fix and "device memory is short by" in str(res.shortfall)
+    assert not res.fits and res.shortfall.tier == "device" and not res.shortfall.joint
+    (fix,) = res.shortfall.fixes  # no --batch or --seq: the params held on the device alone exceed 8 MiB
+    flag, need = fix.values[0]
+    assert flag == "--device-memory" and res.shortfall.short_bytes == need - (8 << 20) > 0
+    assert str(res.shortfall).startswith("device memory is short by ") and f"fits with {fix}" in str(res.shortfall)
+    assert planner.plan(w, hw.with_capacities(device_memory_bytes=need)).fits
+    # the least, to the digits printed: "356MiB" fits, "355MiB" does not
+    text = fix.changes[0][1]
+    assert text.endswith("MiB") and not planner.plan(
+        w, hw.with_capacities(device_memory_bytes=(int(text[:-3]) - 1) << 20)).fits
     w2, hw2 = _small(4096, 4096)
     hw2 = hw2.with_capacities(host_memory_bytes=1 << 20, nvme_bytes=1 << 20, device_memory_bytes=400 << 20)
     res2 = planner.plan(w2, hw2)
-    assert not res2.fits and res2.shortfall.tier in ("host", "nvme") and res2.shortfall.short_bytes > 0
+    # Offloading needs host staging even for NVMe, so the NVMe alone cannot help; more device (all of it on the
+    # device) or more host (the rest there) can, each alone: short together, both listed.
+    assert not res2.fits and res2.shortfall.joint and [t for t, _ in res2.shortfall.short] == ["device", "host"]
+    assert str(res2.shortfall).startswith("device memory is short by ") and ", or host memory by " in str(
+        res2.shortfall)
+    for fix, key in zip(res2.shortfall.fixes, ("device_memory_bytes", "host_memory_bytes")):
+        assert planner.plan(w2, hw2.with_capacities(**{key: fix.values[0][1]})).fits
+
+
+def _brute_force_fits(cm, options, cap, depth=1):
+    rest = cm.w.units[0].kind == "rest"
+    per = [[o for o in options if not (rest and i == 0 and o.params is not D)] for i in range(len(cm.w.units))]
+    seen = set()
+    for units in itertools.product(*per):
+        m = cm.memory(Plan(strategy="x", units=units, prefetch_depth=depth))
+        seen.add((m["device"], m["host"], m["nvme"]))
+    return seen
+
+
+def _lora_like():
+    """A rest unit with nothing to train and blocks partly frozen (a LoRA base with adapters)."""
+    base = workload.from_shape(dataclasses.replace(SMALL, n_layer=2), batch=2, seq=256)
+    units = [dataclasses.replace(base.units[0], trainable=0)] + [dataclasses.replace(u, trainable=u.params // 50)
+                                                                 for u in base.units[1:]]
+    return dataclasses.replace(base, units=tuple(units))
+
+
+@pytest.mark.parametrize("case", ["bf16", "fp32", "frozen"])
+def test_feasibility_agrees_with_every_placement(case):
+    """Over every placement of 2 blocks and the rest unit, on random capacities around the memory the placements
+    need: the bounds never call a fitting case unfittable, and their witness fits. With 16-bit state (no
+    masters) they decide every case; with fp32 masters they may leave a case to the search, never wrong."""
+    import random
+
+    small = dataclasses.replace(SMALL, n_layer=2)
+    w = {"bf16": lambda: workload.from_shape(small, batch=2, seq=256),
+         "fp32": lambda: workload.from_shape(small, batch=2, seq=256, **workload.precision("fp32")),
+         "frozen": _lora_like}[case]()
+    cm = CostModel(w, profile.resolve("rtx4090-pcie4-gen4nvme"))
+    feas = planner.Feasibility(cm, planner.OPTIONS, depth=1, grad_buffers=2, state_buffers=4)
+    mems = _brute_force_fits(cm, planner.OPTIONS, None)
+    lo = [min(m[k] for m in mems) for k in range(3)]
+    hi = [max(m[k] for m in mems) for k in range(3)]
+    rng = random.Random(0)
+    undecided = 0
+    for _ in range(300):
+        cap = [rng.randint(lo[k] - 1, hi[k]) if rng.random() < 0.85 else planner.UNBOUNDED for k in range(3)]
+        truth = any(all(m[k] <= cap[k] for k in range(3)) for m in mems)
+        v = feas.decide(cap)
+        if v is None:
+            undecided += 1
+            continue
+        assert (v is not False) == truth, (cap, truth)
+        if v is not False:
+            m = cm.memory(v)
+            assert all(m[t] <= c for t, c in zip(("device", "host", "nvme"), cap))
+    assert undecided == 0 if case != "fp32" else undecided < 30
+
+
+def test_memory_terms_split_as_the_bounds_assume():
+    """Feasibility reads each unit's chunks and pool values off CostModel.memory_terms_of one unit at a time; on
+    any whole plan those sum (chunks, constants) and take the largest (pools) to exactly CostModel.memory."""
+    import random
+
+    w = workload.from_shape(dataclasses.replace(SMALL, n_layer=5), batch=2, seq=256)
+    cm = CostModel(w, profile.resolve("cpu-dev-2core"))
+    feas = planner.Feasibility(cm, planner.OPTIONS, depth=2, grad_buffers=2, state_buffers=4)
+    rng = random.Random(1)
+    rest_opts = [o for o in planner.OPTIONS if o.params is D]
+    for _ in range(50):
+        units = [rng.choice(rest_opts)] + [rng.choice(planner.OPTIONS) for _ in w.units[1:]]
+        vals = [feas._values(i, o) for i, o in enumerate(units)]
+        want = [feas.const[k] + sum(v[0][k] for v in vals) for k in range(3)]
+        for j, (tier, _) in enumerate(planner._POOLS):
+            want[planner.TIERS.index(tier)] += max(v[1][j] for v in vals)
+        m = cm.memory(Plan(strategy="x", units=tuple(units), prefetch_depth=2))
+        assert want == [m["device"], m["host"], m["nvme"]]
+
+
+GRID = [(4, 24 << 30, 64 << 30, 1), (32, 10 << 30, 128 << 30, 2 * 10**12), (1, 24 << 30, 128 << 30, 2 * 10**12),
+        (8, 2 << 30, 16 << 30, 100 << 30), (1, 24 << 30, 8 << 30, 1 << 40)]
+"""(batch, device, host, nvme): the machines of the grid, at seq 2048."""
+
+
+@pytest.mark.parametrize("name", list(workload.PRESETS))
+@pytest.mark.parametrize("batch,device,host,nvme", GRID,
+                         ids=[f"b{g[0]}-{g[1] >> 30}G-{g[2] >> 30}G-{g[3]}" for g in GRID])
+def test_does_not_fit_is_proved_without_search_and_every_fix_fits(name, batch, device, host, nvme, monkeypatch):
+    """Every preset on a grid of machines. Where it does not fit: the bounds prove it before any search (the greedy
+    is never called), with bounded work; every printed fix, fed back, fits; a capacity fix one printed step
+    smaller does not (it is the least, as printed); no tier is short by nothing. Where it fits, it does."""
+    hw = profile.resolve("rtx4090-pcie4-gen4nvme").with_capacities(
+        device_memory_bytes=device, host_memory_bytes=host, nvme_bytes=nvme)
+    w = workload.preset(name, batch=batch, seq=2048)
+    if planner.Feasibility(CostModel(w, hw), planner.OPTIONS, depth=1, grad_buffers=2, state_buffers=4).decide(
+            _capacities(hw)):
+        res = planner.plan(w, hw, max_sims=1)
+        assert res.fits and res.shortfall is None and not CostModel(w, hw).shortfall(res.plan)
+        return
+    checks = []
+    real = planner._Fits.__call__
+
+    def counted(self, *a, **k):
+        checks.append(1)
+        return real(self, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(planner._Search, "greedy", lambda *a, **k: pytest.fail("searched a case the bounds prove"))
+        m.setattr(planner._Fits, "__call__", counted)
+        res = planner.plan(w, hw)
+    assert not res.fits and len(checks) <= 150, len(checks)  # ~ms each: 3 tiers x ~13 bisection steps, twice
+    sf = res.shortfall
+    assert sf.fixes and all(b > 0 for _, b in sf.short)
+    flags = {"--device-memory": "device_memory_bytes", "--host-memory": "host_memory_bytes", "--nvme": "nvme_bytes"}
+    for fix in sf.fixes:
+        values = dict(fix.values)
+        tokens = {"batch": values.pop("--batch", batch), "seq": values.pop("--seq", 2048)}
+        hw2 = hw.with_capacities(**{flags[f]: v for f, v in values.items()})
+        assert planner.plan(workload.preset(name, **tokens), hw2, max_sims=1).fits, str(fix)
+        if len(values) == 1 and fix.changes[0][0] not in ("--batch", "--seq"):
+            (f, v), = values.items()
+            text = fix.changes[0][1]
+            number = text.rstrip("KMGTiB")
+            step = int(v / float(number) * 10 ** -(len(number.split(".")[1]) if "." in number else 0))
+            assert not planner.plan(w, hw.with_capacities(**{flags[f]: v - step}), max_sims=1).fits, str(fix)
+    for t, b in sf.short:  # each tier named is short: at its current capacity, with the others as they are
+        assert b > 0 and t in ("device", "host", "nvme")
+
+
+@pytest.mark.parametrize("n", [1, 1023, 1024, 1536, 11_600_000_000, 987_654_321_000, 3 << 40])
+def test_size_at_least_prints_what_reads_back_at_least(n):
+    from offload.config import parse_bytes
+
+    text, value = planner.size_at_least(n)
+    assert parse_bytes(text) == value >= n and value < n * 1.01 + 1
 
 
 def test_plan_validation_errors():

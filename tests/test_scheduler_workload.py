@@ -110,3 +110,16 @@ def test_hf_directory_without_transformers(tmp_path, monkeypatch):
     (tmp_path / "llama" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="config.json: expected the sizes of a llama model, got no intermediate_size"):
         workload.load(str(tmp_path / "llama"), batch=1, seq=128)
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 4096}))
+    with pytest.raises(ValueError, match="got no num_hidden_layers, num_attention_heads, intermediate_size, "
+                                         "vocab_size$"):
+        workload.load(str(tmp_path / "llama"), batch=1, seq=128)
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "mamba", "hidden_size": 64}))
+    with pytest.raises(ValueError, match="model_type 'mamba' is not an architecture offload plan can price"):
+        workload.load(str(tmp_path / "llama"), batch=1, seq=128)
+
+
+@pytest.mark.parametrize("field,value", [("n_layer", -2), ("d_model", 0), ("vocab", -1), ("n_kv_head", -1)])
+def test_shape_sizes_must_be_positive(field, value):
+    with pytest.raises(ValueError, match=f"TransformerShape.{field}: expected"):
+        dataclasses.replace(PRESETS["gpt2"][0], **{field: value})
