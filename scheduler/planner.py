@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from typing import Sequence
 
 import numpy as np
@@ -616,6 +617,26 @@ def _search_fits(cm: CostModel, options, depths, grad_buffers, state_buffers, *,
     return None
 
 
+def usable_of(profile: HardwareProfile, tier: str, capacity: int) -> int:
+    """What a plan may fill of a tier of ``capacity`` bytes: less the profile's reserve (``usable_bytes``)."""
+    if tier == "nvme":
+        return capacity
+    r = getattr(profile, f"{tier}_reserve")
+    return capacity - min(capacity, int(r["bytes"] + r["fraction"] * capacity))
+
+
+def capacity_for_usable(profile: HardwareProfile, tier: str, usable: int) -> int:
+    """The least whole-tier capacity (what ``--device-memory`` / ``--host-memory`` / ``--nvme`` give) whose usable
+    part, once the profile's reserve (bytes plus a fraction of the capacity) is kept, is at least ``usable``."""
+    if tier == "nvme":
+        return usable
+    r = getattr(profile, f"{tier}_reserve")
+    cap = max(0, math.floor((usable + r["bytes"]) / (1.0 - r["fraction"])) - 8)  # from below: the reserve rounds down
+    while usable_of(profile, tier, cap) < usable:
+        cap += 1
+    return cap
+
+
 def _least(fits: _Fits, cap: list[int], k: int) -> int | None:
     """The least size a fix can print (:func:`size_at_least`) for tier ``k``'s capacity, the others as in ``cap``,
     at which a plan fits; ``None`` when no capacity of it is enough. ``cap[k]`` itself must not fit."""
@@ -629,11 +650,13 @@ def _least(fits: _Fits, cap: list[int], k: int) -> int | None:
             lo = mid
         else:
             hi = mid
-    # The least fits somewhere in (lo, hi]: the printed sizes from lo + 1 up, the first that fits.
-    v = size_at_least(lo + 1)[1]
-    while fits(cap[:k] + [v] + cap[k + 1:]) is None:  # at most a step or two: hi fits, and a step is ~v / 1000
-        v = size_at_least(v + 1)[1]
-    return v
+    # The least fits somewhere in (lo, hi]: the printed sizes of the whole tier (its usable part plus the
+    # profile's reserve) from there up, the first whose usable part fits. Returned as that usable part.
+    prof, tier = fits.args[0], TIERS[k]
+    x = size_at_least(capacity_for_usable(prof, tier, lo + 1))[1]
+    while fits(cap[:k] + [usable_of(prof, tier, x)] + cap[k + 1:]) is None:  # a step or two: ~x / 1000 each
+        x = size_at_least(x + 1)[1]
+    return usable_of(prof, tier, x)
 
 
 def diagnose(workload: Workload, profile: HardwareProfile, *, options: Sequence[UnitPlacement] = OPTIONS,
@@ -649,8 +672,10 @@ def diagnose(workload: Workload, profile: HardwareProfile, *, options: Sequence[
     short: list[tuple[str, int]] = []
 
     def fix_of(values: dict[str, int]) -> Fix:
-        ch = [(FLAGS[t], size_at_least(v)[0]) for t, v in values.items()]
-        return Fix(tuple(ch), tuple((FLAGS[t], size_at_least(v)[1]) for t, v in values.items()))
+        # The search works in usable bytes; a flag gives the whole tier, of which the profile keeps its reserve.
+        whole = {t: capacity_for_usable(profile, t, v) for t, v in values.items()}
+        ch = [(FLAGS[t], size_at_least(v)[0]) for t, v in whole.items()]
+        return Fix(tuple(ch), tuple((FLAGS[t], size_at_least(v)[1]) for t, v in whole.items()))
 
     if must:
         # Each must grow at least to its floor (its least with the other tiers unbounded): that is what it is
