@@ -32,7 +32,8 @@ The ``rest`` unit (embeddings and head) is used at both ends of forward and back
 there; elsewhere it is fetched once, before the first forward, and held until the end of backward (so keeping it
 on the device costs no more device memory, and saves the fetch: the planner does).
 
-Busy time of a resource = its work / its rate: compute FLOPs / (``device_tflops`` x ``compute_efficiency``),
+Busy time of a resource = its work / its rate: compute FLOPs / (``device_tflops`` x the efficiency a step of the
+workload's tokens reaches, ``HardwareProfile.efficiency_at``: small steps reach less),
 link bytes / ``h2d_gbps`` or ``d2h_gbps``, disk bytes / ``disk_read_gbps`` or ``disk_write_gbps``, params /
 ``cpu_update_params_per_s`` (``..._under_io`` when the plan also streams the disk) or
 ``device_update_params_per_s``. When both directions of the link carry bytes, both durations are stretched by
@@ -209,7 +210,7 @@ class CostModel:
     def __init__(self, workload: Workload, profile: HardwareProfile):
         self.w = workload
         self.hw = profile
-        self.flops_per_s = profile.flops_per_s(workload.compute_dtype)
+        self.flops_per_s = profile.flops_per_s(workload.compute_dtype, workload.tokens)
         n = len(workload.units)
         self.pb = [workload.param_bytes(i) for i in range(n)]
         self.gb = [workload.grad_bytes(i) for i in range(n)]

@@ -5,7 +5,8 @@ Each measurement times the operation the runtime will actually perform, at the s
 - device FLOP/s per dtype: square matmuls (the bulk of a transformer's FLOPs) on the compute device;
 - compute efficiency: the training step (forward, loss, backward) of a small GPT (:data:`PROBE_LM`, fp32) on the
   device, its model FLOPs over its time, as a fraction of the fp32 matmul rate: what the FLOPs do not count
-  (norms, softmax, the loss, the embedding's backward) and smaller matmuls cost is priced here;
+  (norms, softmax, the loss, the embedding's backward) and smaller matmuls cost is priced here; the same step at
+  :data:`CURVE_SHAPES` (1 x 64 to 2 x 512 tokens) gives the efficiency by step size (``compute_curve``);
 - host <-> device: pinned ``copy_`` to and from CUDA; on a CPU-only machine there is no link, so this is a
   memcpy between two host tensors and every source says so;
 - disk: our own :class:`~storage.NvmeStore` (O_DIRECT where the file system allows, the store's block size and
@@ -57,6 +58,10 @@ PROBE_LM = TransformerShape(n_layer=2, d_model=768, n_head=12, d_ff=3072, vocab=
                             norm="layernorm", tied=True)
 """The GPT whose training step (batch 2 x seq 256) prices compute efficiency and cpu steal: GPT-2-small blocks
 and a Llama-sized vocabulary, so a step is mostly matmuls but the loss and embedding work are there too."""
+CURVE_SHAPES = ((1, 64), (1, 256), (2, 256), (2, 512))
+"""(batch, seq) of the training steps that price compute by size (``HardwareProfile.compute_curve``): from a
+single short sequence, where fixed costs per op weigh most, to 1024 tokens (~2 s a step on the 2-core VM)."""
+CURVE_SHAPES_QUICK = ((1, 16), (2, 32))
 PROBE_LM_QUICK = TransformerShape(n_layer=1, d_model=128, n_head=4, d_ff=512, vocab=1000, n_pos=64, bias=True,
                                   norm="layernorm", tied=True)
 
@@ -374,7 +379,13 @@ def probe(*, quick: bool = False, directory: str | None = None, rounds: int | No
     # 2. A real training step: how much of the matmul rate it reaches.
     lm, (lm_b, lm_s) = (PROBE_LM_QUICK, (2, 32)) if quick else (PROBE_LM, (2, 256))
     step, step_flops = _train_step_fn(lm, lm_b, lm_s, dev)
-    st = measure_rounds({"step": (step, step_flops / 1e12)}, rounds=rounds, sync=sync)["step"]
+    jobs = {"step": (step, step_flops / 1e12)}
+    for b, s in (CURVE_SHAPES_QUICK if quick else CURVE_SHAPES):
+        if (b, s) != (lm_b, lm_s):
+            fn, fl = _train_step_fn(lm, b, s, dev)
+            jobs[f"{b}x{s}"] = (fn, fl / 1e12)
+    rates = measure_rounds(jobs, rounds=rounds, sync=sync)
+    st = rates["step"]
     t_step = step_flops / 1e12 / st.value
     what = (f"{tag}: model FLOPs / time of an fp32 training step of a {lm.n_layer}-layer GPT (d_model {lm.d_model}, "
             f"vocab {lm.vocab}, batch {lm_b} x seq {lm_s}: {t_step * 1e3:.0f} ms, {med}) over the fp32 matmul rate")
@@ -388,8 +399,20 @@ def probe(*, quick: bool = False, directory: str | None = None, rounds: int | No
     compute_eff = st.value / tflops["fp32"]
     spread["compute_efficiency"] = st.spread
     sources["compute_efficiency"] = what
+    curve = {lm_b * lm_s: compute_eff}
+    for name, r in rates.items():
+        if name != "step":
+            b, s = map(int, name.split("x"))
+            curve[b * s] = min(1.0, r.value / tflops["fp32"])
+    sources["compute_curve"] = (f"{tag}: the training step of compute_efficiency at " +
+                                ", ".join(f"{b} x {s}" for b, s in sorted(
+                                    {(lm_b, lm_s), *(CURVE_SHAPES_QUICK if quick else CURVE_SHAPES)},
+                                    key=lambda x: x[0] * x[1])) +
+                                f" (tokens -> model FLOPs / time over the fp32 matmul rate), interleaved; {med}")
+    spread["compute_curve"] = max(r.spread for r in rates.values())
     _progress(f"[2/{steps}] training step of a small GPT: {t_step * 1e3:.0f} ms (spread {st.spread:.0%}), "
-              f"{compute_eff:.2f} of the fp32 matmul rate", progress)
+              f"{compute_eff:.2f} of the fp32 matmul rate; by tokens per step: " +
+              ", ".join(f"{t} {e:.2f}" for t, e in sorted(curve.items())), progress)
 
     # 3. Host <-> device.
     _progress(f"[3/{steps}] host <-> device copy", progress)
@@ -569,7 +592,7 @@ def probe(*, quick: bool = False, directory: str | None = None, rounds: int | No
         warnings.insert(0, "--quick: tiny sizes and few rounds, rough numbers (for tests)")
     fp = fingerprint(directory)
     return HardwareProfile(name=f"probe-{fp}", fingerprint=fp, device_name=dev_name, device_tflops=tflops,
-                           compute_efficiency=compute_eff, cpu_steal=steal, h2d_gbps=h2d, d2h_gbps=d2h,
+                           compute_efficiency=compute_eff, compute_curve=curve, cpu_steal=steal, h2d_gbps=h2d, d2h_gbps=d2h,
                            bidir_gbps=bidir, disk_read_gbps=rd, disk_write_gbps=wr, disk_mixed_gbps=mx,
                            disk_block_bytes=cfg.block_bytes, cpu_update_params_per_s=cpu_rate,
                            cpu_update_params_per_s_under_io=cpu_io_rate, device_update_params_per_s=dev_rate,
@@ -585,7 +608,9 @@ def summary(prof: HardwareProfile) -> str:
     tf = ", ".join(f"{k} {v:.3g}" for k, v in prof.device_tflops.items())
     lines = [f"profile {prof.name} ({prof.device_name}), measured {prof.measured_at or 'by hand'}",
              f"  matmul TFLOP/s: {tf}{pct('device_tflops')}; a training step reaches "
-             f"{prof.compute_efficiency:.2f} of fp32{pct('compute_efficiency')}",
+             f"{prof.compute_efficiency:.2f} of fp32{pct('compute_efficiency')}" + (
+                 "; by tokens per step " + ", ".join(f"{t} {e:.2f}" for t, e in prof.compute_curve.items())
+                 if prof.compute_curve else ""),
              f"  copies GB/s: h2d {prof.h2d_gbps:.1f}{pct('h2d_gbps')}, d2h {prof.d2h_gbps:.1f}{pct('d2h_gbps')}, "
              f"both {prof.bidir_gbps:.1f}{pct('bidir_gbps')}",
              f"  disk GB/s: read {prof.disk_read_gbps:.2f}{pct('disk_read_gbps')}, write "

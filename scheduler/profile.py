@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import math
 import os
 import platform
 from pathlib import Path
@@ -62,6 +63,13 @@ class HardwareProfile:
     """Fraction of ``device_tflops`` a whole training step reaches (MFU of the compute alone): the cost model
     divides FLOPs by ``device_tflops * compute_efficiency``. The probe measures it on a small LM's training step,
     which also prices the work FLOPs do not count (norms, softmax, embedding backward, the loss)."""
+    compute_curve: Mapping[int, float] = dataclasses.field(default_factory=dict)
+    """Tokens per step (batch x seq) -> the fraction of fp32 ``device_tflops`` a training step of that many tokens
+    reaches: small steps run small matmuls and pay each op's fixed cost on fewer FLOPs, so a 1 x 64 step reaches
+    about half of what a 2 x 256 one does on the development VM. Empty: ``compute_efficiency`` at every size.
+    :meth:`efficiency_at` interpolates in log(tokens) between the points and keeps the end points' values beyond
+    them. The probe measures it on the same small GPT as ``compute_efficiency``; a wider model's ops are larger
+    at the same token count, so it is priced conservatively at small ones."""
     h2d_gbps: float
     """Host -> device copy rate from pinned memory, 1e9 B/s. On a CPU-only machine: a memcpy."""
     d2h_gbps: float
@@ -143,6 +151,15 @@ class HardwareProfile:
             v = getattr(self, f)
             if not (isinstance(v, (int, float)) and v > 0):
                 raise ValueError(f"HardwareProfile.{f}: expected a positive number, got {v!r}")
+        curve = {}
+        for k, v in dict(self.compute_curve).items():
+            if not (int(k) >= 1 and isinstance(v, (int, float)) and 0 < v <= 1):
+                raise ValueError(f"HardwareProfile.compute_curve: expected tokens (>= 1) -> a fraction in (0, 1], got "
+                                 f"{k!r}: {v!r}")
+            curve[int(k)] = float(v)
+        object.__setattr__(self, "compute_curve", MappingProxyType(dict(sorted(curve.items()))))
+        if curve and not self.sources.get("compute_curve"):
+            raise ValueError("HardwareProfile.sources: expected a source for compute_curve")
         if self.compute_efficiency > 1:
             raise ValueError(f"HardwareProfile.compute_efficiency: expected a fraction in (0, 1], got "
                              f"{self.compute_efficiency}")
@@ -152,12 +169,26 @@ class HardwareProfile:
                              f"write e.g. 'vendor spec: ...', 'estimate: ...' or 'measured ... by offload probe'")
 
     # -- derived ----------------------------------------------------------------------------------------------------
-    def flops_per_s(self, dtype: str) -> float:
-        """Sustained FLOP/s for ``dtype``: peak times ``compute_efficiency``."""
+    def efficiency_at(self, tokens: int | None = None) -> float:
+        """The fraction of peak a training step of ``tokens`` (batch x seq) reaches: ``compute_curve`` interpolated
+        in log(tokens), its end points' values beyond it; ``compute_efficiency`` without a curve or tokens."""
+        curve = sorted(self.compute_curve.items())
+        if not curve or tokens is None:
+            return self.compute_efficiency
+        if tokens <= curve[0][0]:
+            return curve[0][1]
+        for (t0, e0), (t1, e1) in zip(curve, curve[1:]):
+            if tokens <= t1:
+                f = (math.log(tokens) - math.log(t0)) / (math.log(t1) - math.log(t0))
+                return e0 + f * (e1 - e0)
+        return curve[-1][1]
+
+    def flops_per_s(self, dtype: str, tokens: int | None = None) -> float:
+        """Sustained FLOP/s for ``dtype`` on a training step of ``tokens``: peak times :meth:`efficiency_at`."""
         if dtype not in self.device_tflops:
             raise ValueError(f"profile {self.name!r} has no rate for {dtype!r}: expected one of "
                              f"{sorted(self.device_tflops)}; add it to device_tflops or pick another dtype")
-        return self.device_tflops[dtype] * 1e12 * self.compute_efficiency
+        return self.device_tflops[dtype] * 1e12 * self.efficiency_at(tokens)
 
     def reserve_bytes(self, tier: str) -> int:
         """Bytes of ``tier`` (``device``, ``host``; ``nvme`` has none) that no plan may use."""
@@ -215,6 +246,9 @@ class HardwareProfile:
         for f in RATE_FIELDS + CAPACITY_FIELDS + RESERVE_FIELDS:
             v = getattr(self, f)
             out[f] = {"value": dict(v) if isinstance(v, Mapping) else v, "source": self.sources[f]}
+        if self.compute_curve:
+            out["compute_curve"] = {"value": {str(k): v for k, v in self.compute_curve.items()},
+                                    "source": self.sources["compute_curve"]}
         if self.measured_at or self.spread or self.warnings:
             out["probe"] = {"measured_at": self.measured_at, "spread": dict(self.spread),
                             "warnings": list(self.warnings)}
@@ -240,6 +274,13 @@ class HardwareProfile:
             sources[f] = entry.get("source", "")
         for f in ("disk_block_bytes",) + CAPACITY_FIELDS:
             kwargs[f] = int(kwargs[f])
+        curve = d.get("compute_curve")  # optional: a flat compute_efficiency without it
+        if curve is not None:
+            if not isinstance(curve, dict) or not isinstance(curve.get("value"), dict):
+                raise ValueError(f"{where}: field 'compute_curve': expected {{\"value\": {{tokens: fraction}}, "
+                                 f"\"source\": ...}}, got {curve!r}")
+            kwargs["compute_curve"] = {int(k): v for k, v in curve["value"].items()}
+            sources["compute_curve"] = curve.get("source", "")
         pr = d.get("probe") or {}
         return cls(name=d.get("name", ""), fingerprint=d.get("fingerprint", ""),
                    device_name=d.get("device_name", "cpu"), sources=sources, measured_at=pr.get("measured_at", ""),

@@ -152,7 +152,8 @@ def _per_iteration(prev, rec, cm: CostModel, plan: Plan, pred: dict[str, float],
         fwd_bwd = pure - steal
         if fwd_bwd >= 0.5 * pure:  # else the split between compute and steal is a guess
             model_s = sum(cm.fwd_s) + sum(cm.bwd_s)  # at the profile's efficiency
-            out["compute_efficiency"] = (cm.hw.compute_efficiency * model_s / fwd_bwd, (model_s + steal) / pure)
+            out["compute_efficiency"] = (cm.hw.efficiency_at(cm.w.tokens) * model_s / fwd_bwd,
+                                         (model_s + steal) / pure)
     return out
 
 
@@ -181,7 +182,7 @@ def _predicted(cm: CostModel, plan: Plan) -> dict[str, float]:
     r = cm.rates(t)
     out = {f: 1 / (r[res] * 1e9) for f, res in LINK_FIELDS.items()}
     out["cpu_update_params_per_s"] = 1 / r["cpu_update"]
-    out["compute_efficiency"] = cm.hw.compute_efficiency
+    out["compute_efficiency"] = cm.hw.efficiency_at(cm.w.tokens)
     return out
 
 
@@ -277,7 +278,14 @@ def apply(profile: HardwareProfile, estimates: Mapping[str, Estimate], workload:
     if "compute_efficiency" in estimates:
         e = estimates["compute_efficiency"]
         how = "forward + backward spans less fetch waits and host steal, against the workload's FLOPs, median"
-        put("compute_efficiency", min(1.0, e.measured), how, e.iterations)
+        # Measured at this workload's tokens per step; a curve keeps its shape, scaled to pass through it.
+        k = e.measured / hw.efficiency_at(workload.tokens)
+        put("compute_efficiency", min(1.0, hw.compute_efficiency * k), how + (
+            f" ({workload.tokens} tokens per step, the compute_curve scaled alike)" if hw.compute_curve else ""),
+            e.iterations)
+        if hw.compute_curve:
+            put("compute_curve", {t: min(1.0, v * k) for t, v in hw.compute_curve.items()},
+                how + f", at {workload.tokens} tokens per step; every point scaled alike", e.iterations)
         if e.measured > 1:  # the workload overstates its FLOPs (e.g. a guessed batch): the peak takes the rest
             put("device_tflops", {k: v * e.measured for k, v in hw.device_tflops.items()},
                 how + "; the part above an efficiency of 1", e.iterations)

@@ -42,7 +42,10 @@ def give_large_frees_back() -> bool:
     temporaries) are then carved from the heap, which fragments and is not given back: measured on a 0.52B Llama
     under offload.wrap (CPU, device 600 MiB + host 960 MiB budgets), RSS after two steps was 3851 MiB, against
     1680 MiB with the threshold fixed at 1 MiB (peak 4110 -> 2347 MiB; benchmarks/pretrained_check.py). A
-    threshold the user set (``MALLOC_MMAP_THRESHOLD_``) is left alone; elsewhere than glibc nothing changes."""
+    threshold the user set (``MALLOC_MMAP_THRESHOLD_``) is left alone; elsewhere than glibc nothing changes.
+    The price: every such allocation page-faults fresh memory, each step (a 124M GPT's plain training step at
+    1 x 64 on the 2-core VM: 0.85-0.93 s by default, 1.09-1.19 s with the threshold), so ``offload.wrap`` sets it
+    only where memory is short (``OffloadRuntime._bound_malloc``)."""
     global _mmap_threshold_set
     if _mmap_threshold_set or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return _mmap_threshold_set

@@ -103,3 +103,34 @@ def test_freed_tensors_go_back_to_the_system_once_the_mmap_threshold_is_fixed():
     if kept["default"] < 4 << 20:
         pytest.skip(f"this malloc gives freed memory back by itself ({kept})")
     assert kept["fixed"] < 1 << 20, kept
+
+
+_POLICY_PROBE = """
+import sys, tempfile, torch
+import offload
+from storage import memory
+placement = sys.argv[1]
+model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+kw = dict(param_tier="host", state_tier="host")
+if placement == "nvme":
+    kw = dict(param_tier="nvme", state_tier="nvme", nvme_dirs=tempfile.mkdtemp())
+elif placement == "host-budget":
+    kw["host_budget_bytes"] = 1 << 30
+m, opt = offload.wrap(model, torch.optim.AdamW(model.parameters()), offload.OffloadConfig(**kw))
+print(memory._mmap_threshold_set)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.parametrize("placement, bounded", [("host", False), ("host-budget", True), ("nvme", True)])
+def test_wrap_bounds_malloc_only_where_memory_is_short(placement, bounded):
+    """The fixed threshold costs every large allocation a fresh mapping (page faults each step): wrap sets it
+    when anything lives on NVMe or the host has a budget, and leaves glibc's default when the model is in memory."""
+    import os
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", _POLICY_PROBE, placement], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(bounded)

@@ -54,6 +54,8 @@ def _scaled(hw, **factors):
         fields = {"disk": ("disk_read_gbps", "disk_write_gbps", "disk_mixed_gbps"),
                   "cpu": ("cpu_update_params_per_s", "cpu_update_params_per_s_under_io")}.get(k, (k,))
         out.update({name: getattr(hw, name) * f for name in fields})
+        if k == "compute_efficiency":  # the efficiency at every step size
+            out["compute_curve"] = {t: v * f for t, v in hw.compute_curve.items()}
     return dataclasses.replace(hw, **out)
 
 

@@ -195,7 +195,44 @@ def test_probe_quick_caches_a_profile(tmp_path, monkeypatch, capsys):
     assert f"saved to {files[0]}: the default profile of every later `offload plan`" in err
     assert p.measured_at and set(p.spread) >= {"disk_read_gbps", "cpu_update_params_per_s", "device_tflops"}
     assert p.warnings[0].startswith("--quick") and p.reserve_bytes("host") > 0
+    # compute by step size: the quick shapes' tokens, each a fraction of the fp32 rate, with where they came from
+    assert sorted(p.compute_curve) == sorted({b * s for b, s in probe.CURVE_SHAPES_QUICK})
+    assert all(0 < e <= 1 for e in p.compute_curve.values()) and "1 x 16, 2 x 32" in p.sources["compute_curve"]
     assert main(["probe", "--quick", "--dir", str(tmp_path), "--no-save", "--rounds", "1", "--json"]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["probe"]["warnings"] and "not saved (--no-save)" in err
     assert list((tmp_path / "cache" / "profiles").glob("*.json")) == files
+
+
+def test_compute_curve_prices_steps_by_their_tokens(tmp_path):
+    """Small steps reach less of the peak than large ones: the cost model prices each workload at its own
+    tokens per step, interpolated in log(tokens) between the probe's points and flat beyond them."""
+    from scheduler.cost import CostModel
+    from scheduler.workload import preset
+
+    shipped = profile.resolve("cpu-dev-2core")
+    assert shipped.efficiency_at(64) < shipped.efficiency_at(512) == shipped.compute_efficiency  # measured curve
+    base = dataclasses.replace(shipped, compute_curve={},
+                               sources={k: v for k, v in shipped.sources.items() if k != "compute_curve"})
+    p = dataclasses.replace(base, compute_curve={64: 0.4, 1024: 0.8},
+                            sources={**base.sources, "compute_curve": "test"})
+    assert p.efficiency_at(64) == 0.4 and p.efficiency_at(16) == 0.4 and p.efficiency_at(10**6) == 0.8
+    assert p.efficiency_at(256) == pytest.approx(0.6)  # halfway in log(tokens)
+    assert p.efficiency_at(None) == base.compute_efficiency == base.efficiency_at(256)  # no curve: flat
+    q = HardwareProfile.load(p.save(tmp_path / "c.json"))
+    assert dict(q.compute_curve) == {64: 0.4, 1024: 0.8} and q.sources["compute_curve"] == "test"
+    assert "compute_curve" not in base.to_dict()  # optional: profiles without one stay as they were
+    with pytest.raises(ValueError, match="compute_curve: expected tokens"):
+        dataclasses.replace(p, compute_curve={64: 1.5})
+    with pytest.raises(ValueError, match="a source for compute_curve"):
+        dataclasses.replace(base, compute_curve={64: 0.5})
+
+    def compute_s(prof, batch, seq):
+        w = preset("gpt2", batch=batch, seq=seq)
+        cm = CostModel(w, prof)
+        return sum(cm.fwd_s) + sum(cm.bwd_s), w.model_flops
+    (t_small, f_small), (t_big, f_big) = compute_s(p, 1, 64), compute_s(p, 4, 256)
+    flat_small, _ = compute_s(base, 1, 64)
+    # 64 tokens at 0.4, 1024 at 0.8: per FLOP, the small step takes twice as long
+    assert t_small / f_small == pytest.approx(2 * t_big / f_big, rel=1e-6)
+    assert t_small == pytest.approx(flat_small * base.compute_efficiency / 0.4, rel=1e-6)
