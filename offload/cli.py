@@ -177,7 +177,9 @@ def _clip_text(clip: dict) -> str:
             f"would take {never['wait_s']:.2f} s)\n"
             f"  steps that clip: {always['expected_s']:.2f} s (the policy stops speculating and waits; a "
             f"speculative step that clips costs {always['rollback_s']:.2f} s: undone, then redone)\n"
-            f"  pre-update copies while speculating: {format_bytes(never['pre_image_bytes'])} of host memory")
+            f"  pre-update copies while speculating: {format_bytes(never['pre_image_bytes'])} of host memory" + (
+                "\n  here waiting costs less than a speculative step that commits (its copies share the cores with "
+                "backward): OffloadConfig(speculate=False)" if never["commit_s"] > never["wait_s"] else ""))
 
 
 def _plan_measure(args: argparse.Namespace, hw) -> int:

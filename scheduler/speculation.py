@@ -78,9 +78,11 @@ def price(cm: CostModel, plan: Plan, clip_probability: float = 0.0) -> Speculati
     copies = pre_image_bytes(cm, plan)
     copy_s = copies / (hw.bidir_gbps * 1e9) if copies else 0.0  # one memory copy each way (taken, put back)
     # The norm pass and the pre-update copies run on the update thread beside backward: they lengthen the
-    # iteration only where the update thread becomes the busiest; the kept grads' writes are charged in full.
+    # iteration where the update thread becomes the busiest, and by what they take from compute where the two
+    # share cores (the device is the CPU: cost.py, "Shared cores"); the kept grads' writes are charged in full.
+    steal_s = cm.steal.get("cpu_update", 0.0) * norm_s + cm.steal.get("d2h", 0.0) * copy_s
     commit = overlapped.iteration_s + max(0.0, norm_s + copy_s + overlapped.busy_s.get("cpu_update", 0.0)
-                                          - overlapped.iteration_s) + grads_s
+                                          - overlapped.iteration_s) + grads_s + steal_s
     compute = waiting.busy_s.get("compute", 0.0)
     redo = max(0.0, waiting.iteration_s - compute)  # the update phase that follows backward
     undo = copy_s

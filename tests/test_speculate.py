@@ -255,7 +255,7 @@ def test_the_cost_model_prices_speculation_against_waiting():
     from scheduler import profile, workload as wl
     from scheduler.cost import CostModel
     from scheduler.plan import Plan, UnitPlacement
-    from scheduler.speculation import pre_image_bytes, price
+    from scheduler.speculation import NORM_PASS_FRACTION, pre_image_bytes, price
 
     w = wl.load("gpt2", batch=1, seq=64)
     cm = CostModel(w, profile.resolve("cpu-dev-2core"))
@@ -271,6 +271,22 @@ def test_the_cost_model_prices_speculation_against_waiting():
     assert pre_image_bytes(cm, host) == sum(cm.pb[i] + cm.state_bytes(i, host.units[i]) for i in range(n))
     with pytest.raises(ValueError, match="clip_probability"):
         price(cm, nvme, 1.5)
+    # Where the device is the CPU, the copies and the norm pass take from compute what the probe measured host
+    # work takes (cpu_steal); on a GPU they do not.
+    h = price(cm, host, 0.0)
+    norm_s = sum(cm.params) / cm.hw.cpu_update_params_per_s * NORM_PASS_FRACTION
+    copy_s = h.pre_image_bytes / (cm.hw.bidir_gbps * 1e9)
+    plain = cm.predict(host)
+    spare = max(0.0, norm_s + copy_s + plain.busy_s["cpu_update"] - plain.iteration_s)
+    assert h.commit_s == pytest.approx(plain.iteration_s + spare + cm.steal["cpu_update"] * norm_s
+                                       + cm.steal["d2h"] * copy_s)
+    gpu = CostModel(w, profile.resolve("h100-pcie5-gen4nvme"))
+    g = price(gpu, host, 0.0)
+    gp = gpu.predict(host)
+    assert g.commit_s == pytest.approx(gp.iteration_s + max(0.0, sum(gpu.params) / gpu.hw.cpu_update_params_per_s
+                                                            * NORM_PASS_FRACTION + g.pre_image_bytes /
+                                                            (gpu.hw.bidir_gbps * 1e9) + gp.busy_s["cpu_update"]
+                                                            - gp.iteration_s))
 
 
 def test_offload_plan_prices_clipping_both_ways(capsys):
@@ -284,7 +300,10 @@ def test_offload_plan_prices_clipping_both_ways(capsys):
     assert main(["plan", "gpt2", "--batch", "1", "--seq", "64", "--profile", "cpu-dev-2core", "--clip",
                  "--json"]) == 0
     clip = json.loads(capsys.readouterr().out)["clipping"]
-    assert clip["never_clips"]["speculates"] and clip["never_clips"]["clip_probability"] == 0.0
+    never = clip["never_clips"]
+    assert never["clip_probability"] == 0.0 and never["speculates"] == (never["commit_s"] <= never["wait_s"])
+    # the planner's in-memory plan on a CPU device: the copies cost more than the overlap saves, and it says so
+    assert not never["speculates"] and "OffloadConfig(speculate=False)" in out
     assert clip["always_clips"]["expected_s"] == min(clip["always_clips"]["wait_s"],
                                                      clip["always_clips"]["rollback_s"])
 
