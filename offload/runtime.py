@@ -615,6 +615,11 @@ class OffloadRuntime:
             # it before they ran. Compute queued after this point still overlaps the copy.
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.device))
+        if src is None and u.param_tier is Tier.NVME:
+            # Start the disk read now, beside the fetches queued before it on the copy thread (which copies one
+            # unit at a time): the reads of the next units are in flight together, and the disk is not idle while
+            # a unit is copied. Without room in the host budget now, the copy thread reads it in its turn.
+            self.swap.prefetch(u.weights)
         u.fetch = self._copy_pool.submit(self._fetch_work, u, src, ready)
         return True
 
