@@ -279,10 +279,13 @@ def table(b: dict) -> list[str]:
                      + " ".join(f"{p['busy_measured_s'][r]:6.3f}" for r in RESOURCES)
                      + f"  {'PASS' if p['pass'] else 'FAIL'} <={b['bar']:.2f}  "
                      + ("= model" if p["bytes_equal"] else "DIFFER"))
-    lines.append("(bytes: the bytes per link the runtime and store counted against the cost model's; the model does not"
-                 " see the device budget)")
+    lines.append("(bytes: those the runtime and store counted per link against the cost model's; without a device "
+                 "budget they are equal, and the model does not price the refetches a tight budget forces)")
     lines.append(f"{'plain':12s} {b['plain']['measured_s']:8.3f}s   (all-NVMe / plain {b['nvme_over_plain']:.2f}x; "
                  f"weights bit-identical: {b['bit_identical']})")
+    if b["fewer_clean_than_iters"]:
+        lines.append(f"(fewer than --iters undisturbed iterations, so the medians are over every measured one, for: "
+                     f"{', '.join(b['fewer_clean_than_iters'])}; the machine was loaded from outside)")
     for k, p in b["placements"].items():
         g = gaps_text(p["last_iteration_gaps"])
         lines.append(f"{k}: last iteration, {g[0]}")
