@@ -10,8 +10,9 @@ waited for when it was idle.
 
 Placements (CPU device, device budget half the model's bytes, the NVMe store in a temporary directory under
 benchmarks/results, deleted at the end; ``--dir`` puts the stores elsewhere, each removed when its batch is done):
-all on NVMe (params and state; grads on the host, as the runtime keeps them), host params with NVMe state, NVMe params with host state, and the planner's own per-unit
-plan when the host may hold only half the model (params, grads and state), run through ``offload.wrap(plan=...)``.
+all on NVMe (params and state; grads on the host, as the runtime keeps them), host params with NVMe state, NVMe
+params with host state, and the planner's own per-unit plan when the host may hold only half the model (params,
+grads and state), run through ``offload.wrap(plan=...)``.
 Plain PyTorch (fused AdamW, the same model and data) runs in the same rounds.
 
 Per placement and batch, medians over ``--iters`` iterations: measured time; the plan's lower bound
