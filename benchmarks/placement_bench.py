@@ -26,7 +26,8 @@ for bit after the same iterations.
 The profile is ``--profile``, else this machine's cached probe (``offload probe``), else ``cpu-dev-2core``. Runs
 are interleaved (one iteration of each in turn) so the machine's load weighs on all alike; an iteration during
 which other processes took more than 5% of the CPU, or just before which a fixed matmul ran 25% slower than its
-best, is set aside and run again (``plan_validate.py``'s rules; not with ``--quick``). Writes
+best, is set aside and run again (``plan_validate.py``'s rules; not with ``--quick``), for at most 4 x ``--iters``
+rounds; a run left with fewer than ``--iters`` undisturbed iterations takes the median of every one measured. Writes
 ``benchmarks/results/placement_bench.json`` and each run's last timeline as a Chrome trace beside it
 (``placement_bench.<batch>.<placement>.trace.json``; open in Perfetto).
 """
@@ -66,7 +67,7 @@ PLACEMENTS = [
     ("host-state", "nvme params, host state", dict(param_tier="nvme", state_tier="host")),
 ]
 TOP_GAPS = 3
-MIN_GAP_S = 1e-4
+MIN_GAP_S = 1e-3
 """Idle gaps shorter than this are timer noise between back-to-back events: not counted."""
 
 
@@ -221,8 +222,9 @@ def run_batch(shape, hw, batch: int, seq: int, args, base: Path, results: Path) 
                 print(f"  {'warm-up' if warm else f'round {it - args.warmup + 1}':8s} {k:12s} "
                       f"{rec['iteration_s']:7.3f} s" + (f"  ({rec['iteration_s'] / lb:5.2f}x lower bound)" if lb
                                                          else "") + note, flush=True)
-        records = {k: clean[k] or every[k] for k in keys}
+        # Too few undisturbed iterations: every measured one counts, so that no run's median rests on one or two.
         short = [k for k in keys if len(clean[k]) < args.iters]
+        records = {k: every[k] if k in short else clean[k] for k in keys}
         # Bit identity: plain and all-NVMe after the same number of iterations (set-aside reruns differ).
         nvme_run = runs["nvme"]["run"]
         while plain.done < nvme_run.done:
