@@ -242,23 +242,14 @@ def _plan_measure(args: argparse.Namespace, hw) -> int:
         clip_rows = _measure_clip(args, shape, w, hw, plan, d, log) if args.clip else []
     finally:
         shutil.rmtree(d, ignore_errors=True)
-    # The runtime sends the grads of device-updated units to the host and back (its grads always land in a host
-    # buffer); the cost model keeps them on the device. Said beside the d2h bytes, not folded into them.
-    extra = sum(w.grad_bytes(i) for i, u in enumerate(plan.units) if u.update == "device")
     if args.json:
         print(json.dumps({**c.to_dict(), "measured_plan": "runnable" if note else "planner", "note": note,
-                          "d2h_grads_of_device_updates": extra,
                           **({"clipping": clip_rows} if args.clip else {})}, indent=1))
         return 0
     print(c.text())
     for r in clip_rows:
         print(f"  with clipping, {r['steps']}: predicted {r['predicted_s']:.2f} s, measured {r['measured_s']:.2f} s "
               f"(predicted / measured {r['ratio']:.2f}; {r['how']})")
-    if extra:
-        diff = c.bytes_counted["d2h"] - c.bytes_predicted["d2h"]
-        print(f"  d2h counted exceeds the prediction by {format_bytes(diff)}: "
-              f"{'exactly' if diff == extra else 'NOT only'} the grads of the device-updated units "
-              f"({format_bytes(extra)}), which this runtime sends to the host and back")
     return 0
 
 

@@ -1212,7 +1212,9 @@ class OffloadOptimizer(torch.optim.Optimizer):
         if missing:
             spec.norms.update(zip(missing, torch._foreach_norm(grads, 2.0)))
         norms = [spec.norms[p] for g in self.param_groups for p in g["params"] if p in grads_of]
-        total = torch.linalg.vector_norm(torch.stack(norms), 2.0) if norms else torch.tensor(0.0)
+        # Grads kept on the device and on the host: their norms meet on the first grad's device, as in torch's.
+        total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), 2.0) if norms \
+            else torch.tensor(0.0)
         self.last_grad_norm = total
         return total
 

@@ -102,9 +102,10 @@ class Unit:
         self.trainable = sum(p.requires_grad for p in params)
         self.state = ParamState.RELEASED
         self.param_tier = Tier.HOST  # where the params live between uses (device: resident, never released)
-        self.grad_tier = Tier.HOST  # where accumulated grads wait for the update
+        self.grad_tier = Tier.HOST  # where accumulated grads wait for the update (device: a device update's)
         self.weights: Chunk | None = None  # the flat params between uses (host or nvme tier; None: device tier)
-        self.grads: Chunk | None = None  # the flat fp32 grads (None: no trainable params)
+        self.grads: Chunk | None = None  # the flat fp32 grads (None: no trainable params, or grads on the device)
+        self.dev_grads: list[torch.Tensor | None] = [None] * len(params)  # grad_tier device: autograd's own grads
         self.device_buf: torch.Tensor | None = None  # one storage for life: emptied on release, refilled on fetch
         self.fetch: concurrent.futures.Future | None = None
         self.has_grads = False  # some param of the unit has a grad in the current accumulation
@@ -211,11 +212,17 @@ class _Home(ParamHome):
         unit, k = self.rt._owner[param]
         if not (unit.has_grads and unit.got[k]):
             return None
+        if unit.grad_tier is Tier.DEVICE:
+            return unit.dev_grads[k]
         return unit.grad_view(self.rt.grads_of(unit), k)
 
     def grad_meta(self, param):
         unit, k = self.rt._owner[param]
-        return (torch.float32, torch.device("cpu")) if unit.has_grads and unit.got[k] else None
+        if not (unit.has_grads and unit.got[k]):
+            return None
+        if unit.grad_tier is Tier.DEVICE:
+            return unit.dev_grads[k].dtype, unit.dev_grads[k].device
+        return torch.float32, torch.device("cpu")
 
     def has_grad(self, param):
         unit, k = self.rt._owner[param]
@@ -272,7 +279,7 @@ class OffloadRuntime:
             self._check_plan(plan, "offload.wrap")
         for i, u in enumerate(self.units):
             u.param_tier = plan.units[i].params if plan else config.param_tier
-            u.grad_tier = plan.units[i].grad_tier if plan else config.grad_tier
+            u.grad_tier = plan.units[i].grads if plan else config.grad_tier
         # One owner for the memory of every tier: the pool (one host budget for params, grads and optimizer
         # state; without a budget in the config, the machine's memory is the limit), the device budget and its
         # buffers (at most prefetch + 2 spares per size: what the fetch pipeline has alive at once), the store.
@@ -335,7 +342,9 @@ class OffloadRuntime:
         self._empty = {}
         self._released_once = bool(self._meta_born)  # until then, params still hold their weights in param.data
         self.grads_consumed = False
-        """The last step consumed the grads kept on NVMe and no backward (or zero_grad) came since."""
+        """The last step consumed the grads kept on NVMe (or on the device, by an overlapped update) and no
+        backward (or zero_grad) came since."""
+        self._dropped_device_grads = False  # this step's overlapped updates consumed device grads
         self.plan: Plan | None = plan
         """The plan running now (``None``: the config's uniform placement)."""
         try:
@@ -387,9 +396,16 @@ class OffloadRuntime:
                              f"the blocks), got {len(plan.units)}; make it from this model's workload "
                              f"(offload.measure.workload_of, scheduler.workload.from_module)")
 
+    @staticmethod
+    def _unit_grad_bytes(u: Unit) -> int:
+        """Bytes of ``u``'s grads as autograd makes them (each in its param's dtype)."""
+        return sum(n * d.itemsize for n, d, p in zip(u.numels, u.dtypes, u.params) if p.requires_grad)
+
     def _check_device_budget(self, tiers: list[Tier], who: str, other_bytes: int = 0) -> None:
         """The device must hold the units kept there, the rest unit (held through forward and backward) and the
-        largest streamed block at once; ``other_bytes``: device state that stays."""
+        largest streamed block at once; ``other_bytes``: device state that stays. Grads and activations are
+        autograd's, outside the budget (as on a GPU, where the caching allocator holds them): the grads waiting
+        on the device are bounded instead (:meth:`_await_grads_on_device`, :meth:`_await_device_grad_room`)."""
         kept = [u for u, t in zip(self.units, tiers) if t is Tier.DEVICE and u.nbytes]
         rest = self.units[0] if tiers[0] is not Tier.DEVICE else None
         streamed = [u for u, t in zip(self.units[1:], tiers[1:]) if t is not Tier.DEVICE]
@@ -436,7 +452,7 @@ class OffloadRuntime:
                 "state_in_flight": 0}
         cfg = self.config if plan is None else _with_plan(self.config, plan)
         params = [plan.units[u.index].params if plan else u.param_tier for u in self.units]
-        grads = [plan.units[u.index].grad_tier if plan else u.grad_tier for u in self.units]
+        grads = [plan.units[u.index].grads if plan else u.grad_tier for u in self.units]
         nvme_params = [r4k(u.nbytes) for u, t in zip(self.units, params) if t is Tier.NVME and u.nbytes]
         nvme_grads = [r4k(u.grad_nbytes) for u, t in zip(self.units, grads) if t is Tier.NVME and u.grad_nbytes]
         need["params"] = sum(r4k(u.nbytes) for u, t in zip(self.units, params) if t is Tier.HOST and u.nbytes)
@@ -514,7 +530,7 @@ class OffloadRuntime:
         """Copy every unit's params to their tier, and give each unit its fp32 grad chunk."""
         for u in self.units:
             u.grad_key = f"unit{u.index}.grads"
-            if u.grad_nbytes:
+            if u.grad_nbytes and u.grad_tier is not Tier.DEVICE:
                 u.grads = self.swap.chunk(u.grad_key, u.grad_nbytes, u.grad_tier, kind="grads")
             if not u.nbytes:
                 continue
@@ -863,6 +879,9 @@ class OffloadRuntime:
         u, k = self._owner[p]
         g = p.grad
         p.grad = None
+        if u.grad_tier is Tier.DEVICE:
+            self._keep_device_grad(u, k, g)
+            return
         event = None
         if g.device.type == "cuda":
             # The grad is being written on the compute stream; the grad thread's copy must wait for that.
@@ -880,6 +899,50 @@ class OffloadRuntime:
                 self._release(u)  # its backward is done: the params are no longer needed on the device
             # Queued behind the unit's copies on the same (FIFO, single) thread, so it runs once all are done.
             self._grad_futures.append(self._grad_pool.submit(self._unit_grads_done, u))
+
+    def _keep_device_grad(self, u: Unit, k: int, g: torch.Tensor) -> None:
+        """A grad of a unit updated on the device stays there, as autograd made it (plain PyTorch's ``p.grad``:
+        the first micro-batch's tensor, the later ones added to it, in its dtype), until the update consumed it
+        or ``zero_grad``."""
+        if not u.got[k]:
+            if self._overlapping and u.index != 0 and not u.has_grads:
+                self._await_device_grad_room(u)
+            u.dev_grads[k] = g
+            u.got[k] = True
+        else:
+            u.dev_grads[k].add_(g)
+        u.has_grads = True
+        u.pending -= 1
+        if u.pending == 0:
+            if u.index != 0 and u.inputs_pending == 0:
+                self._release(u)
+            # Through the grad thread, behind the grads of the units before it: updates follow backward's order.
+            self._grad_futures.append(self._grad_pool.submit(self._unit_grads_done, u))
+
+    def _await_device_grad_room(self, u: Unit) -> None:
+        """Before a block's first device grad of an overlapped backward: while the blocks whose device grads wait
+        for their update hold ``grad_buffers`` largest blocks' worth, wait for the oldest update (it frees its
+        unit's). The device then never holds more grads than the cost model counts, however
+        far the update thread lags (as :meth:`_await_grads_on_device` bounds the grads on their way to the host);
+        the update thread never waits for this one, so this always ends."""
+        buffers = self.plan.grad_buffers if self.plan is not None else DEFAULT_GRAD_BUFFERS
+        limit = buffers * max((self._unit_grad_bytes(x) for x in self.units[1:] if x.grad_tier is Tier.DEVICE),
+                              default=0)
+        need = self._unit_grad_bytes(u)
+        while True:
+            held = sum(self._unit_grad_bytes(x) for x in self.units[1:] if x.grad_tier is Tier.DEVICE and x.has_grads)
+            if held + need <= limit:
+                return
+            for f in list(self._grad_futures):  # units whose updates the grad thread has yet to submit
+                concurrent.futures.wait([f])
+            pending = [f for f in self._update_futures[1:] if not f.done()]  # [0] reads state ahead
+            if not pending:
+                return
+            concurrent.futures.wait(pending[:1])
+
+    def _free_device_grads(self, u: Unit) -> None:
+        """Let go of ``u``'s device grads."""
+        u.dev_grads = [None] * len(u.params)
 
     def _await_grads_on_device(self, nbytes: int) -> None:
         """On the compute thread, before handing over ``nbytes`` more of device grads: wait until those not yet
@@ -950,8 +1013,12 @@ class OffloadRuntime:
             return flat
 
     def _drop_grads(self, u: Unit) -> None:
-        """After ``u``'s update with grads on NVMe: the grads are consumed; free their buffer."""
-        if u.grad_tier is not Tier.NVME:
+        """After ``u``'s overlapped update with grads on NVMe or the device: the grads are consumed; free their
+        memory (the device's, for the units backward has yet to reach)."""
+        if u.grad_tier is Tier.DEVICE:
+            self._free_device_grads(u)
+            self._dropped_device_grads = True
+        elif u.grad_tier is not Tier.NVME:
             return
         if u.grads is not None:
             self.swap.drop(u.grads)
@@ -1107,6 +1174,7 @@ class OffloadRuntime:
         for u in self.units:
             u.has_grads = False
             u.got = [False] * len(u.params)
+            self._free_device_grads(u)
             if u.grad_tier is Tier.NVME and u.grads is not None:
                 self.swap.drop(u.grads)
 
@@ -1318,7 +1386,9 @@ class OffloadRuntime:
     def after_step(self) -> None:
         self.finish_unit_update()
         # A step consumes the grads kept on NVMe; a second step without a backward cannot apply them again.
-        self.grads_consumed = any(u.grad_tier is Tier.NVME and u.grads is not None for u in self.units)
+        self.grads_consumed = self._dropped_device_grads or any(
+            u.grad_tier is Tier.NVME and u.grads is not None for u in self.units)
+        self._dropped_device_grads = False
         for u in self.units:  # grads on NVMe are consumed by the step
             if u.grad_tier is Tier.NVME and u.has_grads:
                 self._drop_grads(u)
@@ -1423,7 +1493,7 @@ class OffloadRuntime:
         """Give ``u`` the placement ``new`` (between iterations). Returns whether anything changed."""
         opt = self.optimizer
         old = u.param_tier
-        if old is new.params and u.grad_tier is new.grad_tier and all(
+        if old is new.params and u.grad_tier is new.grads and all(
                 pl == (new.state, new.update) for pl in opt.unit_placements(u.index)):
             return False
         copy: dict = {}  # a host copy of the weights, made at most once: for the move and for new fp32 masters
@@ -1462,19 +1532,38 @@ class OffloadRuntime:
                     self._evict(u)
                 else:
                     self.swap.free(old_weights)
-            self._move_grads(u, new.grad_tier)
+            self._move_grads(u, new.grads)
         finally:
             if "release" in copy:
                 copy["release"]()
         return True
 
     def _move_grads(self, u: Unit, tier: Tier) -> None:
-        """Between iterations: host grads not zeroed yet (``zero_grad()`` not called after the step) go to the
-        store, to be added to as a plain optimizer's would; a step consumes NVMe grads, so none wait in the
-        store when they come to the host."""
+        """Between iterations: grads not zeroed yet (``zero_grad()`` not called after the step) go where the new
+        placement keeps them, to be added to as a plain optimizer's would; a step consumes NVMe grads, so none
+        wait in the store when they come to the host."""
         if tier is u.grad_tier:
             return
-        if u.grads is not None:
+        if tier is Tier.DEVICE:  # from the host buffer (or the store) to tensors of their params' dtypes
+            if u.grads is not None:
+                if u.has_grads:
+                    flat = self.grads_of(u)
+                    for k, p in enumerate(u.params):
+                        if u.got[k]:
+                            u.dev_grads[k] = u.grad_view(flat, k).to(self.device, u.dtypes[k])
+                self.swap.free(u.grads)
+                u.grads = None
+        elif u.grad_tier is Tier.DEVICE:  # to a new fp32 chunk on ``tier``
+            if u.grad_nbytes:
+                u.grads = self.swap.chunk(u.grad_key, u.grad_nbytes, tier, kind="grads")
+                with self.swap.use(u.grads, write=True, load=False) as flat:
+                    for k, g in enumerate(u.dev_grads):
+                        if g is not None:
+                            u.grad_view(flat, k).copy_(g)
+                if tier is Tier.NVME:
+                    self.swap.write_back(u.grads, wait=True)
+            self._free_device_grads(u)
+        elif u.grads is not None:
             self.swap.rehome(u.grads, tier, keep=u.has_grads)
         u.grad_tier = tier
 

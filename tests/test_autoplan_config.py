@@ -156,7 +156,7 @@ def test_report_shows_the_per_unit_placement_of_a_mixed_plan(tmp_path):
     text = report.text()
     assert "placement per unit (4 units" in text and "re-plans" not in text
     assert "  blocks.0 .. blocks.1: params on nvme, grads on host, state on nvme, updated on cpu" in text
-    assert "  blocks.2: params on host, grads on host, state on device, updated on device" in text
+    assert "  blocks.2: params on host, grads on device, state on device, updated on device" in text
     runtime_of(model).close()
 
 
