@@ -714,7 +714,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
             return loss
         if self._runtime is not None and self._runtime.grads_consumed:
             raise RuntimeError("optimizer.step() again without a backward: the last step consumed the gradients kept "
-                               "on NVMe, so this one cannot apply them a second time as plain PyTorch would. Run "
+                               "on NVMe (or on the device, by its overlapped device update), so this one cannot apply them a second time as plain PyTorch would. Run "
                                "loss.backward() before each step (or zero_grad() for a step without gradients)")
         t0 = time.perf_counter()
         if not self.begin_step():

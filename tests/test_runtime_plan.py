@@ -411,3 +411,39 @@ def test_a_plan_the_budget_refuses_from_a_callback_is_skipped_not_fatal(tmp_path
     assert rt.stats["replans_refused"] == 1 and rt.refused_plans[0]["requested_after"] == 1
     assert rt.plan is None or rt.plan != all_device
     close(rt)
+
+
+def test_device_grads_wait_for_lagging_updates_and_stay_exact(tmp_path):
+    """A device update's grads stay on the device (no bytes to the host) until the update applies them; with the
+    update thread held back, backward waits for the oldest update instead of holding more than grad_buffers
+    blocks' worth (after the first step, which speculates and keeps every grad until validated); training stays
+    bit-identical."""
+    import random
+    import time as _time
+
+    p = Pair(tmp_path, plan((up(D, D, "device"),) * UNITS, grad_buffers=1))
+    rt = p.rt
+    largest = max(rt._unit_grad_bytes(u) for u in rt.units[1:])
+    held_max = [0]
+    keep, update = rt._keep_device_grad, rt.optimizer.update_unit
+    rng = random.Random(0)
+
+    def keeping(u, k, g):
+        keep(u, k, g)
+        held_max[0] = max(held_max[0], sum(rt._unit_grad_bytes(x) for x in rt.units[1:] if x.has_grads))
+
+    def lagging(unit):
+        _time.sleep(rng.uniform(0, 0.02))  # the update thread falls behind backward
+        update(unit)
+
+    rt._keep_device_grad, rt.optimizer.update_unit = keeping, lagging
+    before = rt.swap.moved()
+    for i, idx in enumerate(batches(3)):
+        if i == 1:  # the first step speculates (is the loop clipping?): its grads stay until it is validated
+            held_max[0] = 0
+        p.step(idx)
+    moved = rt.swap.moved()
+    assert moved.get("d2h", 0) == before.get("d2h", 0)  # no grad left the device
+    assert 0 < held_max[0] <= largest  # grad_buffers=1: one block's grads at a time (plus the one updating)
+    assert all(g is None for u in rt.units for g in u.dev_grads)  # applied, then let go
+    rt.close()
