@@ -106,6 +106,8 @@ class Unit:
         self.weights: Chunk | None = None  # the flat params between uses (host or nvme tier; None: device tier)
         self.grads: Chunk | None = None  # the flat fp32 grads (None: no trainable params, or grads on the device)
         self.dev_grads: list[torch.Tensor | None] = [None] * len(params)  # grad_tier device: autograd's own grads
+        # ... which are in each param's dtype
+        self.dev_grad_nbytes = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
         self.device_buf: torch.Tensor | None = None  # one storage for life: emptied on release, refilled on fetch
         self.fetch: concurrent.futures.Future | None = None
         self.has_grads = False  # some param of the unit has a grad in the current accumulation
@@ -395,11 +397,6 @@ class OffloadRuntime:
             raise ValueError(f"{who}: expected a plan with one placement per unit ({len(self.units)}: 'rest', then "
                              f"the blocks), got {len(plan.units)}; make it from this model's workload "
                              f"(offload.measure.workload_of, scheduler.workload.from_module)")
-
-    @staticmethod
-    def _unit_grad_bytes(u: Unit) -> int:
-        """Bytes of ``u``'s grads as autograd makes them (each in its param's dtype)."""
-        return sum(n * d.itemsize for n, d, p in zip(u.numels, u.dtypes, u.params) if p.requires_grad)
 
     def _check_device_budget(self, tiers: list[Tier], who: str, other_bytes: int = 0) -> None:
         """The device must hold the units kept there, the rest unit (held through forward and backward) and the
@@ -875,24 +872,25 @@ class OffloadRuntime:
 
     def _on_grad(self, p: nn.Parameter) -> None:
         """A param's grad is complete: hand it to the grad thread (which moves it into the unit's fp32 host
-        buffer while backward goes on) and free it on the device."""
+        buffer while backward goes on) and free it on the device; a device update's stays there
+        (:meth:`_keep_device_grad`)."""
         u, k = self._owner[p]
         g = p.grad
         p.grad = None
         if u.grad_tier is Tier.DEVICE:
             self._keep_device_grad(u, k, g)
-            return
-        event = None
-        if g.device.type == "cuda":
-            # The grad is being written on the compute stream; the grad thread's copy must wait for that.
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(g.device))
-        nbytes = g.numel() * g.element_size()
-        self._await_grads_on_device(nbytes)
-        future = self._grad_pool.submit(self._grad_work, u, k, g, event)
-        del g  # the grad thread holds the only reference: the memory is freed once it is moved
-        self._grad_futures.append(future)
-        self._grads_on_device.append((future, nbytes))
+        else:
+            event = None
+            if g.device.type == "cuda":
+                # The grad is being written on the compute stream; the grad thread's copy must wait for that.
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(g.device))
+            nbytes = g.numel() * g.element_size()
+            self._await_grads_on_device(nbytes)
+            future = self._grad_pool.submit(self._grad_work, u, k, g, event)
+            del g  # the grad thread holds the only reference: the memory is freed once it is moved
+            self._grad_futures.append(future)
+            self._grads_on_device.append((future, nbytes))
         u.pending -= 1
         if u.pending == 0:
             if u.index != 0 and u.inputs_pending == 0:
@@ -912,12 +910,6 @@ class OffloadRuntime:
         else:
             u.dev_grads[k].add_(g)
         u.has_grads = True
-        u.pending -= 1
-        if u.pending == 0:
-            if u.index != 0 and u.inputs_pending == 0:
-                self._release(u)
-            # Through the grad thread, behind the grads of the units before it: updates follow backward's order.
-            self._grad_futures.append(self._grad_pool.submit(self._unit_grads_done, u))
 
     def _await_device_grad_room(self, u: Unit) -> None:
         """Before a block's first device grad of an overlapped backward: while the blocks whose device grads wait
@@ -926,11 +918,11 @@ class OffloadRuntime:
         far the update thread lags (as :meth:`_await_grads_on_device` bounds the grads on their way to the host);
         the update thread never waits for this one, so this always ends."""
         buffers = self.plan.grad_buffers if self.plan is not None else DEFAULT_GRAD_BUFFERS
-        limit = buffers * max((self._unit_grad_bytes(x) for x in self.units[1:] if x.grad_tier is Tier.DEVICE),
+        limit = buffers * max((x.dev_grad_nbytes for x in self.units[1:] if x.grad_tier is Tier.DEVICE),
                               default=0)
-        need = self._unit_grad_bytes(u)
+        need = u.dev_grad_nbytes
         while True:
-            held = sum(self._unit_grad_bytes(x) for x in self.units[1:] if x.grad_tier is Tier.DEVICE and x.has_grads)
+            held = sum(x.dev_grad_nbytes for x in self.units[1:] if x.grad_tier is Tier.DEVICE and x.has_grads)
             if held + need <= limit:
                 return
             for f in list(self._grad_futures):  # units whose updates the grad thread has yet to submit

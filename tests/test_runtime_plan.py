@@ -423,14 +423,14 @@ def test_device_grads_wait_for_lagging_updates_and_stay_exact(tmp_path):
 
     p = Pair(tmp_path, plan((up(D, D, "device"),) * UNITS, grad_buffers=1))
     rt = p.rt
-    largest = max(rt._unit_grad_bytes(u) for u in rt.units[1:])
+    largest = max(u.dev_grad_nbytes for u in rt.units[1:])
     held_max = [0]
     keep, update = rt._keep_device_grad, rt.optimizer.update_unit
     rng = random.Random(0)
 
     def keeping(u, k, g):
         keep(u, k, g)
-        held_max[0] = max(held_max[0], sum(rt._unit_grad_bytes(x) for x in rt.units[1:] if x.has_grads))
+        held_max[0] = max(held_max[0], sum(x.dev_grad_nbytes for x in rt.units[1:] if x.has_grads))
 
     def lagging(unit):
         _time.sleep(rng.uniform(0, 0.02))  # the update thread falls behind backward

@@ -137,6 +137,17 @@ def train_fp16(a, oa, b, ob):
         assert [k for k in sa if not torch.equal(sa[k], sb[k])] == [], s
 
 
+def clipped_steps(ref, plain, model, opt, idx, max_norm: float = 5.0) -> None:
+    """One step of plain torch clipping by hand, then one of the wrapped model clipping through its config."""
+    lm_loss(ref, idx).backward()
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
+    plain.step()
+    plain.zero_grad()
+    lm_loss(model, idx).backward()
+    opt.step()
+    opt.zero_grad()
+
+
 def test_pre_images_that_do_not_fit_stop_speculating_not_training(tmp_path):
     """A host budget with no room for the pre-update copies of host-resident state: the units whose copies do
     not fit wait for the end of backward, and the step stays exact whatever the validation decides."""
@@ -157,13 +168,7 @@ def test_pre_images_that_do_not_fit_stop_speculating_not_training(tmp_path):
                     taken.append(pool.acquire(4096, wait=False))
                 except TierFullError:
                     break
-        lm_loss(ref, idx).backward()
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), 5.0)
-        plain.step()
-        plain.zero_grad()
-        lm_loss(model, idx).backward()
-        opt.step()
-        opt.zero_grad()
+        clipped_steps(ref, plain, model, opt, idx)
         sd_ref, sd = ref.state_dict(), model.state_dict()
         assert [k for k in sd_ref if not torch.equal(sd_ref[k], sd[k])] == []
     assert opt.stats["spec_stopped"] == 2 and opt.stats["speculative_steps"] == 4
@@ -325,13 +330,7 @@ def test_a_host_budget_at_its_minimum_speculates_without_starving_transfers(tmp_
                       OffloadConfig(**cfg, host_budget_bytes=minimum + (64 << 10)))
     opt.speculation = SpeculationPolicy(**ALWAYS)
     for idx in token_batches(4, TINY_GPT.vocab):
-        lm_loss(ref, idx).backward()
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), 5.0)
-        plain.step()
-        plain.zero_grad()
-        lm_loss(model, idx).backward()
-        opt.step()
-        opt.zero_grad()
+        clipped_steps(ref, plain, model, opt, idx)
     sd_ref, sd = ref.state_dict(), model.state_dict()
     assert [k for k in sd_ref if not torch.equal(sd_ref[k], sd[k])] == []
     assert opt.stats["spec_stopped"] >= 1
