@@ -47,10 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
-from plan_validate import CANARY_SLACK, FOREIGN_MAX, TINY, canary, planner_choice  # noqa: E402
+from plan_validate import TINY, planner_choice  # noqa: E402
 
 from offload import OffloadConfig  # noqa: E402
-from offload.measure import (Run, compare, config_to_plan, cpu_seconds, foreign_share, temp_store_dir,  # noqa: E402
+from offload.measure import (Quiet, Run, compare, config_to_plan, cpu_seconds, foreign_share, temp_store_dir,  # noqa: E402
                              workload_of)
 from scheduler import profile as profiles  # noqa: E402
 from scheduler.cost import RESOURCES, CostModel  # noqa: E402
@@ -190,22 +190,20 @@ def run_batch(shape, hw, batch: int, seq: int, args, base: Path, results: Path) 
         clean = {k: [] for k in keys}
         every = {k: [] for k in keys}
         set_aside = not args.quick
-        best = min(canary() for _ in range(3)) if set_aside else None
+        q = Quiet() if set_aside else None
         rounds = args.warmup + (4 * args.iters if set_aside else args.iters)
         for it in range(rounds):
             todo = [k for k in keys if len(clean[k]) < args.iters]
             if not todo:
                 break
             for k in todo:
-                before = canary() if set_aside else None
+                if q is not None:
+                    q.before()
                 rec = plain.iteration() if k == "plain" else runs[k]["run"].iteration()
-                rec["canary_s"] = before
-                foreign = set_aside and rec["foreign_cpu"] is not None and rec["foreign_cpu"] > FOREIGN_MAX
-                slow = set_aside and before > CANARY_SLACK * best
-                if set_aside:
-                    best = min(best, before)
+                why = q.judge(rec) if q is not None else None
+                rec.setdefault("canary_s", None)
                 warm = it < args.warmup
-                rec["set_aside"] = not warm and (foreign or slow)
+                rec["set_aside"] = not warm and why is not None
                 if not warm:
                     every[k].append(rec)
                     if not rec["set_aside"]:
@@ -215,9 +213,7 @@ def run_batch(shape, hw, batch: int, seq: int, args, base: Path, results: Path) 
                         runs[k]["last"] = (list(tl.events), rec["iteration_s"])
                         runs[k]["trace"] = str(results / f"{Path(args.json).stem}.{tag}.{k}.trace.json")
                         tl.save_chrome_trace(runs[k]["trace"])
-                note = "" if not rec["set_aside"] else (
-                    f"  (set aside: others used {rec['foreign_cpu']:.0%} of the CPU)" if foreign else
-                    f"  (set aside: the CPU ran {before / best:.2f}x slower than its best)")
+                note = f"  (set aside: {why})" if rec["set_aside"] else ""
                 lb = runs[k]["pred"].lower_bound_s if k != "plain" else None
                 print(f"  {'warm-up' if warm else f'round {it - args.warmup + 1}':8s} {k:12s} "
                       f"{rec['iteration_s']:7.3f} s" + (f"  ({rec['iteration_s'] / lb:5.2f}x lower bound)" if lb

@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from offload import OffloadConfig  # noqa: E402
-from offload.measure import (Run, compare, config_to_plan, cpu_seconds, foreign_share, temp_store_dir,  # noqa: E402
-                             workload_of)
+from offload.measure import (Quiet, Run, compare, config_to_plan, cpu_seconds, foreign_share,  # noqa: E402
+                             temp_store_dir, workload_of)
 from scheduler import profile as profiles  # noqa: E402
 from scheduler.cost import CostModel  # noqa: E402
 from scheduler.planner import UnitPlacement, uniform  # noqa: E402
@@ -45,21 +45,8 @@ from storage import Tier  # noqa: E402
 TINY = TransformerShape(n_layer=4, d_model=64, n_head=4, d_ff=256, vocab=512, n_pos=64, bias=True, norm="layernorm",
                         tied=True)
 BAR = 0.15
-FOREIGN_MAX = 0.05
-"""Iterations during which other processes used more than this share of the machine's CPU are set aside."""
-CANARY_SLACK = 1.25
-"""... and those just before which a fixed matmul ran this much slower than its best: the machine was slowed from
-outside (other VMs on the host show in neither /proc/stat nor the load average)."""
 
 
-def canary() -> float:
-    """Seconds for five 1024 x 1024 fp32 matmuls, after one untimed (caches warm): how fast the CPU is now."""
-    a = torch.ones(1024, 1024)
-    torch.mm(a, a)
-    t0 = time.perf_counter()
-    for _ in range(5):
-        torch.mm(a, a)
-    return time.perf_counter() - t0
 def planner_choice(w, hw, share: float = 0.5):
     """What the planner chooses when the host may hold only ``share`` of the model's params, grads and state
     (the rest must go to NVMe), updates on the CPU: a per-unit plan mixing host and NVMe, run as it is."""
@@ -70,7 +57,6 @@ def planner_choice(w, hw, share: float = 0.5):
     options = [o for o in OPTIONS if o.update == "cpu"]
     res = make_plan(w, hw.with_capacities(host_memory_bytes=int(share * total), host_reserve_bytes=0), options=options)
     return dataclasses.replace(res.plan, strategy="planner")
-
 
 # (name, OffloadConfig fields): the runtime's placements, from everything in host memory to everything on NVMe.
 PLACEMENTS = [
@@ -152,18 +138,18 @@ def main(argv=None) -> int:
         # No offload: everything on the device (the CPU), the update there too.
         plain_pred = CostModel(w, hw).predict(uniform(w, UnitPlacement(Tier.DEVICE, Tier.DEVICE, "device"), "plain",
                                                       prefetch_depth=0)).iteration_s
-        # Rounds interleave the placements (and plain). A disturbed iteration (FOREIGN_MAX, CANARY_SLACK) is set
+        # Rounds interleave the placements (and plain). A disturbed iteration (offload.measure.Quiet) is set
         # aside, and rounds go on until each has --iters clean ones (at most 4 x --iters rounds; then the clean
         # ones it has count, or all when none is, and the summary says so).
         clean = {label: [] for label in ["plain"] + [r[0] for r in runs]}
         every = {label: [] for label in clean}
-        best_canary = min(canary() for _ in range(5))
+        q = Quiet()
         for it in range(1 + 4 * args.iters):
             todo = [label for label in clean if len(clean[label]) < args.iters]
             if not todo:
                 break
             for label in todo:
-                before = canary()
+                q.before()
                 if label == "plain":
                     c0 = cpu_seconds()
                     t = plain.iteration()
@@ -171,17 +157,12 @@ def main(argv=None) -> int:
                 else:
                     _, _plan, pred, run = next(r for r in runs if r[0] == label)
                     rec, predicted = run.iteration(), pred.iteration_s
-                rec["canary_s"] = before
-                best_canary = min(best_canary, before)
-                foreign = rec["foreign_cpu"] is not None and rec["foreign_cpu"] > FOREIGN_MAX
-                slow = rec["canary_s"] > CANARY_SLACK * best_canary
+                why = q.judge(rec)
                 if it:
                     every[label].append(rec)
-                    if not (foreign or slow):
+                    if why is None:
                         clean[label].append(rec)
-                note = "" if not it or not (foreign or slow) else (
-                    f"  (set aside: others used {rec['foreign_cpu']:.0%} of the CPU)" if foreign else
-                    f"  (set aside: the CPU ran {rec['canary_s'] / best_canary:.2f}x slower than its best)")
+                note = f"  (set aside: {why})" if it and why else ""
                 print(f"  {'warm-up' if not it else f'round {it}':8s} {label:58s} {rec['iteration_s']:6.2f} s "
                       f"(predicted {predicted:6.2f} s){note}", flush=True)
         records = {label: clean[label] or every[label] for label in clean}  # disturbed ones only if none is clean

@@ -163,7 +163,8 @@ def _measure_clip(args, shape, w, hw, plan, d: str, log) -> list[dict]:
         c = measure(shape, OffloadConfig(nvme_dirs=d, max_grad_norm=norm), hw, batch=args.batch, seq=args.seq,
                     iters=args.iters, warmup=2, name=args.model, plan=plan, progress=log)
         rows.append({"steps": steps, "max_grad_norm": norm, "how": how, "predicted_s": predicted,
-                     "measured_s": c.measured_s, "ratio": predicted / c.measured_s})
+                     "measured_s": c.measured_s, "ratio": predicted / c.measured_s, "set_aside": c.set_aside,
+                     "disturbed": c.disturbed})
     return rows
 
 
@@ -249,7 +250,9 @@ def _plan_measure(args: argparse.Namespace, hw) -> int:
     print(c.text())
     for r in clip_rows:
         print(f"  with clipping, {r['steps']}: predicted {r['predicted_s']:.2f} s, measured {r['measured_s']:.2f} s "
-              f"(predicted / measured {r['ratio']:.2f}; {r['how']})")
+              f"(predicted / measured {r['ratio']:.2f}; {r['how']}"
+              + (f"; {r['set_aside']} disturbed iterations set aside" if r["set_aside"] else "")
+              + ("; every iteration was disturbed" if r["disturbed"] else "") + ")")
     return 0
 
 

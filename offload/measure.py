@@ -93,6 +93,45 @@ def foreign_share(before, after, wall_s: float) -> float | None:
     return max(0.0, ((after[0] - before[0]) - (after[1] - before[1])) / (wall_s * (os.cpu_count() or 1)))
 
 
+FOREIGN_MAX = 0.05
+"""An iteration during which other processes used more than this share of the machine's CPU is disturbed."""
+CANARY_SLACK = 1.25
+"""... and one just before which a fixed matmul ran this much slower than its best: the machine was slowed from
+outside (other VMs on the host show in neither /proc/stat nor the load average)."""
+
+
+def canary() -> float:
+    """Seconds for five 1024 x 1024 fp32 matmuls, after one untimed (caches warm): how fast the CPU is now."""
+    a = torch.ones(1024, 1024)
+    torch.mm(a, a)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        torch.mm(a, a)
+    return time.perf_counter() - t0
+
+
+class Quiet:
+    """Tells disturbed iterations from clean ones on a shared machine: before each, :meth:`before` times the
+    canary; after it, :meth:`judge` says why the iteration should be set aside (others used more than
+    :data:`FOREIGN_MAX` of the CPU, or the canary ran :data:`CANARY_SLACK` x slower than its best), or ``None``."""
+
+    def __init__(self):
+        self.best_s = min(canary() for _ in range(5))
+        self.last_s = self.best_s
+
+    def before(self) -> None:
+        self.last_s = canary()
+        self.best_s = min(self.best_s, self.last_s)
+
+    def judge(self, rec: dict) -> str | None:
+        rec["canary_s"] = self.last_s
+        if rec.get("foreign_cpu") is not None and rec["foreign_cpu"] > FOREIGN_MAX:
+            return f"others used {rec['foreign_cpu']:.0%} of the CPU"
+        if self.last_s > CANARY_SLACK * self.best_s:
+            return f"the CPU ran {self.last_s / self.best_s:.2f}x slower than its best"
+        return None
+
+
 def _lm_loss(model, idx: torch.Tensor) -> torch.Tensor:
     logits = model(idx[:, :-1])
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
@@ -189,6 +228,10 @@ class Comparison:
     bytes_predicted: dict
     bytes_counted: dict
     steal_s: float
+    set_aside: int = 0
+    """Measured iterations left out because the machine disturbed them (:class:`Quiet`)."""
+    disturbed: bool = False
+    """Every measured iteration was disturbed (they all count, and the figures say more about the machine)."""
 
     @property
     def ratio(self) -> float:
@@ -205,7 +248,11 @@ class Comparison:
     def text(self) -> str:
         out = [f"{self.name}: {self.placement}",
                f"  {'':12s} {'predicted':>10s} {'measured':>10s} {'ratio':>6s}",
-               f"  {'iteration':12s} {self.predicted_s:9.3f}s {self.measured_s:9.3f}s {self.ratio:6.2f}"]
+               f"  {'iteration':12s} {self.predicted_s:9.3f}s {self.measured_s:9.3f}s {self.ratio:6.2f}"
+               + (f"   ({self.set_aside} disturbed iteration{'s' if self.set_aside != 1 else ''} set aside)"
+                  if self.set_aside else "")
+               + ("   (every iteration was disturbed by other work on the machine: not a fair measurement)"
+                  if self.disturbed else "")]
         for r in RESOURCES:
             p, m = self.busy_predicted_s[r], self.busy_measured_s[r]
             out.append(f"  {r:12s} {p:9.3f}s {m:9.3f}s {p / m if m > 0 else float('nan'):6.2f}"
@@ -239,13 +286,14 @@ def compare(name: str, plan: Plan, prediction: Prediction, records: list[dict]) 
 
 def measure(shape: TransformerShape, config: OffloadConfig, profile: HardwareProfile, *, batch: int, seq: int,
             iters: int = 3, warmup: int = 1, name: str = "model", plan: Plan | None = None,
-            progress: Callable[[str], None] | None = None) -> Comparison:
+            progress: Callable[[str], None] | None = None, quiet: bool = True) -> Comparison:
     """Run ``config`` (or ``plan``, unit by unit, with ``config`` for the rest: ``nvme_dirs``, budgets) for
     ``warmup + iters`` iterations of a model of ``shape`` and compare the measured ones with the cost model's
     prediction for the same placement on ``profile``.
 
-    The runtime sends every unit's grads to the host, also those of units updated on the device (where the cost
-    model keeps them): for such units the counted d2h bytes exceed the prediction by their grads."""
+    With ``quiet`` (the default), an iteration the machine disturbed (:class:`Quiet`) is set aside and another
+    one run, up to ``4 x iters`` in all; if fewer than ``iters`` were clean, the clean ones count (all of them
+    when none was), and :attr:`Comparison.set_aside` says how many were set aside."""
     if iters < 1 or warmup < 0:
         raise ValueError(f"measure: expected iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
     w = workload_of(shape, batch=batch, seq=seq, name=name)
@@ -256,17 +304,29 @@ def measure(shape: TransformerShape, config: OffloadConfig, profile: HardwarePro
         run_plan = plan
     pred = CostModel(w, profile).predict(plan, events=True)
     run = Run(shape, config, batch=batch, seq=seq, plan=run_plan)
+    q = Quiet() if quiet else None
     try:
-        records = []
-        for i in range(warmup + iters):
+        every, clean = [], []
+        for i in range(warmup):
             rec = run.iteration()
             if progress is not None:
-                progress(f"  {'warm-up' if i < warmup else 'iteration'} {i + 1}: {rec['iteration_s']:.2f} s")
-            if i >= warmup:
-                records.append(rec)
+                progress(f"  warm-up {i + 1}: {rec['iteration_s']:.2f} s")
+        while len(clean) < iters and len(every) < (4 * iters if quiet else iters):
+            if q is not None:
+                q.before()
+            rec = run.iteration()
+            why = q.judge(rec) if q is not None else None
+            every.append(rec)
+            if why is None:
+                clean.append(rec)
+            if progress is not None:
+                progress(f"  iteration {len(every)}: {rec['iteration_s']:.2f} s" + (f" (set aside: {why})" if why
+                                                                                      else ""))
     finally:
         run.close()
-    return compare(name, plan, pred, records)
+    used = clean or every
+    return dataclasses.replace(compare(name, plan, pred, used), set_aside=len(every) - len(used),
+                               disturbed=bool(every) and not clean and quiet)
 
 
 def temp_store_dir(base: str | None = None) -> str:

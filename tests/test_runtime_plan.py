@@ -347,13 +347,15 @@ def test_measure_runs_a_mixed_plan_and_its_bytes_match_the_cost_model(tmp_path):
     w = workload_of(shape, batch=2, seq=8)
     hw = profile.resolve("cpu-dev-2core")
     cpu = plan((up(D, H, "cpu"), up(H, N, "cpu", N), up(N, H, "cpu"), up(D, N, "cpu")), prefetch_depth=1)
-    c = measure(shape, OffloadConfig(nvme_dirs=str(tmp_path)), hw, batch=2, seq=8, iters=2, warmup=1, plan=cpu)
+    c = measure(shape, OffloadConfig(nvme_dirs=str(tmp_path)), hw, batch=2, seq=8, iters=2, warmup=1, plan=cpu,
+                quiet=False)
     assert c.bytes_equal, c.text()
     assert c.placement.startswith(cpu.compact())
     gc.collect()
     dev = plan((up(D, D, "device"), up(H, D, "device"), up(N, H, "device"), up(H, H, "cpu")), prefetch_depth=1,
                overlap_update=False)
-    c = measure(shape, OffloadConfig(nvme_dirs=str(tmp_path)), hw, batch=2, seq=8, iters=2, warmup=1, plan=dev)
+    c = measure(shape, OffloadConfig(nvme_dirs=str(tmp_path)), hw, batch=2, seq=8, iters=2, warmup=1, plan=dev,
+                quiet=False)
     assert c.bytes_equal, c.text()
 
 

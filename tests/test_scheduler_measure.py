@@ -74,7 +74,7 @@ def test_predicted_bytes_per_link_equal_the_counted_bytes(fields, tmp_path):
     """Fetches (the kept tail, the rest unit once), grads, state with and without fp32 masters, new params, grads
     spilled when the step waits for backward: the cost model's accounting against what moved, every iteration."""
     cfg = OffloadConfig(nvme_dirs=str(tmp_path), **fields)
-    c = measure(SHAPE, cfg, profile.resolve("cpu-dev-2core"), batch=2, seq=8, iters=2, warmup=1)
+    c = measure(SHAPE, cfg, profile.resolve("cpu-dev-2core"), batch=2, seq=8, iters=2, warmup=1, quiet=False)
     assert c.bytes_equal, c.text()
     assert c.bytes_counted["disk_read"] == c.bytes_counted["disk_read_counted_by_runtime"]
     assert c.bytes_counted["disk_write"] == c.bytes_counted["disk_write_counted_by_runtime"]
@@ -83,6 +83,39 @@ def test_predicted_bytes_per_link_equal_the_counted_bytes(fields, tmp_path):
     assert c.measured_s > 0 and len(c.iterations_s) == 2
     assert c.busy_measured_s["compute"] > 0 and c.busy_measured_s["cpu_update"] > 0
     assert set(c.busy_predicted_s) == set(c.busy_measured_s)
+
+
+def test_disturbed_iterations_are_set_aside_and_replaced(tmp_path, monkeypatch):
+    """An iteration the machine disturbed does not count; another is run in its place, up to 4 x iters; when
+    none is clean, all count and the comparison says so."""
+    import offload.measure as m
+
+    verdicts = iter(["others used 40% of the CPU", None, "the CPU ran 1.50x slower than its best", None])
+    monkeypatch.setattr(m.Quiet, "judge", lambda self, rec: next(verdicts))
+    cfg = OffloadConfig(nvme_dirs=str(tmp_path))
+    lines = []
+    c = measure(SHAPE, cfg, profile.resolve("cpu-dev-2core"), batch=2, seq=8, iters=2, warmup=1, progress=lines.append)
+    assert (c.set_aside, c.disturbed, len(c.iterations_s)) == (2, False, 2)
+    assert sum("set aside: others used 40% of the CPU" in x for x in lines) == 1, lines
+    assert "2 disturbed iterations set aside" in c.text()
+
+    monkeypatch.setattr(m.Quiet, "judge", lambda self, rec: "others used 90% of the CPU")
+    c = measure(SHAPE, cfg, profile.resolve("cpu-dev-2core"), batch=2, seq=8, iters=1, warmup=0)
+    assert (c.set_aside, c.disturbed, len(c.iterations_s)) == (0, True, 4)  # 4 x iters tried, none clean: all count
+    assert "every iteration was disturbed" in c.text()
+
+
+def test_quiet_judges_foreign_cpu_and_a_slow_canary():
+    from offload.measure import CANARY_SLACK, FOREIGN_MAX, Quiet
+
+    q = Quiet()
+    q.best_s = q.last_s = 0.1
+    assert q.judge({"foreign_cpu": FOREIGN_MAX / 2}) is None
+    assert q.judge({"foreign_cpu": None}) is None  # /proc/stat unreadable: the canary alone decides
+    assert q.judge({"foreign_cpu": 0.5}) == "others used 50% of the CPU"
+    q.last_s = 0.1 * CANARY_SLACK * 1.2
+    rec = {"foreign_cpu": 0.0}
+    assert q.judge(rec) == "the CPU ran 1.50x slower than its best" and rec["canary_s"] == q.last_s
 
 
 def test_runnable_plan_is_the_fastest_uniform_placement_wrap_runs():
