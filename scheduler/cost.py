@@ -56,6 +56,10 @@ its cores, and ``offload probe`` measures what each second of that work costs th
 stolen time is part of the compute's busy time; an operation that runs while compute waits steals nothing extra,
 since its steal fits in the wait.
 
+Where the device is the CPU (``HardwareProfile.device_name == "cpu"``), a device update is CPU work on the
+runtime's update thread like any other: it runs on the ``cpu_update`` resource (at ``device_update_params_per_s``)
+and steals from compute as a CPU update does. On a GPU it is a kernel on the device's compute stream.
+
 Memory per tier is what the runtime allocates: resident chunks plus fixed pools (pools are allocated once and
 reused), so the peak equals the total; see :meth:`CostModel.memory`.
 
@@ -230,6 +234,8 @@ class CostModel:
         """Device bytes for activations: every unit's checkpointed input plus the largest working set."""
         self.bwd_s = [(u.bwd_flops + recompute * u.fwd_flops) / self.flops_per_s for u in workload.units]
         self.steal = {r: profile.cpu_steal[k] for r, k in STEAL_OF.items()}
+        self.device_update_res = "cpu_update" if profile.device_name == "cpu" else "compute"
+        """Where a device update runs (module note): the update thread when the device is the CPU."""
 
     # -- validation -------------------------------------------------------------------------------------------------
     def check(self, plan: Plan) -> None:
@@ -368,10 +374,11 @@ class CostModel:
 
     def busy(self, t: Traffic) -> dict[str, float]:
         r = self.rates(t)
-        out = {"compute": sum(self.fwd_s) + sum(self.bwd_s) + t.device_update_params * r["device_update"],
+        out = {"compute": sum(self.fwd_s) + sum(self.bwd_s),
                "h2d": t.h2d_bytes * r["h2d"], "d2h": t.d2h_bytes * r["d2h"],
                "disk_read": t.disk_read_bytes * r["disk_read"], "disk_write": t.disk_write_bytes * r["disk_write"],
                "cpu_update": t.cpu_update_params * r["cpu_update"]}
+        out[self.device_update_res] += t.device_update_params * r["device_update"]
         out["compute"] += sum(s * out[res] for res, s in self.steal.items())  # shared cores (module note)
         return out
 
@@ -581,7 +588,8 @@ class CostModel:
                     up = add("h2d", f"state {names[i]}", sb[i] * r["h2d"], [rd, last_fwd, slot], sb[i])
                 old = add("disk_read", f"params {names[i]}", pb[i] * r["disk_read"], [gate], pb[i]) \
                     if pl.params is N and self.frozen[i] else None
-                upd = add("compute", f"update {names[i]}", p * r["device_update"], [done_grad[i], up, gate, old])
+                upd = add(self.device_update_res, f"update {names[i]}", p * r["device_update"],
+                          [done_grad[i], up, gate, old])
                 grad_release[grad_pos[i]] = upd
                 if pl.state is not D:
                     down = add("d2h", f"state {names[i]}", sb[i] * r["d2h"], [upd], sb[i])

@@ -139,6 +139,24 @@ def test_shared_cores_put_host_work_on_the_compute_stream():
     assert p1.iteration_s > p0.iteration_s
 
 
+def test_a_device_update_runs_where_the_device_is():
+    """On a GPU the device update is a kernel on the compute stream; where the device is the CPU it is CPU work on
+    the update thread (cpu_update), which takes compute time through its steal like a CPU update."""
+    w = dataclasses.replace(_tiny(), **workload.precision("fp32"))
+    plan = Plan(strategy="t", units=(UnitPlacement(D, D, "device"),) * 4)
+    gpu, cpu = profile.resolve("h100-pcie5-gen4nvme"), profile.resolve("cpu-dev-2core")
+    assert (gpu.device_name, cpu.device_name) != ("cpu", "cpu") and cpu.device_name == "cpu"
+    upd = sum(w.units[i].trainable for i in range(4))
+    for hw, res in ((gpu, "compute"), (cpu, "cpu_update")):
+        p = CostModel(w, hw).predict(plan, events=True)
+        updates = [e for e in p.events if e.name.startswith("update")]
+        assert len(updates) == 4 and {e.resource for e in updates} == {res}
+        assert p.busy_s[res] >= upd / hw.device_update_params_per_s * (1 - 1e-9)
+    p = CostModel(w, cpu).predict(plan, events=True)
+    steal = [e for e in p.events if e.name.startswith("steal update")]
+    assert len(steal) == 4 and p.steal_s == pytest.approx(cpu.cpu_steal["update"] * upd / cpu.device_update_params_per_s)
+
+
 def _frozen() -> Workload:
     """_tiny with frozen params: rest all frozen, b0 10 of its 100 trainable (a LoRA block), b1 all frozen, b2 all
     trainable."""
