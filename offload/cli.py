@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -78,6 +79,13 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     if args.rounds is not None and args.rounds < 1:
         print(f"offload probe: expected --rounds >= 1, got {args.rounds}", file=sys.stderr)
         return 2
+    if args.dir is not None:  # made here, as --measure's store directory is, before minutes of measuring
+        try:
+            Path(args.dir).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(f"offload probe: --dir {args.dir!r}: expected a directory on the disk to measure, and it cannot be "
+                  f"created ({e.strerror or e}); pass an existing directory on that disk", file=sys.stderr)
+            return 2
     prof = probe(quick=args.quick, directory=args.dir, rounds=args.rounds)
     path = None if args.no_save else prof.save(cached_path(args.dir))
     if args.json:

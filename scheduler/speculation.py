@@ -76,7 +76,10 @@ def price(cm: CostModel, plan: Plan, clip_probability: float = 0.0) -> Speculati
     kept_grads = sum(cm.gb[i] for i, pl in enumerate(plan.units) if cm.params[i] and pl.grads is Tier.NVME)
     grads_s = kept_grads / (hw.disk_write_gbps * 1e9)
     copies = pre_image_bytes(cm, plan)
-    copy_s = copies / (hw.bidir_gbps * 1e9) if copies else 0.0  # one memory copy each way (taken, put back)
+    # Each pre-image is copied out into host memory before its update (the d2h direction: on a CPU device, a
+    # memcpy at the probe's rate) and, on a rollback only, copied back (h2d).
+    copy_s = copies / (hw.d2h_gbps * 1e9)
+    undo = copies / (hw.h2d_gbps * 1e9)
     # The norm pass and the pre-update copies run on the update thread beside backward: they lengthen the
     # iteration where the update thread becomes the busiest, and by what they take from compute where the two
     # share cores (the device is the CPU: cost.py, "Shared cores"); the kept grads' writes are charged in full.
@@ -85,7 +88,6 @@ def price(cm: CostModel, plan: Plan, clip_probability: float = 0.0) -> Speculati
                                           - overlapped.iteration_s) + grads_s + steal_s
     compute = waiting.busy_s.get("compute", 0.0)
     redo = max(0.0, waiting.iteration_s - compute)  # the update phase that follows backward
-    undo = copy_s
     rollback = commit + undo + redo
     spec = (1 - clip_probability) * commit + clip_probability * rollback
     speculates = spec <= waiting.iteration_s  # a tie speculates, as the runtime does by default

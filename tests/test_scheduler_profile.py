@@ -198,10 +198,15 @@ def test_probe_quick_caches_a_profile(tmp_path, monkeypatch, capsys):
     # compute by step size: the quick shapes' tokens, each a fraction of the fp32 rate, with where they came from
     assert sorted(p.compute_curve) == sorted({b * s for b, s in probe.CURVE_SHAPES_QUICK})
     assert all(0 < e <= 1 for e in p.compute_curve.values()) and "1 x 16, 2 x 32" in p.sources["compute_curve"]
-    assert main(["probe", "--quick", "--dir", str(tmp_path), "--no-save", "--rounds", "1", "--json"]) == 0
+    fresh = tmp_path / "not" / "yet"  # a --dir that does not exist is made, as --measure's is
+    assert main(["probe", "--quick", "--dir", str(fresh), "--no-save", "--rounds", "1", "--json"]) == 0
+    assert fresh.is_dir()
     out, err = capsys.readouterr()
     assert json.loads(out)["probe"]["warnings"] and "not saved (--no-save)" in err
     assert list((tmp_path / "cache" / "profiles").glob("*.json")) == files
+    (tmp_path / "file").write_text("")
+    assert main(["probe", "--quick", "--dir", str(tmp_path / "file" / "sub")]) == 2
+    assert "--dir" in capsys.readouterr().err
 
 
 def test_compute_curve_prices_steps_by_their_tokens(tmp_path):

@@ -7,6 +7,7 @@ versions) and redone with clipped grads, or skipped. Every outcome must be bit-i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 
 import pytest
@@ -280,7 +281,7 @@ def test_the_cost_model_prices_speculation_against_waiting():
     # work takes (cpu_steal); on a GPU they do not.
     h = price(cm, host, 0.0)
     norm_s = sum(cm.params) / cm.hw.cpu_update_params_per_s * NORM_PASS_FRACTION
-    copy_s = h.pre_image_bytes / (cm.hw.bidir_gbps * 1e9)
+    copy_s = h.pre_image_bytes / (cm.hw.d2h_gbps * 1e9)  # copied out before the updates; back only on a rollback
     plain = cm.predict(host)
     spare = max(0.0, norm_s + copy_s + plain.busy_s["cpu_update"] - plain.iteration_s)
     assert h.commit_s == pytest.approx(plain.iteration_s + spare + cm.steal["cpu_update"] * norm_s
@@ -290,8 +291,12 @@ def test_the_cost_model_prices_speculation_against_waiting():
     gp = gpu.predict(host)
     assert g.commit_s == pytest.approx(gp.iteration_s + max(0.0, sum(gpu.params) / gpu.hw.cpu_update_params_per_s
                                                             * NORM_PASS_FRACTION + g.pre_image_bytes /
-                                                            (gpu.hw.bidir_gbps * 1e9) + gp.busy_s["cpu_update"]
+                                                            (gpu.hw.d2h_gbps * 1e9) + gp.busy_s["cpu_update"]
                                                             - gp.iteration_s))
+    assert g.rollback_s == pytest.approx(g.commit_s + g.pre_image_bytes / (gpu.hw.h2d_gbps * 1e9)
+                                         + max(0.0, gpu.predict(dataclasses.replace(host, overlap_update=False))
+                                               .iteration_s - gpu.predict(dataclasses.replace(
+                                                   host, overlap_update=False)).busy_s["compute"]))
 
 
 def test_offload_plan_prices_clipping_both_ways(capsys):
