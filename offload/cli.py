@@ -151,28 +151,32 @@ def _clip_prices(w, hw, res) -> dict:
 
 
 def _measure_clip(args, shape, w, hw, plan, d: str, log) -> list[dict]:
-    """``offload plan --measure --clip``: the plan run with a max_grad_norm no step reaches (every step speculates
-    and commits) and with one every step exceeds (the first step rolls back, then the policy waits for backward),
-    each against its price."""
+    """``offload plan --measure --clip``: the plan run with a max_grad_norm no step reaches and with one every step
+    exceeds, each against its price, with speculation on where the price says it pays on steps that do not clip
+    (OffloadConfig.speculate; else every step waits for backward, as the printed advice says). Steps that clip:
+    a speculating run rolls its first step back, then the policy waits for backward."""
     from offload.config import OffloadConfig
     from offload.measure import measure
     from scheduler.cost import CostModel
     from scheduler.speculation import price
 
     cm = CostModel(w, hw)
+    speculate = price(cm, plan, 0.0).speculates
     rows = []
-    for steps, norm, p, key, how in (("steps that do not clip", 1e6, 0.0, "commit_s", "speculative, committed"),
-                                     ("steps that clip", 1e-6, 1.0, "expected_s", "waiting for backward")):
-        predicted = getattr(price(cm, plan, p), key)
+    for steps, norm, p in (("steps that do not clip", 1e6, 0.0), ("steps that clip", 1e-6, 1.0)):
+        cost = price(cm, plan, p)
+        predicted, how = ((cost.commit_s, "speculative, committed") if speculate and p == 0.0 else
+                          (cost.wait_s, "waiting for backward" + ("" if speculate else " (speculate=False: "
+                                                                                        "waiting costs less here)")))
         # Two warm-ups: the first step creates the optimizer state, the second is the first whose pre-update
         # copies exist (their host buffers are touched then: a 124M in-memory plan here, 3.5 s against 1.2).
-        log(f"measuring with clipping, {steps} (max_grad_norm={norm:g}; predicted {predicted:.2f} s): "
-            f"2 warm-ups + {args.iters} iterations")
-        c = measure(shape, OffloadConfig(nvme_dirs=d, max_grad_norm=norm), hw, batch=args.batch, seq=args.seq,
-                    iters=args.iters, warmup=2, name=args.model, plan=plan, progress=log)
-        rows.append({"steps": steps, "max_grad_norm": norm, "how": how, "predicted_s": predicted,
-                     "measured_s": c.measured_s, "ratio": predicted / c.measured_s, "set_aside": c.set_aside,
-                     "disturbed": c.disturbed})
+        log(f"measuring with clipping, {steps} (max_grad_norm={norm:g}, speculate={speculate}; predicted "
+            f"{predicted:.2f} s): 2 warm-ups + {args.iters} iterations")
+        c = measure(shape, OffloadConfig(nvme_dirs=d, max_grad_norm=norm, speculate=speculate), hw, batch=args.batch,
+                    seq=args.seq, iters=args.iters, warmup=2, name=args.model, plan=plan, progress=log)
+        rows.append({"steps": steps, "max_grad_norm": norm, "speculate": speculate, "how": how,
+                     "predicted_s": predicted, "measured_s": c.measured_s, "ratio": predicted / c.measured_s,
+                     "set_aside": c.set_aside, "disturbed": c.disturbed})
     return rows
 
 

@@ -46,6 +46,7 @@ import torch
 
 from storage import HostPool, NvmeStore, StoreVersion, Tier, TierBudget, TierFullError
 from storage.memory import aligned_empty
+from storage.workers import READAHEAD, URGENT
 
 
 _CAN_SWAP_STORAGE = hasattr(torch.UntypedStorage, "_swap_data_ptr_")
@@ -76,6 +77,12 @@ _HAS_BUFFER = (ChunkState.READY, ChunkState.DIRTY)
 KINDS = ("params", "grads", "state")
 """What a chunk holds, for the per-link byte counters."""
 LINKS = ("h2d", "d2h", "disk_read", "disk_write")
+
+
+def _read_priority(c: "Chunk") -> int:
+    """Weights are read for a forward or backward that waits for them; state and grads for the update thread,
+    which reads ahead: behind a unit's state a weight fetch would stall compute (storage/workers.py)."""
+    return URGENT if c.kind == "params" else READAHEAD
 
 
 class Chunk:
@@ -359,7 +366,7 @@ class SwapManager:
             raise
         try:
             if load:
-                handle = self.store.read(c.key, out=tensor)
+                handle = self.store.read(c.key, out=tensor, priority=_read_priority(c))
                 self._trace(handle, "disk_read", c)
                 handle.wait()
         except BaseException:
@@ -387,7 +394,7 @@ class SwapManager:
             self._set_state(c, ChunkState.STORED)
             return False
         try:
-            handle = self.store.read(c.key, out=tensor)
+            handle = self.store.read(c.key, out=tensor, priority=_read_priority(c))
         except BaseException:
             release()
             self._set_state(c, ChunkState.STORED)

@@ -61,7 +61,7 @@ from storage.journal import Journal
 from storage.memory import aligned_empty, byte_view, is_aligned, memview
 from storage.stats import TransferStats
 from storage.units import format_bytes
-from storage.workers import BACKGROUND, URGENT, PriorityWorkers
+from storage.workers import BACKGROUND, READAHEAD, URGENT, PriorityWorkers
 
 MANIFEST = "offload-store.json"
 DATA = "chunks.dat"
@@ -199,7 +199,7 @@ class _Op:
     """Book-keeping of one read or write: outstanding blocks, the memory they use, the first error."""
 
     __slots__ = ("handle", "seq", "key", "chunk", "blocks", "mem", "keep", "out", "remaining", "error", "lock",
-                 "files")
+                 "files", "priority")
 
     def __init__(self, handle: IOHandle, seq: int, key: str, blocks: list[_Block], mem: torch.Tensor):
         self.handle = handle
@@ -214,6 +214,7 @@ class _Op:
         self.error: BaseException | None = None
         self.lock = threading.Lock()
         self.files: set[int] = set()
+        self.priority = URGENT  # reads: the worker queue its blocks (and their checks) wait in
 
 
 class NvmeStore:
@@ -612,12 +613,16 @@ class NvmeStore:
             start += b.length
         return handle
 
-    def read(self, key: str, out: torch.Tensor | None = None) -> IOHandle:
+    def read(self, key: str, out: torch.Tensor | None = None, *, priority: int = URGENT) -> IOHandle:
         """Start reading the committed version of ``key`` into ``out`` (or a new tensor); returns at once.
 
         ``out`` must have the stored dtype and number of elements (its shape may differ). ``wait()`` on the
         handle returns ``out``. If a write to ``key`` is in flight, this first waits for it to commit.
+        ``priority``: :data:`~storage.workers.URGENT` for a read someone waits for now,
+        :data:`~storage.workers.READAHEAD` for one ahead of its use (served after the urgent ones queued).
         """
+        if priority not in (URGENT, READAHEAD):
+            raise ValueError(f"read {key!r}: expected priority URGENT or READAHEAD (storage.workers), got {priority!r}")
         self._check_open()
         pending = self._pending.get(key)
         if pending is not None:
@@ -654,6 +659,7 @@ class NvmeStore:
             op = _Op(handle, 0, key, chunk.blocks, mem)
             op.chunk = chunk
             op.out = out
+            op.priority = priority
             op.keep = staged
             self._in_flight.add(op)
         if not chunk.blocks:
@@ -661,7 +667,7 @@ class NvmeStore:
             return handle
         start = 0
         for b in chunk.blocks:
-            self._pool.submit(self._read_block, op, b, start, priority=URGENT)
+            self._pool.submit(self._read_block, op, b, start, priority=priority)
             start += b.length
         return handle
 
@@ -978,7 +984,7 @@ class NvmeStore:
                     op.mem[start + body:start + b.length].copy_(tail[:b.length - body])
                 if self.config.verify and op.error is None:
                     # Verify on the hash threads, so this thread goes straight on to its next request.
-                    self._hash_pool.submit(self._verify_block, op, b, start, priority=URGENT)
+                    self._hash_pool.submit(self._verify_block, op, b, start, priority=op.priority)
                     return
         except BaseException as e:  # noqa: BLE001
             self._fail(op, e, b)

@@ -1,10 +1,14 @@
-"""Worker threads that serve reads before writes.
+"""Worker threads that serve reads before writes, and the reads compute waits for before read-ahead.
 
 A read is on someone's critical path: a training step waits for the state or weights it brings. A write is
 write-back: it only has to finish before its buffer is needed again. Served first-come first-served, a read
 issued behind a few chunk writes waits for all of their blocks, and what waits on it (an update, a forward)
 waits too, while the disk is no busier. Linux's I/O schedulers favour reads for the same reason (deadline gives
 reads a 500 ms deadline, writes 5 s).
+
+Among reads the same holds one level up: a forward or backward waits for the weights it fetches, while the
+optimizer's state read-ahead only has to land before the update thread reaches that unit. Behind a unit's state
+(hundreds of MB for an embedding) a weight fetch would stall compute with the disk no busier.
 
 So the pool keeps one FIFO per priority, and a free thread takes the oldest task of the most urgent non-empty
 one. Writes are not starved in practice: whoever issues reads waits for them, so reads arrive in bounded bursts
@@ -20,9 +24,12 @@ import weakref
 from typing import Callable
 
 URGENT = 0
-"""Reads (and checking what a read brought): someone waits for them."""
-BACKGROUND = 1
+"""Reads compute waits for (and checking what they brought): weights for a forward or backward."""
+READAHEAD = 1
+"""Reads ahead of their use (and checking them): optimizer state, grads read back for a redo."""
+BACKGROUND = 2
 """Writes (and hashing what a write sends): they only have to finish before their memory is reused."""
+PRIORITIES = (URGENT, READAHEAD, BACKGROUND)
 
 
 _LIVE: weakref.WeakSet = weakref.WeakSet()
@@ -43,7 +50,8 @@ except AttributeError:  # pragma: no cover - other interpreters
 
 
 class PriorityWorkers:
-    """A fixed-size thread pool with two FIFO queues, :data:`URGENT` before :data:`BACKGROUND`.
+    """A fixed-size thread pool with one FIFO queue per priority: :data:`URGENT`, then :data:`READAHEAD`, then
+    :data:`BACKGROUND`.
 
     Threads start on demand, up to ``threads``, and end at ``shutdown`` (at the latest when the interpreter
     exits). A task must handle its own errors (the store's tasks hand them to their handle): one that raises
@@ -55,7 +63,7 @@ class PriorityWorkers:
             raise ValueError(f"PriorityWorkers: expected >= 1 thread, got {threads}")
         self._max = threads
         self._name = name
-        self._queues = (collections.deque(), collections.deque())
+        self._queues = tuple(collections.deque() for _ in PRIORITIES)
         self._cv = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._idle = 0
@@ -90,12 +98,12 @@ class PriorityWorkers:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not (self._queues[0] or self._queues[1] or self._shutdown):
+                while not (any(self._queues) or self._shutdown):
                     self._idle += 1
                     self._cv.wait()
                     self._idle -= 1
-                q = self._queues[0] or self._queues[1]
-                if not q:  # shut down and nothing left
+                q = next((q for q in self._queues if q), None)
+                if q is None:  # shut down and nothing left
                     return
                 fn, args = q.popleft()
             try:

@@ -41,6 +41,29 @@ def test_prefetch_reads_ahead_and_use_takes_the_read(swap):
     assert c.state is ChunkState.STORED and swap.pool.in_use_bytes == 0
 
 
+def test_weight_reads_go_before_state_read_ahead(swap, monkeypatch):
+    """The store serves weight reads (compute waits for them) before state and grads read ahead for the update
+    thread, whichever way they are issued (prefetch or use)."""
+    from storage.workers import READAHEAD, URGENT
+
+    chunks = [stored_chunk(swap, k, kind=k) for k in ("params", "state", "grads")]
+    seen, read = [], swap.store.read
+    monkeypatch.setattr(swap.store, "read", lambda key, out=None, *, priority=URGENT: (
+        seen.append((key, priority)), read(key, out, priority=priority))[1])
+    for c in chunks:
+        assert swap.prefetch(c)
+        with swap.use(c) as buf:
+            assert bool((buf == 7).all())
+        swap.evict(c)
+        with swap.use(c):  # a read on use, not ahead
+            pass
+        swap.evict(c)
+    expect = {"params": URGENT, "state": READAHEAD, "grads": READAHEAD}
+    assert seen == [(k, expect[k]) for k in ("params", "state", "grads") for _ in range(2)]
+    with pytest.raises(ValueError, match="expected priority URGENT or READAHEAD"):
+        swap.store.read("params", priority=7)
+
+
 def test_prefetch_does_not_wait_for_host_budget(swap):
     c = stored_chunk(swap)
     hog = swap.pool.acquire(8 * MiB)

@@ -8,7 +8,7 @@ import torch
 
 from helpers import wait_until
 from storage import NvmeStore, StoreConfig
-from storage.workers import BACKGROUND, URGENT, PriorityWorkers
+from storage.workers import BACKGROUND, READAHEAD, URGENT, PriorityWorkers
 
 GATE_S = 30
 """How long a held I/O thread waits for its gate: only a store that never gets there comes near this."""
@@ -24,19 +24,22 @@ def _gated(pool: PriorityWorkers) -> threading.Event:
     return gate
 
 
-def test_urgent_tasks_overtake_queued_background_ones_fifo_within_each():
+def test_urgent_then_readahead_then_background_fifo_within_each():
     pool = PriorityWorkers(1, "t")
     order, done = [], threading.Event()
     gate = _gated(pool)
     for name in ("w1", "w2"):
         pool.submit(order.append, name, priority=BACKGROUND)
+    pool.submit(order.append, "a1", priority=READAHEAD)
     for name in ("r1", "r2"):
         pool.submit(order.append, name, priority=URGENT)
+    pool.submit(order.append, "a2", priority=READAHEAD)
     pool.submit(done.set, priority=BACKGROUND)
-    assert pool.pending() == 5
+    assert pool.pending() == 7
     gate.set()
     assert done.wait(5)
-    assert order == ["r1", "r2", "w1", "w2"]
+    # weights compute waits for, then state read ahead, then write-back
+    assert order == ["r1", "r2", "a1", "a2", "w1", "w2"]
     pool.shutdown()
 
 
