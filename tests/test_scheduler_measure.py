@@ -156,3 +156,35 @@ def test_plan_measure_bad_input(tmp_path, capsys):
     assert "--measure: expected a preset or a module:function returning" in capsys.readouterr().err
     assert main(["plan", "gpt2", "--measure", "--iters", "0"]) == 2
     assert "expected --iters >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("speculates", [True, False])
+def test_plan_measure_clip_runs_the_policy_its_price_chooses(speculates, tmp_path, monkeypatch, capsys):
+    """`--measure --clip`: steps that do not clip speculate only where the price says committing beats waiting
+    (else they wait, as `offload plan --clip` advises), each row against the matching price; steps that clip are
+    priced as waiting. The runs themselves say which policy ran (the optimizer's counters)."""
+    import offload.measure as m
+    from scheduler import speculation
+
+    mod = tmp_path / "tinyclip.py"
+    mod.write_text("from scheduler.workload import TransformerShape, build_transformer\n"
+                   f"def make():\n    return build_transformer({SHAPE!r})\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    real = speculation.price
+
+    def price(cm, plan, p=0.0):  # the decision forced either way, the figures the model's own
+        c = real(cm, plan, p)
+        return dataclasses.replace(c, speculates=speculates if p == 0.0 else c.speculates)
+    monkeypatch.setattr(speculation, "price", price)
+    ran = []
+    measure = m.measure
+    monkeypatch.setattr(m, "measure", lambda *a, **k: (ran.append(a[1].speculate), measure(*a, **k))[1])
+    assert main(["plan", "tinyclip:make", "--batch", "2", "--seq", "8", "--profile", "cpu-dev-2core", "--measure",
+                 "--clip", "--iters", "1", "--json", "--dir", str(tmp_path / "store")]) == 0
+    rows = json.loads(capsys.readouterr().out)["clipping"]
+    assert ran[1:] == [speculates, speculates]  # the plan's own run first, speculate at its default
+    never, always = rows
+    assert never["speculate"] is always["speculate"] is speculates
+    assert never["how"].startswith("speculative, committed" if speculates else "waiting for backward")
+    assert always["how"].startswith("waiting for backward")
+    assert all(r["measured_s"] > 0 and r["ratio"] == pytest.approx(r["predicted_s"] / r["measured_s"]) for r in rows)
