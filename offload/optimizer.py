@@ -28,9 +28,11 @@ right), then moved into the chunk; a later step that adds state (a param that go
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import inspect
 import math
+import statistics
 import time
 import warnings
 import weakref
@@ -304,7 +306,8 @@ class OffloadOptimizer(torch.optim.Optimizer):
         self._clipped = False  # clip_grad_norm_ ran since the last step: the step does not clip again
         self._stats = {"steps": 0, "skipped_steps": 0, "update_s": 0.0, "cpu_update_s": 0.0, "wait_read_s": 0.0,
                        "step_s": 0.0, "speculative_steps": 0, "spec_commits": 0, "spec_rollbacks": 0,
-                       "spec_overflows": 0, "spec_declined": 0, "spec_stopped": 0, "spec_undone_for_accumulation": 0,
+                       "spec_overflows": 0, "spec_declined": 0, "spec_waited_faster": 0, "spec_stopped": 0,
+                       "spec_undone_for_accumulation": 0,
                        "rollback_s": 0.0}
         self._spec: _Speculation | None = None  # the speculative step under way (offload.wrap's runtime)
         self.speculation = SpeculationPolicy()
@@ -903,6 +906,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
             raise failed[0]
 
     def end_step(self, t0: float) -> None:
+        self.speculation.step_ended()
         self._unscaled = False
         self._clipped = False
         if self._runtime is not None:
@@ -1082,7 +1086,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
         if self._runtime is None or not self.step_needs_validation():
             return False
         if not self.speculation.wants():
-            self._stats["spec_declined"] += 1
+            self._stats["spec_waited_faster" if self.speculation.why == "slower" else "spec_declined"] += 1
             return False
         if not all(self._runtime.home_of(p) is not None for g in self.param_groups for p in g["params"]
                    if p.requires_grad):
@@ -1178,6 +1182,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
         self._undo(spec)
         self._stats["spec_rollbacks"] += 1
         self.speculation.observe(clipped=True)
+        self.speculation.step_ended(counts=False)  # a redo: neither kind's time
         self._clip_with(total, max_norm)
         self._update_subgroups(self._update_order())
         self._stats["rollback_s"] += time.perf_counter() - t0
@@ -1618,25 +1623,92 @@ class _Speculation:
 
 
 class SpeculationPolicy:
-    """Whether to update during backward on a step that clips (or scales the loss): speculate while the recent
-    steps did not clip, stop while they do. Every step's outcome is seen, speculative or not (a step that waited
-    for backward still computes its norm), so a run that clips every step stops after its first rollback and
-    never pays another, and one whose clipping stops speculates again at the next step.
+    """Whether to update during backward on a step that clips (or scales the loss). Two rules, in order:
 
-    ``window``: how many recent steps are weighed; speculation goes on while fewer than ``max_clipped`` of them
-    clipped. The expected cost of a step is (1 - p) * overlapped + p * (overlapped + rollback + redo) against
-    waiting for backward; with a redo costing about one non-overlapped step, speculating pays while p < 1/2
-    roughly, and the default stops at the first clip of the last two steps."""
+    1. **Clipping**: stop while the recent steps clipped, speculate again once they do not. Every step's
+       outcome is seen, speculative or not (a step that waited for backward still computes its norm), so a run
+       that clips every step stops after its first rollback and never pays another, and one whose clipping
+       stops speculates again at the next step. ``window``: how many recent steps are weighed; speculation goes
+       on while fewer than ``max_clipped`` of them clipped (the default stops at the first clip of the last two:
+       with a redo costing about one waiting step, speculating pays while p < 1/2 roughly).
+    2. **Time** (``timed``): a step that commits is not always faster than one that waits. Its pre-update copies
+       of memory-resident state and params cost a copy of each per step (over PCIe for device-resident ones, the
+       cores' time where the device is the CPU), which can exceed what the overlap saves: the planner's
+       in-memory 124M plan on the 2-core development VM committed in 1.4 s and waited in 0.68 s. So the runtime
+       times each such step from the start of its last backward to the end of ``step()``; after ``samples``
+       steps of each kind (speculative first, then waiting), the faster kind by median is taken, and the other
+       is timed once more every ``recheck`` steps (the machine's load changes). Both kinds give the same bits:
+       this only chooses the faster.
 
-    def __init__(self, window: int = 2, max_clipped: int = 1, enabled: bool = True):
+    The first ``warmup`` steps are not timed: the first creates the optimizer state, the second is the first
+    whose pre-update copies' host buffers are touched."""
+
+    def __init__(self, window: int = 2, max_clipped: int = 1, enabled: bool = True, *, timed: bool = True,
+                 samples: int = 3, recheck: int = 50, warmup: int = 2,
+                 clock: Callable[[], float] = time.perf_counter):
+        if samples < 1 or recheck < 1 or warmup < 0:
+            raise ValueError(f"SpeculationPolicy: expected samples >= 1, recheck >= 1, warmup >= 0, got "
+                             f"samples={samples}, recheck={recheck}, warmup={warmup}")
         self.window, self.max_clipped, self.enabled = window, max_clipped, enabled
+        self.timed, self.samples, self.recheck, self.warmup = timed, samples, recheck, warmup
+        self._clock = clock
         self.recent: list[bool] = []
+        self.times: dict[bool, collections.deque] = {True: collections.deque(maxlen=samples),
+                                                     False: collections.deque(maxlen=samples)}
+        """Speculative (True) and waiting (False) steps' seconds, backward start to step end: the latest ones."""
+        self.why = ""
+        """Why the last :meth:`wants` said no: ``"clipped"`` (recent steps clipped) or ``"slower"``."""
+        self._since_other = 0
+        self._timing: tuple[float, bool] | None = None
+        self._seen = 0
 
     def observe(self, *, clipped: bool) -> None:
         self.recent = (self.recent + [clipped])[-self.window:]
 
     def wants(self) -> bool:
-        return self.enabled and sum(self.recent) < self.max_clipped
+        """Asked once per step that needs validation, before its last backward."""
+        self.why = ""
+        if not self.enabled:
+            return False
+        if sum(self.recent) >= self.max_clipped:
+            self.why = "clipped"
+            return False
+        if not self.timed:
+            return True
+        spec, wait = self.times[True], self.times[False]
+        if len(spec) < self.samples:  # learn what a committed speculative step costs, then a waiting one
+            return True
+        if len(wait) < self.samples:
+            self.why = "slower"  # not known yet: measured
+            return False
+        choice = statistics.median(spec) <= statistics.median(wait)
+        self._since_other += 1
+        if self._since_other > self.recheck:  # time the other kind again: the load may have changed
+            self._since_other = 0
+            choice = not choice
+        if not choice:
+            self.why = "slower"
+        return choice
+
+    def step_started(self, *, speculative: bool) -> None:
+        """The last backward of a step that needs validation starts (speculating or not)."""
+        self._timing = (self._clock(), speculative)
+
+    def step_ended(self, *, counts: bool = True) -> None:
+        """That step ended (``step()`` returned its updates done). ``counts``: False for a step whose time is not
+        its kind's (a rollback redoes the update; an overflow skips it)."""
+        timing, self._timing = self._timing, None
+        if timing is None:
+            return
+        self._seen += 1
+        if counts and self._seen > self.warmup:
+            t0, speculative = timing
+            self.times[speculative].append(self._clock() - t0)
+
+    def medians(self) -> dict[str, float | None]:
+        """Median seconds of the timed speculative and waiting steps (None: not timed yet)."""
+        return {k: (statistics.median(v) if v else None) for k, v in (("speculative_s", self.times[True]),
+                                                                         ("waiting_s", self.times[False]))}
 
     def clip_probability(self) -> float:
         """The recent fraction of steps that clipped (0 before any step): what the cost model prices."""

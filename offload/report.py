@@ -278,11 +278,12 @@ class RunReport:
             r = opt.report()
             out["optimizer"] = {"class": r["optimizer"], "impl": r["impl"], "subgroups": len(r["subgroups"]),
                                 "state_bytes_by_tier": r["state_bytes_by_tier"]}
-            if r.get("speculative_steps") or r.get("spec_declined"):
+            if r.get("speculative_steps") or r.get("spec_declined") or r.get("spec_waited_faster"):
                 out["speculation"] = {"speculative_steps": r["speculative_steps"], "commits": r["spec_commits"],
                                       "rollbacks": r["spec_rollbacks"], "overflows": r["spec_overflows"],
-                                      "declined": r["spec_declined"], "stopped_for_memory": r["spec_stopped"],
-                                      "rollback_s": r["rollback_s"]}
+                                      "declined": r["spec_declined"], "waited_faster": r["spec_waited_faster"],
+                                      "stopped_for_memory": r["spec_stopped"], "rollback_s": r["rollback_s"],
+                                      **opt.speculation.medians()}
         if self.predicted:
             out["predicted"] = self.predicted
         return out
@@ -359,9 +360,12 @@ def summary_text(s: dict) -> str:
         lines.append(f"speculative update (clipping/loss scaling during backward): {sp['speculative_steps']} steps "
                      f"speculated, {sp['commits']} committed, {sp['rollbacks']} rolled back and redone "
                      f"({sp['rollback_s']:.2f} s), {sp['overflows']} overflowed; {sp['declined']} steps waited for "
-                     f"backward (recent steps clipped)" + (f"; {sp['stopped_for_memory']} stopped for lack of host "
-                                                           f"memory for pre-update copies"
-                                                           if sp["stopped_for_memory"] else ""))
+                     f"backward (recent steps clipped)"
+                     + (f", {sp['waited_faster']} because waiting was faster" if sp.get("waited_faster") else "")
+                     + (f"; {sp['stopped_for_memory']} stopped for lack of host memory for pre-update copies"
+                        if sp["stopped_for_memory"] else "")
+                     + (f"; median step (last backward to step end) {sp['speculative_s']:.2f} s speculative, "
+                        f"{sp['waiting_s']:.2f} s waiting" if sp.get("speculative_s") and sp.get("waiting_s") else ""))
     if "busy_s_median" in s:
         pred = (s.get("predicted") or {}).get("busy_s", {})
         prof = (s.get("predicted") or {}).get("profile")

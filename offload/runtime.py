@@ -849,6 +849,8 @@ class OffloadRuntime:
                         self._speculating = True
                     else:
                         self._overlapping = False
+                    if self.config.speculate:  # the policy times both kinds of step and keeps the faster
+                        self.optimizer.speculation.step_started(speculative=self._speculating)
                 elif not self.optimizer.begin_step():
                     self._overlapping = False
             self._bwd_seq = list(reversed(self._fwd_order))

@@ -165,7 +165,7 @@ def run_cell(cell: Cell, seed: int | None, nvme_dir: str, *, rule=None) -> list[
     model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1), cfg)
     # Clipping with the overlapped update speculates: at every step here, so that cells that clip roll back every
     # step and cells that do not commit every step (the default policy would stop after the first clip).
-    opt.speculation = SpeculationPolicy(max_clipped=math.inf)
+    opt.speculation = SpeculationPolicy(max_clipped=math.inf, timed=False)
     rt = runtime_of(model)
     if mixed:
         rt.apply_plan(mixed_plan(len(rt.units), 0, cell.overlap))

@@ -20,8 +20,10 @@ from offload.runtime import runtime_of
 from storage import NvmeStore, Tier, TierFullError
 from storage.faults import inject_delays
 
-ALWAYS = dict(max_clipped=math.inf)
+ALWAYS = dict(max_clipped=math.inf, timed=False)
 """A policy that speculates at every step, so that a short run goes through both commits and rollbacks."""
+BY_CLIPPING = dict(timed=False)
+"""The policy's clipping rule alone (its timing rule would wait on some steps to time them)."""
 
 
 def llama():
@@ -47,7 +49,8 @@ def train_pair(kind, tier, accum, max_norm, tmp_path, steps=6, policy=ALWAYS):
     model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1),
                       OffloadConfig(param_tier=tier, grad_tier=tier, state_tier=tier, nvme_dirs=str(tmp_path),
                                     impl="as_given", max_grad_norm=max_norm, accumulation_steps=accum))
-    opt.speculation = SpeculationPolicy(**policy)
+    policy = dict(policy)
+    opt.speculation = policy.pop("policy_class", SpeculationPolicy)(**policy)
     data = token_batches(steps * accum, TINY_GPT.vocab)
     norms, bad = [], []
     for s in range(steps):
@@ -89,11 +92,61 @@ def test_commits_and_rollbacks_are_bit_identical(kind, tier, accum, tmp_path):
 def test_the_policy_stops_while_steps_clip_and_resumes_when_they_do_not(tmp_path):
     """Every step clips: one rollback (the first step's), then no more speculation. No step clips: every step
     after the first clipping-free one speculates and commits."""
-    stats, norms, bad = train_pair("gpt", "host", 1, 1e-3, tmp_path / "a", steps=6, policy={})
+    stats, norms, bad = train_pair("gpt", "host", 1, 1e-3, tmp_path / "a", steps=6, policy=BY_CLIPPING)
     assert bad == [] and all(n > 1e-3 for n in norms)
     assert stats["spec_rollbacks"] == 1 and stats["speculative_steps"] == 1 and stats["spec_declined"] == 5
-    stats, norms, bad = train_pair("gpt", "nvme", 1, 1e9, tmp_path / "b", steps=6, policy={})
+    stats, norms, bad = train_pair("gpt", "nvme", 1, 1e9, tmp_path / "b", steps=6, policy=BY_CLIPPING)
     assert bad == [] and stats["spec_commits"] == 6 and stats["spec_rollbacks"] == 0
+
+
+def test_the_policy_times_both_kinds_of_step_and_keeps_the_faster():
+    """After its warm-up: ``samples`` speculative steps, then as many waiting ones, then the faster by median;
+    the other kind timed again once every ``recheck`` steps; a rollback's time counts for neither; clipping
+    still stops speculation whatever the times say."""
+    now = [0.0]
+    pol = SpeculationPolicy(samples=2, recheck=3, warmup=1, clock=lambda: now[0])
+
+    def step(seconds, *, counts=True):
+        speculative = pol.wants()
+        pol.step_started(speculative=speculative)
+        now[0] += seconds(speculative)
+        pol.step_ended(counts=counts)
+        return speculative
+
+    slow_spec = lambda spec: 2.0 if spec else 1.0  # noqa: E731 - speculating costs more here
+    kinds = [step(slow_spec) for _ in range(5)]
+    assert kinds == [True, True, True, False, False]  # warm-up, 2 speculative, 2 waiting
+    assert pol.medians() == {"speculative_s": 2.0, "waiting_s": 1.0}
+    kinds = [step(slow_spec) for _ in range(8)]
+    assert kinds == [False, False, False, True, False, False, False, True] and pol.why == ""
+    assert step(slow_spec, counts=False) is False and pol.medians()["waiting_s"] == 1.0  # not counted
+    # the machine changes: waiting gets slower, and the recheck finds speculation faster now
+    fast_spec = lambda spec: 0.5 if spec else 3.0  # noqa: E731
+    kinds = [step(fast_spec) for _ in range(12)]
+    assert pol.medians() == {"speculative_s": 0.5, "waiting_s": 3.0}
+    assert kinds[-4:].count(True) == 3  # speculating again, waiting timed once every recheck + 1 steps
+    pol.observe(clipped=True)
+    assert pol.wants() is False and pol.why == "clipped"
+    untimed = SpeculationPolicy(timed=False)
+    assert all(untimed.wants() for _ in range(10))
+
+
+def test_a_run_waits_when_waiting_was_timed_faster_and_stays_exact(tmp_path):
+    """The runtime times each step that needs validation from its last backward to the end of step(), as
+    speculative or waiting; once waiting is the faster kind, steps wait (counted as waited_faster in the
+    report), bit-identical either way."""
+    class Recording(SpeculationPolicy):
+        kinds: list = []
+
+        def step_started(self, *, speculative):
+            self.kinds.append(speculative)
+            super().step_started(speculative=speculative)
+
+    stats, norms, bad = train_pair("gpt", "host", 1, 1e9, tmp_path, steps=6,
+                                   policy=dict(samples=2, warmup=1, policy_class=Recording))
+    assert bad == []
+    assert Recording.kinds[:3] == [True, True, True] and Recording.kinds[3:5] == [False, False]
+    assert stats["spec_commits"] >= 3 and stats["spec_commits"] + stats["spec_waited_faster"] == 6
 
 
 @pytest.mark.parametrize("seed", [None, 3])
