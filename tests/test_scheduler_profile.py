@@ -241,3 +241,16 @@ def test_compute_curve_prices_steps_by_their_tokens(tmp_path):
     # 64 tokens at 0.4, 1024 at 0.8: per FLOP, the small step takes twice as long
     assert t_small / f_small == pytest.approx(2 * t_big / f_big, rel=1e-6)
     assert t_small == pytest.approx(flat_small * base.compute_efficiency / 0.4, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["h100-pcie5-gen4nvme", "a100-pcie4-gen4nvme", "rtx4090-pcie4-gen4nvme"])
+def test_shipped_gpu_profiles_price_small_steps_below_the_ridge_point(name):
+    """A GPU's small steps are bound by its memory bandwidth (a GEMM of `tokens` rows does about `tokens` FLOP per
+    bf16 weight byte): the shipped curve rises linearly to the datasheet's ridge point, flat at
+    compute_efficiency beyond, and says where its figures came from."""
+    p = profile.resolve(name)
+    ridge = min(t for t, e in p.compute_curve.items() if e >= p.compute_efficiency)
+    assert p.efficiency_at(64) < p.efficiency_at(128) < p.compute_efficiency == p.efficiency_at(4096)
+    assert p.efficiency_at(64) == pytest.approx(p.compute_efficiency * 64 / ridge, rel=0.02)
+    assert "datasheet" in p.sources["compute_curve"] or "whitepaper" in p.sources["compute_curve"]
+    assert "roofline" in p.sources["compute_curve"]
