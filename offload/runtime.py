@@ -1324,12 +1324,24 @@ class OffloadRuntime:
     def _state_dict_hook(self, module, state_dict, prefix, local_metadata) -> None:
         """``model.state_dict()`` gives the real weights, not the empty tensors released params hold; a param under
         several names (tied embeddings) is one tensor under each, as plainly (savers such as HF's detect ties so)."""
+        named = [(name, p) for name, p in self.model.named_parameters(prefix=prefix.rstrip("."),
+                                                                       remove_duplicate=False)
+                 if name in state_dict and p in self._owner]
+        by_unit: dict[Unit, dict[nn.Parameter, None]] = {}  # params by identity, in order, each once
+        for _, p in named:
+            by_unit.setdefault(self._owner[p][0], {})[p] = None
         values: dict[nn.Parameter, torch.Tensor] = {}
-        for name, p in self.model.named_parameters(prefix=prefix.rstrip("."), remove_duplicate=False):
-            if name in state_dict and p in self._owner:
-                if p not in values:
-                    values[p] = self.param_value(p).detach().clone()
-                state_dict[name] = values[p]
+        for u, ps in by_unit.items():  # each unit's weights copied once for all its params (a block has a dozen)
+            flat = None
+            for p in ps:
+                if u.state is ParamState.RESIDENT or not self._released_once:
+                    values[p] = p.data.detach().clone()
+                    continue
+                if flat is None:
+                    flat = self.swap.copy(u.weights)
+                values[p] = u.view(flat, self._owner[p][1]).detach().clone()
+        for name, p in named:
+            state_dict[name] = values[p]
 
     # -- the optimizer's side -----------------------------------------------------------------------------------
     def _before_update(self, sub) -> None:

@@ -122,3 +122,25 @@ def test_a_meta_buffer_the_models_initializer_leaves_unset_is_refused():
     model, _ = wrap(m2, torch.optim.AdamW(m2.parameters(), lr=1e-2), OffloadConfig(param_tier="host"))
     assert torch.equal(model.table.freqs, torch.arange(4.0))
     runtime_of(model).close()
+
+
+def test_state_dict_reads_each_offloaded_unit_once(tmp_path):
+    """model.state_dict() gives every weight from the unit's one copy: a unit on NVMe is read once, not once per
+    tensor in it (a GPT block holds a dozen)."""
+    ref, m = gpt(), gpt()
+    model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2), OffloadConfig(
+        param_tier="nvme", grad_tier="host", state_tier="host", nvme_dirs=str(tmp_path), impl="as_given"))
+    plain = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    idx = token_batches(1, TINY_GPT.vocab)[0]
+    for mm, o in ((ref, plain), (model, opt)):
+        lm_loss(mm, idx).backward()
+        o.step()
+        o.zero_grad()
+    rt = runtime_of(model)
+    before = rt.swap.moved("params")["disk_read"]
+    sd, sd_ref = model.state_dict(), ref.state_dict()
+    stored = [u for u in rt.units if u.weights is not None and u.weights.home.value == "nvme"]
+    assert len(stored) >= 2 and any(len(list(u.params)) > 2 for u in stored)
+    assert rt.swap.moved("params")["disk_read"] - before == sum(u.weights.nbytes for u in stored)
+    assert [k for k in sd_ref if not torch.equal(sd_ref[k], sd[k])] == []
+    rt.close()
