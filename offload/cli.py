@@ -207,7 +207,6 @@ def _plan_measure(args: argparse.Namespace, hw) -> int:
     from offload.config import OffloadConfig
     from offload.measure import measure, runnable_plan, temp_store_dir, workload_of
     from scheduler import planner, workload
-    from storage import format_bytes
 
     if args.model in workload.PRESETS:
         shape = workload.PRESETS[args.model][0]

@@ -1202,9 +1202,9 @@ class OffloadOptimizer(torch.optim.Optimizer):
             return torch.tensor(float("inf"))  # as unscale_ answers an overflow: the step will be skipped
         total = self._spec_total_norm(spec)
         if error_if_nonfinite and not bool(torch.isfinite(total)):
-            raise RuntimeError(f"The total norm of order 2.0 for gradients from `parameters` is non-finite, so it "
-                               f"cannot be clipped. To disable this error and scale the gradients by the non-finite "
-                               f"norm anyway, set `error_if_nonfinite=False`")
+            raise RuntimeError("The total norm of order 2.0 for gradients from `parameters` is non-finite, so it "
+                               "cannot be clipped. To disable this error and scale the gradients by the non-finite "
+                               "norm anyway, set `error_if_nonfinite=False`")
         if not math.isinf(max_norm):
             spec.max_norm = float(max_norm)  # the step's one clip: the loop's replaces the config's
         return total
