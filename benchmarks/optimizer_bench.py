@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.storage_bench import huge_page_share, pattern_fill, py_loop, store_runs  # noqa: E402
 from offload import OffloadConfig, OffloadOptimizer  # noqa: E402
 from storage import HostPool, format_bytes  # noqa: E402
+from scheduler.probe import flush_denormals  # noqa: E402
 
 
 def raw_loop(store, bufs, write: bool) -> float:
@@ -84,6 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny sizes, 2 reps: a smoke test")
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "optimizer_bench.json"))
     args = ap.parse_args(argv)
+    flush_denormals()  # ours and plain alike: scheduler.probe.flush_denormals says why
     if args.quick:
         args.params_m, args.subgroup_m, args.reps = 2, 0.5, 2
     n_total = int(args.params_m * 1e6)

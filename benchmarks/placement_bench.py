@@ -56,6 +56,7 @@ from scheduler import profile as profiles  # noqa: E402
 from scheduler.cost import RESOURCES, CostModel  # noqa: E402
 from scheduler.workload import PRESETS, build_transformer  # noqa: E402
 from storage import format_bytes  # noqa: E402
+from scheduler.probe import flush_denormals  # noqa: E402
 
 IO_BAR, COMPUTE_BAR, PLAIN_BAR = 1.2, 1.15, 2.8
 """measured / lower bound at the I/O-bound batch and at a compute-bound one; all-NVMe / plain at 1x64."""
@@ -305,6 +306,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a tiny model and tiny batches: checks the pipeline")
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "placement_bench.json"))
     args = ap.parse_args(argv)
+    flush_denormals()  # ours and plain alike: scheduler.probe.flush_denormals says why
     if args.iters < 1 or args.warmup < 0:
         raise SystemExit(f"--iters must be >= 1 and --warmup >= 0, got {args.iters} and {args.warmup}")
     if args.quick:

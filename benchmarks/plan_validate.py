@@ -41,6 +41,7 @@ from scheduler.cost import CostModel  # noqa: E402
 from scheduler.planner import UnitPlacement, uniform  # noqa: E402
 from scheduler.workload import PRESETS, TransformerShape, build_transformer  # noqa: E402
 from storage import Tier  # noqa: E402
+from scheduler.probe import flush_denormals  # noqa: E402
 
 TINY = TransformerShape(n_layer=4, d_model=64, n_head=4, d_ff=256, vocab=512, n_pos=64, bias=True, norm="layernorm",
                         tied=True)
@@ -103,6 +104,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-planner", action="store_true", help="skip the planner's own mixed per-unit placement")
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "plan_validate.json"))
     args = ap.parse_args(argv)
+    flush_denormals()  # ours and plain alike: scheduler.probe.flush_denormals says why
     shape, name = (TINY, "tiny") if args.quick else (PRESETS["gpt2"][0], "gpt2")
     if args.quick:
         args.batch, args.seq, args.iters = 2, 16, 1

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from offload import OffloadConfig, runtime_of, wrap  # noqa: E402
 from scheduler.workload import TransformerShape, build_transformer  # noqa: E402
 from storage import format_bytes  # noqa: E402
+from scheduler.probe import flush_denormals  # noqa: E402
 
 GPT2_SMALL = TransformerShape(n_layer=12, d_model=768, n_head=12, d_ff=3072, vocab=50257, n_pos=1024, bias=True,
                               norm="layernorm", tied=True)
@@ -46,6 +47,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "wrap_bench.json"))
     args = ap.parse_args(argv)
+    flush_denormals()  # ours and plain alike: scheduler.probe.flush_denormals says why
     shape = TINY if args.quick else GPT2_SMALL
     if args.quick:
         args.batch, args.seq, args.iters = 2, 32, 2

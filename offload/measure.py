@@ -38,6 +38,7 @@ from offload.plans import check_plan_units, config_to_plan, plan_to_config  # no
 from offload.runtime import PARAM_ALIGN, runtime_of
 from scheduler.cost import LINKS, RESOURCES, CostModel, Prediction
 from scheduler.planner import Plan, UnitPlacement
+from scheduler.probe import flush_denormals
 from scheduler.profile import HardwareProfile
 from scheduler.workload import TransformerShape, Workload, build_transformer, from_module, precision
 from storage import Tier, format_bytes
@@ -145,6 +146,7 @@ class Run:
 
     def __init__(self, shape: TransformerShape, config: OffloadConfig, *, batch: int, seq: int, seed: int = 0,
                  plan: Plan | None = None):
+        flush_denormals()  # a measurement condition: subnormals slow the CPU by the data, not the placement
         torch.manual_seed(seed)
         model = build_transformer(shape, device="cpu")
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
