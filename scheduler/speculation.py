@@ -8,7 +8,8 @@ updates during backward anyway and validates after; the step then costs one of:
   read them back; the overlapped update without clipping drops them instead);
 - **rollback** (it clipped): the speculative iteration, then the pre-update bytes copied back and the update
   phase of a waiting step redone with clipped grads;
-- **wait** (speculation off, or the policy stopped it): the iteration with ``overlap_update=False``.
+- **wait** (speculation off, or the policy stopped it): the iteration with ``overlap_update=False``, plus the
+  norm pass after backward and, on a step that clips, the scaling of every grad (a redo scales them too).
 
 With a probability ``p`` that a step clips, speculating costs ``(1 - p) commit + p rollback`` per step; the policy
 (``offload.optimizer.SpeculationPolicy``) speculates while that beats waiting, which in practice means while
@@ -37,7 +38,8 @@ class SpeculationCost:
     rollback_s: float
     """A speculative step that clips: undone, then redone with clipped grads."""
     wait_s: float
-    """A step that waits for backward before updating."""
+    """A step that waits for backward before updating (its norm pass, and at ``clip_probability`` its scaling
+    of the grads, included)."""
     clip_probability: float
     speculates: bool
     """Whether the policy's rule (speculate while it pays) speculates at this probability."""
@@ -87,10 +89,14 @@ def price(cm: CostModel, plan: Plan, clip_probability: float = 0.0) -> Speculati
     commit = overlapped.iteration_s + max(0.0, norm_s + copy_s + overlapped.busy_s.get("cpu_update", 0.0)
                                           - overlapped.iteration_s) + grads_s + steal_s
     compute = waiting.busy_s.get("compute", 0.0)
-    redo = max(0.0, waiting.iteration_s - compute)  # the update phase that follows backward
+    # A step that waits takes the norm after backward, before any update (the clip needs it), and one that clips
+    # scales every grad (a read and a write of each: two norm passes' worth); so does a redo.
+    scale_s = 2 * norm_s
+    wait = waiting.iteration_s + norm_s + clip_probability * scale_s
+    redo = max(0.0, waiting.iteration_s - compute) + scale_s  # the update phase that follows backward
     rollback = commit + undo + redo
     spec = (1 - clip_probability) * commit + clip_probability * rollback
-    speculates = spec <= waiting.iteration_s  # a tie speculates, as the runtime does by default
-    return SpeculationCost(commit_s=commit, rollback_s=rollback, wait_s=waiting.iteration_s,
+    speculates = spec <= wait  # a tie speculates, as the runtime does by default
+    return SpeculationCost(commit_s=commit, rollback_s=rollback, wait_s=wait,
                            clip_probability=clip_probability, speculates=speculates,
-                           expected_s=spec if speculates else waiting.iteration_s, pre_image_bytes=copies)
+                           expected_s=spec if speculates else wait, pre_image_bytes=copies)

@@ -346,10 +346,14 @@ def test_the_cost_model_prices_speculation_against_waiting():
                                                             * NORM_PASS_FRACTION + g.pre_image_bytes /
                                                             (gpu.hw.d2h_gbps * 1e9) + gp.busy_s["cpu_update"]
                                                             - gp.iteration_s))
+    waiting = gpu.predict(dataclasses.replace(host, overlap_update=False))
+    g_norm_s = sum(gpu.params) / gpu.hw.cpu_update_params_per_s * NORM_PASS_FRACTION
+    # undone (copied back), then the update phase redone with the grads scaled (a read and a write of each)
     assert g.rollback_s == pytest.approx(g.commit_s + g.pre_image_bytes / (gpu.hw.h2d_gbps * 1e9)
-                                         + max(0.0, gpu.predict(dataclasses.replace(host, overlap_update=False))
-                                               .iteration_s - gpu.predict(dataclasses.replace(
-                                                   host, overlap_update=False)).busy_s["compute"]))
+                                         + max(0.0, waiting.iteration_s - waiting.busy_s["compute"]) + 2 * g_norm_s)
+    # waiting: the norm after backward, and the scaling on a step that clips
+    assert g.wait_s == pytest.approx(waiting.iteration_s + g_norm_s)
+    assert price(gpu, host, 1.0).wait_s == pytest.approx(waiting.iteration_s + 3 * g_norm_s)
 
 
 def test_offload_plan_prices_clipping_both_ways(capsys):
