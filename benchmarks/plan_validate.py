@@ -1,4 +1,4 @@
-"""Issue 5's bar: the cost model's predicted iteration time within 15% of the measured one on at least 5
+"""The cost model against the runtime: predicted iteration time within 15% of the measured one on at least 5
 placements of a >= 100M-param model on this machine (CPU device, NVMe tier), and its bytes per link equal to
 the bytes the runtime and the store count.
 
