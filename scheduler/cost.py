@@ -299,9 +299,17 @@ class CostModel:
         the OS: ``HardwareProfile.reserve_bytes``)."""
         return {t: self.hw.usable_bytes(t) for t in ("device", "host", "nvme")}
 
+    def required(self, plan: Plan) -> dict[str, int]:
+        """Bytes per tier the plan needs to run: :meth:`memory` without what speculation takes only where it is
+        free. The runtime gives a speculative step's pre-update copies what the host pool has free beyond the
+        buffers in flight, and stops speculating (the rest of the step waits for backward) when a copy does not
+        fit (``OffloadRuntime._pre_image_room``); it does not speculate when the store has no room for the
+        previous versions (``store_room_to_speculate``). So this is the plan's memory without speculation."""
+        return self.memory(dataclasses.replace(plan, speculate=False))
+
     def shortfall(self, plan: Plan) -> dict[str, int]:
-        """Tier -> bytes missing (only tiers that are short)."""
-        mem, cap = self.memory(plan), self.capacity()
+        """Tier -> bytes missing (only tiers that are short) of what the plan needs (:meth:`required`)."""
+        mem, cap = self.required(plan), self.capacity()
         return {t: mem[t] - cap[t] for t in mem if mem[t] > cap[t]}
 
     # -- times --------------------------------------------------------------------------------------------------------
