@@ -453,9 +453,10 @@ class Feasibility:
         return device, host, nvme
 
     # -- the decision -----------------------------------------------------------------------------------------------
-    def decide(self, cap: Sequence[int]) -> Plan | bool | None:
+    def decide(self, cap: Sequence[int], *, every_y: bool = False) -> Plan | bool | None:
         """A plan that fits ``cap`` (device, host, nvme bytes); ``False`` when none of the space does; ``None``
-        when the bounds cannot tell (see the class note)."""
+        when the bounds cannot tell (see the class note). ``every_y``: evaluate every ``y_N``, not only the
+        breakpoints (the yardstick the breakpoints are tested against)."""
         if not self.exact:
             return None
         if not self.n:  # the rest unit alone: each of its options, priced
@@ -470,17 +471,17 @@ class Feasibility:
             for case in self.cases:
                 self.evaluated += 1
                 e = self.edges[case]
-                got = self._solve(cap, ro, case, *e["upper"])
+                got = self._solve(cap, ro, case, *e["upper"], every_y=every_y)
                 if got is not None:
                     p = self._witness(ro, e["pick"], *got)
                     if _within(self._memory(p), cap):
                         return p
                     unknown = True  # cannot happen where the closed form is exact (tests hold it to that)
-                elif e["upper"] != e["lower"] and self._solve(cap, ro, case, *e["lower"]) is not None:
+                elif e["upper"] != e["lower"] and self._solve(cap, ro, case, *e["lower"], every_y=every_y) is not None:
                     unknown = True
         return None if unknown else False
 
-    def _solve(self, cap, ro, case, extra, chunk):
+    def _solve(self, cap, ro, case, extra, chunk, *, every_y=False):
         """The first (x, y) with every tier within ``cap``, or ``None`` (class note)."""
         n, x, X = self.n, self.x, self.reach[case]
         per = chunk * self.t
@@ -523,7 +524,7 @@ class Feasibility:
             rsb = r(per)
             yc = (later + rsb * ra - np.maximum(fwd, first)) // rsb
             cands += [yc - 1, yc, yc + 1, yc + 2]
-        cands += [np.full_like(xD, j) for j in range(ra + 2)]
+        cands += [np.full_like(xD, j) for j in range((n if every_y else ra + 1) + 1)]
         yn = np.clip(np.stack(cands), lo_n, hi_n)
         yd = np.minimum.reduce([np.broadcast_to(kD, yn.shape), np.broadcast_to(X[1], yn.shape), X[5] - yn, n - yn])
         yh = n - yn - yd

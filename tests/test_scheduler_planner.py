@@ -161,6 +161,37 @@ def test_feasibility_closed_form_is_the_memory_rules(priced):
         assert [int(v) for v in got] == [m["device"], m["host"], m["nvme"]], [o.code for o in units]
 
 
+@pytest.mark.parametrize("priced", [{}, {"speculate": True, "clip": True}], ids=["needed", "clipping-peak"])
+def test_feasibility_breakpoints_find_what_every_y_finds(priced):
+    """The bounds evaluate the host only at the breakpoints of its dependence on the states on NVMe; on a
+    12-block model (more blocks than the read-ahead and the buffers) they decide as evaluating every count does,
+    at the least capacity that fits (found with every count) and one step either side."""
+    import random
+
+    w = workload.preset("gpt2", batch=2, seq=256)
+    cm = CostModel(w, profile.resolve("rtx4090-pcie4-gen4nvme"))
+    feas = planner.Feasibility(cm, planner.OPTIONS, depth=2, grad_buffers=2, state_buffers=8, **priced)
+    fits = lambda cap, **k: feas.decide(cap, **k) not in (None, False)  # noqa: E731
+    top = [max(cm.memory(planner.uniform(w, o, "x"))[t] for o in planner.OPTIONS) for t in planner.TIERS]
+    rng = random.Random(2)
+    checked = 0
+    for _ in range(40):
+        k = rng.randrange(3)
+        cap = [rng.randint(0, top[j]) for j in range(3)]
+        cap[k] = planner.UNBOUNDED
+        if not fits(cap, every_y=True):
+            continue
+        lo, hi = -1, 2 * top[k]  # the least capacity of tier k that fits, with every count evaluated
+        while hi - lo > 1:
+            cap[k] = (lo + hi) // 2
+            lo, hi = (lo, cap[k]) if fits(cap, every_y=True) else (cap[k], hi)
+        for c in (lo, hi, hi + 4096, lo - 4096):
+            cap[k] = c
+            assert fits(cap) == fits(cap, every_y=True), (k, cap)
+            checked += 1
+    assert checked >= 40
+
+
 GRID = [(4, 24 << 30, 64 << 30, 1), (32, 10 << 30, 128 << 30, 2 * 10**12), (1, 24 << 30, 128 << 30, 2 * 10**12),
         (8, 2 << 30, 16 << 30, 100 << 30), (1, 24 << 30, 8 << 30, 1 << 40)]
 """(batch, device, host, nvme): the machines of the grid, at seq 2048."""
