@@ -38,8 +38,9 @@ from offload.plans import check_plan_units, config_to_plan, plan_to_config  # no
 from offload.runtime import PARAM_ALIGN, runtime_of
 from scheduler.cost import LINKS, RESOURCES, CostModel, Prediction
 from scheduler.planner import Plan, UnitPlacement
+from scheduler.buffers import DEVICE_BUDGET_TERMS
 from scheduler.probe import flush_denormals
-from scheduler.profile import HardwareProfile
+from scheduler.profile import HardwareProfile, resolve as resolve_profile
 from scheduler.workload import TransformerShape, Workload, build_transformer, from_module, precision
 from storage import Tier, format_bytes
 
@@ -336,3 +337,82 @@ def temp_store_dir(base: str | None = None) -> str:
     if base is not None:
         Path(base).mkdir(parents=True, exist_ok=True)
     return tempfile.mkdtemp(prefix="offload-measure-", dir=base)
+
+
+# -- memory: predicted peaks per tier against the runtime's --------------------------------------------------------------
+MEASURED_BY = {"device": "the device budget's peak (TierBudget.peak_bytes)",
+               "host": "the host pool's peak in use (HostPool.stats()['peak_in_use_bytes'])",
+               "nvme": "the store's peak extents in use (NvmeStore.peak_used_bytes)"}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MemoryComparison:
+    """One placement: the cost model's peak per tier and term, and the runtime's measured peaks over a run."""
+
+    name: str
+    placement: str
+    predicted_terms: dict
+    """Tier -> term -> bytes (CostModel.memory_terms); the device's grads and activations are outside its budget."""
+    measured: dict
+    """Tier -> the run's peak bytes (:data:`MEASURED_BY`)."""
+
+    def predicted(self, tier: str) -> int:
+        """The prediction of what the runtime measures on ``tier`` (the device: the terms its budget counts)."""
+        terms = self.predicted_terms[tier]
+        keep = DEVICE_BUDGET_TERMS if tier == "device" else terms
+        return sum(v for k, v in terms.items() if k in keep)
+
+    def ratio(self, tier: str) -> float:
+        m = self.measured[tier]
+        return self.predicted(tier) / m if m else (1.0 if not self.predicted(tier) else float("inf"))
+
+    def to_dict(self) -> dict:
+        tiers = ("device", "host", "nvme")
+        return {"name": self.name, "placement": self.placement, "predicted_terms": self.predicted_terms,
+                "predicted": {t: self.predicted(t) for t in tiers}, "measured": dict(self.measured),
+                "ratio": {t: self.ratio(t) for t in tiers}}
+
+    def text(self) -> str:
+        out = [f"{self.name}: {self.placement}",
+               f"  {'tier':6s} {'predicted':>12s} {'measured':>12s} {'ratio':>6s}  terms (predicted)"]
+        for t in ("device", "host", "nvme"):
+            terms = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.predicted_terms[t].items() if v)
+            out.append(f"  {t:6s} {format_bytes(self.predicted(t)):>12s} {format_bytes(self.measured[t]):>12s} "
+                       f"{self.ratio(t):6.3f}  {terms}")
+        return "\n".join(out)
+
+
+def measure_memory(shape: TransformerShape, config: OffloadConfig, *, batch: int, seq: int, iters: int = 3,
+                   frozen: tuple[int, ...] = (), name: str = "model") -> MemoryComparison:
+    """Train a model of ``shape`` (blocks ``frozen`` with ``requires_grad=False``) under ``config`` for ``iters``
+    steps and compare each tier's peak over the run (the first step included: it makes the optimizer state and
+    speculates) with the cost model's prediction for the same placement. ``max_grad_norm`` is best set high
+    enough never to clip: a step that clips is undone and redone, which the prediction does not price."""
+    torch.manual_seed(0)
+    model = build_transformer(shape, device="cpu")
+    for i in frozen:
+        for p in model.blocks[i].parameters():
+            p.requires_grad_(False)
+    assert PARAM_ALIGN == SLOT_ALIGN, "one chunk alignment for params and state (Workload.chunk_align_bytes)"
+    w = from_module(model, batch=batch, seq=seq, name=name, checkpointing=False, chunk_align_bytes=PARAM_ALIGN,
+                    **precision("fp32"))
+    plan = config_to_plan(config, w)
+    terms = CostModel(w, resolve_profile("cpu-dev-2core")).memory_terms(plan)  # no rate enters the memory count
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model, opt = wrap(model, opt, config)
+    rt = runtime_of(model)
+    try:
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(iters):
+            _lm_loss(model, torch.randint(0, shape.vocab, (batch, seq + 1), generator=gen)).backward()
+            opt.step()
+            opt.zero_grad()
+        store = rt.swap.store if rt.swap.store_open else None
+        measured = {"device": rt.device_budget.peak_bytes, "host": rt.pool.stats()["peak_in_use_bytes"],
+                    "nvme": store.peak_used_bytes if store is not None else 0}
+    finally:
+        rt.close()
+    return MemoryComparison(name=name, placement=plan.compact() + f", prefetch {plan.prefetch_depth}, buffers "
+                            f"{plan.state_buffers}, grads {config.grad_tier.value}, clip "
+                            f"{'on' if plan.clip else 'off'}" + (f", frozen blocks {list(frozen)}" if frozen else ""),
+                            predicted_terms=terms, measured=measured)

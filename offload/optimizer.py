@@ -1051,6 +1051,11 @@ class OffloadOptimizer(torch.optim.Optimizer):
                 self._held[sub.index] = sub
                 if pos >= len(subs) - keep:
                     continue  # stays in memory: the next step, going the other way, starts with it
+                # One state write in flight at a time: the disk serves them one after another anyway (each is
+                # already split into blocks across the store's threads), and the store's room for versions in
+                # flight is then one chunk, whatever the disk's speed (scheduler/buffers.py, write_room).
+                while w := writing():
+                    swap.wait_any(w)
                 swap.write_back(c)
                 written.append(sub)
         except BaseException:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 
 from offload.config import OffloadConfig
+from scheduler.buffers import DEFAULT_GRAD_BUFFERS
 from scheduler.planner import Plan, UnitPlacement
 from scheduler.workload import REST, Workload
 from storage import Tier
@@ -25,8 +26,8 @@ def config_to_plan(config: OffloadConfig, workload: Workload, *, strategy: str =
 
     Every unit gets ``param_tier`` (the rest unit too: the runtime fetches it once per iteration and holds it),
     ``state_tier`` and ``grad_tier``, updated on the CPU. ``prefetch`` is the prefetch depth, ``buffers`` the
-    state buffers. The runtime does not bound the grads waiting on the device (each leaves as it completes), so
-    ``grad_buffers`` is every block's."""
+    state buffers. ``grad_buffers`` is the runtime's without a plan (:data:`scheduler.buffers.DEFAULT_GRAD_BUFFERS`:
+    the grads waiting on the device to leave, and NVMe grads waiting for their update)."""
     if not isinstance(config.update_on, str) or config.update_on != "cpu" or config.state_tier is D:
         raise NotImplementedError(f"config_to_plan: expected update_on='cpu' and state_tier 'host' or 'nvme', got "
                                   f"update_on={config.update_on!r}, state_tier={config.state_tier.value!r}; the cost "
@@ -36,9 +37,9 @@ def config_to_plan(config: OffloadConfig, workload: Workload, *, strategy: str =
         raise NotImplementedError(f"config_to_plan: expected accumulation_steps=1, got {config.accumulation_steps}; "
                                   f"the cost model prices one backward per step")
     pl = UnitPlacement(config.param_tier, config.state_tier, "cpu", grad_tier=config.grad_tier)
-    blocks = sum(u.kind != REST for u in workload.units)
     return Plan(strategy=strategy, units=(pl,) * len(workload.units), prefetch_depth=config.prefetch,
-                grad_buffers=max(1, blocks), state_buffers=config.buffers, overlap_update=_overlaps(config))
+                grad_buffers=DEFAULT_GRAD_BUFFERS, state_buffers=config.buffers, overlap_update=_overlaps(config),
+                speculate=config.speculate, clip=config.max_grad_norm is not None or config.loss_scale is not None)
 
 
 def plan_to_config(plan: Plan, workload: Workload, **base) -> OffloadConfig:
@@ -54,7 +55,7 @@ def plan_to_config(plan: Plan, workload: Workload, **base) -> OffloadConfig:
     pl = max(counts, key=lambda u: counts[u])  # the first of the most common (Counter keeps insertion order)
     return OffloadConfig(param_tier=pl.params, state_tier=pl.state, grad_tier=pl.grad_tier, update_on=pl.update,
                          prefetch=plan.prefetch_depth, buffers=plan.state_buffers,
-                         overlap_update=plan.overlap_update, **base)
+                         overlap_update=plan.overlap_update, speculate=plan.speculate, **base)
 
 
 def check_plan_units(plan: Plan, workload: Workload) -> None:

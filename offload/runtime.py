@@ -56,6 +56,7 @@ from offload.config import OffloadConfig
 from offload.optimizer import OffloadOptimizer, ParamHome
 from offload.swap import Chunk, DeviceCache, SwapManager
 from offload.timeline import Timeline
+from scheduler.buffers import DEFAULT_GRAD_BUFFERS
 from scheduler.planner import Plan, UnitPlacement
 from storage import HostPool, NvmeStore, Tier, TierBudget, TierFullError, format_bytes
 from storage import faults
@@ -135,8 +136,6 @@ class Unit:
         return f"Unit({self.name}, {len(self.params)} params, {format_bytes(self.nbytes)}, {self.state.value})"
 
 
-DEFAULT_GRAD_BUFFERS = 2
-"""Units' worth of grads that may wait on the device to be moved off, without a plan (a plan's ``grad_buffers``)."""
 
 
 def default_units(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
@@ -486,15 +485,18 @@ class OffloadRuntime:
                          f"the largest holding {format_bytes(max(u.nbytes for u in self.units))} of params)")
             raise ValueError(f"{who}: the host budget of {format_bytes(budget)} is below the {format_bytes(total)} "
                              f"({total} B) this placement needs at least ({parts}): " + ", or ".join(fixes))
-        return self._grad_backlog_for(total)
+        grad_buffers = (plan or self.plan).grad_buffers if (plan or self.plan) is not None else DEFAULT_GRAD_BUFFERS
+        return self._grad_backlog_for(total, grad_buffers)
 
-    def _grad_backlog_for(self, minimum: int) -> int:
+    def _grad_backlog_for(self, minimum: int, grad_buffers: int) -> int:
         """How many units' NVMe grads may wait for their overlapped update at once: one, plus as many more as the
-        host budget holds beyond ``minimum``."""
+        host budget holds beyond ``minimum``, and at most ``grad_buffers`` (the plan's, as the cost model counts
+        them: :func:`scheduler.buffers.nvme_grad_blocks`)."""
         grad = max((u.grad_nbytes for u in self.units if u.grad_tier is Tier.NVME), default=0)
         if not grad:
             return len(self.units)
-        return 1 + max(0, self.pool.budget.capacity_bytes - minimum) // ((grad + 4095) // 4096 * 4096)
+        return min(grad_buffers,
+                   1 + max(0, self.pool.budget.capacity_bytes - minimum) // ((grad + 4095) // 4096 * 4096))
 
     def _open_store(self) -> NvmeStore:
         cfg = self.config

@@ -60,8 +60,8 @@ Where the device is the CPU (``HardwareProfile.device_name == "cpu"``), a device
 runtime's update thread like any other: it runs on the ``cpu_update`` resource (at ``device_update_params_per_s``)
 and steals from compute as a CPU update does. On a GPU it is a kernel on the device's compute stream.
 
-Memory per tier is what the runtime allocates: resident chunks plus fixed pools (pools are allocated once and
-reused), so the peak equals the total; see :meth:`CostModel.memory`.
+Memory per tier is what the runtime holds at its peak: resident chunks plus the buffers in flight, counted by the
+rules the runtime itself follows (:mod:`scheduler.buffers`); see :meth:`CostModel.memory`.
 
 The simulation (:meth:`CostModel.simulate`) is a discrete-event list schedule: each operation has a resource, a
 duration and the operations it waits for; an operation becomes ready when all of those have ended, and each
@@ -92,6 +92,7 @@ import dataclasses
 import heapq
 from typing import NamedTuple
 
+from scheduler.buffers import Knobs, UnitBytes, memory_terms
 from scheduler.plan import Plan, UnitPlacement
 from scheduler.profile import HardwareProfile
 from scheduler.workload import REST, Workload
@@ -278,19 +279,8 @@ class CostModel:
         return total
 
     def memory(self, plan: Plan) -> dict[str, int]:
-        """Bytes per tier (resident chunks + pools). Each term, so a report can show where memory goes:
-
-        device: params on device (and the rest unit's, held through the iteration wherever it lives);
-        ``prefetch_depth + 1`` buffers of the largest streamed param chunk; state on device; the rest unit's grads
-        plus ``grad_buffers`` grads of the largest block (all device-updated grads until the step when the
-        update waits for backward); ``state_buffers`` of the largest offloaded state updated on the device; every
-        unit's checkpointed input plus the largest unit's working activations.
-        host: params and state on host; grads of CPU-updated units (``grad_buffers`` of them, or all when the update
-        waits for backward, as ZeRO-Offload holds them); staging for nvme: ``prefetch_depth + 1`` param buffers
-        and ``state_buffers`` state buffers.
-        nvme: params and state there plus room for ``state_buffers`` chunk writes in flight (a write never
-        overwrites the committed copy, storage/nvme.py).
-        """
+        """Bytes per tier at the iteration's peak: resident chunks plus the buffers the runtime holds at once, by
+        the runtime's own rules (:mod:`scheduler.buffers`, which lists each term and the code it describes)."""
         return {k: sum(v.values()) for k, v in self.memory_terms(plan).items()}
 
     def memory_terms(self, plan: Plan) -> dict[str, dict[str, int]]:
@@ -298,47 +288,34 @@ class CostModel:
 
     def memory_terms_of(self, plan: Plan, items) -> dict[str, dict[str, int]]:
         """:meth:`memory` by term, for ``items`` = (unit index, placement, how many such units): the planner
-        evaluates groups of identical units with counts instead of one entry per unit."""
-        pb, gb = self.pb, self.gb
-        items = [(i, pl, c, self.state_bytes(i, pl)) for i, pl, c in items if c]
-        mx = lambda xs: max(xs, default=0)  # noqa: E731
-        rest = [(i, pl, c) for i, pl, c, _ in items if self.has_rest and i == 0]
-        blocks = [(i, pl, c) for i, pl, c, _ in items if not (self.has_rest and i == 0)]
-        streamed = mx(pb[i] for i, pl, c in blocks if pl.params is not D)
-        dev_upd_off = mx(sb for i, pl, c, sb in items if pl.update == "device" and pl.state is not D)
-        # The rest unit's grads stay whole through backward (the embedding's complete last); blocks rotate
-        # through grad_buffers, or all stay until the step when device updates wait for backward.
-        dev_grads = sum(gb[i] for i, pl, c in rest) + (
-            plan.grad_buffers * mx(gb[i] for i, pl, c in blocks) if plan.overlap_update else
-            plan.grad_buffers * mx(gb[i] for i, pl, c in blocks if pl.update == "cpu")
-            + sum(c * gb[i] for i, pl, c in blocks if pl.update == "device"))
-        acts = self.act_bytes
-        device = {"params": sum(c * pb[i] for i, pl, c, _ in items if pl.params is D or (self.has_rest and i == 0)),
-                  "param_buffers": (plan.prefetch_depth + 1) * streamed,
-                  "state": sum(c * sb for i, pl, c, sb in items if pl.state is D),
-                  "grads": dev_grads, "state_buffers": plan.state_buffers * dev_upd_off, "activations": acts}
-        cpu_g = [(gb[i], c) for i, pl, c, _ in items if pl.update == "cpu"]
-        host = {"params": sum(c * pb[i] for i, pl, c, _ in items if pl.params is H),
-                "state": sum(c * sb for i, pl, c, sb in items if pl.state is H),
-                "grads": plan.grad_buffers * mx(g for g, c in cpu_g) if plan.overlap_update else
-                sum(g * c for g, c in cpu_g),
-                "param_staging": (plan.prefetch_depth + 1) * mx(pb[i] for i, pl, c, _ in items if pl.params is N),
-                "state_staging": plan.state_buffers * mx(sb for i, pl, c, sb in items if pl.state is N)}
-        nv_chunks = [pb[i] for i, pl, c, _ in items if pl.params is N] + [sb for i, pl, c, sb in items
-                                                                          if pl.state is N]
-        nvme = {"params": sum(c * pb[i] for i, pl, c, _ in items if pl.params is N),
-                "state": sum(c * sb for i, pl, c, sb in items if pl.state is N),
-                "write_room": plan.state_buffers * mx(nv_chunks)}
-        return {"device": device, "host": host, "nvme": nvme}
+        evaluates groups of identical units with counts instead of one entry per unit. The rules are the
+        runtime's own (:mod:`scheduler.buffers`)."""
+        return memory_terms([(self.unit_bytes(i, pl), pl, c) for i, pl, c in items], self.knobs(plan))
+
+    def unit_bytes(self, i: int, pl: UnitPlacement) -> UnitBytes:
+        return UnitBytes(self.pb[i], self.gb[i], self.state_bytes(i, pl), self.tpb[i], rest=self.has_rest and i == 0)
+
+    def knobs(self, plan: Plan) -> Knobs:
+        return Knobs(prefetch=plan.prefetch_depth, grad_buffers=plan.grad_buffers, state_buffers=plan.state_buffers,
+                     overlap=plan.overlap_update, speculate=plan.speculate, clip=plan.clip,
+                     activation_bytes=self.act_bytes)
 
     def capacity(self) -> dict[str, int]:
         """Bytes a plan may fill per tier: the profile's capacity less its reserve (CUDA context, fragmentation,
         the OS: ``HardwareProfile.reserve_bytes``)."""
         return {t: self.hw.usable_bytes(t) for t in ("device", "host", "nvme")}
 
+    def required(self, plan: Plan) -> dict[str, int]:
+        """Bytes per tier the plan needs to run: :meth:`memory` without what speculation takes only where it is
+        free. The runtime gives a speculative step's pre-update copies what the host pool has free beyond the
+        buffers in flight, and stops speculating (the rest of the step waits for backward) when a copy does not
+        fit (``OffloadRuntime._pre_image_room``); it does not speculate when the store has no room for the
+        previous versions (``store_room_to_speculate``). So this is the plan's memory without speculation."""
+        return self.memory(dataclasses.replace(plan, speculate=False))
+
     def shortfall(self, plan: Plan) -> dict[str, int]:
-        """Tier -> bytes missing (only tiers that are short)."""
-        mem, cap = self.memory(plan), self.capacity()
+        """Tier -> bytes missing (only tiers that are short) of what the plan needs (:meth:`required`)."""
+        mem, cap = self.required(plan), self.capacity()
         return {t: mem[t] - cap[t] for t in mem if mem[t] > cap[t]}
 
     # -- times --------------------------------------------------------------------------------------------------------

@@ -91,6 +91,12 @@ class Plan:
     overlap_update: bool = True
     """Update each unit as soon as its grads are complete, during the backward of earlier units (Fuyou); False:
     after the whole backward (ZeRO-Offload, ZeRO-Infinity)."""
+    speculate: bool = True
+    """With the overlapped update, a step that needs every grad first is updated speculatively (the runtime's
+    ``OffloadConfig.speculate``): its pre-update copies are memory (:mod:`scheduler.buffers`)."""
+    clip: bool = False
+    """Every step needs every grad first: clipping (``max_grad_norm``) or fp16 loss scaling. Without it only the
+    first step does (the runtime speculates on it to find a loop that clips)."""
 
     def __post_init__(self):
         object.__setattr__(self, "units", tuple(self.units))
@@ -109,6 +115,7 @@ class Plan:
         names = [u.name for u in workload.units] if workload else [str(i) for i in range(len(self.units))]
         return {"strategy": self.strategy, "prefetch_depth": self.prefetch_depth, "grad_buffers": self.grad_buffers,
                 "state_buffers": self.state_buffers, "overlap_update": self.overlap_update,
+                "speculate": self.speculate, "clip": self.clip,
                 "units": [{"unit": n, "params": u.params.value, "grads": u.grads.value, "state": u.state.value,
                            "update": u.update} for n, u in zip(names, self.units)]}
 
@@ -120,7 +127,8 @@ class Plan:
                                         grad_tier=u["grads"] if u["update"] == "cpu" else H) for u in d["units"])
             return cls(strategy=d["strategy"], units=units, prefetch_depth=d["prefetch_depth"],
                        grad_buffers=d["grad_buffers"], state_buffers=d["state_buffers"],
-                       overlap_update=d["overlap_update"])
+                       overlap_update=d["overlap_update"], speculate=d.get("speculate", True),
+                       clip=d.get("clip", False))
         except (KeyError, TypeError) as e:
             raise ValueError(f"Plan.from_dict: expected Plan.to_dict()'s form (the \"plan\" of offload plan --json), "
                              f"got {d!r:.200} (missing or wrong: {e})") from None

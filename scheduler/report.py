@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 from pathlib import Path
@@ -42,6 +43,9 @@ def to_dict(workload: Workload, profile: HardwareProfile, res: Result, rows: lis
             "plan": res.plan.to_dict(workload),
             "memory_bytes": p.memory_bytes,
             "memory_terms_bytes": CostModel(workload, profile).memory_terms(res.plan),
+            # what the plan needs to run (what fits is judged on): the peak less speculation's copies, which the
+            # runtime takes only where room is free (CostModel.required)
+            "memory_needed_bytes": CostModel(workload, profile).required(res.plan),
             "capacity_bytes": {"device": profile.device_memory_bytes, "host": profile.host_memory_bytes,
                                "nvme": profile.nvme_bytes},
             "reserve_bytes": {t: profile.reserve_bytes(t) for t in ("device", "host", "nvme")},
@@ -66,14 +70,19 @@ def text(workload: Workload, profile: HardwareProfile, res: Result, rows: list[d
            f"batch {workload.batch} x seq {workload.seq}, {workload.compute_dtype} (state "
            f"{workload.state_bytes_per_param} B/param)", f"profile {profile.name} ({profile.device_name})"]
     out.append("FITS" if res.fits else f"DOES NOT FIT: {res.shortfall}")
-    out.append("memory per tier (used / usable: the capacity less what is reserved for the CUDA context, allocator "
-               "fragmentation, the OS):")
-    for tier, terms in cm.memory_terms(res.plan).items():
+    out.append("memory per tier (needed / usable: the capacity less what is reserved for the CUDA context, "
+               "allocator fragmentation, the OS):")
+    needed = cm.memory_terms(dataclasses.replace(res.plan, speculate=False))
+    for tier, terms in needed.items():
         detail = ", ".join(f"{k} {format_bytes(v)}" for k, v in terms.items() if v)
         held = profile.reserve_bytes(tier)
         reserve = f" ({format_bytes(held + cap[tier])} less {format_bytes(held)} reserved)" if held else ""
-        out.append(f"  {tier:6s} {format_bytes(p.memory_bytes[tier]):>10s} / {format_bytes(cap[tier]):>10s}"
-                   f"{reserve}   ({detail})")
+        total = sum(terms.values())
+        # speculation's pre-update copies (host) and previous versions (store) take only free room
+        spec = f"; up to {format_bytes(p.memory_bytes[tier])} while a step speculates, where free" \
+            if p.memory_bytes[tier] > total else ""
+        out.append(f"  {tier:6s} {format_bytes(total):>10s} / {format_bytes(cap[tier]):>10s}"
+                   f"{reserve}   ({detail}){spec}")
     out.append(f"placement, unit by unit in order (prefetch depth {res.plan.prefetch_depth}):")
     out.append(f"  {res.plan.compact()}")
     out += ["  " + line for line in placement_legend()]

@@ -168,6 +168,11 @@ class HostPool:
                     "peak_in_use_bytes": self._peak_in_use, "waits": self._waits, "wait_s": round(self._wait_s, 6),
                     "pin_failed": self._pin_failed}
 
+    def reset_peak(self) -> None:
+        """Start ``peak_in_use_bytes`` again from what is handed out now (to measure one phase of a run)."""
+        with self._cond:
+            self._peak_in_use = self._in_use
+
     def trim(self) -> int:
         """Free every slab with nothing handed out; returns the bytes given back to the budget."""
         with self._cond:

@@ -542,6 +542,7 @@ class NvmeStore:
         self._latest: dict[str, int] = {}  # key -> seq of its last committed put or delete
         self._pending: dict[str, _Op] = {}  # key -> its latest write in flight
         self._in_flight: set[_Op] = set()
+        self._peak_used = 0
 
     # -- public -----------------------------------------------------------------------------------------------------
     @property
@@ -552,6 +553,26 @@ class NvmeStore:
     def free_bytes(self) -> int:
         with self._lock:
             return sum(a.free_bytes for a in self._alloc)
+
+    def _used_locked(self) -> int:
+        return self.capacity_bytes - sum(a.free_bytes for a in self._alloc)
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of the files' extents taken now: committed chunks, versions held or still read, writes in flight."""
+        with self._lock:
+            return self._used_locked()
+
+    @property
+    def peak_used_bytes(self) -> int:
+        """The most :attr:`used_bytes` has been since the store opened (or :meth:`reset_peak`): what the NVMe tier
+        needed, to check against a plan."""
+        with self._lock:
+            return max(self._peak_used, self._used_locked())
+
+    def reset_peak(self) -> None:
+        with self._lock:
+            self._peak_used = self._used_locked()
 
     def __contains__(self, key: str) -> bool:
         return key in self._index
@@ -845,6 +866,7 @@ class NvmeStore:
             while True:
                 blocks = self._try_allocate(lengths)
                 if blocks is not None:
+                    self._peak_used = max(self._peak_used, self._used_locked())
                     return blocks
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not self._in_flight:

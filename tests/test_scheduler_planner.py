@@ -52,10 +52,6 @@ def test_everything_on_device_when_it_fits():
     assert all(u == UnitPlacement(D, D, "device") for u in res.plan.units)
 
 
-def _capacities(hw):
-    return [hw.device_memory_bytes, hw.host_memory_bytes, hw.nvme_bytes]
-
-
 def test_plan_that_cannot_fit_names_tier_and_amount():
     w, hw = _small(8, 4096)  # 8 MiB device: activations alone exceed it
     res = planner.plan(w, hw)
@@ -81,12 +77,14 @@ def test_plan_that_cannot_fit_names_tier_and_amount():
         assert planner.plan(w2, hw2.with_capacities(**{key: fix.values[0][1]})).fits
 
 
-def _brute_force_fits(cm, options, cap, depth=1):
+def _brute_force_fits(cm, options, depth=1, **priced):
+    """Every placement's memory per tier, as a plan needs it (CostModel.required), or priced with ``priced``."""
     rest = cm.w.units[0].kind == "rest"
     per = [[o for o in options if not (rest and i == 0 and o.params is not D)] for i in range(len(cm.w.units))]
     seen = set()
     for units in itertools.product(*per):
-        m = cm.memory(Plan(strategy="x", units=units, prefetch_depth=depth))
+        p = Plan(strategy="x", units=units, prefetch_depth=depth)
+        m = cm.memory(dataclasses.replace(p, **priced)) if priced else cm.required(p)
         seen.add((m["device"], m["host"], m["nvme"]))
     return seen
 
@@ -99,11 +97,14 @@ def _lora_like():
     return dataclasses.replace(base, units=tuple(units))
 
 
+@pytest.mark.parametrize("priced", [{}, {"speculate": True, "clip": True}], ids=["needed", "clipping-peak"])
 @pytest.mark.parametrize("case", ["bf16", "fp32", "frozen"])
-def test_feasibility_agrees_with_every_placement(case):
+def test_feasibility_agrees_with_every_placement(case, priced):
     """Over every placement of 2 blocks and the rest unit, on random capacities around the memory the placements
     need: the bounds never call a fitting case unfittable, and their witness fits. With 16-bit state (no
-    masters) they decide every case; with fp32 masters they may leave a case to the search, never wrong."""
+    masters) they decide every case; with fp32 masters they may leave a case to the search, never wrong. Both
+    for what a plan needs (no speculation: its copies take only free room) and for the peak of a plan whose
+    every step speculates (clipping: pre-update copies of params and state, the store's previous versions)."""
     import random
 
     small = dataclasses.replace(SMALL, n_layer=2)
@@ -111,8 +112,8 @@ def test_feasibility_agrees_with_every_placement(case):
          "fp32": lambda: workload.from_shape(small, batch=2, seq=256, **workload.precision("fp32")),
          "frozen": _lora_like}[case]()
     cm = CostModel(w, profile.resolve("rtx4090-pcie4-gen4nvme"))
-    feas = planner.Feasibility(cm, planner.OPTIONS, depth=1, grad_buffers=2, state_buffers=4)
-    mems = _brute_force_fits(cm, planner.OPTIONS, None)
+    feas = planner.Feasibility(cm, planner.OPTIONS, depth=1, grad_buffers=2, state_buffers=4, **priced)
+    mems = _brute_force_fits(cm, planner.OPTIONS, **priced)
     lo = [min(m[k] for m in mems) for k in range(3)]
     hi = [max(m[k] for m in mems) for k in range(3)]
     rng = random.Random(0)
@@ -126,29 +127,69 @@ def test_feasibility_agrees_with_every_placement(case):
             continue
         assert (v is not False) == truth, (cap, truth)
         if v is not False:
-            m = cm.memory(v)
+            m = cm.memory(dataclasses.replace(v, **priced)) if priced else cm.required(v)
             assert all(m[t] <= c for t, c in zip(("device", "host", "nvme"), cap))
     assert undecided == 0 if case != "fp32" else undecided < 30
 
 
-def test_memory_terms_split_as_the_bounds_assume():
-    """Feasibility reads each unit's chunks and pool values off CostModel.memory_terms_of one unit at a time; on
-    any whole plan those sum (chunks, constants) and take the largest (pools) to exactly CostModel.memory."""
+@pytest.mark.parametrize("priced", [{"speculate": False, "clip": False}, {"speculate": True, "clip": False},
+                                    {"speculate": True, "clip": True}])
+def test_feasibility_closed_form_is_the_memory_rules(priced):
+    """Feasibility prices a plan from how many blocks keep params and state on each tier (Feasibility.tiers, the
+    rules of scheduler/buffers.py in closed form for identical blocks); on random whole plans that is exactly
+    CostModel.memory, per tier."""
     import random
+
+    from scheduler.buffers import r
 
     w = workload.from_shape(dataclasses.replace(SMALL, n_layer=5), batch=2, seq=256)
     cm = CostModel(w, profile.resolve("cpu-dev-2core"))
-    feas = planner.Feasibility(cm, planner.OPTIONS, depth=2, grad_buffers=2, state_buffers=4)
+    feas = planner.Feasibility(cm, planner.OPTIONS, depth=2, grad_buffers=2, state_buffers=3, **priced)
     rng = random.Random(1)
     rest_opts = [o for o in planner.OPTIONS if o.params is D]
-    for _ in range(50):
+    tier = {D: 0, H: 1, N: 2}
+    for _ in range(200):
         units = [rng.choice(rest_opts)] + [rng.choice(planner.OPTIONS) for _ in w.units[1:]]
-        vals = [feas._values(i, o) for i, o in enumerate(units)]
-        want = [feas.const[k] + sum(v[0][k] for v in vals) for k in range(3)]
-        for j, (tier, _) in enumerate(planner._POOLS):
-            want[planner.TIERS.index(tier)] += max(v[1][j] for v in vals)
-        m = cm.memory(Plan(strategy="x", units=tuple(units), prefetch_depth=2))
-        assert want == [m["device"], m["host"], m["nvme"]]
+        x, y = [0, 0, 0], [0, 0, 0]
+        for o in units[1:]:
+            x[tier[o.params]] += 1
+            y[tier[o.state]] += 1
+        host_grads = sum(r(cm.gb[1]) for o in units[1:] if o.update == "cpu")
+        dev_offloaded = any(o.update == "device" and o.state is not D for o in units[1:])
+        got = feas.tiers(units[0], x, y, host_grads, dev_offloaded, cm.sb[1])
+        m = cm.memory(Plan(strategy="x", units=tuple(units), prefetch_depth=2, state_buffers=3, **priced))
+        assert [int(v) for v in got] == [m["device"], m["host"], m["nvme"]], [o.code for o in units]
+
+
+@pytest.mark.parametrize("priced", [{}, {"speculate": True, "clip": True}], ids=["needed", "clipping-peak"])
+def test_feasibility_breakpoints_find_what_every_y_finds(priced):
+    """The bounds evaluate the host only at the breakpoints of its dependence on the states on NVMe; on a
+    12-block model (more blocks than the read-ahead and the buffers) they decide as evaluating every count does,
+    at the least capacity that fits (found with every count) and one step either side."""
+    import random
+
+    w = workload.preset("gpt2", batch=2, seq=256)
+    cm = CostModel(w, profile.resolve("rtx4090-pcie4-gen4nvme"))
+    feas = planner.Feasibility(cm, planner.OPTIONS, depth=2, grad_buffers=2, state_buffers=8, **priced)
+    fits = lambda cap, **k: feas.decide(cap, **k) not in (None, False)  # noqa: E731
+    top = [max(cm.memory(planner.uniform(w, o, "x"))[t] for o in planner.OPTIONS) for t in planner.TIERS]
+    rng = random.Random(2)
+    checked = 0
+    for _ in range(40):
+        k = rng.randrange(3)
+        cap = [rng.randint(0, top[j]) for j in range(3)]
+        cap[k] = planner.UNBOUNDED
+        if not fits(cap, every_y=True):
+            continue
+        lo, hi = -1, 2 * top[k]  # the least capacity of tier k that fits, with every count evaluated
+        while hi - lo > 1:
+            cap[k] = (lo + hi) // 2
+            lo, hi = (lo, cap[k]) if fits(cap, every_y=True) else (cap[k], hi)
+        for c in (lo, hi, hi + 4096, lo - 4096):
+            cap[k] = c
+            assert fits(cap) == fits(cap, every_y=True), (k, cap)
+            checked += 1
+    assert checked >= 40
 
 
 GRID = [(4, 24 << 30, 64 << 30, 1), (32, 10 << 30, 128 << 30, 2 * 10**12), (1, 24 << 30, 128 << 30, 2 * 10**12),
@@ -166,8 +207,10 @@ def test_does_not_fit_is_proved_without_search_and_every_fix_fits(name, batch, d
     hw = profile.resolve("rtx4090-pcie4-gen4nvme").with_capacities(
         device_memory_bytes=device, host_memory_bytes=host, nvme_bytes=nvme)
     w = workload.preset(name, batch=batch, seq=2048)
-    if planner.Feasibility(CostModel(w, hw), planner.OPTIONS, depth=1, grad_buffers=2, state_buffers=4).decide(
-            _capacities(hw)):
+    # what a plan may fill: the capacities less the profile's reserves, as the planner sees them
+    cm = CostModel(w, hw)
+    if planner.Feasibility(cm, planner.OPTIONS, depth=1, grad_buffers=2, state_buffers=4).decide(
+            list(cm.capacity().values())):
         res = planner.plan(w, hw, max_sims=1)
         assert res.fits and res.shortfall is None and not CostModel(w, hw).shortfall(res.plan)
         return
