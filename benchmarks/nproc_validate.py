@@ -2,7 +2,8 @@
 The bar: per-rank memory within 10% and iteration time within 20% of the prediction; every collective's calls and
 bytes equal to what the optimizer issues.
 
-    .venv/bin/python benchmarks/nproc_validate.py            # two GPTs (5.3M and 26M params), fp32, 2 ranks
+    .venv/bin/python benchmarks/nproc_validate.py --probe    # probe first; GPTs of 5.3M, 40M, 26M params, 2 ranks
+    .venv/bin/python benchmarks/nproc_validate.py            # the same from --profile (default cpu-dev-2core)
     .venv/bin/python benchmarks/nproc_validate.py --quick    # a tiny model, for CI (times not meaningful)
 
 Each case is planned (scheduler/sharded.py: the state tier the plan chooses, and NVMe state streamed through two
@@ -11,7 +12,10 @@ as torchrun gives several processes, random tokens, AdamW) for a warm-up and ``-
 is shared: an iteration during which other processes used more than 5% of its CPU is set aside (the model cannot
 see them), and the case is run again, up to ``--tries`` times, until ``--iters`` clean iterations are in hand; the
 median of the clean ones is compared (all of them when none is clean, said so). The profile is ``--profile``
-(default ``cpu-dev-2core``, whose ``collective_gbps`` were measured here by ``benchmarks/collective_bw.py``).
+(default ``cpu-dev-2core``, whose ``collective_gbps`` and ``cpu_thread_speedup`` were measured here by
+``benchmarks/collective_bw.py``); ``--probe`` measures the rest now. Each case first times the model's forward and
+backward in one process on all cores beside the profile's prediction: how far the profile's compute rate is from
+the machine's now, an error of the profile that every prediction here inherits.
 Writes ``benchmarks/results/nproc_validate.json``.
 """
 
@@ -31,6 +35,8 @@ from offload import measure_sharded  # noqa: E402
 from offload.measure import workload_of  # noqa: E402
 from scheduler import profile as profiles  # noqa: E402
 from scheduler import sharded  # noqa: E402
+from scheduler.cost import CostModel  # noqa: E402
+from scheduler.probe import PROBE_LM  # noqa: E402
 from scheduler.workload import TransformerShape, build_transformer  # noqa: E402
 
 MEMORY_BAR, TIME_BAR = 0.10, 0.20
@@ -38,6 +44,7 @@ FOREIGN_MAX = 0.05
 CASES = [  # (name, shape, batch, seq, state tier or None for the plan's choice, config extras)
     ("gpt 5.3M, planned", TransformerShape(n_layer=4, d_model=256, n_head=4, d_ff=1024, vocab=4096, n_pos=128),
      4, 128, None, {}),
+    ("probe's gpt 40M, planned", PROBE_LM, 2, 256, None, {}),
     ("gpt 26M, planned", TransformerShape(n_layer=8, d_model=512, n_head=8, d_ff=2048, vocab=8192, n_pos=128),
      2, 128, None, {}),
     ("gpt 26M, nvme state streamed", TransformerShape(n_layer=8, d_model=512, n_head=8, d_ff=2048, vocab=8192,
@@ -50,12 +57,38 @@ TINY = [("tiny, planned", TransformerShape(n_layer=2, d_model=64, n_head=4, d_ff
          "nvme", {"subgroup_numel": 4096, "buffers": 2})]
 
 
+def single_process_compute(shape, batch: int, seq: int, iters: int = 3) -> float:
+    """Median seconds of forward and backward of the model in this process on all threads: the baseline that says
+    how far the profile's compute rate is from the machine's now (what no multi-rank model can fix)."""
+    import time
+
+    import torch
+
+    torch.manual_seed(0)
+    model = build_transformer(shape, device="cpu")
+    idx = torch.randint(0, shape.vocab, (batch, seq + 1))
+    times = []
+    for i in range(iters + 1):
+        t0 = time.perf_counter()
+        logits = model(idx[:, :-1])
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1)).backward()
+        model.zero_grad()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def run_case(name, shape, batch, seq, tier, extra, hw, args) -> dict:
     w = workload_of(shape, batch=batch, seq=seq, name=name)
     numels = [p.numel() for p in build_transformer(shape).parameters()]
     kw = {k: v for k, v in extra.items() if k in ("subgroup_numel", "buffers")}
     cost = sharded.ShardedCost(w, hw, args.nproc, numels=numels, **kw)
     pred = cost.predict(tier) if tier else sharded.plan(w, hw, args.nproc, numels=numels, **kw)[0]
+    cm = CostModel(w, hw)
+    single_pred = sum(cm.fwd_s) + sum(cm.bwd_s)
+    single = single_process_compute(shape, batch, seq)
+    print(f"  {name}: one process on all cores, forward + backward: predicted {single_pred:.3f} s, measured "
+          f"{single:.3f} s (the profile's compute rate is {single_pred / single:.2f}x the machine's now)", flush=True)
     clean, every, cmp = [], [], None
     for attempt in range(args.tries):
         d = tempfile.mkdtemp(prefix="offload-nproc-", dir=args.dir)
@@ -84,7 +117,24 @@ def run_case(name, shape, batch, seq, tier, extra, hw, args) -> dict:
             "clean_iterations": len(clean), "all_iterations": every, "memory": mem, "memory_ratio": mem_ratio,
             "collectives": cmp["collectives"], "busy_predicted_s": pred.busy_s,
             "collectives_equal": all(c["equal"] for c in cmp["collectives"].values()),
-            "rss_growth": [r["peak_rss_growth"] for r in cmp["ranks"]], "text": measure_sharded.text(cmp)}
+            "rss_growth": [r["peak_rss_growth"] for r in cmp["ranks"]], "text": measure_sharded.text(cmp),
+            "single_process_compute": {"predicted_s": single_pred, "measured_s": single},
+            "forward_backward_s": {"predicted": pred.busy_s["compute"] + pred.busy_s["reduce_scatter_exposed"],
+                                   "measured": [r["forward_backward_s"] for r in cmp["ranks"]]}}
+
+
+def fresh_probe(base):
+    """A profile measured now by ``offload probe`` (not cached), with ``base``'s multi-rank fields, which the probe
+    does not measure."""
+    import dataclasses
+
+    from scheduler.probe import probe
+
+    print("probing this machine (offload probe, about two minutes) ...", flush=True)
+    hw = probe()
+    keep = ("collective_gbps", "collective_latency_s", "cpu_thread_speedup", "pcie_root_gbps")
+    return dataclasses.replace(hw, **{f: getattr(base, f) for f in keep},
+                               sources={**hw.sources, **{f: base.sources[f] for f in keep if f in base.sources}})
 
 
 def main(argv=None) -> int:
@@ -95,11 +145,16 @@ def main(argv=None) -> int:
     ap.add_argument("--tries", type=int, default=4, help="runs per case at most, while iterations are set aside")
     ap.add_argument("--dir", help="where the NVMe stores go (default: the temp dir)")
     ap.add_argument("--quick", action="store_true", help="a tiny model, one try: checks the pipeline")
+    ap.add_argument("--probe", action="store_true",
+                    help="probe this machine first (offload probe, not cached) and predict from it, with --profile's "
+                         "multi-rank figures (collective_gbps, cpu_thread_speedup): the same load for both")
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "nproc_validate.json"))
     args = ap.parse_args(argv)
     if args.quick:
         args.tries, args.iters = 1, 2
     hw = profiles.resolve(args.profile)
+    if args.probe:
+        hw = fresh_probe(hw)
     rows = [run_case(*case, hw, args) for case in (TINY if args.quick else CASES)]
     print(f"\n{args.nproc} gloo ranks on profile {hw.name}: predicted vs measured per rank (bar: memory within "
           f"{MEMORY_BAR:.0%}, iteration within {TIME_BAR:.0%})")

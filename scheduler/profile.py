@@ -27,7 +27,7 @@ PROFILE_VERSION = 3
 free) and the probe's ``measured_at``, ``spread`` and ``warnings``. Version 2 still loads, with no reserve (what
 it planned with) and a doubt that says so (:meth:`HardwareProfile.doubts`)."""
 READABLE_VERSIONS = (2, PROFILE_VERSION)
-OPTIONAL_FIELDS = ("collective_gbps", "collective_latency_s", "pcie_root_gbps")
+OPTIONAL_FIELDS = ("collective_gbps", "collective_latency_s", "cpu_thread_speedup", "pcie_root_gbps")
 """Fields a profile may leave out (several ranks: ``scheduler/sharded.py``); each given one needs a source."""
 SHIPPED_DIR = Path(__file__).resolve().parent / "profiles"
 DTYPES = ("fp32", "bf16", "fp16")
@@ -123,6 +123,10 @@ class HardwareProfile:
     so. ``benchmarks/collective_bw.py`` measures it."""
     collective_latency_s: float = 0.0
     """The fixed time of one collective call among the ranks, seconds (from the same fit)."""
+    cpu_thread_speedup: Mapping[int, float] = dataclasses.field(default_factory=dict)
+    """A CPU device: threads -> a training step's speedup over one thread, up to the machine's cores. Ranks sharing
+    the cores get ``cores / N`` threads each and run at that many threads' share of the all-core rate; threads scale
+    less than linearly (memory bandwidth, synchronisation), so that is more than ``1/N`` of it. Empty: ``1/N``."""
     pcie_root_gbps: float = 0.0
     """Bandwidth the devices' host links share (a PCIe root complex or switch, host memory), 1e9 B/s: with several
     ranks each rank's copies get at most ``1/N`` of it. 0: each device's link is its own."""
@@ -177,6 +181,13 @@ class HardwareProfile:
                              f"reduce_scatter, all_gather, all_reduce, got {coll!r}; benchmarks/collective_bw.py "
                              f"measures them")
         object.__setattr__(self, "collective_gbps", MappingProxyType(coll))
+        speedup = {}
+        for k, v in dict(self.cpu_thread_speedup).items():
+            if not (int(k) >= 1 and isinstance(v, (int, float)) and v > 0):
+                raise ValueError(f"HardwareProfile.cpu_thread_speedup: expected threads (>= 1) -> a positive speedup, "
+                                 f"got {k!r}: {v!r}")
+            speedup[int(k)] = float(v)
+        object.__setattr__(self, "cpu_thread_speedup", MappingProxyType(dict(sorted(speedup.items()))))
         for f in ("collective_latency_s", "pcie_root_gbps"):
             v = getattr(self, f)
             if not (isinstance(v, (int, float)) and v >= 0):
@@ -278,7 +289,8 @@ class HardwareProfile:
         for f in OPTIONAL_FIELDS:
             v = getattr(self, f)
             if v:
-                out[f] = {"value": dict(v) if isinstance(v, Mapping) else v, "source": self.sources[f]}
+                out[f] = {"value": {str(k): x for k, x in v.items()} if isinstance(v, Mapping) else v,
+                          "source": self.sources[f]}
         if self.measured_at or self.spread or self.warnings:
             out["probe"] = {"measured_at": self.measured_at, "spread": dict(self.spread),
                             "warnings": list(self.warnings)}
@@ -317,7 +329,7 @@ class HardwareProfile:
                 continue
             if not isinstance(entry, dict) or "value" not in entry:
                 raise ValueError(f"{where}: field {f!r}: expected {{\"value\": ..., \"source\": ...}}, got {entry!r}")
-            kwargs[f] = entry["value"]
+            kwargs[f] = {int(k): v for k, v in entry["value"].items()} if f == "cpu_thread_speedup" else entry["value"]
             sources[f] = entry.get("source", "")
         pr = d.get("probe") or {}
         return cls(name=d.get("name", ""), fingerprint=d.get("fingerprint", ""),

@@ -167,7 +167,8 @@ def per_rank(hw: HardwareProfile, n: int) -> HardwareProfile:
               "cpu_update_params_per_s_under_io"):
         split(f, getattr(hw, f) / n)
     if hw.device_name == "cpu":  # the device is the host's cores and memory: the ranks share it too
-        split("device_tflops", {k: v / n for k, v in hw.device_tflops.items()})
+        share, reason = compute_share(hw, n)
+        split("device_tflops", {k: v * share for k, v in hw.device_tflops.items()}, reason)
         split("device_update_params_per_s", hw.device_update_params_per_s / n)
         split("device_memory_bytes", hw.device_memory_bytes // n)
         split("device_reserve", {"bytes": hw.device_reserve["bytes"] // n, "fraction": hw.device_reserve["fraction"]})
@@ -179,6 +180,21 @@ def per_rank(hw: HardwareProfile, n: int) -> HardwareProfile:
             if v < getattr(hw, f):
                 split(f, v, f"; {n} ranks share pcie_root_gbps {hw.pcie_root_gbps:g}")
     return dataclasses.replace(hw, name=f"{hw.name} (1 of {n} ranks)", sources=src, **ch)
+
+
+def compute_share(hw: HardwareProfile, n: int) -> tuple[float, str]:
+    """(the fraction of a CPU device's all-core compute rate one of ``n`` ranks gets, why): each rank runs on
+    ``cores / n`` threads (torchrun's ``OMP_NUM_THREADS``), at that many threads' speedup over one
+    (``cpu_thread_speedup``) over the all-core speedup; ``1/n`` without the profile's figures."""
+    sp = hw.cpu_thread_speedup
+    if not sp:
+        return 1 / n, f"; / {n}: {n} ranks share the cores"
+    cores = max(sp)
+    threads = max(1, cores // n)
+    below = max(t for t in sp if t <= threads)
+    share = sp[below] / sp[cores]
+    return share, (f"; x {share:.3f}: {n} ranks on {cores} cores, {threads} thread{'s' if threads > 1 else ''} each "
+                   f"(speedup {sp[below]:.2f} of {sp[cores]:.2f}, cpu_thread_speedup)")
 
 
 def collective_rates(hw: HardwareProfile) -> tuple[dict[str, float], float, str]:
@@ -276,14 +292,17 @@ class ShardedCost:
         """``OffloadOptimizer._needs_master``: low-precision params, or params on a GPU updated on the CPU."""
         return self.elem != 4 or (self.machine.device_name != "cpu" and update_on == "cpu")
 
+    def subgroups(self, tier: str, update_on: str) -> list[list[int]]:
+        """The inner optimizer's subgroups (pieces' elements): host state updated on the CPU is one subgroup;
+        elsewhere subgroups of ``subgroup_numel``."""
+        one = tier == "host" and update_on == "cpu"
+        return subgroups(self.pieces, None if one else self.subgroup_numel)
+
     def chunks(self, tier: str, update_on: str) -> list[int]:
-        """Bytes of each inner subgroup's chunk: per piece its state tensors (and master), each 64-byte aligned.
-        Host state updated on the CPU is one subgroup; elsewhere subgroups of ``subgroup_numel``."""
+        """Bytes of each inner subgroup's chunk: per piece its state tensors (and master), each 64-byte aligned."""
         per_tensor = self.w.state_bytes_per_param // 4 - (1 if self.elem != 4 else 0)  # moments (the master apart)
         tensors = per_tensor + (1 if self.needs_master(update_on) else 0)
-        one = tier == "host" and update_on == "cpu"
-        return [sum(tensors * _align(4 * n, SLOT_ALIGN) for n in sub)
-                for sub in subgroups(self.pieces, None if one else self.subgroup_numel)]
+        return [sum(tensors * _align(4 * n, SLOT_ALIGN) for n in sub) for sub in self.subgroups(tier, update_on)]
 
     def memory(self, tier: str, update_on: str) -> dict[str, dict[str, int]]:
         """Per rank, tier -> term -> bytes (module note)."""
@@ -296,6 +315,13 @@ class ShardedCost:
             device["grads_reduced"] = self.padded * e
         host: dict[str, int] = {}
         nvme: dict[str, int] = {}
+        # The update's fp32 grads: in scratch for each subgroup whose grads are not fp32 where it runs
+        # (OffloadOptimizer._scratch_bytes): low-precision params, or a GPU's grads updated on the CPU.
+        largest = max((sum(sub) for sub in self.subgroups(tier, update_on)), default=0)
+        if update_on == "cpu" and (e != 4 or self.machine.device_name != "cpu"):
+            host["grad_scratch"] = _align(4 * largest, POOL_ALIGN)
+        elif update_on == "device" and e != 4:
+            device["grad_scratch"] = 4 * largest
         if tier == "device":
             device["state"] = state
         elif tier == "host":
@@ -415,7 +441,8 @@ def text(workload: Workload, profile: HardwareProfile, best: ShardedPrediction,
         lines.append(f"    {c.kind:14s} {c.calls:4d} x  {fb(c.tensor_bytes):>10s} tensors, {fb(c.wire_bytes):>10s} "
                      f"sent  {c.seconds * 1e3:9.1f} ms   {c.what}")
     b = best.busy_s
-    lines.append(f"  iteration {best.iteration_s:.3f} s: compute {b['compute']:.3f} s (1/{n} of the device"
+    lines.append(f"  iteration {best.iteration_s:.3f} s: compute {b['compute']:.3f} s "
+                 f"({compute_share(profile, n)[0]:.2f} of the device's cores"
                  if profile.device_name == "cpu" else f"  iteration {best.iteration_s:.3f} s: compute "
                                                       f"{b['compute']:.3f} s (own device")
     lines[-1] += (f"), grads' reduce-scatter {b['reduce_scatter_exposed']:.3f} s not hidden by backward, "

@@ -78,7 +78,11 @@ def test_two_ranks_halve_the_sharded_state_not_the_replicated_params():
     # Contention: the ranks of one machine split its host, NVMe and (a CPU device) the device.
     for t in ("host", "nvme", "device"):
         assert abs(two.capacity[t] - one.capacity[t] / 2) <= 1, t
-    assert two.busy_s["compute"] == pytest.approx(2 * one.busy_s["compute"])
+    # Each rank computes on one of the 2 cores: at one thread's share of the all-core rate (1 / 1.74 measured).
+    assert two.busy_s["compute"] == pytest.approx(one.busy_s["compute"] * hw.cpu_thread_speedup[2])
+    plain = dataclasses.replace(hw, cpu_thread_speedup={})  # without the figures: 1/N of the rate
+    assert sharded.ShardedCost(w, plain, 2, numels=ns).predict("host").busy_s["compute"] == pytest.approx(
+        2 * one.busy_s["compute"])
 
 
 def test_gpu_ranks_keep_their_device_and_share_the_host():
@@ -168,3 +172,20 @@ def test_two_rank_run_sends_and_holds_what_the_plan_says():
         assert r["device_buffers"]["predicted"] == r["device_buffers"]["measured"]
     # The plan prices the larger share (rank 0's or the last's); the other is within the padding.
     assert max(r["host"]["measured"] for r in cmp["ranks"]) == pred.memory_totals["host"]
+
+
+@pytest.mark.slow
+def test_plan_nproc_2_measure_prints_predicted_vs_measured(tmp_path, monkeypatch, capsys):
+    (tmp_path / "tinysharded.py").write_text("from scheduler.workload import TransformerShape, build_transformer\n"
+                                             f"def make():\n    return build_transformer({SHAPE!r})\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["plan", "tinysharded:make", "--batch", "2", "--seq", "8", "--profile", "cpu-dev-2core", "--nproc",
+                 "2", "--measure", "--iters", "1", "--dir", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert "2 ranks, state on host: predicted vs measured per rank" in out
+    lines = out.splitlines()
+    assert sum(ln.split()[:1] == ["device_buffers"] and ln.rstrip().endswith("1.000") for ln in lines) == 2
+    assert sum(ln.rstrip().endswith("equal") and ln.split()[0] in ("reduce_scatter", "all_gather", "all_reduce")
+               for ln in lines) == 3
+    assert main(["plan", "gpt2", "--nproc", "2", "--out", str(tmp_path / "o")]) == 2
+    assert "with --nproc > 1 use --json" in capsys.readouterr().err
