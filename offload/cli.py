@@ -421,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "  offload plan mypkg.models:build --batch 1 --seq 4096 --json\n"
                               "  offload plan ./Llama-2-7b-hf --batch 1 --seq 4096   # a HF checkpoint directory\n"
                               "  offload plan gpt2 --batch 2 --seq 256 --measure   # predicted vs measured here\n"
+                              "  offload plan gpt2 --batch 1 --seq 256 --nproc 2   # ShardedOffloadOptimizer, per rank\n"
                               "models: a preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, llama-7b, llama-13b, "
                               "llama-70b, gpt3-175b), module:function, or a HF checkpoint directory (its config.json "
                               "gives the sizes and the dtype planned; nothing is allocated)",

@@ -163,11 +163,14 @@ def run(shape: TransformerShape, *, world: int, batch: int, seq: int, config: di
                 "bucket_bytes": bucket_bytes, "threads": threads}
         ctx = torch.multiprocessing.spawn(_rank_main, args=(world, d, spec), nprocs=world, join=False)
         deadline = time.monotonic() + timeout_s
-        while not ctx.join(timeout=1):  # raises, with the rank's traceback, when a rank raised
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
+        try:
+            while not ctx.join(timeout=1):  # raises, with the rank's traceback, when a rank raised
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"measure_sharded: {world} ranks did not finish in {timeout_s:.0f} s")
+        finally:  # a rank that failed, timed out or was interrupted leaves the others waiting in a collective
+            for p in ctx.processes:
+                if p.is_alive():
                     p.kill()
-                raise TimeoutError(f"measure_sharded: {world} ranks did not finish in {timeout_s:.0f} s")
         return [torch.load(Path(d) / f"result{r}.pt", weights_only=False) for r in range(world)]
 
 

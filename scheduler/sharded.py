@@ -404,10 +404,12 @@ class ShardedCost:
 
 def plan(workload: Workload, profile: HardwareProfile, nproc: int, **kw) -> tuple[ShardedPrediction,
                                                                                   list[ShardedPrediction]]:
-    """The fastest state tier that fits one rank (else the fastest), and every tier's prediction."""
+    """The fastest state tier that fits one rank (else the one nearest to fitting: the fewest bytes short), and
+    every tier's prediction."""
     cost = ShardedCost(workload, profile, nproc, **kw)
     preds = [cost.predict(t) for t in STATE_TIERS]
-    best = min(preds, key=lambda p: (not p.fits, p.iteration_s, STATE_TIERS.index(p.state_tier)))
+    best = min(preds, key=lambda p: (not p.fits, sum(p.shortfall.values()), p.iteration_s,
+                                     STATE_TIERS.index(p.state_tier)))
     return best, preds
 
 
