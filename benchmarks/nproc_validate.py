@@ -152,6 +152,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tries", type=int, default=4, help="runs per case at most, while iterations are set aside")
     ap.add_argument("--dir", help="where the NVMe stores go (default: the temp dir)")
     ap.add_argument("--quick", action="store_true", help="a tiny model, one try: checks the pipeline")
+    ap.add_argument("--case", action="append", help="run only the cases whose name contains this (repeatable)")
     ap.add_argument("--probe", action="store_true",
                     help="probe this machine first (offload probe, not cached) and predict from it, with --profile's "
                          "multi-rank figures (collective_gbps, cpu_thread_speedup): the same load for both")
@@ -162,7 +163,8 @@ def main(argv=None) -> int:
     hw = profiles.resolve(args.profile)
     if args.probe:
         hw = fresh_probe(hw)
-    rows = [run_case(*case, hw, args) for case in (TINY if args.quick else CASES)]
+    cases = [c for c in (TINY if args.quick else CASES) if not args.case or any(k in c[0] for k in args.case)]
+    rows = [run_case(*case, hw, args) for case in cases]
     print(f"\n{args.nproc} gloo ranks on profile {hw.name}: predicted vs measured per rank (bar: memory within "
           f"{MEMORY_BAR:.0%}, iteration within {TIME_BAR:.0%})")
     print(f"{'case':28s} {'tier':5s} {'memory/rank':>12s} {'pred/meas':>9s} {'pred s':>7s} {'meas s':>7s} "

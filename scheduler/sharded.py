@@ -192,7 +192,7 @@ def compute_share(hw: HardwareProfile, n: int) -> tuple[float, str]:
     cores = max(sp)
     threads = max(1, cores // n)
     below = max(t for t in sp if t <= threads)
-    share = sp[below] / sp[cores]
+    share = sp[below] / sp[cores] * min(1.0, cores / n)  # more ranks than cores: they take turns on them
     return share, (f"; x {share:.3f}: {n} ranks on {cores} cores, {threads} thread{'s' if threads > 1 else ''} each "
                    f"(speedup {sp[below]:.2f} of {sp[cores]:.2f}, cpu_thread_speedup)")
 

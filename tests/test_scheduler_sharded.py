@@ -80,6 +80,7 @@ def test_two_ranks_halve_the_sharded_state_not_the_replicated_params():
         assert abs(two.capacity[t] - one.capacity[t] / 2) <= 1, t
     # Each rank computes on one of the 2 cores: at one thread's share of the all-core rate (1 / 1.74 measured).
     assert two.busy_s["compute"] == pytest.approx(one.busy_s["compute"] * hw.cpu_thread_speedup[2])
+    assert sharded.compute_share(hw, 4)[0] == pytest.approx(0.5 / hw.cpu_thread_speedup[2])  # 2 ranks per core
     plain = dataclasses.replace(hw, cpu_thread_speedup={})  # without the figures: 1/N of the rate
     assert sharded.ShardedCost(w, plain, 2, numels=ns).predict("host").busy_s["compute"] == pytest.approx(
         2 * one.busy_s["compute"])
