@@ -95,7 +95,22 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _die_with_parent(parent: int) -> None:
+    """Linux: this rank is killed when the process that started it dies (killed, not only failed: no rank is left
+    waiting in a collective forever), or exits now if that happened while it started."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def _rank_main(rank: int, world: int, tmp: str, spec: dict) -> None:
+    _die_with_parent(spec["parent"])
     torch.set_num_threads(spec["threads"])
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
     try:
@@ -160,7 +175,7 @@ def run(shape: TransformerShape, *, world: int, batch: int, seq: int, config: di
     with contextlib.ExitStack() as stack:
         d = tmp or stack.enter_context(tempfile.TemporaryDirectory(prefix="offload-nproc-"))
         spec = {"shape": shape, "batch": batch, "seq": seq, "config": config, "iters": iters, "warmup": warmup,
-                "bucket_bytes": bucket_bytes, "threads": threads}
+                "bucket_bytes": bucket_bytes, "threads": threads, "parent": os.getpid()}
         ctx = torch.multiprocessing.spawn(_rank_main, args=(world, d, spec), nprocs=world, join=False)
         deadline = time.monotonic() + timeout_s
         try:
