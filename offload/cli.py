@@ -182,8 +182,8 @@ def _plan_sharded(args: argparse.Namespace, w, hw) -> int:
               file=sys.stderr)
         return 2
     shape = _model_shape(args.model)
-    # The exact bucket layout needs the params in their order: our model's, built on meta, for presets and our
-    # own models; other models' from the units (padding uncounted, said in the report).
+    # The exact bucket layout needs the params in their order: a preset's from our model of its shape, built on
+    # meta; other models' from their units (per-param padding uncounted, as the report says).
     numels = [p.numel() for p in build_transformer(shape).parameters()] if args.model in PRESETS else None
     if args.measure:
         return _plan_sharded_measure(args, hw, shape)
