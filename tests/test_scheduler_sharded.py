@@ -197,3 +197,29 @@ def test_plan_nproc_2_measure_prints_predicted_vs_measured(tmp_path, monkeypatch
                for ln in lines) == 3
     assert main(["plan", "gpt2", "--nproc", "2", "--out", str(tmp_path / "o")]) == 2
     assert "with --nproc > 1 use --json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_benchmarks_run_end_to_end(tmp_path):
+    """benchmarks/nproc_validate.py --quick and benchmarks/collective_bw.py at tiny sizes (their numbers are this
+    machine's load; only that they are there and consistent is checked)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "nproc.json"
+    p = subprocess.run([sys.executable, str(root / "benchmarks" / "nproc_validate.py"), "--quick", "--dir",
+                        str(tmp_path), "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["state_tier"] for r in rows} == {"host", "nvme"}
+    for r in rows:
+        assert r["collectives_equal"], r["collectives"]
+        assert all(m["device_buffers"]["predicted"] == m["device_buffers"]["measured"] for m in r["memory"])
+    p = subprocess.run([sys.executable, str(root / "benchmarks" / "collective_bw.py"), "--sizes", "0.25", "1",
+                        "--rounds", "1", "--json"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    kinds = json.loads(p.stdout)["kinds"]
+    assert set(kinds) == {"reduce_scatter", "all_gather", "all_reduce"}
+    assert all(len(k["sizes"]) == 2 and all(s["median_s"] > 0 for s in k["sizes"]) for k in kinds.values())
