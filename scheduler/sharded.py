@@ -41,7 +41,6 @@ at the rank's share of the cores; NVMe state streams beside it), and the all-gat
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 
 from scheduler.cost import CostModel
@@ -451,7 +450,7 @@ def text(workload: Workload, profile: HardwareProfile, best: ShardedPrediction,
                   f"update {b['update']:.3f} s" + (f" beside disk {b['disk']:.3f} s" if b["disk"] else "") +
                   f", all-gather {b['all_gather']:.3f} s")
     lines.append(f"  contention: host memory, NVMe and the CPU update split {n} ways"
-                 + (f"; the CPU device's cores, copies and memory budget too" if profile.device_name == "cpu" else
+                 + ("; the CPU device's cores, copies and memory budget too" if profile.device_name == "cpu" else
                     f"; PCIe root {profile.pcie_root_gbps:g} GB/s shared" if profile.pcie_root_gbps else
                     "; each GPU its own PCIe link (no pcie_root_gbps in the profile)"))
     lines.append("  state tiers: " + "; ".join(

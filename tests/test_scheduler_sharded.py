@@ -133,7 +133,7 @@ def test_plan_nproc_2_prints_per_rank(capsys):
     best, preds = sharded.plan(w, resolve("rtx4090-pcie4-gen4nvme"), 2, numels=numels(PRESETS["llama-7b"][0]))
     assert set(best.shortfall) == {"device"}
     assert best.shortfall["device"] == min(sum(p.shortfall.values()) for p in preds)
-    assert f"short per rank: device by " in out
+    assert "short per rank: device by " in out
 
 
 # -- the layout is the runtime's (one rank, in this process) ----------------------------------------------------------
