@@ -171,6 +171,17 @@ def _model_shape(model: str):
     return shape if isinstance(shape, workload.TransformerShape) else None
 
 
+def _rank_threads() -> int:
+    """Threads each rank of ``offload run --nproc N`` computes on: torchrun gives each of several processes
+    ``OMP_NUM_THREADS``, 1 unless it is set."""
+    import os
+
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
+    except ValueError:
+        return 1
+
+
 def _plan_sharded(args: argparse.Namespace, w, hw) -> int:
     """``offload plan --nproc N``: a ShardedOffloadOptimizer run on N ranks of this profile's machine, per rank
     (scheduler/sharded.py); with ``--measure``, the real run on N gloo ranks here beside it."""
@@ -187,7 +198,7 @@ def _plan_sharded(args: argparse.Namespace, w, hw) -> int:
     numels = [p.numel() for p in build_transformer(shape).parameters()] if args.model in PRESETS else None
     if args.measure:
         return _plan_sharded_measure(args, hw, shape)
-    best, preds = sharded.plan(w, hw, args.nproc, numels=numels, clip=args.clip)
+    best, preds = sharded.plan(w, hw, args.nproc, numels=numels, clip=args.clip, threads_per_rank=_rank_threads())
     if args.json:
         print(json.dumps({"nproc": args.nproc, "workload": w.to_dict() | {"units": len(w.units)},
                           "profile": hw.name, "plan": best.to_dict(), "tiers": [p.to_dict() for p in preds]},
@@ -216,7 +227,8 @@ def _plan_sharded_measure(args: argparse.Namespace, hw, shape) -> int:
         return 2
     w = workload_of(shape, batch=args.batch, seq=args.seq, name=args.model)
     numels = [p.numel() for p in build_transformer(shape).parameters() if p.requires_grad]
-    best, _ = sharded.plan(w, hw, args.nproc, numels=numels, clip=args.clip)
+    threads = _rank_threads()
+    best, _ = sharded.plan(w, hw, args.nproc, numels=numels, clip=args.clip, threads_per_rank=threads)
     d = temp_store_dir(args.dir)
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (lambda m: print(m, flush=True))
     log(f"measuring {args.model} ({w.params / 1e6:.1f}M params, fp32, batch {args.batch} x seq {args.seq} per rank) "
@@ -226,7 +238,7 @@ def _plan_sharded_measure(args: argparse.Namespace, hw, shape) -> int:
               **({"max_grad_norm": 1e6} if args.clip else {})}
     try:
         ranks = measure_sharded.run(shape, world=args.nproc, batch=args.batch, seq=args.seq, config=config,
-                                    iters=args.iters)
+                                    iters=args.iters, threads=threads)
     finally:
         shutil.rmtree(d, ignore_errors=True)
     cmp = measure_sharded.compare(best, ranks)

@@ -18,7 +18,8 @@ the iteration before leave them anyway. What each rank measures:
   counted by wrapping ``torch.distributed``'s functions in the rank's process (the optimizer is not told).
 
 Ranks are started with ``torch.multiprocessing`` and meet through a file (no port to race for), each with
-``cores // world`` threads: what ``torchrun`` gives several processes on one machine (``OMP_NUM_THREADS``).
+``threads`` threads, 1 by default: what ``torchrun`` gives each of several processes unless ``OMP_NUM_THREADS`` is
+set.
 """
 
 from __future__ import annotations
@@ -164,14 +165,14 @@ def _rank_run(rank: int, world: int, tmp: Path, spec: dict) -> dict:
 
 
 def run(shape: TransformerShape, *, world: int, batch: int, seq: int, config: dict, iters: int = 3,
-        warmup: int = 1, bucket_bytes: int = sharded_mod.DEFAULT_BUCKET_BYTES, threads: int | None = None,
+        warmup: int = 1, bucket_bytes: int = sharded_mod.DEFAULT_BUCKET_BYTES, threads: int = 1,
         timeout_s: float = 600.0, tmp: str | None = None) -> list[dict]:
     """Train on ``world`` gloo ranks (``config``: ``OffloadConfig`` keyword arguments; its ``nvme_dirs`` get a
     directory per rank); each rank's measurements (module note), rank 0 first."""
     if world < 1 or iters < 1 or warmup < 0:
         raise ValueError(f"measure_sharded.run: expected world >= 1, iters >= 1, warmup >= 0, got world={world}, "
                          f"iters={iters}, warmup={warmup}")
-    threads = threads or max(1, (os.cpu_count() or 1) // world)
+    threads = threads or 1
     with contextlib.ExitStack() as stack:
         d = tmp or stack.enter_context(tempfile.TemporaryDirectory(prefix="offload-nproc-"))
         spec = {"shape": shape, "batch": batch, "seq": seq, "config": config, "iters": iters, "warmup": warmup,

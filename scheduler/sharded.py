@@ -145,8 +145,9 @@ def param_numels(workload: Workload) -> tuple[list[int], bool]:
 
 
 # -- one rank's share of the machine ---------------------------------------------------------------------------------
-def per_rank(hw: HardwareProfile, n: int) -> HardwareProfile:
-    """The profile of one of ``n`` ranks on the machine ``hw`` describes (module note, "Contention")."""
+def per_rank(hw: HardwareProfile, n: int, threads: int = 1) -> HardwareProfile:
+    """The profile of one of ``n`` ranks, each on ``threads`` threads, on the machine ``hw`` describes (module note,
+    "Contention")."""
     if n < 1:
         raise ValueError(f"--nproc: expected a number of ranks >= 1, got {n}")
     if n == 1:
@@ -166,7 +167,7 @@ def per_rank(hw: HardwareProfile, n: int) -> HardwareProfile:
               "cpu_update_params_per_s_under_io"):
         split(f, getattr(hw, f) / n)
     if hw.device_name == "cpu":  # the device is the host's cores and memory: the ranks share it too
-        share, reason = compute_share(hw, n)
+        share, reason = compute_share(hw, n, threads)
         split("device_tflops", {k: v * share for k, v in hw.device_tflops.items()}, reason)
         split("device_update_params_per_s", hw.device_update_params_per_s / n)
         split("device_memory_bytes", hw.device_memory_bytes // n)
@@ -181,17 +182,17 @@ def per_rank(hw: HardwareProfile, n: int) -> HardwareProfile:
     return dataclasses.replace(hw, name=f"{hw.name} (1 of {n} ranks)", sources=src, **ch)
 
 
-def compute_share(hw: HardwareProfile, n: int) -> tuple[float, str]:
+def compute_share(hw: HardwareProfile, n: int, threads: int = 1) -> tuple[float, str]:
     """(the fraction of a CPU device's all-core compute rate one of ``n`` ranks gets, why): each rank runs on
-    ``cores / n`` threads (torchrun's ``OMP_NUM_THREADS``), at that many threads' speedup over one
-    (``cpu_thread_speedup``) over the all-core speedup; ``1/n`` without the profile's figures."""
+    ``threads`` threads (``OMP_NUM_THREADS``; torchrun gives each of several processes 1 unless it is set), at their
+    speedup over one (``cpu_thread_speedup``) over the all-core speedup, less when the ranks' threads outnumber the
+    cores (they take turns); ``1/n`` without the profile's figures."""
     sp = hw.cpu_thread_speedup
     if not sp:
         return 1 / n, f"; / {n}: {n} ranks share the cores"
     cores = max(sp)
-    threads = max(1, cores // n)
-    below = max(t for t in sp if t <= threads)
-    share = sp[below] / sp[cores] * min(1.0, cores / n)  # more ranks than cores: they take turns on them
+    below = max(t for t in sp if t <= max(1, min(threads, cores)))
+    share = sp[below] / sp[cores] * min(1.0, cores / (n * threads))
     return share, (f"; x {share:.3f}: {n} ranks on {cores} cores, {threads} thread{'s' if threads > 1 else ''} each "
                    f"(speedup {sp[below]:.2f} of {sp[cores]:.2f}, cpu_thread_speedup)")
 
@@ -241,6 +242,8 @@ class ShardedPrediction:
     buckets: int
     exact_layout: bool
     collective_source: str
+    threads: int = 1
+    """Threads each rank computes on (a CPU device's share of the cores)."""
 
     @property
     def memory_totals(self) -> dict:
@@ -266,11 +269,14 @@ class ShardedCost:
     def __init__(self, workload: Workload, profile: HardwareProfile, nproc: int, *, numels: Sequence[int] | None = None,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, subgroup_numel: int = DEFAULT_SUBGROUP_NUMEL,
                  buffers: int = DEFAULT_BUFFERS, clip: bool = False, reduce_scatter: bool = True,
-                 nvme_capacity_bytes: int | None = None):
+                 nvme_capacity_bytes: int | None = None, threads_per_rank: int = 1):
         if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
             raise ValueError(f"--nproc: expected a number of ranks >= 1, got {nproc!r}")
+        if isinstance(threads_per_rank, bool) or not isinstance(threads_per_rank, int) or threads_per_rank < 1:
+            raise ValueError(f"threads per rank: expected a positive integer, got {threads_per_rank!r}")
         self.w, self.machine, self.n = workload, profile, nproc
-        self.hw = per_rank(profile, nproc)
+        self.threads = threads_per_rank
+        self.hw = per_rank(profile, nproc, threads_per_rank)
         self.cm = CostModel(workload, self.hw)
         exact = numels is not None
         if numels is None:
@@ -398,7 +404,8 @@ class ShardedCost:
         return ShardedPrediction(nproc=self.n, state_tier=tier, update_on=update_on, memory=mem,
                                  capacity=self.capacity(), collectives=tuple(colls), busy_s=busy,
                                  iteration_s=iteration, owned_params=owned_params, buckets=len(self.layout),
-                                 exact_layout=self.exact, collective_source=collective_rates(self.machine)[2])
+                                 exact_layout=self.exact, collective_source=collective_rates(self.machine)[2],
+                                 threads=self.threads)
 
 
 def plan(workload: Workload, profile: HardwareProfile, nproc: int, **kw) -> tuple[ShardedPrediction,
@@ -443,7 +450,8 @@ def text(workload: Workload, profile: HardwareProfile, best: ShardedPrediction,
                      f"sent  {c.seconds * 1e3:9.1f} ms   {c.what}")
     b = best.busy_s
     lines.append(f"  iteration {best.iteration_s:.3f} s: compute {b['compute']:.3f} s "
-                 f"({compute_share(profile, n)[0]:.2f} of the device's cores"
+                 f"({compute_share(profile, n, best.threads)[0]:.2f} of the device's cores, "
+                 f"{best.threads} thread{'s' if best.threads > 1 else ''} a rank"
                  if profile.device_name == "cpu" else f"  iteration {best.iteration_s:.3f} s: compute "
                                                       f"{b['compute']:.3f} s (own device")
     lines[-1] += (f"), grads' reduce-scatter {b['reduce_scatter_exposed']:.3f} s not hidden by backward, "

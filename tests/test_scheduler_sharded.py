@@ -81,6 +81,9 @@ def test_two_ranks_halve_the_sharded_state_not_the_replicated_params():
     # Each rank computes on one of the 2 cores: at one thread's share of the all-core rate (1 / 1.74 measured).
     assert two.busy_s["compute"] == pytest.approx(one.busy_s["compute"] * hw.cpu_thread_speedup[2])
     assert sharded.compute_share(hw, 4)[0] == pytest.approx(0.5 / hw.cpu_thread_speedup[2])  # 2 ranks per core
+    assert sharded.compute_share(hw, 2, threads=2)[0] == pytest.approx(0.5)  # 4 threads on 2 cores take turns
+    with pytest.raises(ValueError, match="threads per rank: expected a positive integer, got 0"):
+        sharded.ShardedCost(w, hw, 2, threads_per_rank=0)
     plain = dataclasses.replace(hw, cpu_thread_speedup={})  # without the figures: 1/N of the rate
     assert sharded.ShardedCost(w, plain, 2, numels=ns).predict("host").busy_s["compute"] == pytest.approx(
         2 * one.busy_s["compute"])
