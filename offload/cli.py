@@ -112,6 +112,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     """Dry run: plan placement for a model on a profile and predict one iteration, without allocating it."""
     from scheduler import planner, profile, report, workload
 
+    if args.nproc < 1:
+        print(f"offload plan: --nproc: expected a number of ranks >= 1, got {args.nproc}", file=sys.stderr)
+        return 2
     try:
         w = workload.load(args.model, batch=args.batch, seq=args.seq)
         hw = profile.resolve(args.profile).with_capacities(
@@ -124,6 +127,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print(f"offload plan: warning: profile {hw.name}"
               f"{' (' + str(profile.cached_path()) + ', the default)' if args.profile is None else ''}: {doubt}",
               file=sys.stderr)
+    if args.nproc > 1:
+        return _plan_sharded(args, w, hw)
     if args.measure:
         return _plan_measure(args, hw)
     res = planner.plan(w, hw)
@@ -139,6 +144,109 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         for f in report.write(args.out, w, hw, res, rows):
             print(f"wrote {f}", file=sys.stderr)
     return 0 if res.fits else 1
+
+
+_NOT_MEASURABLE = ("offload plan --measure: expected a preset or a module:function returning "
+                   "scheduler.workload.build_transformer(...) (a model with a .shape), got {model!r}; --measure "
+                   "trains the model for real on random tokens")
+
+
+def _model_shape(model: str):
+    """The TransformerShape of a preset or of a ``module:function`` returning our TransformerLM (``None`` for
+    anything else): what ``--measure`` can build and train."""
+    import importlib
+
+    import torch
+
+    from scheduler import workload
+
+    if model in workload.PRESETS:
+        return workload.PRESETS[model][0]
+    try:
+        mod_name, _, fn_name = model.partition(":")
+        with torch.device("meta"):
+            shape = getattr(getattr(importlib.import_module(mod_name), fn_name)(), "shape", None)
+    except (ImportError, AttributeError, ValueError):
+        shape = None
+    return shape if isinstance(shape, workload.TransformerShape) else None
+
+
+def _rank_threads() -> int:
+    """Threads each rank of ``offload run --nproc N`` computes on: torchrun gives each of several processes
+    ``OMP_NUM_THREADS``, 1 unless it is set."""
+    import os
+
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
+    except ValueError:
+        return 1
+
+
+def _plan_sharded(args: argparse.Namespace, w, hw) -> int:
+    """``offload plan --nproc N``: a ShardedOffloadOptimizer run on N ranks of this profile's machine, per rank
+    (scheduler/sharded.py); with ``--measure``, the real run on N gloo ranks here beside it."""
+    from scheduler import sharded
+    from scheduler.workload import PRESETS, build_transformer
+
+    if args.out:
+        print("offload plan: --out writes offload.wrap's plan (one process); with --nproc > 1 use --json",
+              file=sys.stderr)
+        return 2
+    shape = _model_shape(args.model)
+    # The exact bucket layout needs the params in their order: a preset's from our model of its shape, built on
+    # meta; other models' from their units (per-param padding uncounted, as the report says).
+    numels = [p.numel() for p in build_transformer(shape).parameters()] if args.model in PRESETS else None
+    if args.measure:
+        return _plan_sharded_measure(args, hw, shape)
+    best, preds = sharded.plan(w, hw, args.nproc, numels=numels, clip=args.clip, threads_per_rank=_rank_threads())
+    if args.json:
+        print(json.dumps({"nproc": args.nproc, "workload": w.to_dict() | {"units": len(w.units)},
+                          "profile": hw.name, "plan": best.to_dict(), "tiers": [p.to_dict() for p in preds]},
+                         indent=1))
+    else:
+        print(sharded.text(w, hw, best, preds))
+    return 0 if best.fits else 1
+
+
+def _plan_sharded_measure(args: argparse.Namespace, hw, shape) -> int:
+    """``offload plan --nproc N --measure``: the planned state tier run on N gloo ranks (fp32, this machine's CPU)
+    for a few iterations; per rank, predicted vs measured memory per tier and iteration time, and the
+    collectives' bytes predicted vs counted."""
+    import shutil
+
+    from offload import measure_sharded
+    from offload.measure import temp_store_dir, workload_of
+    from scheduler import sharded
+    from scheduler.workload import build_transformer
+
+    if shape is None:
+        print(_NOT_MEASURABLE.format(model=args.model), file=sys.stderr)
+        return 2
+    if args.iters < 1:
+        print(f"offload plan --measure: expected --iters >= 1, got {args.iters}", file=sys.stderr)
+        return 2
+    w = workload_of(shape, batch=args.batch, seq=args.seq, name=args.model)
+    numels = [p.numel() for p in build_transformer(shape).parameters() if p.requires_grad]
+    threads = _rank_threads()
+    best, _ = sharded.plan(w, hw, args.nproc, numels=numels, clip=args.clip, threads_per_rank=threads)
+    d = temp_store_dir(args.dir)
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (lambda m: print(m, flush=True))
+    log(f"measuring {args.model} ({w.params / 1e6:.1f}M params, fp32, batch {args.batch} x seq {args.seq} per rank) "
+        f"on {args.nproc} gloo ranks: state on {best.state_tier} (predicted {best.iteration_s:.3f} s), 1 warm-up + "
+        f"{args.iters} iterations")
+    config = {"state_tier": best.state_tier, "nvme_dirs": d, "update_on": best.update_on,
+              **({"max_grad_norm": 1e6} if args.clip else {})}
+    try:
+        ranks = measure_sharded.run(shape, world=args.nproc, batch=args.batch, seq=args.seq, config=config,
+                                    iters=args.iters, threads=threads)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    cmp = measure_sharded.compare(best, ranks)
+    if args.json:
+        print(json.dumps(cmp, indent=1))
+    else:
+        print(measure_sharded.text(cmp))
+    return 0
 
 
 def _clip_prices(w, hw, res) -> dict:
@@ -199,29 +307,16 @@ def _plan_measure(args: argparse.Namespace, hw) -> int:
     """``offload plan --measure``: the planner's plan, run for a few iterations (fp32, on this machine's CPU),
     predicted vs measured per resource and in total. Where it cannot run (nothing fits the profile, or the runtime
     refuses a placement), the fastest uniform placement instead, said in one line."""
-    import importlib
     import shutil
-
-    import torch
 
     from offload.config import OffloadConfig
     from offload.measure import measure, runnable_plan, temp_store_dir, workload_of
-    from scheduler import planner, workload
+    from scheduler import planner
 
-    if args.model in workload.PRESETS:
-        shape = workload.PRESETS[args.model][0]
-    else:
-        try:
-            mod_name, _, fn_name = args.model.partition(":")
-            with torch.device("meta"):
-                shape = getattr(getattr(importlib.import_module(mod_name), fn_name)(), "shape", None)
-        except (ImportError, AttributeError, ValueError):
-            shape = None
-        if not isinstance(shape, workload.TransformerShape):
-            print(f"offload plan --measure: expected a preset or a module:function returning "
-                  f"scheduler.workload.build_transformer(...) (a model with a .shape), got {args.model!r}; --measure "
-                  f"trains the model for real on random tokens", file=sys.stderr)
-            return 2
+    shape = _model_shape(args.model)
+    if shape is None:
+        print(_NOT_MEASURABLE.format(model=args.model), file=sys.stderr)
+        return 2
     if args.iters < 1:
         print(f"offload plan --measure: expected --iters >= 1, got {args.iters}", file=sys.stderr)
         return 2
@@ -338,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "  offload plan mypkg.models:build --batch 1 --seq 4096 --json\n"
                               "  offload plan ./Llama-2-7b-hf --batch 1 --seq 4096   # a HF checkpoint directory\n"
                               "  offload plan gpt2 --batch 2 --seq 256 --measure   # predicted vs measured here\n"
+                              "  offload plan gpt2 --batch 1 --seq 256 --nproc 2   # ShardedOffloadOptimizer, per rank\n"
                               "models: a preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, llama-7b, llama-13b, "
                               "llama-70b, gpt3-175b), module:function, or a HF checkpoint directory (its config.json "
                               "gives the sizes and the dtype planned; nothing is allocated)",
@@ -367,6 +463,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "also price its steps when they clip and when they do not (with --measure: measure both)")
     p.add_argument("--iters", type=int, default=3, help="with --measure: iterations after one warm-up (default 3)")
     p.add_argument("--dir", help="with --measure: where the NVMe store goes (default: a temp dir)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="ranks on this machine (`offload run --nproc N`): plan a ShardedOffloadOptimizer run per "
+                        "rank, --batch being each rank's (default 1: offload.wrap in one process); with --measure, "
+                        "run it on N gloo ranks here")
     p.set_defaults(func=_cmd_plan)
     return parser
 

@@ -621,9 +621,9 @@ class ShardedOffloadOptimizer(torch.optim.Optimizer):
         return self._stats
 
     def report(self) -> dict:
-        """This rank's part: buckets, elements owned, how grads are reduced, how many bucket reductions started
-        during backward (overlapped) or only at ``step()``, the last global grad norm (when clipping), and the
-        inner optimizer's report (``state_bytes_by_tier``, host pool, store, bytes moved)."""
+        """This rank's part: buckets, elements owned, the bytes the buckets hold (params, grads, this rank's grad
+        shares), how grads are reduced, how many bucket reductions started during backward (overlapped) or only at
+        ``step()``, the last global grad norm (when clipping), and the inner optimizer's report (``state_bytes_by_tier``, host pool, store, bytes moved)."""
         return {
             "rank": self.rank,
             "world": self.world,
@@ -632,6 +632,10 @@ class ShardedOffloadOptimizer(torch.optim.Optimizer):
             "params": sum(p.numel() for b in self._buckets for _, p, _ in b.entries),
             "padded": sum(b.flat.numel() for b in self._buckets),
             "owned": sum(o.numel for o in self._owned),
+            "bucket_bytes": {  # what the buckets hold on the params' device (the planner's per-rank memory)
+                "params": sum(b.flat.untyped_storage().nbytes() for b in self._buckets),
+                "grads": sum(b.grad.untyped_storage().nbytes() for b in self._buckets),
+                "grad_shares": sum(b.grad_share.untyped_storage().nbytes() for b in self._buckets)},
             **{k: (float(v) if torch.is_tensor(v) else v) for k, v in self._stats.items()},
             "inner": self._inner.report() if self._inner is not None else None,
         }

@@ -27,6 +27,8 @@ PROFILE_VERSION = 3
 free) and the probe's ``measured_at``, ``spread`` and ``warnings``. Version 2 still loads, with no reserve (what
 it planned with) and a doubt that says so (:meth:`HardwareProfile.doubts`)."""
 READABLE_VERSIONS = (2, PROFILE_VERSION)
+OPTIONAL_FIELDS = ("collective_gbps", "collective_latency_s", "cpu_thread_speedup", "pcie_root_gbps")
+"""Fields a profile may leave out (several ranks: ``scheduler/sharded.py``); each given one needs a source."""
 SHIPPED_DIR = Path(__file__).resolve().parent / "profiles"
 DTYPES = ("fp32", "bf16", "fp16")
 STEAL_KINDS = ("copy", "update", "disk")
@@ -114,6 +116,20 @@ class HardwareProfile:
     """When ``offload probe`` measured it (ISO 8601, local time); empty for a hand-written profile."""
     spread: Mapping[str, float] = dataclasses.field(default_factory=dict)
     """Rate field -> (slowest - fastest) / median of the probe's repeated rounds: how noisy its number is."""
+    collective_gbps: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    """Several ranks on this machine (``offload plan --nproc N``): bus bandwidth of each collective among them,
+    1e9 B/s, per kind (``reduce_scatter``, ``all_gather``, ``all_reduce``), nccl-tests' convention (the bytes each
+    rank sends in a ring over the time). Empty: :func:`scheduler.sharded.collective_rates` estimates it and says
+    so. ``benchmarks/collective_bw.py`` measures it."""
+    collective_latency_s: float = 0.0
+    """The fixed time of one collective call among the ranks, seconds (from the same fit)."""
+    cpu_thread_speedup: Mapping[int, float] = dataclasses.field(default_factory=dict)
+    """A CPU device: threads -> a training step's speedup over one thread, up to the machine's cores. Ranks sharing
+    the cores get ``cores / N`` threads each and run at that many threads' share of the all-core rate; threads scale
+    less than linearly (memory bandwidth, synchronisation), so that is more than ``1/N`` of it. Empty: ``1/N``."""
+    pcie_root_gbps: float = 0.0
+    """Bandwidth the devices' host links share (a PCIe root complex or switch, host memory), 1e9 B/s: with several
+    ranks each rank's copies get at most ``1/N`` of it. 0: each device's link is its own."""
     warnings: tuple[str, ...] = ()
     """What the probe found implausible (a noisy rate, fp32 matmul far below bf16, the update faster under disk
     traffic than alone, other processes busy): shown again whenever a plan uses this profile."""
@@ -158,6 +174,27 @@ class HardwareProfile:
                                  f"{k!r}: {v!r}")
             curve[int(k)] = float(v)
         object.__setattr__(self, "compute_curve", MappingProxyType(dict(sorted(curve.items()))))
+        coll = dict(self.collective_gbps)
+        if coll and (set(coll) != {"reduce_scatter", "all_gather", "all_reduce"}
+                     or not all(isinstance(v, (int, float)) and v > 0 for v in coll.values())):
+            raise ValueError(f"HardwareProfile.collective_gbps: expected a positive bus bandwidth for each of "
+                             f"reduce_scatter, all_gather, all_reduce, got {coll!r}; benchmarks/collective_bw.py "
+                             f"measures them")
+        object.__setattr__(self, "collective_gbps", MappingProxyType(coll))
+        speedup = {}
+        for k, v in dict(self.cpu_thread_speedup).items():
+            if not (int(k) >= 1 and isinstance(v, (int, float)) and v > 0):
+                raise ValueError(f"HardwareProfile.cpu_thread_speedup: expected threads (>= 1) -> a positive speedup, "
+                                 f"got {k!r}: {v!r}")
+            speedup[int(k)] = float(v)
+        object.__setattr__(self, "cpu_thread_speedup", MappingProxyType(dict(sorted(speedup.items()))))
+        for f in ("collective_latency_s", "pcie_root_gbps"):
+            v = getattr(self, f)
+            if not (isinstance(v, (int, float)) and v >= 0):
+                raise ValueError(f"HardwareProfile.{f}: expected a number >= 0, got {v!r}")
+        for f in OPTIONAL_FIELDS:
+            if getattr(self, f) and not self.sources.get(f):
+                raise ValueError(f"HardwareProfile.sources: expected a source for {f}")
         if curve and not self.sources.get("compute_curve"):
             raise ValueError("HardwareProfile.sources: expected a source for compute_curve")
         if self.compute_efficiency > 1:
@@ -249,6 +286,11 @@ class HardwareProfile:
         if self.compute_curve:
             out["compute_curve"] = {"value": {str(k): v for k, v in self.compute_curve.items()},
                                     "source": self.sources["compute_curve"]}
+        for f in OPTIONAL_FIELDS:
+            v = getattr(self, f)
+            if v:
+                out[f] = {"value": {str(k): x for k, x in v.items()} if isinstance(v, Mapping) else v,
+                          "source": self.sources[f]}
         if self.measured_at or self.spread or self.warnings:
             out["probe"] = {"measured_at": self.measured_at, "spread": dict(self.spread),
                             "warnings": list(self.warnings)}
@@ -281,6 +323,14 @@ class HardwareProfile:
                                  f"\"source\": ...}}, got {curve!r}")
             kwargs["compute_curve"] = {int(k): v for k, v in curve["value"].items()}
             sources["compute_curve"] = curve.get("source", "")
+        for f in OPTIONAL_FIELDS:
+            entry = d.get(f)
+            if entry is None:
+                continue
+            if not isinstance(entry, dict) or "value" not in entry:
+                raise ValueError(f"{where}: field {f!r}: expected {{\"value\": ..., \"source\": ...}}, got {entry!r}")
+            kwargs[f] = {int(k): v for k, v in entry["value"].items()} if f == "cpu_thread_speedup" else entry["value"]
+            sources[f] = entry.get("source", "")
         pr = d.get("probe") or {}
         return cls(name=d.get("name", ""), fingerprint=d.get("fingerprint", ""),
                    device_name=d.get("device_name", "cpu"), sources=sources, measured_at=pr.get("measured_at", ""),
