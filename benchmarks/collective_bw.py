@@ -80,9 +80,10 @@ def thread_speedup(rounds: int) -> dict[int, float]:
     """Threads -> the probe's training step's speedup over one thread (median of ``rounds`` interleaved rounds)."""
     import os
 
-    from scheduler.probe import PROBE_LM
+    from scheduler.probe import PROBE_LM, flush_denormals
     from scheduler.workload import build_transformer
 
+    flush_denormals()  # as every measurement here: scheduler.probe.flush_denormals says why
     torch.manual_seed(0)
     model = build_transformer(PROBE_LM, device="cpu")
     idx = torch.randint(0, PROBE_LM.vocab, (2, 257))

@@ -38,7 +38,7 @@ from offload.measure import workload_of  # noqa: E402
 from scheduler import profile as profiles  # noqa: E402
 from scheduler import sharded  # noqa: E402
 from scheduler.cost import CostModel  # noqa: E402
-from scheduler.probe import PROBE_LM  # noqa: E402
+from scheduler.probe import PROBE_LM, flush_denormals  # noqa: E402
 from scheduler.workload import TransformerShape, build_transformer  # noqa: E402
 
 MEMORY_BAR, TIME_BAR = 0.10, 0.20
@@ -160,6 +160,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.tries, args.iters = 1, 2
+    flush_denormals()  # the one-process baseline as the ranks run: scheduler.probe.flush_denormals says why
     hw = profiles.resolve(args.profile)
     if args.probe:
         hw = fresh_probe(hw)

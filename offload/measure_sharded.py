@@ -38,6 +38,7 @@ import torch.distributed as dist
 import offload.distributed as sharded_mod
 from offload.config import OffloadConfig
 from offload.measure import cpu_seconds
+from scheduler.probe import flush_denormals
 from scheduler.workload import TransformerShape, build_transformer
 
 COLLECTIVES = ("reduce_scatter", "all_gather", "all_reduce", "broadcast")
@@ -112,6 +113,7 @@ def _die_with_parent(parent: int) -> None:
 
 def _rank_main(rank: int, world: int, tmp: str, spec: dict) -> None:
     _die_with_parent(spec["parent"])
+    flush_denormals()  # a measurement condition, as offload.measure.Run's (scheduler.probe.flush_denormals says why)
     torch.set_num_threads(spec["threads"])
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
     try:
