@@ -289,14 +289,16 @@ def compare(name: str, plan: Plan, prediction: Prediction, records: list[dict]) 
 
 def measure(shape: TransformerShape, config: OffloadConfig, profile: HardwareProfile, *, batch: int, seq: int,
             iters: int = 3, warmup: int = 1, name: str = "model", plan: Plan | None = None,
-            progress: Callable[[str], None] | None = None, quiet: bool = True) -> Comparison:
+            progress: Callable[[str], None] | None = None, quiet: bool = True,
+            prepare: Callable[["Run"], None] | None = None) -> Comparison:
     """Run ``config`` (or ``plan``, unit by unit, with ``config`` for the rest: ``nvme_dirs``, budgets) for
     ``warmup + iters`` iterations of a model of ``shape`` and compare the measured ones with the cost model's
     prediction for the same placement on ``profile``.
 
     With ``quiet`` (the default), an iteration the machine disturbed (:class:`Quiet`) is set aside and another
     one run, up to ``4 x iters`` in all; if fewer than ``iters`` were clean, the clean ones count (all of them
-    when none was), and :attr:`Comparison.set_aside` says how many were set aside."""
+    when none was), and :attr:`Comparison.set_aside` says how many were set aside. ``prepare``: called with the
+    run before its first iteration (to pin the optimizer's speculation policy, say)."""
     if iters < 1 or warmup < 0:
         raise ValueError(f"measure: expected iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
     w = workload_of(shape, batch=batch, seq=seq, name=name)
@@ -307,6 +309,8 @@ def measure(shape: TransformerShape, config: OffloadConfig, profile: HardwarePro
         run_plan = plan
     pred = CostModel(w, profile).predict(plan, events=True)
     run = Run(shape, config, batch=batch, seq=seq, plan=run_plan)
+    if prepare is not None:
+        prepare(run)
     q = Quiet() if quiet else None
     try:
         every, clean = [], []

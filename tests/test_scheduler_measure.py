@@ -178,13 +178,20 @@ def test_plan_measure_clip_runs_the_policy_its_price_chooses(speculates, tmp_pat
         c = real(cm, plan, p)
         return dataclasses.replace(c, speculates=speculates if p == 0.0 else c.speculates)
     monkeypatch.setattr(speculation, "price", price)
-    ran = []
+    ran, timed = [], []
     measure = m.measure
-    monkeypatch.setattr(m, "measure", lambda *a, **k: (ran.append(a[1].speculate), measure(*a, **k))[1])
+
+    def recording(*a, **k):
+        ran.append(a[1].speculate)
+        c = measure(*a, **k, prepare=lambda run: (k["prepare"](run), timed.append(run.opt.speculation.timed))
+                    if k.get("prepare") else timed.append(run.opt.speculation.timed))
+        return c
+    monkeypatch.setattr(m, "measure", recording)
     assert main(["plan", "tinyclip:make", "--batch", "2", "--seq", "8", "--profile", "cpu-dev-2core", "--measure",
                  "--clip", "--iters", "1", "--json", "--dir", str(tmp_path / "store")]) == 0
     rows = json.loads(capsys.readouterr().out)["clipping"]
     assert ran[1:] == [speculates, speculates]  # the plan's own run first, speculate at its default
+    assert timed[1:] == [False, False]  # each clipping row measures its own kind of step: no timing exploration
     never, always = rows
     assert never["speculate"] is always["speculate"] is speculates
     assert never["how"].startswith("speculative, committed" if speculates else "waiting for backward")
