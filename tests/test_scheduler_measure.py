@@ -181,11 +181,14 @@ def test_plan_measure_clip_runs_the_policy_its_price_chooses(speculates, tmp_pat
     ran, timed = [], []
     measure = m.measure
 
-    def recording(*a, **k):
+    def recording(*a, prepare=None, **k):
         ran.append(a[1].speculate)
-        c = measure(*a, **k, prepare=lambda run: (k["prepare"](run), timed.append(run.opt.speculation.timed))
-                    if k.get("prepare") else timed.append(run.opt.speculation.timed))
-        return c
+
+        def then_record(run):
+            if prepare is not None:
+                prepare(run)
+            timed.append(run.opt.speculation.timed)
+        return measure(*a, **k, prepare=then_record)
     monkeypatch.setattr(m, "measure", recording)
     assert main(["plan", "tinyclip:make", "--batch", "2", "--seq", "8", "--profile", "cpu-dev-2core", "--measure",
                  "--clip", "--iters", "1", "--json", "--dir", str(tmp_path / "store")]) == 0
