@@ -171,6 +171,21 @@ def _model_shape(model: str):
     return shape if isinstance(shape, workload.TransformerShape) else None
 
 
+def _measured_workload(args: argparse.Namespace):
+    """``(shape, workload)`` of what ``--measure`` trains (fp32, our TransformerLM), or ``None`` after saying in
+    one line why it cannot (a model it cannot build, ``--iters`` below 1)."""
+    from offload.measure import workload_of
+
+    shape = _model_shape(args.model)
+    if shape is None:
+        print(_NOT_MEASURABLE.format(model=args.model), file=sys.stderr)
+        return None
+    if args.iters < 1:
+        print(f"offload plan --measure: expected --iters >= 1, got {args.iters}", file=sys.stderr)
+        return None
+    return shape, workload_of(shape, batch=args.batch, seq=args.seq, name=args.model)
+
+
 def _rank_threads() -> int:
     """Threads each rank of ``offload run --nproc N`` computes on: torchrun gives each of several processes
     ``OMP_NUM_THREADS``, 1 unless it is set."""
@@ -215,17 +230,14 @@ def _plan_sharded_measure(args: argparse.Namespace, hw, shape) -> int:
     import shutil
 
     from offload import measure_sharded
-    from offload.measure import temp_store_dir, workload_of
+    from offload.measure import temp_store_dir
     from scheduler import sharded
     from scheduler.workload import build_transformer
 
-    if shape is None:
-        print(_NOT_MEASURABLE.format(model=args.model), file=sys.stderr)
+    measured = _measured_workload(args)
+    if measured is None:
         return 2
-    if args.iters < 1:
-        print(f"offload plan --measure: expected --iters >= 1, got {args.iters}", file=sys.stderr)
-        return 2
-    w = workload_of(shape, batch=args.batch, seq=args.seq, name=args.model)
+    shape, w = measured
     numels = [p.numel() for p in build_transformer(shape).parameters() if p.requires_grad]
     threads = _rank_threads()
     best, _ = sharded.plan(w, hw, args.nproc, numels=numels, clip=args.clip, threads_per_rank=threads)
@@ -319,17 +331,13 @@ def _plan_measure(args: argparse.Namespace, hw) -> int:
     import shutil
 
     from offload.config import OffloadConfig
-    from offload.measure import measure, runnable_plan, temp_store_dir, workload_of
+    from offload.measure import measure, runnable_plan, temp_store_dir
     from scheduler import planner
 
-    shape = _model_shape(args.model)
-    if shape is None:
-        print(_NOT_MEASURABLE.format(model=args.model), file=sys.stderr)
+    measured = _measured_workload(args)
+    if measured is None:
         return 2
-    if args.iters < 1:
-        print(f"offload plan --measure: expected --iters >= 1, got {args.iters}", file=sys.stderr)
-        return 2
-    w = workload_of(shape, batch=args.batch, seq=args.seq, name=args.model)
+    shape, w = measured
     res = planner.plan(w, hw)
     d = temp_store_dir(args.dir)
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (lambda m: print(m, flush=True))

@@ -236,12 +236,14 @@ def _bf16(rank, tmp):
            "ranges": {s.index: (s.start, s.stop) for s in opt.shard_ranges()}}
     train_sharded(model, opt, data[2:], rank)
     out["continued"], out["state"] = weights(model), opt.state_dict()
+    opt.close()
     m2 = other_init(7).to(torch.bfloat16)
     o2 = ShardedOffloadOptimizer(adamw(m2.parameters()), config=OffloadConfig(state_tier="host"),
                                  bucket_bytes=BUCKET // 2)
     load_checkpoint(ckpt, m2, o2)
     train_sharded(m2, o2, data[2:], rank)
     out["two"], out["two_state"] = weights(m2), o2.state_dict()
+    o2.close()
     if rank == 0:
         m1 = other_init(8).to(torch.bfloat16)
         o1 = OffloadOptimizer(adamw(m1.parameters()), config=OffloadConfig(state_tier="host"))
