@@ -44,9 +44,10 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, config: OffloadConf
     - the optimizer: its state moves into the returned one; do not step the original;
     - with ``OffloadConfig(replan=True)``: a re-planner is attached (:func:`offload.autoplan.from_config`);
     - under ``offload run`` (``OFFLOAD_PRINT_PLAN`` set): the placement is printed to stderr on rank 0;
-    - the process: glibc's malloc serves allocations of 1 MiB and more from mappings of their own, so what a
-      step frees goes back to the system and the budgets bound the memory (:func:`storage.memory.give_large_frees_back`;
-      a ``MALLOC_MMAP_THRESHOLD_`` you set is kept);
+    - the process, where memory is short (a host budget, or a model larger than the host's memory): glibc's
+      malloc serves allocations of 1 MiB and more from mappings of their own, so what a step frees goes back to
+      the system and the budgets bound the memory (:func:`storage.memory.give_large_frees_back`; a
+      ``MALLOC_MMAP_THRESHOLD_`` you set is kept);
     - at interpreter exit (and under ``offload run``, to its report directory): the run report
       (:func:`offload.report.report_at_exit`);
     - ``torch.nn.utils.clip_grad_norm_`` is replaced (once per process) by :func:`offload.clipping.clip_grad_norm_`,

@@ -425,16 +425,27 @@ class OffloadRuntime:
 
     def _bound_malloc(self, plan: Plan | None) -> None:
         """Where memory is short, make what a step frees go back to the system (``give_large_frees_back``), so
-        that the budgets bound the process: when anything lives on NVMe (the reason to use it) or the host has a
-        budget. Not otherwise: every allocation of 1 MiB or more then page-faults fresh memory, and with the model
-        in memory that is the largest cost left (a 124M GPT's plain training step at 1 x 64 here: 0.85-0.93 s
-        with glibc's default, 1.09-1.19 s with the threshold, 2x the page faults). Once set, it stays for the
-        process (a re-plan onto NVMe sets it; one back to memory leaves it)."""
+        that the budgets bound the process: when the host has a budget, or something lives on NVMe because the
+        model would not fit in the host's memory (:meth:`host_short`). Not otherwise: every allocation of 1 MiB
+        or more then maps fresh memory, which costs page faults at every step (a 124M GPT's plain step at 1 x 64
+        here: 0.85-0.93 s with glibc's default, 1.09-1.19 s with the threshold), and on a VM that hands freed
+        pages back to its host (free page reporting) a host round trip too: benchmarks/plan_validate.py measured
+        every placement of the 124M GPT 5-12% slower with it, NVMe placements whose model fits in memory
+        included. Once set, it stays for the process (a re-plan onto NVMe sets it; one back to memory leaves
+        it)."""
         tiers = [pl.params for pl in plan.units] + [pl.state for pl in plan.units] + [
             pl.grad_tier for pl in plan.units] if plan else [self.config.param_tier, self.config.state_tier,
                                                                self.config.grad_tier]
-        if Tier.NVME in tiers or self.config.host_budget_bytes is not None:
+        if self.config.host_budget_bytes is not None or (Tier.NVME in tiers and self.host_short()):
             give_large_frees_back()
+
+    def host_short(self) -> bool:
+        """Whether the model's params, grads and two fp32 moments per trainable param (Adam's) exceed the host
+        memory this process may use (RAM, or its cgroup's limit; unknown counts as short)."""
+        need = sum(u.nbytes + u.grad_nbytes + 8 * sum(n for n, p in zip(u.numels, u.params) if p.requires_grad)
+                   for u in self.units)  # u.numels: a released param holds no elements
+        have = available_host_bytes()
+        return have == 0 or need > have
 
     def host_minimum(self, plan: Plan | None = None) -> dict[str, int]:
         """Host bytes the current placement (or ``plan``'s) cannot train without, by what needs them: what lives on the host

@@ -9,6 +9,9 @@ import psutil
 import pytest
 
 import storage.memory
+import torch
+
+import offload
 from offload.config import ConfigError, config_from_dict
 from storage.memory import available_host_bytes
 
@@ -112,8 +115,11 @@ from storage import memory
 placement = sys.argv[1]
 model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
 kw = dict(param_tier="host", state_tier="host")
-if placement == "nvme":
+if placement.startswith("nvme"):
     kw = dict(param_tier="nvme", state_tier="nvme", nvme_dirs=tempfile.mkdtemp())
+if placement == "nvme-short":  # as if the model did not fit in the host's memory
+    import offload.runtime
+    offload.runtime.OffloadRuntime.host_short = lambda self: True
 elif placement == "host-budget":
     kw["host_budget_bytes"] = 1 << 30
 m, opt = offload.wrap(model, torch.optim.AdamW(model.parameters()), offload.OffloadConfig(**kw))
@@ -122,10 +128,12 @@ print(memory._mmap_threshold_set)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-@pytest.mark.parametrize("placement, bounded", [("host", False), ("host-budget", True), ("nvme", True)])
+@pytest.mark.parametrize("placement, bounded", [("host", False), ("host-budget", True), ("nvme", False),
+                                                ("nvme-short", True)])
 def test_wrap_bounds_malloc_only_where_memory_is_short(placement, bounded):
     """The fixed threshold costs every large allocation a fresh mapping (page faults each step): wrap sets it
-    when anything lives on NVMe or the host has a budget, and leaves glibc's default when the model is in memory."""
+    when the host has a budget or the model needs NVMe for room, and leaves glibc's default otherwise (NVMe
+    chosen for a model that fits in memory included)."""
     import os
     import subprocess
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,3 +142,22 @@ def test_wrap_bounds_malloc_only_where_memory_is_short(placement, bounded):
     out = subprocess.run([sys.executable, "-c", _POLICY_PROBE, placement], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(bounded)
+
+
+def test_host_short_counts_params_grads_and_two_moments(tmp_path, monkeypatch):
+    import offload.runtime as rt_mod
+    from offload.runtime import runtime_of
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    model[1].requires_grad_(False)
+    m, _ = offload.wrap(model, torch.optim.AdamW(model.parameters()),
+                        offload.OffloadConfig(param_tier="nvme", state_tier="nvme", nvme_dirs=str(tmp_path)))
+    rt = runtime_of(m)
+    need = sum(u.nbytes + u.grad_nbytes for u in rt.units) + 8 * (64 * 64 + 64)  # moments of the trainable layer
+    monkeypatch.setattr(rt_mod, "available_host_bytes", lambda: need)
+    assert not rt.host_short()
+    monkeypatch.setattr(rt_mod, "available_host_bytes", lambda: need - 1)
+    assert rt.host_short()
+    monkeypatch.setattr(rt_mod, "available_host_bytes", lambda: 0)  # unknown: short
+    assert rt.host_short()
+    rt.close()
