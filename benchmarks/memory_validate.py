@@ -16,24 +16,10 @@ import sys
 import tempfile
 
 from offload.config import OffloadConfig
-from offload.measure import measure_memory
+from offload.measure import MEMORY_PLANS, measure_memory
 from scheduler.workload import TransformerShape
 
 TOLERANCE = 0.10
-
-PLANS = (  # name, config fields, frozen blocks
-    ("all host", dict(param_tier="host", state_tier="host"), ()),
-    ("all host, clip", dict(param_tier="host", state_tier="host", max_grad_norm=1e9), ()),
-    ("params host, state nvme", dict(param_tier="host", state_tier="nvme"), ()),
-    ("params nvme, state nvme, grads host", dict(param_tier="nvme", state_tier="nvme"), ()),
-    ("grads nvme", dict(param_tier="nvme", state_tier="nvme", grad_tier="nvme"), ()),
-    ("grads nvme, clip", dict(param_tier="nvme", state_tier="nvme", grad_tier="nvme", max_grad_norm=1e9), ()),
-    ("frozen blocks, state nvme", dict(param_tier="host", state_tier="nvme"), (0, 1)),
-    ("frozen blocks, all host, clip", dict(param_tier="host", state_tier="host", max_grad_norm=1e9), (1,)),
-)
-"""``max_grad_norm=1e9``: clipping on, but never clipping (a clipped step is undone and redone: not a peak the
-prediction prices)."""
-
 
 def shape(layers: int) -> TransformerShape:
     return TransformerShape(n_layer=layers, d_model=64, n_head=4, d_ff=256, vocab=512, n_pos=32, bias=True,
@@ -42,7 +28,7 @@ def shape(layers: int) -> TransformerShape:
 
 def run(layers: int = 4, iters: int = 3, batch: int = 2, seq: int = 16):
     out = []
-    for name, fields, frozen in PLANS:
+    for name, fields, frozen in MEMORY_PLANS:
         d = tempfile.mkdtemp(prefix="memory-validate-")
         try:
             out.append(measure_memory(shape(layers), OffloadConfig(nvme_dirs=d, **fields), batch=batch, seq=seq,

@@ -68,12 +68,14 @@ def runnable_plan(workload: Workload, profile: HardwareProfile, *, depths=(1, 2,
 
 
 # -- the workload of a real model --------------------------------------------------------------------------------------
-def workload_of(shape: TransformerShape, *, batch: int, seq: int, name: str = "model") -> Workload:
-    """The workload :func:`offload.wrap` runs for our :class:`TransformerLM` of ``shape`` in fp32: no activation
-    checkpointing (the model does not recompute), chunks laid out tensor by tensor as the runtime does."""
+def workload_of(shape: TransformerShape, *, batch: int, seq: int, name: str = "model",
+                model: torch.nn.Module | None = None) -> Workload:
+    """The workload :func:`offload.wrap` runs for our :class:`TransformerLM` of ``shape`` (or ``model``, one of
+    them with some params frozen, say) in fp32: no activation checkpointing (the model does not recompute),
+    chunks laid out tensor by tensor as the runtime does."""
     assert PARAM_ALIGN == SLOT_ALIGN, "one chunk alignment for params and state (Workload.chunk_align_bytes)"
-    return from_module(build_transformer(shape), batch=batch, seq=seq, name=name, checkpointing=False,
-                       chunk_align_bytes=PARAM_ALIGN, **precision("fp32"))
+    return from_module(model if model is not None else build_transformer(shape), batch=batch, seq=seq, name=name,
+                       checkpointing=False, chunk_align_bytes=PARAM_ALIGN, **precision("fp32"))
 
 
 def cpu_seconds() -> tuple[float, float] | None:
@@ -344,6 +346,20 @@ def temp_store_dir(base: str | None = None) -> str:
 
 
 # -- memory: predicted peaks per tier against the runtime's --------------------------------------------------------------
+MEMORY_PLANS = (  # name, OffloadConfig fields, frozen blocks
+    ("all host", dict(param_tier="host", state_tier="host"), ()),
+    ("all host, clip", dict(param_tier="host", state_tier="host", max_grad_norm=1e9), ()),
+    ("params host, state nvme", dict(param_tier="host", state_tier="nvme"), ()),
+    ("params nvme, state nvme, grads host", dict(param_tier="nvme", state_tier="nvme"), ()),
+    ("grads nvme", dict(param_tier="nvme", state_tier="nvme", grad_tier="nvme"), ()),
+    ("grads nvme, clip", dict(param_tier="nvme", state_tier="nvme", grad_tier="nvme", max_grad_norm=1e9), ()),
+    ("frozen blocks, state nvme", dict(param_tier="host", state_tier="nvme"), (0, 1)),
+    ("frozen blocks, all host, clip", dict(param_tier="host", state_tier="host", max_grad_norm=1e9), (1,)),
+)
+"""The placements :func:`measure_memory` is checked on (tests/test_memory_truth.py, benchmarks/memory_validate.py):
+grads on host and NVMe, clipping on and off, frozen blocks. ``max_grad_norm=1e9``: clipping on, but never
+clipping (a clipped step is undone and redone: not a peak the prediction prices)."""
+
 MEASURED_BY = {"device": "the device budget's peak (TierBudget.peak_bytes)",
                "host": "the host pool's peak in use (HostPool.stats()['peak_in_use_bytes'])",
                "nvme": "the store's peak extents in use (NvmeStore.peak_used_bytes)"}
@@ -397,9 +413,7 @@ def measure_memory(shape: TransformerShape, config: OffloadConfig, *, batch: int
     for i in frozen:
         for p in model.blocks[i].parameters():
             p.requires_grad_(False)
-    assert PARAM_ALIGN == SLOT_ALIGN, "one chunk alignment for params and state (Workload.chunk_align_bytes)"
-    w = from_module(model, batch=batch, seq=seq, name=name, checkpointing=False, chunk_align_bytes=PARAM_ALIGN,
-                    **precision("fp32"))
+    w = workload_of(shape, batch=batch, seq=seq, name=name, model=model)
     plan = config_to_plan(config, w)
     terms = CostModel(w, resolve_profile("cpu-dev-2core")).memory_terms(plan)  # no rate enters the memory count
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

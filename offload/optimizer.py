@@ -306,7 +306,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
         self._clipped = False  # clip_grad_norm_ ran since the last step: the step does not clip again
         self._stats = {"steps": 0, "skipped_steps": 0, "update_s": 0.0, "cpu_update_s": 0.0, "wait_read_s": 0.0,
                        "step_s": 0.0, "speculative_steps": 0, "spec_commits": 0, "spec_rollbacks": 0,
-                       "spec_overflows": 0, "spec_declined": 0, "spec_waited_faster": 0, "spec_stopped": 0,
+                       "spec_overflows": 0, "spec_declined": 0, "spec_waited_timing": 0, "spec_stopped": 0,
                        "spec_undone_for_accumulation": 0,
                        "rollback_s": 0.0}
         self._spec: _Speculation | None = None  # the speculative step under way (offload.wrap's runtime)
@@ -717,8 +717,9 @@ class OffloadOptimizer(torch.optim.Optimizer):
             return loss
         if self._runtime is not None and self._runtime.grads_consumed:
             raise RuntimeError("optimizer.step() again without a backward: the last step consumed the gradients kept "
-                               "on NVMe (or on the device, by its overlapped device update), so this one cannot apply them a second time as plain PyTorch would. Run "
-                               "loss.backward() before each step (or zero_grad() for a step without gradients)")
+                               "on NVMe (or on the device, by its overlapped device update), so this one cannot "
+                               "apply them a second time as plain PyTorch would. Run loss.backward() before each "
+                               "step (or zero_grad() for a step without gradients)")
         t0 = time.perf_counter()
         if not self.begin_step():
             self._clipped = False
@@ -1091,7 +1092,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
         if self._runtime is None or not self.step_needs_validation():
             return False
         if not self.speculation.wants():
-            self._stats["spec_waited_faster" if self.speculation.why == "slower" else "spec_declined"] += 1
+            self._stats["spec_waited_timing" if self.speculation.why == "timing" else "spec_declined"] += 1
             return False
         if not all(self._runtime.home_of(p) is not None for g in self.param_groups for p in g["params"]
                    if p.requires_grad):
@@ -1662,7 +1663,8 @@ class SpeculationPolicy:
                                                      False: collections.deque(maxlen=samples)}
         """Speculative (True) and waiting (False) steps' seconds, backward start to step end: the latest ones."""
         self.why = ""
-        """Why the last :meth:`wants` said no: ``"clipped"`` (recent steps clipped) or ``"slower"``."""
+        """Why the last :meth:`wants` said no: ``"clipped"`` (recent steps clipped) or ``"timing"`` (the timing
+        rule: a waiting step to time, or waiting was the faster)."""
         self._since_other = 0
         self._timing: tuple[float, bool] | None = None
         self._seen = 0
@@ -1684,7 +1686,7 @@ class SpeculationPolicy:
         if len(spec) < self.samples:  # learn what a committed speculative step costs, then a waiting one
             return True
         if len(wait) < self.samples:
-            self.why = "slower"  # not known yet: measured
+            self.why = "timing"  # not known yet: measured
             return False
         choice = statistics.median(spec) <= statistics.median(wait)
         self._since_other += 1
@@ -1692,7 +1694,7 @@ class SpeculationPolicy:
             self._since_other = 0
             choice = not choice
         if not choice:
-            self.why = "slower"
+            self.why = "timing"
         return choice
 
     def step_started(self, *, speculative: bool) -> None:

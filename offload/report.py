@@ -278,10 +278,10 @@ class RunReport:
             r = opt.report()
             out["optimizer"] = {"class": r["optimizer"], "impl": r["impl"], "subgroups": len(r["subgroups"]),
                                 "state_bytes_by_tier": r["state_bytes_by_tier"]}
-            if r.get("speculative_steps") or r.get("spec_declined") or r.get("spec_waited_faster"):
+            if r.get("speculative_steps") or r.get("spec_declined") or r.get("spec_waited_timing"):
                 out["speculation"] = {"speculative_steps": r["speculative_steps"], "commits": r["spec_commits"],
                                       "rollbacks": r["spec_rollbacks"], "overflows": r["spec_overflows"],
-                                      "declined": r["spec_declined"], "waited_faster": r["spec_waited_faster"],
+                                      "declined": r["spec_declined"], "waited_timing": r["spec_waited_timing"],
                                       "stopped_for_memory": r["spec_stopped"], "rollback_s": r["rollback_s"],
                                       **opt.speculation.medians()}
         if self.predicted:
@@ -361,7 +361,8 @@ def summary_text(s: dict) -> str:
                      f"speculated, {sp['commits']} committed, {sp['rollbacks']} rolled back and redone "
                      f"({sp['rollback_s']:.2f} s), {sp['overflows']} overflowed; {sp['declined']} steps waited for "
                      f"backward (recent steps clipped)"
-                     + (f", {sp['waited_faster']} because waiting was faster" if sp.get("waited_faster") else "")
+                     + (f", {sp['waited_timing']} by the timing rule (a waiting step timed, or waiting was the faster)"
+                        if sp.get("waited_timing") else "")
                      + (f"; {sp['stopped_for_memory']} stopped for lack of host memory for pre-update copies"
                         if sp["stopped_for_memory"] else "")
                      + (f"; median step (last backward to step end) {sp['speculative_s']:.2f} s speculative, "

@@ -1198,9 +1198,11 @@ class OffloadRuntime:
     def param_value(self, p: nn.Parameter) -> torch.Tensor:
         """The current weights of ``p`` wherever they are (a copy when they come from disk)."""
         u, k = self._owner[p]
-        if u.state is ParamState.RESIDENT or not self._released_once:
-            return p.data
-        return u.view(self.swap.copy(u.weights), k)
+        return p.data if self._in_params(u) else u.view(self.swap.copy(u.weights), k)
+
+    def _in_params(self, u: Unit) -> bool:
+        """Whether ``u``'s params hold its weights now (resident, or never released), not only its chunk."""
+        return u.state is ParamState.RESIDENT or not self._released_once
 
     def check_between_steps(self, what: str) -> None:
         """Raise unless between steps (not in backward, no overlapped updates left to collect)."""
@@ -1345,14 +1347,10 @@ class OffloadRuntime:
             by_unit.setdefault(self._owner[p][0], {})[p] = None
         values: dict[nn.Parameter, torch.Tensor] = {}
         for u, ps in by_unit.items():  # each unit's weights copied once for all its params (a block has a dozen)
-            flat = None
+            flat = None if self._in_params(u) else self.swap.copy(u.weights)
             for p in ps:
-                if u.state is ParamState.RESIDENT or not self._released_once:
-                    values[p] = p.data.detach().clone()
-                    continue
-                if flat is None:
-                    flat = self.swap.copy(u.weights)
-                values[p] = u.view(flat, self._owner[p][1]).detach().clone()
+                # A clone each, even of the unit's copy: savers refuse tensors that share one storage (safetensors).
+                values[p] = (p.data if flat is None else u.view(flat, self._owner[p][1])).detach().clone()
         for name, p in named:
             state_dict[name] = values[p]
 

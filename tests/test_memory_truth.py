@@ -6,24 +6,12 @@ from __future__ import annotations
 import pytest
 
 from offload.config import OffloadConfig
-from offload.measure import measure_memory
+from offload.measure import MEMORY_PLANS, measure_memory
 from scheduler.workload import TransformerShape
 
 SHAPE = TransformerShape(n_layer=4, d_model=64, n_head=4, d_ff=256, vocab=512, n_pos=32, bias=True, norm="layernorm")
 
-PLANS = [  # id, config fields, frozen blocks; max_grad_norm high enough never to clip (a clipped step is redone)
-    ("all-host", dict(param_tier="host", state_tier="host"), ()),
-    ("all-host-clip", dict(param_tier="host", state_tier="host", max_grad_norm=1e9), ()),
-    ("state-nvme", dict(param_tier="host", state_tier="nvme"), ()),
-    ("params-state-nvme-grads-host", dict(param_tier="nvme", state_tier="nvme"), ()),
-    ("grads-nvme", dict(param_tier="nvme", state_tier="nvme", grad_tier="nvme"), ()),
-    ("grads-nvme-clip", dict(param_tier="nvme", state_tier="nvme", grad_tier="nvme", max_grad_norm=1e9), ()),
-    ("frozen-state-nvme", dict(param_tier="host", state_tier="nvme"), (0, 1)),
-    ("frozen-clip", dict(param_tier="host", state_tier="host", max_grad_norm=1e9), (1,)),
-]
-
-
-@pytest.mark.parametrize("fields,frozen", [p[1:] for p in PLANS], ids=[p[0] for p in PLANS])
+@pytest.mark.parametrize("fields,frozen", [p[1:] for p in MEMORY_PLANS], ids=[p[0] for p in MEMORY_PLANS])
 def test_predicted_peak_per_tier_within_10_percent_of_measured(tmp_path, fields, frozen):
     c = measure_memory(SHAPE, OffloadConfig(nvme_dirs=str(tmp_path), **fields), batch=2, seq=16, iters=3,
                        frozen=frozen)

@@ -133,7 +133,7 @@ def test_the_policy_times_both_kinds_of_step_and_keeps_the_faster():
 
 def test_a_run_waits_when_waiting_was_timed_faster_and_stays_exact(tmp_path):
     """The runtime times each step that needs validation from its last backward to the end of step(), as
-    speculative or waiting; once waiting is the faster kind, steps wait (counted as waited_faster in the
+    speculative or waiting; once waiting is the faster kind, steps wait (counted as waited_timing in the
     report), bit-identical either way."""
     class Recording(SpeculationPolicy):
         kinds: list = []
@@ -146,7 +146,7 @@ def test_a_run_waits_when_waiting_was_timed_faster_and_stays_exact(tmp_path):
                                    policy=dict(samples=2, warmup=1, policy_class=Recording))
     assert bad == []
     assert Recording.kinds[:3] == [True, True, True] and Recording.kinds[3:5] == [False, False]
-    assert stats["spec_commits"] >= 3 and stats["spec_commits"] + stats["spec_waited_faster"] == 6
+    assert stats["spec_commits"] >= 3 and stats["spec_commits"] + stats["spec_waited_timing"] == 6
 
 
 @pytest.mark.parametrize("seed", [None, 3])
