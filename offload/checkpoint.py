@@ -38,7 +38,8 @@ Non-tensor state (an optimizer's Python ints) is in ``values``; hyperparameters,
 are JSON in the manifest. Nothing is ever unpickled; file paths must be plain names inside the directory.
 
 Masters of fp32 params are not written (they equal the weights, saved as ``"param"``); loading gives a
-master-keeping placement (params on NVMe) the weights as masters, so a checkpoint moves between placements.
+master-keeping placement (fp32 params updated where they do not live: on the device for a CPU update, off it for
+a device update) the weights as masters, so a checkpoint moves between placements.
 
 Sharded runs
 ------------

@@ -361,7 +361,8 @@ grads on host and NVMe, clipping on and off, frozen blocks. ``max_grad_norm=1e9`
 clipping (a clipped step is undone and redone: not a peak the prediction prices)."""
 
 MEASURED_BY = {"device": "the device budget's peak (TierBudget.peak_bytes)",
-               "host": "the host pool's peak in use (HostPool.stats()['peak_in_use_bytes'])",
+               "host": "the host pool's peak in use, less the copies kept where it had room to save a transfer "
+                       "(HostPool.stats()['peak_needed_bytes']; those apart: ``cached``)",
                "nvme": "the store's peak extents in use (NvmeStore.peak_used_bytes)"}
 
 
@@ -375,6 +376,9 @@ class MemoryComparison:
     """Tier -> term -> bytes (CostModel.memory_terms); the device's grads and activations are outside its budget."""
     measured: dict
     """Tier -> the run's peak bytes (:data:`MEASURED_BY`)."""
+    cached: int = 0
+    """The host pool's peak of copies kept where it had room (an update's NVMe weights from its backward fetch or
+    the device): not needed, not predicted, not in ``measured``."""
 
     def predicted(self, tier: str) -> int:
         """The prediction of what the runtime measures on ``tier`` (the device: the terms its budget counts)."""
@@ -390,6 +394,7 @@ class MemoryComparison:
         tiers = ("device", "host", "nvme")
         return {"name": self.name, "placement": self.placement, "predicted_terms": self.predicted_terms,
                 "predicted": {t: self.predicted(t) for t in tiers}, "measured": dict(self.measured),
+                "cached_host_bytes": self.cached,
                 "ratio": {t: self.ratio(t) for t in tiers}}
 
     def text(self) -> str:
@@ -399,6 +404,8 @@ class MemoryComparison:
             terms = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.predicted_terms[t].items() if v)
             out.append(f"  {t:6s} {format_bytes(self.predicted(t)):>12s} {format_bytes(self.measured[t]):>12s} "
                        f"{self.ratio(t):6.3f}  {terms}")
+        if self.cached:
+            out.append(f"  host copies kept for updates where the pool had room (apart): up to {format_bytes(self.cached)}")
         return "\n".join(out)
 
 
@@ -426,11 +433,13 @@ def measure_memory(shape: TransformerShape, config: OffloadConfig, *, batch: int
             opt.step()
             opt.zero_grad()
         store = rt.swap.store if rt.swap.store_open else None
-        measured = {"device": rt.device_budget.peak_bytes, "host": rt.pool.stats()["peak_in_use_bytes"],
+        pool = rt.pool.stats()
+        measured = {"device": rt.device_budget.peak_bytes, "host": pool["peak_needed_bytes"],
                     "nvme": store.peak_used_bytes if store is not None else 0}
+        cached = pool["peak_cached_bytes"]
     finally:
         rt.close()
     return MemoryComparison(name=name, placement=plan.compact() + f", prefetch {plan.prefetch_depth}, buffers "
                             f"{plan.state_buffers}, grads {config.grad_tier.value}, clip "
                             f"{'on' if plan.clip else 'off'}" + (f", frozen blocks {list(frozen)}" if frozen else ""),
-                            predicted_terms=terms, measured=measured)
+                            predicted_terms=terms, measured=measured, cached=cached)

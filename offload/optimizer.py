@@ -60,11 +60,13 @@ class ParamHome:
     """Where a parameter's weights and gradient are, when not in ``param.data`` / ``param.grad``.
 
     The parameter-offload runtime (:mod:`offload.runtime`) moves both off the device between uses and gives
-    the optimizer a home per parameter: its weights in a host buffer (or ``None`` while they are only on NVMe,
-    in which case the subgroup keeps fp32 masters) and its accumulated fp32 gradient in a host buffer.
+    the optimizer a home per parameter: its weights in a host buffer (or ``None`` while they are only on NVMe:
+    the home stages them in host memory around each update) and its accumulated fp32 gradient in a host buffer.
     """
 
     def weights(self, param: torch.Tensor) -> torch.Tensor | None:
+        """The weights where they are addressable now; ``None`` while they are only on NVMe (between
+        ``before_update`` and ``after_update`` of a CPU update the home stages them in host memory)."""
         raise NotImplementedError
 
     def shape(self, param: torch.Tensor) -> tuple[int, ...]:
@@ -377,13 +379,14 @@ class OffloadOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _needs_master(pc: _Piece, site: str) -> bool:
-        """fp32 master weights are kept in the chunk unless the piece's weights are fp32, always addressable, and
-        in the memory the update runs in (then the update works on them in place). With a home, "in the memory"
-        is by tier, so that a CPU-only machine takes a GPU's path (copies and all: on a CPU-only machine "device" memory is
-        a budget our accounting enforces)."""
+        """fp32 master weights are kept in the chunk unless the piece's weights are fp32 and in the memory the
+        update runs in (then the update works on them in place). With a home, "in the memory" is by tier, so that
+        a CPU-only machine takes a GPU's path (copies and all: on a CPU-only machine "device" memory is a budget
+        our accounting enforces), and weights that live only on NVMe count as host memory: the home stages them
+        in a host buffer for the update (``before_update``) and writes them back after it, so a master would only
+        duplicate them (4 more bytes per param read and written each step)."""
         if pc.home is not None:
-            w = pc.home.weights(pc.param)
-            return w is None or w.dtype != torch.float32 or pc.home.on_device(pc.param) != (site == "device")
+            return pc.param.dtype != torch.float32 or pc.home.on_device(pc.param) != (site == "device")
         w = pc.weights()
         return w.dtype != torch.float32 or (w.device.type != "cpu" and site == "cpu")
 
@@ -487,6 +490,8 @@ class OffloadOptimizer(torch.optim.Optimizer):
             hp.update(flags)
             for pc in pieces:  # some classes (Adagrad) make state in their constructor: give them real shapes
                 w = pc.weights() if pc.home is None or pc.home.weights(pc.param) is not None else None
+                if w is None and not has_master:  # weights staged only for updates: the shape is what counts
+                    w = torch.empty(pc.shape, dtype=pc.param.dtype)
                 pc.proxy.data = (self._initial_weights(pc) if has_master else w)
             sub.inner = self._make_inner([pc.proxy for pc in pieces], hp)
             self._subgroups.append(sub)
@@ -772,6 +777,11 @@ class OffloadOptimizer(torch.optim.Optimizer):
         stored = [s for s in subs if s.tier is Tier.NVME]
         if stored:
             self._step_streamed(stored, late_writes=late_writes)
+
+    def weights_in_place(self, unit: int) -> bool:
+        """Whether an update of the runtime's ``unit`` changes its params' weights in place (a subgroup without an
+        fp32 master): the weights must then be in memory before the update, not only written after it."""
+        return not all(s.has_master for s in self._subgroups_of(unit))
 
     def _subgroups_of(self, unit: int) -> list[_Subgroup]:
         """The subgroups of one of the runtime's units, grads or not."""

@@ -22,7 +22,10 @@ store, as are the unit's fp32 grads; on the device they exist only while needed:
   landed the unit is updated (overlapped update) or its grads spilled to NVMe. A callback at the end of backward
   waits for the grads in flight and releases what is left (params that got no gradient, the rest unit).
 - step: the user's ``optimizer.step()`` runs :class:`~offload.optimizer.OffloadOptimizer` over the units,
-  reading weights and gradients from the units' host buffers (its ``ParamHome`` interface). Its state chunks
+  reading weights and gradients from the units' host buffers (its ``ParamHome`` interface). fp32 params on NVMe
+  are changed in place in a host buffer (no fp32 master): under the overlapped update that buffer is the one the
+  unit's backward fetch brought, kept for it (or a copy of the device params for a unit not fetched again for
+  backward), where the pool has room beyond the transfers in flight; else they are read from the store again. Its state chunks
   belong to the same swap manager (one pool, one device budget, one store, one set of byte counters).
 
 Placement is uniform (the config's ``param_tier``, ``grad_tier``, ``state_tier``, ``update_on``) or per unit: a
@@ -268,7 +271,8 @@ class OffloadRuntime:
             materialize_meta_buffers(model, self.device)
         self.timeline = Timeline()
         self._counters = {"fetches": 0, "fetch_wait_s": 0.0, "replans": 0, "replan_h2d_bytes": 0,
-                          "replan_d2h_bytes": 0, "replan_disk_read_bytes": 0, "replan_disk_write_bytes": 0}
+                          "replan_d2h_bytes": 0, "replan_disk_read_bytes": 0, "replan_disk_write_bytes": 0,
+                          "update_weights_kept": 0, "update_weights_read": 0}
         self._build_units(units or default_units)
         self._owner: dict[nn.Parameter, tuple[Unit, int]] = {}
         for u in self.units:
@@ -327,6 +331,8 @@ class OffloadRuntime:
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._d2h_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._staging: list[Unit] = []  # units whose new weights the update is writing (NVMe params)
+        self._keep_fetched = False  # this backward's fetches keep host copies for the overlapped update
+        self._in_flight_bytes = 0  # _in_flight_need() for this step, taken when its last backward starts
         self._updating: Unit | None = None  # the unit whose subgroups the optimizer is updating
         self._hold = contextlib.ExitStack()  # that unit's chunks, held for its update
         self._fwd_order: list[int] = [u.index for u in self.units[1:]]
@@ -530,8 +536,9 @@ class OffloadRuntime:
 
     @property
     def stats(self) -> dict:
-        """Counters since wrap: fetches and the seconds waited for them, re-plans and the bytes they moved, and
-        the bytes moved per link for params and grads (``h2d_bytes``, ..., ``disk_write_bytes``; the
+        """Counters since wrap: fetches and the seconds waited for them, re-plans and the bytes they moved, updates
+        of NVMe weights in host memory that took a kept copy (from the backward fetch or the device) or read them
+        from the store, and the bytes moved per link for params and grads (``h2d_bytes``, ..., ``disk_write_bytes``; the
         optimizer's ``stats`` has the state's)."""
         params, grads = self.swap.moved("params"), self.swap.moved("grads")
         return {**self._counters, **{f"{link}_bytes": params[link] + grads[link] for link in params}}
@@ -634,6 +641,9 @@ class OffloadRuntime:
             self.swap.device.fill(u.device_buf, u.nbytes)
         u.state = ParamState.FETCHING
         self._counters["fetches"] += 1
+        # The update that follows this backward changes NVMe weights in host memory: it can take them from this
+        # fetch's host copy instead of reading them again, where the pool has room to keep it (_fetch_work).
+        keep = self._keep_fetched and self._in_backward and src is None and self._update_takes_weights(u)
         ready = None
         if self.device.type == "cuda":
             # The memory just came from the caching allocator on the compute stream, which may hand out a block
@@ -646,7 +656,7 @@ class OffloadRuntime:
             # unit at a time): the reads of the next units are in flight together, and the disk is not idle while
             # a unit is copied. Without room in the host budget now, the copy thread reads it in its turn.
             self.swap.prefetch(u.weights)
-        u.fetch = self._copy_pool.submit(self._fetch_work, u, src, ready)
+        u.fetch = self._copy_pool.submit(self._fetch_work, u, src, ready, keep)
         return True
 
     def _fetch_now(self, u: Unit, src: torch.Tensor) -> None:
@@ -654,15 +664,47 @@ class OffloadRuntime:
         self._issue_fetch(u, required=True, src=src)
         self._wait_resident(u)
 
-    def _fetch_work(self, u: Unit, src: torch.Tensor | None = None, ready=None):
+    def _fetch_work(self, u: Unit, src: torch.Tensor | None = None, ready=None, keep: bool = False):
         """On the copy thread: (disk ->) host -> device, once the compute stream reached ``ready`` (CUDA). Returns a
-        CUDA event when the copy is asynchronous."""
+        CUDA event when the copy is asynchronous. ``keep``: the unit's update follows and changes its NVMe weights
+        in host memory; its host copy stays (READY: the store has the same bytes) for the update to take, where
+        the pool has room beyond what this step's transfers need in flight."""
         if src is not None:
             return self._copy_to_device(u, src, ready)
         with self.swap.use(u.weights) as flat:  # read from the store first when the params live there
             event = self._copy_to_device(u, flat, ready)
-        self.swap.evict(u.weights)  # NVMe params: the host copy was only on the way to the device
+        if not (keep and self._room_to_keep() and self.swap.keep(u.weights)):
+            self.swap.evict(u.weights)  # NVMe params: the host copy was only on the way to the device
         return event
+
+    def _update_takes_weights(self, u: Unit) -> bool:
+        """Whether ``u``'s CPU update needs its NVMe weights in host memory first: it changes them in place (fp32,
+        no master), or some are frozen (it rewrites the whole chunk). A device update reads frozen ones itself."""
+        if u.param_tier is not Tier.NVME or not u.trainable:
+            return False
+        if self.optimizer.weights_in_place(u.index):
+            return True
+        return u.frozen and all(site == "cpu" for _, site in self.optimizer.unit_placements(u.index))
+
+    def _room_to_keep(self) -> bool:
+        """Whether the pool can keep one more host copy for an update and still hold this step's transfers in
+        flight."""
+        pool = self.swap.pool
+        return pool.budget.capacity_bytes - pool.in_use_bytes >= self._in_flight_bytes
+
+    def _keep_device_copy(self, u: Unit) -> None:
+        """``u``'s grads of the step's last backward are all produced (or it leaves the device), and the
+        overlapped update that follows takes its NVMe weights, which its backward fetch did not bring (the rest
+        unit, blocks kept on the device from their forward): copy its device params to a host buffer for the
+        update, instead of reading them from the store again. Nothing when a copy is there already."""
+        if not (self._keep_fetched and u.nbytes and self._update_takes_weights(u) and self._room_to_keep()):
+            return
+        if self.device.type == "cuda":
+            self._sync_compute()
+        with self.timeline.span("d2h", f"keep {u.name}", u.nbytes):
+            kept = self.swap.keep_copy(u.weights, u.device_buf)
+        if kept:
+            self.swap.count("params", "d2h", u.nbytes)
 
     def _copy_to_device(self, u: Unit, src: torch.Tensor, ready=None):
         with self.timeline.span("h2d", f"fetch {u.name}", u.nbytes):
@@ -707,6 +749,7 @@ class OffloadRuntime:
             u.fetch.result()
         if u.state is ParamState.RELEASED:
             return
+        self._keep_device_copy(u)
         for p in u.params:
             p.data = self._empty_like(p)
         if u.nbytes:
@@ -851,6 +894,7 @@ class OffloadRuntime:
             self._in_backward = True
             self._overlapping = self.overlap and self._backwards + 1 == self._accumulation
             if self._overlapping:
+                self._in_flight_bytes = self._in_flight_need()
                 self._step_t0 = time.perf_counter()
                 self._submitted = set()
                 self._grad_units = set()
@@ -866,6 +910,7 @@ class OffloadRuntime:
                         self.optimizer.speculation.step_started(speculative=self._speculating)
                 elif not self.optimizer.begin_step():
                     self._overlapping = False
+            self._keep_fetched = self._overlapping and any(x.param_tier is Tier.NVME for x in self.units)
             self._bwd_seq = list(reversed(self._fwd_order))
             self._bwd_pos = -1
             if self._overlapping:
@@ -908,6 +953,9 @@ class OffloadRuntime:
             self._grads_on_device.append((future, nbytes))
         u.pending -= 1
         if u.pending == 0:
+            # Before its update is submitted (below): a unit whose params are still on the device from its forward
+            # gives the update a copy of them now (a unit with frozen params stays there until its input grads).
+            self._keep_device_copy(u)
             if u.index != 0 and u.inputs_pending == 0:
                 self._release(u)  # its backward is done: the params are no longer needed on the device
             # Queued behind the unit's copies on the same (FIFO, single) thread, so it runs once all are done.
@@ -1072,14 +1120,24 @@ class OffloadRuntime:
         else:
             self._drop_grads(u)
 
+    def _in_flight_need(self) -> int:
+        """Host bytes this step's transfers need in flight (host_minimum's in-flight terms): what memory held
+        for later (pre-update copies, kept fetches) must leave free, so that no transfer ever waits for it."""
+        need = self.host_minimum()
+        return need["params_in_flight"] + need["grads_in_flight"] + need["state_in_flight"]
+
     def _pre_image_room(self) -> int:
         """Host bytes a speculative step's pre-update copies may take: what the pool has free beyond the buffers
-        this step's transfers need in flight (host_minimum's in-flight terms), so that no transfer ever waits
-        for memory the copies hold (they are freed only once every update is done)."""
-        need = self.host_minimum()
-        in_flight = need["params_in_flight"] + need["grads_in_flight"] + need["state_in_flight"]
+        this step's transfers need in flight (they are freed only once every update is done)."""
         budget = self.swap.pool.budget
-        return max(0, budget.capacity_bytes - self.swap.pool.in_use_bytes - in_flight)
+        return max(0, budget.capacity_bytes - self.swap.pool.in_use_bytes - self._in_flight_bytes)
+
+    def _let_go_kept(self) -> None:
+        """Give back the fetches' host copies kept for updates that did not take them (units without grads, a
+        step that did not come)."""
+        for u in self.units:
+            if u.weights is not None and u.weights.kept:
+                self.swap.evict(u.weights)
 
     def store_room_to_speculate(self) -> bool:
         """Whether the store has room for a speculative step: each chunk it writes (params and state updated,
@@ -1169,6 +1227,7 @@ class OffloadRuntime:
         self._backwards += 1
         for u in self.units:
             self._release(u)
+        self._keep_fetched = False  # copies for this step's updates are kept by now
         if self._overlapping:
             for u in self.units:  # units some of whose params got no grad this time
                 self._submit_update(u)
@@ -1358,8 +1417,8 @@ class OffloadRuntime:
     def _before_update(self, sub) -> None:
         """Called (by the optimizer) before each subgroup's update; subgroups come unit by unit. For the unit's
         whole update its grads are held (nothing spills or drops them), and for NVMe params its weights chunk is
-        held for writing: the update writes the new weights there (frozen params keep their stored values, so
-        those are read in first)."""
+        held for writing: the update changes the weights there in place (fp32 params: no master), or writes the
+        new weights from its masters (then only frozen params' stored values need reading in first)."""
         u = self.units[sub.unit]
         if self._updating is u:
             return
@@ -1369,7 +1428,10 @@ class OffloadRuntime:
             hold.enter_context(self.swap.use(u.grads))
         if u.param_tier is Tier.NVME:
             frozen = not all(p.requires_grad for p in u.params)
-            hold.enter_context(self.swap.use(u.weights, write=True, load=frozen))
+            in_place = self.optimizer.weights_in_place(u.index)
+            if frozen or in_place:  # the update needs the stored weights: a kept copy, or a read
+                self._counters["update_weights_kept" if u.weights.kept else "update_weights_read"] += 1
+            hold.enter_context(self.swap.use(u.weights, write=True, load=frozen or in_place))
             self._staging.append(u)
         self._updating, self._hold = u, hold
 
@@ -1402,6 +1464,7 @@ class OffloadRuntime:
 
     def after_step(self) -> None:
         self.finish_unit_update()
+        self._let_go_kept()
         # A step consumes the grads kept on NVMe; a second step without a backward cannot apply them again.
         self.grads_consumed = self._dropped_device_grads or any(
             u.grad_tier is Tier.NVME and u.grads is not None for u in self.units)

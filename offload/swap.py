@@ -15,6 +15,11 @@ A chunk's state machine (:class:`ChunkState`), every transition made under the m
     any --resize()--> READY (host, device) | DIRTY (store)   new bytes in a new buffer (a re-packed state chunk)
     READY | DIRTY --write_back()--> WRITING --write lands--> STORED (evict) | READY
     READY --evict()--> STORED                    the buffer goes back to the pool; the store has the bytes
+    STORED --keep_copy()--> READY                 a copy of bytes the caller vouches equal the stored ones
+
+A READY store chunk may be kept (:meth:`SwapManager.keep`, and ``keep_copy``): its buffer waits for a later user
+instead of going back to the pool, counted by the pool as cached, not needed, until a writer takes it or it is
+let go.
     any --drop()--> EMPTY                        the bytes are forgotten (grads consumed by a step)
 
 A buffer is handed out only in READY or DIRTY: a read still landing (LOADING) or a write still reading the
@@ -45,6 +50,7 @@ from typing import Callable, Iterator
 import torch
 
 from storage import HostPool, NvmeStore, StoreVersion, Tier, TierBudget, TierFullError
+from storage.alloc import round_up
 from storage.memory import aligned_empty
 from storage.workers import READAHEAD, URGENT
 
@@ -92,7 +98,7 @@ class Chunk:
     :meth:`SwapManager.use`."""
 
     __slots__ = ("key", "kind", "nbytes", "home", "state", "_tensor", "_extra", "_release", "_readers", "_writer",
-                 "_error")
+                 "_error", "_kept")
 
     def __init__(self, key: str, kind: str, nbytes: int, home: Tier):
         self.key, self.kind, self.nbytes, self.home = key, kind, nbytes, home
@@ -103,6 +109,12 @@ class Chunk:
         self._readers = 0
         self._writer: int | None = None  # the thread that holds the chunk for writing
         self._error: BaseException | None = None
+        self._kept = 0  # pool bytes its READY buffer holds as a kept copy (SwapManager.keep), else 0
+
+    @property
+    def kept(self) -> bool:
+        """Whether its buffer is a copy kept for a later user (:meth:`SwapManager.keep`)."""
+        return self._kept > 0
 
     @property
     def pinned(self) -> bool:
@@ -328,6 +340,8 @@ class SwapManager:
                 c.state = ChunkState.LOADING  # claimed: the buffer is this caller's to fill
             else:
                 self._pin(c, write, me)
+                if write:
+                    self._unkeep(c)  # the kept copy is the writer's working buffer now
         if claimed:
             self._fill(c, read, write, me, extra)
         try:
@@ -414,6 +428,50 @@ class SwapManager:
         handle.future.add_done_callback(landed)
         return True
 
+    def keep(self, c: Chunk) -> bool:
+        """Keep ``c``'s READY buffer for a later user instead of evicting it: its pool bytes count as cached
+        (:meth:`storage.HostPool.mark_cached`) until a writer takes it (:meth:`use` with ``write``) or it is let go
+        (:meth:`evict`, ...). False when ``c`` is not a READY store chunk with a plain buffer."""
+        with self._cond:
+            if c.state is not ChunkState.READY or c.home is not Tier.NVME or c._extra is not None or c._kept:
+                return False
+            c._kept = round_up(c.nbytes)  # what the pool charged for it (_acquire)
+            self.pool.mark_cached(c._kept)
+            return True
+
+    def _unkeep(self, c: Chunk) -> None:
+        """Under the lock: ``c``'s buffer is no longer a kept copy."""
+        if c._kept:
+            self.pool.mark_cached(-c._kept)
+            c._kept = 0
+
+    def keep_copy(self, c: Chunk, src: torch.Tensor) -> bool:
+        """STORED -> READY, kept (:meth:`keep`): a new host buffer holding a copy of ``src``, which the caller vouches
+        equals the stored bytes (the device copy of what was read from the store), so that the next :meth:`use`
+        reads nothing. Returns False, doing nothing, when ``c`` is not STORED and idle or the pool has no room."""
+        with self._cond:
+            if c.state is not ChunkState.STORED or c.pinned or c.home is not Tier.NVME:
+                return False
+            c.state = ChunkState.LOADING  # claimed: nobody touches the buffer until the copy is in
+        try:
+            tensor, release = self._acquire(c.nbytes, wait=False)
+        except TierFullError:
+            self._set_state(c, ChunkState.STORED)
+            return False
+        try:
+            tensor.copy_(src.reshape(-1).view(torch.uint8)[:c.nbytes])
+        except BaseException:
+            release()
+            self._set_state(c, ChunkState.STORED)
+            raise
+        with self._cond:
+            c._tensor, c._extra, c._release = tensor, None, release
+            c.state = ChunkState.READY
+            c._kept = round_up(c.nbytes)
+            self.pool.mark_cached(c._kept)
+            self._cond.notify_all()
+        return True
+
     def _set_state(self, c: Chunk, state: ChunkState) -> None:
         """``c`` is ``state`` now (a transfer that was not issued goes back), and its waiters are told."""
         with self._cond:
@@ -459,6 +517,7 @@ class SwapManager:
             raise
         left_store = c.home is Tier.NVME and home is not Tier.NVME
         with self._cond:
+            self._unkeep(c)
             if c._release is not None:
                 c._release()
             c._tensor, c._extra, c._release = tensor, None, release
@@ -532,9 +591,9 @@ class SwapManager:
                 return
             self._cond.wait()
 
-    @staticmethod
-    def _let_go(c: Chunk, state: ChunkState) -> None:
+    def _let_go(self, c: Chunk, state: ChunkState) -> None:
         """Under the lock (or with no other user left): ``c``'s buffer given back, and ``c`` is ``state``."""
+        self._unkeep(c)
         if c._release is not None:
             c._release()
         c._tensor, c._extra, c._release = None, None, None
@@ -562,6 +621,8 @@ class SwapManager:
                 pass
         elif c.state not in _HAS_BUFFER:
             c._tensor, c._release = self._acquire(c.nbytes)
+        with self._cond:
+            self._unkeep(c)  # its buffer is the chunk's own now
         c.home = Tier.HOST
         c.state = ChunkState.READY
         if self._store is not None and c.key in self._store:
@@ -700,6 +761,7 @@ class SwapManager:
                     else:
                         tensor, release = self._home_buffer(nbytes, c.home)
                     with self._cond:
+                        self._unkeep(c)
                         if c._release is not None:
                             c._release()
                         c._tensor, c._extra, c._release, c.nbytes = tensor, None, release, nbytes

@@ -35,7 +35,8 @@ nvme (the store's extents)
     ``params``, ``state``, ``grads``: chunks that live there (grads stay allocated once written: a consumed grad
     chunk is forgotten, not deleted); ``write_room``: a write puts the new version beside the committed one until
     it lands: one state chunk (the update issues a state write once the last one landed,
-    ``OffloadOptimizer._step_streamed``) and one param chunk;
+    ``OffloadOptimizer._step_streamed``; in the first step only chunks made at wrap, which hold masters, have an
+    earlier version) and one param chunk (none in a speculating step: the previous version is held anyway);
     ``held_versions`` (speculation): the previous version of every chunk a speculative step rewrites is held
     until validation (params of trainable units; with clipping also state and the grads kept for a redo).
 """
@@ -92,6 +93,9 @@ class UnitBytes:
     rest: bool = False
     """The unit of everything outside the repeated blocks (embeddings, head): held on the device through the
     iteration, its grads complete only with the last backward."""
+    state_at_wrap: bool = True
+    """The state chunk exists before the first step (it carries fp32 masters, seeded at wrap); else the first
+    step makes it, and rewrites no earlier version of it."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -176,7 +180,12 @@ def memory_terms(units: Iterable[tuple[UnitBytes, object, int]], k: Knobs) -> di
             "state": sum(c * r(u.state) for u, pl, c in items if pl.state is N and trains(u))}
     param_write = mx(r(u.params) for u, pl, c in items if pl.params is N and trains(u))
     held_params = sum(c * r(u.params) for u, pl, c in items if trains(u) and pl.params is N)
-    phases = [{"write_room": largest(nvme_state, 1) + param_write, "held_versions": held_params if speculating else 0}]
+    # The first step rewrites only the state chunks made at wrap; while it speculates, each param chunk's new
+    # version is written beside the previous one, which is held anyway. Later steps rewrite every state chunk.
+    at_wrap = [(r(u.state), c) for u, pl, c in items if pl.state is N and trains(u) and u.state_at_wrap]
+    phases = [{"write_room": largest(at_wrap, 1) + (0 if speculating else param_write),
+               "held_versions": held_params if speculating else 0},
+              {"write_room": largest(nvme_state, 1) + param_write}]
     if speculating and k.clip:  # every state chunk's previous version is held: its new one is no extra room
         phases.append({"write_room": param_write, "held_versions": held_params + sum(s * c for s, c in nvme_state)})
     nvme.update(_peak_phase(phases))

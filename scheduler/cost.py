@@ -19,7 +19,10 @@ params on host        h2d ``f pb``; a block is fetched for forward and again for
 params on nvme        disk read ``f pb`` and h2d ``f pb`` (staged through host buffers)
 update on cpu         d2h ``gb`` (grads leave as they complete); state on nvme: disk read + write ``sb``;
                       new params: to the device h2d ``tpb`` (params on device), none (host), disk write ``pb``
-                      (nvme: the whole chunk, read first, disk read ``pb``, when some of its params are frozen);
+                      (nvme: the whole chunk). Where the update needs the nvme params in host memory first (it
+                      changes them in place, fp32 params having no master, or some are frozen): overlapping
+                      backward, nothing more for a unit fetched for backward (its fetch's host copy is kept) and
+                      d2h ``pb`` for one that was not (copied as it leaves the device); else disk read ``pb``;
                       grads on nvme: disk write + read ``gb`` when the update waits for backward (spilled after
                       backward, read back by the step), none when it overlaps backward (they go straight to it)
 update on device      state on host: h2d + d2h ``sb``; on nvme: also disk read + write ``sb``;
@@ -127,10 +130,11 @@ class Traffic(NamedTuple):
 
 
 def unit_traffic(pb: int, gb: int, sb: int, params: int, pl: UnitPlacement, *, fetches: int = 2,
-                 overlap: bool = True, tpb: int | None = None, frozen: bool = False) -> Traffic:
+                 overlap: bool = True, tpb: int | None = None, weights_from: str | None = None) -> Traffic:
     """The table in the module note, for one unit fetched ``fetches`` times (when its params are off the device),
     its update overlapped with backward or not. ``params``: the params it updates (0: all frozen, no update);
-    ``tpb``: their bytes in the param chunk (default ``pb``); ``frozen``: some of its params are frozen."""
+    ``tpb``: their bytes in the param chunk (default ``pb``); ``weights_from``: where the update takes its NVMe
+    params from before it changes them (:meth:`CostModel.update_weights_from`)."""
     tpb = pb if tpb is None else tpb
     h2d = d2h = rd = wr = 0
     if pl.params is H:
@@ -140,9 +144,10 @@ def unit_traffic(pb: int, gb: int, sb: int, params: int, pl: UnitPlacement, *, f
         h2d += fetches * pb
     if not params:
         return Traffic(h2d, d2h, rd, wr, 0, 0)
-    if pl.params is N:  # the new weights go to the store as a whole chunk; the frozen ones read in first
+    if pl.params is N:  # the new weights go to the store as a whole chunk; read in first where needed
         wr += pb
-        rd += pb if frozen else 0
+        rd += pb if weights_from == "store" else 0
+        d2h += pb if weights_from == "device" else 0
     if pl.update == "cpu":
         d2h += gb
         if pl.grad_tier is N and not overlap:
@@ -248,8 +253,28 @@ class CostModel:
     @staticmethod
     def needs_master(pl: UnitPlacement) -> bool:
         """Whether the state carries an fp32 master: the update cannot change the params in place where they
-        live (a CPU update of params not in host memory, a device update of params not on the device)."""
-        return pl.params is not (H if pl.update == "cpu" else D)
+        live (a CPU update of params on the device, a device update of params not on the device). A CPU update
+        of params on NVMe stages them in host memory and changes them there."""
+        return pl.params is D if pl.update == "cpu" else pl.params is not D
+
+    def in_place(self, i: int, pl: UnitPlacement) -> bool:
+        """Whether the update of unit ``i`` changes its NVMe params in place (no master: fp32 params on a CPU
+        update), so it needs their bytes in host memory first."""
+        return pl.params is N and self.w.master_bytes_per_param > 0 and not self.needs_master(pl)
+
+    def update_weights_from(self, i: int, pl: UnitPlacement, *, fetches: int, overlap: bool) -> str | None:
+        """Where the update of unit ``i`` takes its NVMe params from when it needs them in host memory first (it
+        changes them in place, or some are frozen: it rewrites the whole chunk); ``None`` when it does not. An
+        update that overlaps backward takes the host copy the unit's backward fetch brought (``"fetch"``), or for
+        a unit that was not fetched again for backward (the rest unit, blocks kept on the device from their
+        forward: ``fetches == 1``) a copy of its device params as it leaves the device (``"device"``, d2h ``pb``);
+        else (and for a device update) it reads them from the store (``"store"``). The runtime keeps those copies where the host has room
+        beyond the buffers in flight (not counted as required memory)."""
+        if not (pl.params is N and (self.frozen[i] or self.in_place(i, pl))):
+            return None
+        if pl.update != "cpu" or not overlap:  # a device update reads its frozen params itself
+            return "store"
+        return "fetch" if fetches == 2 else "device"
 
     def state_bytes(self, i: int, pl: UnitPlacement) -> int:
         return self.sb_master[i] if self.needs_master(pl) else self.sb[i]
@@ -269,7 +294,8 @@ class CostModel:
 
     def unit_traffic(self, i: int, pl: UnitPlacement, *, fetches: int = 2, overlap: bool = True) -> Traffic:
         return unit_traffic(self.pb[i], self.gb[i], self.state_bytes(i, pl), self.params[i], pl, fetches=fetches,
-                            overlap=overlap, tpb=self.tpb[i], frozen=self.frozen[i])
+                            overlap=overlap, tpb=self.tpb[i],
+                            weights_from=self.update_weights_from(i, pl, fetches=fetches, overlap=overlap))
 
     def traffic(self, plan: Plan) -> Traffic:
         total, kept = Traffic(), self.kept(plan)
@@ -293,7 +319,8 @@ class CostModel:
         return memory_terms([(self.unit_bytes(i, pl), pl, c) for i, pl, c in items], self.knobs(plan))
 
     def unit_bytes(self, i: int, pl: UnitPlacement) -> UnitBytes:
-        return UnitBytes(self.pb[i], self.gb[i], self.state_bytes(i, pl), self.tpb[i], rest=self.has_rest and i == 0)
+        return UnitBytes(self.pb[i], self.gb[i], self.state_bytes(i, pl), self.tpb[i], rest=self.has_rest and i == 0,
+                         state_at_wrap=self.needs_master(pl) or not self.w.master_bytes_per_param)
 
     def knobs(self, plan: Plan) -> Knobs:
         return Knobs(prefetch=plan.prefetch_depth, grad_buffers=plan.grad_buffers, state_buffers=plan.state_buffers,
@@ -392,6 +419,8 @@ class CostModel:
                 self.params[i] * r["cpu_update"] for i, u in enumerate(plan.units) if u.update == "cpu")
             if pl.state is N and plan.overlap_update and plan.state_buffers == 1:  # no read-ahead: read after
                 tail += sb * r["disk_read"]
+            src = self.update_weights_from(last, pl, fetches=self.fetches(last, plan), overlap=plan.overlap_update)
+            tail += pb * r["disk_read"] if src == "store" else pb * r["d2h"] if src == "device" else 0.0
             after = sb * r["disk_write"] if pl.state is N else 0.0
             if pl.params is N:  # written once its update and state write are done (after_step)
                 after += pb * r["disk_write"]
@@ -543,9 +572,13 @@ class CostModel:
                     flush = add("disk_write", f"new params {names[j]}", pb[j] * r["disk_write"], [after, rd], pb[j])
                 grad_rd = add("disk_read", f"grads {names[i]}", gb[i] * r["disk_read"], [spill[i], flush, rd], gb[i]) \
                     if i in spill else None
-                # then its own params (nvme) are read in, when some are frozen: the update rewrites the whole chunk
+                # then its own params (nvme) are read in, where the update changes them in place or some are
+                # frozen (the update rewrites the whole chunk)
+                src = self.update_weights_from(i, pl, fetches=self.fetches(i, plan, kept), overlap=plan.overlap_update)
                 old = add("disk_read", f"params {names[i]}", pb[i] * r["disk_read"], [flush, rd, grad_rd], pb[i]) \
-                    if pl.params is N and self.frozen[i] else None
+                    if src == "store" else None
+                if src == "device":  # copied as the unit leaves the device after its backward (compute thread)
+                    old = add("d2h", f"keep {names[i]}", pb[i] * r["d2h"], [done_grad[i]], pb[i])
                 upd = add("cpu_update", f"update {names[i]}", p * r["cpu_update"], [*gate, rd, flush, grad_rd, old])
                 wr = None
                 if pl.state is N:

@@ -446,7 +446,13 @@ class Feasibility:
             return forward, first, later
         host = rpb * xH + rsb * yH + host_grads + r_host + np.maximum(np.maximum(forward, first), later)
         held = rpb * t * xN if spec else 0
-        a = _largest2(r_nv, n_rest, rsb, yN, 1) + step + held
+        # the first step rewrites only state chunks made at wrap (with masters); while it speculates, each param
+        # chunk's new version goes beside the previous one, held anyway (buffers.py, write_room)
+        fp32 = cm.w.master_bytes_per_param > 0
+        rest_wrap = rest is not None and (not fp32 or cm.needs_master(rest))
+        blk_wrap = not fp32 or chunk > cm.sb[self.blocks[0]]
+        a = np.maximum(_largest2(r_nv * rest_wrap, n_rest * rest_wrap, rsb * blk_wrap, yN, 1)
+                       + (0 if spec else step) + held, _largest2(r_nv, n_rest, rsb, yN, 1) + step)
         if spec and k.clip:
             a = np.maximum(a, rpb * t * on_nvme + held + rsb * yN + r_nv)
         nvme = rpb * xN + rsb * yN + r_nv + a

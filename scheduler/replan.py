@@ -97,7 +97,7 @@ def _update_thread_other_s(cm: CostModel, plan: Plan, r: dict[str, float]) -> fl
             out += sb * (r["disk_read"] + r["disk_write"])
         if pl.params is N and k < len(order) - 1:
             out += pb * r["disk_write"]
-        if pl.params is N and cm.frozen[i]:  # the chunk read in before the update rewrites it whole
+        if cm.update_weights_from(i, pl, fetches=cm.fetches(i, plan), overlap=True) == "store":  # read in first
             out += pb * r["disk_read"]
         if pl.update == "device":
             out += cm.params[i] * r["device_update"] + (sb * (r["h2d"] + r["d2h"]) if pl.state is not D else 0.0) \

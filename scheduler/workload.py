@@ -10,9 +10,10 @@ Assumptions (each a field of :class:`Workload`, so a different recipe is a diffe
 - mixed precision: params and grads on the device in a 16-bit dtype (2 B/param each); the optimizer holds an
   fp32 master copy plus AdamW's two moments: ``state_bytes_per_param = 12`` (4 + 4 + 4), as in ZeRO
   (Rajbhandari et al. 2020, sec. 3.1, "K = 12"). Plain fp32 training (:func:`precision` ``"fp32"``): 4 / 4 / 8,
-  the param is its own master, except where the update cannot change it in place (params on NVMe, or on the
-  device for a CPU update): there the state carries an fp32 master too (``master_bytes_per_param = 4``), as
-  offload/optimizer.py does.
+  the param is its own master, except where the update cannot change it in place (params on the device for a
+  CPU update, or off the device for a device update): there the state carries an fp32 master too
+  (``master_bytes_per_param = 4``), as offload/optimizer.py does. Params on NVMe updated on the CPU are staged
+  in host memory and changed there: no master.
 - FLOPs: a matmul with an ``n``-parameter weight costs ``2 n`` FLOPs per token forward and twice that backward
   (the ``6 N`` rule: Kaplan et al. 2020, sec. 2.1); attention adds ``4 * seq * d_model`` FLOPs per token per
   layer forward for ``QK^T`` and ``AV`` (PaLM, Chowdhery et al. 2022, app. B: ``6N + 12 L H Q T`` per token
@@ -106,7 +107,8 @@ class Workload:
     """Optimizer-side bytes: fp32 master + AdamW exp_avg + exp_avg_sq."""
     master_bytes_per_param: int = 0
     """Bytes of an fp32 master the state adds where the update cannot change the params in place (fp32 training
-    with params on NVMe, or on the device for a CPU update); 0 when ``state_bytes_per_param`` already holds one."""
+    with params on the device for a CPU update, or off it for a device update); 0 when ``state_bytes_per_param``
+    already holds one."""
     checkpointing: bool = True
     """Backward recomputes each unit's forward (adds ``fwd_flops`` to backward time, not to model FLOPs)."""
     chunk_align_bytes: int = 0

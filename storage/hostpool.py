@@ -112,6 +112,9 @@ class HostPool:
         self._slabs: list[_Slab] = []
         self._in_use = 0
         self._peak_in_use = 0
+        self._cached = 0  # bytes handed out that hold copies kept only to save a transfer (mark_cached)
+        self._peak_needed = 0  # peak of in use minus cached
+        self._peak_cached = 0
         self._waits = 0
         self._wait_s = 0.0
         if preallocate:
@@ -165,13 +168,27 @@ class HostPool:
         with self._cond:
             return {"budget_bytes": self.budget.capacity_bytes, "slab_bytes": sum(s.size for s in self._slabs),
                     "slabs": len(self._slabs), "pinned_bytes": self.pinned_bytes, "in_use_bytes": self._in_use,
-                    "peak_in_use_bytes": self._peak_in_use, "waits": self._waits, "wait_s": round(self._wait_s, 6),
+                    "peak_in_use_bytes": self._peak_in_use, "peak_needed_bytes": self._peak_needed,
+                    "cached_bytes": self._cached, "peak_cached_bytes": self._peak_cached,
+                    "waits": self._waits, "wait_s": round(self._wait_s, 6),
                     "pin_failed": self._pin_failed}
 
     def reset_peak(self) -> None:
         """Start ``peak_in_use_bytes`` again from what is handed out now (to measure one phase of a run)."""
         with self._cond:
             self._peak_in_use = self._in_use
+            self._peak_needed = self._in_use - self._cached
+            self._peak_cached = self._cached
+
+    def mark_cached(self, nbytes: int) -> None:
+        """``nbytes`` (negative: no longer) of the buffers handed out hold copies kept only to save a transfer
+        later, where the budget had room: counted apart from what a run needs (``peak_needed_bytes``)."""
+        with self._cond:
+            cached = self._cached + nbytes
+            assert 0 <= cached <= self._in_use, f"cached {cached} B of {self._in_use} B in use"
+            self._cached = cached
+            self._peak_needed = max(self._peak_needed, self._in_use - self._cached)
+            self._peak_cached = max(self._peak_cached, self._cached)
 
     def trim(self) -> int:
         """Free every slab with nothing handed out; returns the bytes given back to the budget."""
@@ -212,6 +229,7 @@ class HostPool:
         slab.in_use += need
         self._in_use += need
         self._peak_in_use = max(self._peak_in_use, self._in_use)
+        self._peak_needed = max(self._peak_needed, self._in_use - self._cached)
         return HostBuffer(self, slab, off, nbytes)
 
     def _new_slab(self, size: int) -> _Slab | None:

@@ -47,6 +47,26 @@ def test_view_and_release():
     assert pool.in_use_bytes == 0
 
 
+def test_cached_bytes_are_counted_apart_from_the_needed_peak():
+    """Buffers marked as cached (copies kept where the budget had room) count in the peak in use, not in the
+    peak needed; unmarked again (taken by their user) they count in both."""
+    pool = HostPool(budget_bytes=16 * ALIGN, slab_bytes=16 * ALIGN)
+    a, b = pool.acquire(4 * ALIGN), pool.acquire(4 * ALIGN)
+    pool.mark_cached(4 * ALIGN)  # b is a kept copy
+    c = pool.acquire(4 * ALIGN)
+    st = pool.stats()
+    assert (st["peak_in_use_bytes"], st["peak_needed_bytes"], st["peak_cached_bytes"]) == (
+        12 * ALIGN, 8 * ALIGN, 4 * ALIGN)
+    c.release()
+    pool.mark_cached(-4 * ALIGN)  # b taken by its user: needed now
+    assert pool.stats()["peak_needed_bytes"] == 8 * ALIGN
+    pool.acquire(4 * ALIGN)
+    assert pool.stats()["peak_needed_bytes"] == 12 * ALIGN
+    with pytest.raises(AssertionError):
+        pool.mark_cached(-4 * ALIGN)  # nothing is cached
+    a.release(), b.release()
+
+
 def test_memory_is_reused():
     pool = HostPool(1 << 20, slab_bytes=256 * KiB)
     a = pool.acquire(64 * KiB)

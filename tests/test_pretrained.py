@@ -291,24 +291,35 @@ def test_peft_lora_on_a_meta_base_loads_the_base_and_starts_from_it(tmp_path):
 
 
 def test_wrapping_on_meta_reads_each_unit_once_to_seed_the_masters(tmp_path):
-    """Params on NVMe keep fp32 masters in the optimizer's state, seeded at wrap from the weights in the store:
-    a unit cut into many subgroups is read once for all of them, not once per subgroup."""
+    """Params on NVMe updated on the device keep fp32 masters in the optimizer's state, seeded at wrap from the
+    weights in the store: a unit cut into many subgroups is read once for all of them, not once per subgroup.
+    Updated on the CPU, fp32 params on NVMe are changed in place in host memory: no masters, nothing read."""
     m = _on_meta(_config())
     model, _ = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2),
-                    _offload_config("nvme", tmp_path, subgroup_numel=2048))
+                    _offload_config("nvme", tmp_path / "device", subgroup_numel=2048, update_on="device"))
     rt = runtime_of(model)
     assert max(len(rt.optimizer._subgroups_of(u.index)) for u in rt.units) > 4
+    assert all(s.has_master for s in rt.optimizer._subgroups)
     assert 0 < rt.stats["disk_read_bytes"] <= sum(u.nbytes for u in rt.units)
+    rt.close()
+    m = _on_meta(_config())
+    model, _ = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2),
+                    _offload_config("nvme", tmp_path / "cpu", subgroup_numel=2048))
+    rt = runtime_of(model)
+    assert not any(s.has_master for s in rt.optimizer._subgroups)
+    assert rt.stats["disk_read_bytes"] == 0
     rt.close()
 
 
 def test_loading_before_the_first_step_writes_the_masters_without_reading_them(tmp_path):
-    """Before the first step an NVMe state chunk holds fp32 masters only, which the load rewrites whole: nothing of
-    the optimizer's is read back from the store, and the masters are the loaded weights (training matches)."""
+    """Before the first step an NVMe state chunk holds fp32 masters only (params on NVMe, updated on the device),
+    which the load rewrites whole: nothing of the optimizer's is read back from the store, and the masters are the
+    loaded weights (training matches)."""
     cfg = _config()
     ckpt = _checkpoint(tmp_path / "ckpt", cfg)
     m = _on_meta(cfg)
-    model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2), _offload_config("nvme", tmp_path))
+    model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2),
+                      _offload_config("nvme", tmp_path, update_on="device"))
     before = opt.stats["read_bytes"]
     load_pretrained(model, ckpt, progress=False)
     assert opt.stats["read_bytes"] == before and opt.stats["write_bytes"] > 0

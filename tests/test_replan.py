@@ -63,15 +63,16 @@ def _records(true, plan, n, *, start=1, noise=0.0, seed=0, w=W):
     """``n`` history records (iterations ``start``...) of ``plan`` on a machine whose rates are ``true``'s, as the
     runtime records them: busy seconds per resource (each multiplied by an independent uniform factor in
     ``1 +- noise``), bytes per link, cumulative fetch waits. The update thread's spans include the disk work it
-    waits for when the update overlaps backward (state reads and writes, the new params of every unit but the last
-    to update, which are written after the step)."""
+    waits for when the update overlaps backward (state reads and writes, params read in before an update that
+    changes them in place, the new params of every unit but the last to update, which are written after the
+    step)."""
     rng = random.Random(seed)
     cm = CostModel(w, true)
     p = cm.predict(plan, events=True)
     t = p.traffic
     last = w.units[cm.update_order(plan)[-1]].name
     chain = sum(e.end_s - e.start_s for e in p.events if e.resource in ("disk_read", "disk_write") and (
-        e.name.startswith("state ") or (e.name.startswith("new params ") and e.name != f"new params {last}")))
+        e.name.startswith(("state ", "params ")) or (e.name.startswith("new params ") and e.name != f"new params {last}")))
     out = []
     for it in range(start, start + n):
         busy = dict(p.busy_s)
@@ -150,9 +151,10 @@ def test_calibration_of_cpu_updates_keeps_the_profiles_ratio_under_io():
 
 def test_too_few_bytes_or_seconds_are_not_measured():
     recs = _records(HW, ALL_NVME, 3)
-    assert 1e-3 < CostModel(W, HW).predict(ALL_NVME).busy_s["d2h"] < 2e-3  # 17 MB of grads at 12 GB/s (shared)
+    # 17 MB of grads and the rest unit's params (copied for its update as they leave the device) at 12 GB/s
+    assert 1e-3 < CostModel(W, HW).predict(ALL_NVME).busy_s["d2h"] < 3e-3
     assert "d2h_gbps" in estimate(recs, W, ALL_NVME, HW)
-    assert "d2h_gbps" not in estimate(recs, W, ALL_NVME, HW, min_busy_s=2e-3)
+    assert "d2h_gbps" not in estimate(recs, W, ALL_NVME, HW, min_busy_s=3e-3)
     assert estimate(recs, W, ALL_NVME, HW, min_bytes=1 << 40, min_busy_s=10).keys() == set()
     assert calibrate(recs[:1], W, ALL_NVME, HW) is HW  # nothing past the warm-up: the profile as it was
     # A rate over its threshold in fewer than half the measured iterations got there by noise: not trusted.

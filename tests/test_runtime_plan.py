@@ -14,6 +14,7 @@ from helpers import TINY_GPT, lm_loss, token_batches
 from offload import OffloadConfig, RunReport, load_checkpoint, save_checkpoint, wrap
 from offload.runtime import runtime_of
 from offload.measure import measure, workload_of
+from scheduler.cost import CostModel
 from offload.report import placement_text
 from offload.swap import ChunkState
 from scheduler import profile
@@ -136,7 +137,8 @@ def test_mixed_plan_trains_bit_identical(overlap, tmp_path):
     # fp32 masters exactly where the update cannot work on the params in place (the cost model's rule).
     for s in p.opt._subgroups:
         pl = MIXED[s.unit]
-        assert s.has_master == (pl.params is not (H if pl.update == "cpu" else D)), (s.unit, pl)
+        assert s.has_master == CostModel.needs_master(pl), (s.unit, pl)
+        assert s.has_master == (pl.params is D if pl.update == "cpu" else pl.params is not D), (s.unit, pl)
     keys = set(rt.swap.store.keys())
     assert {"unit2.params", "unit4.params"} <= keys and "unit1.params" not in keys
     text = placement_text(rt)  # printed by `offload run`: unit by unit when units differ
@@ -360,8 +362,8 @@ def test_measure_runs_a_mixed_plan_and_its_bytes_match_the_cost_model(tmp_path):
 
 
 def test_apply_plan_sizes_device_state_without_the_masters_it_drops(tmp_path):
-    """After a step, a unit's state on NVMe carries an fp32 master (its params are off the device); moved to the
-    device with its params it drops the master. The budget check counts what the state will be there, so a switch
+    """After a step, a unit's state on NVMe carries an fp32 master (its params are off the device, its update on
+    the device); moved to the device with its params it drops the master. The budget check counts what the state will be there, so a switch
     that fits is accepted, and the device then holds no more than its budget."""
     shape = dataclasses.replace(SHAPE, n_layer=3, d_model=128, d_ff=512, vocab=256, n_pos=32)
     torch.manual_seed(0)
@@ -369,13 +371,14 @@ def test_apply_plan_sizes_device_state_without_the_masters_it_drops(tmp_path):
     target = plan((up(D, H, "cpu"), up(D, D, "device"), up(D, H, "cpu"), up(D, H, "cpu")))
     budget = 4 << 20
     m, opt = wrap(m, torch.optim.AdamW(m.parameters()), OffloadConfig(
-        param_tier="nvme", state_tier="nvme", nvme_dirs=str(tmp_path), device_budget_bytes=budget))
+        param_tier="nvme", state_tier="nvme", update_on="device", nvme_dirs=str(tmp_path),
+        device_budget_bytes=budget))
     rt = runtime_of(m)
     idx = torch.randint(0, shape.vocab, (4, 17))
     m(idx[:, :-1]).sum().backward()
     opt.step()
     opt.zero_grad()
-    assert all(s.has_master for s in opt._subgroups)  # params on NVMe: masters in the chunks
+    assert all(s.has_master for s in opt._subgroups)  # params on NVMe updated on the device: masters
     with_masters = sum(s.chunk_bytes for s in opt._subgroups if s.unit == 1)
     rt.apply_plan(target)
     unit1 = [s for s in opt._subgroups if s.unit == 1]
@@ -449,3 +452,27 @@ def test_device_grads_wait_for_lagging_updates_and_stay_exact(tmp_path):
     assert 0 < held_max[0] <= largest  # grad_buffers=1: one block's grads at a time (plus the one updating)
     assert all(g is None for u in rt.units for g in u.dev_grads)  # applied, then let go
     rt.close()
+
+
+@pytest.mark.parametrize("budget", [False, True], ids=["room", "host-budget-at-minimum"])
+def test_updates_change_nvme_weights_in_host_memory_from_kept_copies(budget, tmp_path):
+    """fp32 params on NVMe keep no master: the overlapped update changes them in host memory, taking the copy the
+    unit's backward fetch brought (or, for units not fetched again for backward, a copy of their device params)
+    instead of reading them from the store again, where the host pool has room beyond the transfers in flight.
+    Without that room (a host budget at the placement's minimum) they are read again. Bit-identical either way."""
+    first = plan(ALL_NVME)
+    p = Pair(tmp_path / "probe", first)
+    minimum = sum(p.rt.host_minimum().values())
+    close(p.rt)
+    p = Pair(tmp_path / "run", first, **({"host_budget_bytes": minimum} if budget else {}))
+    assert not any(s.has_master for s in p.opt._subgroups)
+    for idx in batches(3):
+        p.step(idx)
+    st = p.rt.stats
+    assert st["update_weights_kept"] + st["update_weights_read"] == 3 * UNITS
+    if budget:
+        assert st["update_weights_read"] > 0
+    else:
+        assert st["update_weights_read"] == 0
+    assert p.rt.swap.pool.stats()["cached_bytes"] == 0  # nothing kept past the step
+    close(p.rt)

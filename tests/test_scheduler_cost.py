@@ -45,8 +45,9 @@ def test_bytes_per_link_equal_a_hand_count():
 
 
 def test_bytes_with_the_rest_unit_off_the_device_grads_on_nvme_and_fp32_masters():
-    """fp32 (4/4/8 B per param, a 4-byte master where the update cannot work in place), the rest unit on nvme
-    (fetched once), grads on nvme (spilled only when the update waits for backward), no kept blocks."""
+    """fp32 (4/4/8 B per param, a 4-byte master where the update cannot work in place: none here, a CPU update
+    changes params on nvme in host memory), the rest unit on nvme (fetched once), grads on nvme (spilled only when
+    the update waits for backward), no kept blocks."""
     w = dataclasses.replace(_tiny(), **workload.precision("fp32"))
     hw = profile.resolve("cpu-dev-2core")
     rest, b0 = UnitPlacement(N, N, "cpu", grad_tier=N), UnitPlacement(H, N, "cpu")
@@ -55,12 +56,19 @@ def test_bytes_with_the_rest_unit_off_the_device_grads_on_nvme_and_fp32_masters(
         t = CostModel(w, hw).traffic(Plan(strategy="t", prefetch_depth=0, overlap_update=overlap,
                                           units=(rest, b0, b1, b2)))
         spill = 0 if overlap else 4 * 1000 + 4 * 300  # rest's and b2's grads, written and read back
-        # h2d: rest once 4000, b0 2x400, b1 2x800, b2 2x1200; d2h: every grad, 4 B per param
-        assert t.h2d_bytes == 4000 + 800 + 1600 + 2400 and t.d2h_bytes == 4 * 1600
-        # disk read: rest params once 4000 + rest state with master 12000 + b0 state 800 + b1 fetches 1600
-        assert t.disk_read_bytes == 4000 + 12000 + 800 + 1600 + spill
-        # disk write: rest new params 4000 + rest state 12000 + b0 state 800 + b1 new params 800
-        assert t.disk_write_bytes == 4000 + 12000 + 800 + 800 + spill
+        # h2d: rest once 4000, b0 2x400, b1 2x800, b2 2x1200; d2h: every grad, 4 B per param, and when the
+        # update overlaps backward the rest's params 4000, copied for its update as they leave the device
+        assert t.h2d_bytes == 4000 + 800 + 1600 + 2400 and t.d2h_bytes == 4 * 1600 + (4000 if overlap else 0)
+        # disk read: rest params once 4000 + rest state 8000 + b0 state 800 + b1 fetches 1600; b1's update takes
+        # its backward fetch's host copy when it overlaps backward; waiting for backward, both read their params
+        # again (4000 + 800)
+        assert t.disk_read_bytes == 4000 + 8000 + 800 + 1600 + (0 if overlap else 4000 + 800) + spill
+        # disk write: rest new params 4000 + rest state 8000 + b0 state 800 + b1 new params 800
+        assert t.disk_write_bytes == 4000 + 8000 + 800 + 800 + spill
+    # A device update of params off the device keeps a master: the rest's state is 12 B per param
+    t = CostModel(w, hw).traffic(Plan(strategy="t", prefetch_depth=0, units=(
+        UnitPlacement(N, N, "device"), b0, b1, b2)))
+    assert t.disk_read_bytes == 4000 + 12000 + 800 + 1600
 
 
 def test_memory_equals_a_hand_count():
@@ -79,9 +87,10 @@ def test_memory_equals_a_hand_count():
     # first step): b1's new params on their way to the store, b0's state being made, and the pre-update copies
     # of the params in memory of every unit that trains (rest, b0, b2; b1's are on nvme: its version is held).
     assert m["host"] == page + 2 * page + 4 * page + (page + page + 3 * page)
-    # nvme: b1 params + b0 state; a state and a param write beside their committed versions; b1's previous
-    # params held by the first step's speculation
-    assert m["nvme"] == 2 * page + 2 * page + page
+    # nvme: b1 params + b0 state; a state and a param write beside their committed versions (in a later step;
+    # the first rewrites b0's state, made at wrap with its master, and writes b1's params beside the previous
+    # version its speculation holds anyway: as many bytes)
+    assert m["nvme"] == 2 * page + 2 * page
     # Clipping: every step copies the state in memory too (rest 3 pages, b1, b2) and reads b0's state ahead.
     clipped = CostModel(w, hw).memory(dataclasses.replace(plan, clip=True))
     assert clipped["host"] == 7 * page + (page + page + 3 * page + 5 * page)
@@ -188,9 +197,11 @@ def test_frozen_params_get_no_grads_no_state_no_update_and_no_write_back():
     t = cm.traffic(plan)
     # h2d: every block fetched twice (200, 400, 600 B each time); d2h: the trainable params' grads only
     assert (t.h2d_bytes, t.d2h_bytes) == (2 * (200 + 400 + 600), 20 + 600)
-    # disk read: the fetches; b0's state 120 and its params 200 read in before its update rewrites the chunk
-    # whole; b2's state 3600. b1 (all frozen) is only fetched.
-    assert t.disk_read_bytes == 2 * (200 + 400 + 600) + 120 + 200 + 3600
+    # disk read: the fetches; b0's state 120 (its update rewrites the chunk whole from its backward fetch's host
+    # copy, frozen params and all); b2's state 3600. b1 (all frozen) is only fetched.
+    assert t.disk_read_bytes == 2 * (200 + 400 + 600) + 120 + 3600
+    # Waiting for backward, the fetch is long gone: b0's params 200 are read in first.
+    assert cm.traffic(dataclasses.replace(plan, overlap_update=False)).disk_read_bytes == t.disk_read_bytes + 200
     # disk write: b0's state and whole params, b2's state and params; nothing of rest and b1
     assert t.disk_write_bytes == 120 + 200 + 3600 + 600
     assert (t.cpu_update_params, t.device_update_params) == (310, 0)

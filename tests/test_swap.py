@@ -75,6 +75,29 @@ def test_prefetch_does_not_wait_for_host_budget(swap):
     assert c.state is ChunkState.READY
 
 
+def test_keep_copy_makes_a_stored_chunk_ready_without_a_read(swap):
+    """A copy the caller vouches equals the stored bytes (a device copy of what was read) becomes the chunk's
+    READY buffer: the next use reads nothing, and evict gives it back. Nothing happens to a chunk that is not
+    STORED, or when the pool has no room."""
+    c = stored_chunk(swap, kind="params")
+    src = torch.full((MiB,), 7, dtype=torch.uint8)
+    read = swap.moved("params")["disk_read"]
+    assert swap.keep_copy(c, src) and c.state is ChunkState.READY
+    with swap.use(c, write=True) as buf:
+        assert bool((buf == 7).all())
+        assert buf.data_ptr() != src.data_ptr()  # a copy: the caller's memory stays the caller's
+    assert swap.moved("params")["disk_read"] == read
+    assert not swap.keep_copy(c, src)  # DIRTY now: its buffer holds the newest bytes
+    swap.write_back(c, wait=True)
+    full = [swap.pool.acquire(MiB) for _ in range(8)]
+    assert not swap.keep_copy(c, src) and c.state is ChunkState.STORED
+    for b in full:
+        b.release()
+    assert swap.keep_copy(c, src)
+    swap.evict(c)
+    assert c.state is ChunkState.STORED and swap.pool.in_use_bytes == 0
+
+
 def test_use_with_extra_brings_working_memory_after_the_bytes(swap):
     c = stored_chunk(swap, nbytes=5000)
     with swap.use(c, write=True, extra=3 * 4096) as buf:
