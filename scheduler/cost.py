@@ -543,6 +543,7 @@ class CostModel:
         chain = None  # overlapped: the update thread's last op; after backward: the last update
         flush_after: tuple[int, int] | None = None  # (unit, op) whose new params (nvme) the next update writes first
         upd_ops: list[int] = []  # the update thread's updates, in order (the overlapped read-ahead's issue points)
+        write_gate = None  # the state write the update thread waits for before its next update
         bufs = plan.state_buffers
         order = self.update_order(plan)
         for i in order:
@@ -579,11 +580,15 @@ class CostModel:
                     if src == "store" else None
                 if src == "device":  # copied as the unit leaves the device after its backward (compute thread)
                     old = add("d2h", f"keep {names[i]}", pb[i] * r["d2h"], [done_grad[i]], pb[i])
-                upd = add("cpu_update", f"update {names[i]}", p * r["cpu_update"], [*gate, rd, flush, grad_rd, old])
-                wr = None
+                upd = add("cpu_update", f"update {names[i]}", p * r["cpu_update"],
+                          [*gate, rd, flush, grad_rd, old, write_gate])
+                wr = write_gate = None
                 if pl.state is N:
                     wr = add("disk_write", f"state {names[i]}", sb[i] * r["disk_write"], [upd], sb[i])
                     state_release.append(wr)
+                    # One state write in flight: the update thread issues this write only once the one before it
+                    # landed (OffloadOptimizer._step_streamed), and only then goes on to the next update.
+                    write_gate = state_release[-2] if len(state_release) >= 2 else None
                 if pl.params is D:
                     add("h2d", f"new params {names[i]}", tpb[i] * r["h2d"], [upd], tpb[i])
                 flush_after = (i, upd) if pl.params is N else None

@@ -248,3 +248,19 @@ def test_disk_is_one_device_at_the_mixed_rate_when_reads_and_writes_pair_up():
     # A mixed rate equal to one-at-a-time's (harmonic mean of the two for equal bytes) changes nothing.
     even = dataclasses.replace(hw, disk_mixed_gbps=2 / (1 / 8 + 1 / 4))
     assert CostModel(w, even).disk_share(Traffic(disk_read_bytes=wr, disk_write_bytes=wr)) == pytest.approx(1.0)
+
+
+def test_an_update_waits_for_the_state_write_two_units_back():
+    """One state write in flight (OffloadOptimizer._step_streamed): the update thread issues a unit's state write
+    once the one before it landed, and only then goes on, so each update starts after the state write two units
+    back ended; without that wait a slow disk would let the updates run ahead of the writes."""
+    w, hw = _tiny(), dataclasses.replace(profile.resolve("cpu-dev-2core"), disk_write_gbps=0.01)
+    plan = Plan(strategy="t", prefetch_depth=0, overlap_update=False,
+                units=(UnitPlacement(D, N, "cpu"),) + (UnitPlacement(H, N, "cpu"),) * 3)
+    p = CostModel(w, hw).predict(plan, events=True)
+    ups = [e for e in p.events if e.resource == "cpu_update" and e.name.startswith("update")]
+    writes = [e for e in p.events if e.resource == "disk_write" and e.name.startswith("state")]
+    assert [e.name.split()[-1] for e in ups] == [e.name.split()[-1] for e in writes] and len(ups) == 4
+    for k in range(2, 4):
+        assert ups[k].start_s >= writes[k - 2].end_s - 1e-12
+    assert any(ups[k].start_s > ups[k - 1].end_s + 1e-9 for k in range(2, 4))  # the wait shows
