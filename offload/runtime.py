@@ -332,6 +332,7 @@ class OffloadRuntime:
         self._d2h_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._staging: list[Unit] = []  # units whose new weights the update is writing (NVMe params)
         self._keep_fetched = False  # this backward's fetches keep host copies for the overlapped update
+        self._warm_ok = False  # this step's updates keep new weights for the next forward (finish_unit_update)
         self._in_flight_bytes = 0  # _in_flight_need() for this step, taken when its last backward starts
         self._updating: Unit | None = None  # the unit whose subgroups the optimizer is updating
         self._hold = contextlib.ExitStack()  # that unit's chunks, held for its update
@@ -911,6 +912,7 @@ class OffloadRuntime:
                 elif not self.optimizer.begin_step():
                     self._overlapping = False
             self._keep_fetched = self._overlapping and any(x.param_tier is Tier.NVME for x in self.units)
+            self._warm_ok = self._keep_fetched
             self._bwd_seq = list(reversed(self._fwd_order))
             self._bwd_pos = -1
             if self._overlapping:
@@ -1133,11 +1135,15 @@ class OffloadRuntime:
         return max(0, budget.capacity_bytes - self.swap.pool.in_use_bytes - self._in_flight_bytes)
 
     def _let_go_kept(self) -> None:
-        """Give back the fetches' host copies kept for updates that did not take them (units without grads, a
-        step that did not come)."""
+        """Give back the host copies kept for updates that did not take them (units without grads, a step that
+        did not come); those kept for the next forward stay (its fetch takes them)."""
         for u in self.units:
-            if u.weights is not None and u.weights.kept:
+            if u.weights is not None and u.weights.kept and not self._fetched_first(u):
                 self.swap.evict(u.weights)
+
+    def _fetched_first(self, u: Unit) -> bool:
+        """Whether a forward fetches ``u`` before any compute: the rest unit, the first ``prefetch`` blocks."""
+        return u.index == 0 or u.index in self._fwd_order[:self.config.prefetch]
 
     def store_room_to_speculate(self) -> bool:
         """Whether the store has room for a speculative step: each chunk it writes (params and state updated,
@@ -1277,12 +1283,13 @@ class OffloadRuntime:
         kept on the device a pool buffer copied from or to the device."""
         write = not load if write is None else write
         if u.weights is not None:
+            kept = u.weights.kept  # a copy kept for the next fetch stays kept after a read
             with self.swap.use(u.weights, write=write, load=load) as flat:
                 yield flat
             if u.weights.home is Tier.NVME:
                 if write:
                     self.swap.write_back(u.weights, wait=wait)
-                else:
+                elif not kept:
                     self.swap.evict(u.weights)
             return
         with self.swap.pool.acquire(u.nbytes) as buf:
@@ -1444,8 +1451,14 @@ class OffloadRuntime:
         self._hold.close()
         staged, self._staging = self._staging, []
         for x in staged:
+            # The units the next forward fetches first (before any compute: the rest unit and the first
+            # ``prefetch`` blocks) keep their new weights in host memory after the write, where the pool has room:
+            # that fetch then reads nothing, and the forward does not start by waiting for the disk.
+            warm = self._warm_ok and self._fetched_first(x) and self._room_to_keep()
             with self.timeline.span("disk_write", f"params {x.name}", x.nbytes):
-                self.swap.write_back(x.weights, wait=True)
+                self.swap.write_back(x.weights, wait=True, evict=not warm)
+            if warm:
+                self.swap.keep(x.weights)
         if not (self._overlapping or self._step_pending):
             self._drop_grads(u)  # the overlapped update drops them in _update_unit
 
@@ -1464,6 +1477,7 @@ class OffloadRuntime:
 
     def after_step(self) -> None:
         self.finish_unit_update()
+        self._warm_ok = False
         self._let_go_kept()
         # A step consumes the grads kept on NVMe; a second step without a backward cannot apply them again.
         self.grads_consumed = self._dropped_device_grads or any(

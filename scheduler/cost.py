@@ -130,17 +130,19 @@ class Traffic(NamedTuple):
 
 
 def unit_traffic(pb: int, gb: int, sb: int, params: int, pl: UnitPlacement, *, fetches: int = 2,
-                 overlap: bool = True, tpb: int | None = None, weights_from: str | None = None) -> Traffic:
+                 overlap: bool = True, tpb: int | None = None, weights_from: str | None = None,
+                 warm: bool = False) -> Traffic:
     """The table in the module note, for one unit fetched ``fetches`` times (when its params are off the device),
     its update overlapped with backward or not. ``params``: the params it updates (0: all frozen, no update);
     ``tpb``: their bytes in the param chunk (default ``pb``); ``weights_from``: where the update takes its NVMe
-    params from before it changes them (:meth:`CostModel.update_weights_from`)."""
+    params from before it changes them (:meth:`CostModel.update_weights_from`); ``warm``: its first fetch finds
+    the weights the last step kept in host memory (:meth:`CostModel.warm`)."""
     tpb = pb if tpb is None else tpb
     h2d = d2h = rd = wr = 0
     if pl.params is H:
         h2d += fetches * pb
     elif pl.params is N:
-        rd += fetches * pb
+        rd += (fetches - (1 if warm and fetches else 0)) * pb
         h2d += fetches * pb
     if not params:
         return Traffic(h2d, d2h, rd, wr, 0, 0)
@@ -292,16 +294,26 @@ class CostModel:
             return 1
         return 1 if i in (self.kept(plan) if kept is None else kept) else 2
 
-    def unit_traffic(self, i: int, pl: UnitPlacement, *, fetches: int = 2, overlap: bool = True) -> Traffic:
+    def unit_traffic(self, i: int, pl: UnitPlacement, *, fetches: int = 2, overlap: bool = True,
+                     warm: bool = False) -> Traffic:
         return unit_traffic(self.pb[i], self.gb[i], self.state_bytes(i, pl), self.params[i], pl, fetches=fetches,
                             overlap=overlap, tpb=self.tpb[i],
-                            weights_from=self.update_weights_from(i, pl, fetches=fetches, overlap=overlap))
+                            weights_from=self.update_weights_from(i, pl, fetches=fetches, overlap=overlap),
+                            warm=warm)
+
+    def warm(self, i: int, plan: Plan) -> bool:
+        """Whether unit ``i``'s first fetch of an iteration reads nothing: an overlapped step keeps the new NVMe
+        weights of the units a forward fetches before any compute (the rest unit, the first ``prefetch_depth``
+        blocks) in host memory after writing them, where the host has room (not counted as required)."""
+        pl = plan.units[i]
+        first = (self.has_rest and i == 0) or i in self.blocks[:plan.prefetch_depth]
+        return pl.params is N and plan.overlap_update and self.params[i] > 0 and first
 
     def traffic(self, plan: Plan) -> Traffic:
         total, kept = Traffic(), self.kept(plan)
         for i, pl in enumerate(plan.units):
             total = total + self.unit_traffic(i, pl, fetches=self.fetches(i, plan, kept),
-                                              overlap=plan.overlap_update)
+                                              overlap=plan.overlap_update, warm=self.warm(i, plan))
         return total
 
     def memory(self, plan: Plan) -> dict[str, int]:
@@ -405,7 +417,8 @@ class CostModel:
         first = [0] if self.has_rest and plan.units[0].params is not D else []
         first += [self.blocks[0]] if self.blocks and plan.units[self.blocks[0]].params is not D else []
         for i in first:
-            head += self.pb[i] * r["h2d"] + (self.pb[i] * r["disk_read"] if plan.units[i].params is N else 0.0)
+            read = plan.units[i].params is N and not self.warm(i, plan)
+            head += self.pb[i] * r["h2d"] + (self.pb[i] * r["disk_read"] if read else 0.0)
         order = self.update_order(plan)
         if not order:  # nothing trains
             return head
@@ -487,9 +500,10 @@ class CostModel:
                       [("B", i) for i in reversed(blocks)]
 
         def fetch(kind: str, i: int, prev_h2d):
-            """Disk (nvme params) then h2d, on the one copy thread: after the previous fetch."""
+            """Disk (nvme params; not the forward fetch of a unit the last step kept warm) then h2d, on the one
+            copy thread: after the previous fetch."""
             rd = add("disk_read", f"{kind} fetch {names[i]}", pb[i] * r["disk_read"], [prev_h2d], pb[i]) \
-                if units[i].params is N else None
+                if units[i].params is N and not (kind == "F" and self.warm(i, plan)) else None
             return rd, add("h2d", f"{kind} fetch {names[i]}", pb[i] * r["h2d"], [rd, prev_h2d], pb[i])
 
         prev_h2d = rest_fetch = None

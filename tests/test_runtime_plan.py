@@ -22,6 +22,7 @@ from scheduler.cost import RESOURCES
 from scheduler.planner import Plan, UnitPlacement
 from scheduler.workload import build_transformer
 from storage import Tier
+from storage.alloc import round_up
 
 D, H, N = Tier.DEVICE, Tier.HOST, Tier.NVME
 SHAPE = dataclasses.replace(TINY_GPT, n_layer=5)
@@ -474,5 +475,14 @@ def test_updates_change_nvme_weights_in_host_memory_from_kept_copies(budget, tmp
         assert st["update_weights_read"] > 0
     else:
         assert st["update_weights_read"] == 0
-    assert p.rt.swap.pool.stats()["cached_bytes"] == 0  # nothing kept past the step
+    # Past the step only the new weights of the units the next forward fetches first stay (rest, first block)
+    rt = p.rt
+    warm = [u for u in rt.units if u.weights.kept]
+    assert {u.index for u in warm} <= {0, rt._fwd_order[0]} and (warm or budget)
+    assert rt.swap.pool.stats()["cached_bytes"] == sum(round_up(u.nbytes) for u in warm)
+    before = rt.swap.moved("params")["disk_read"]
+    loss = lm_loss(p.model, batches(1, seed=7)[0])  # a forward fetches every unit once; the warm ones from memory
+    assert rt.swap.moved("params")["disk_read"] - before == sum(u.nbytes for u in rt.units if u not in warm)
+    loss.backward()
+    p.opt.step()
     close(p.rt)

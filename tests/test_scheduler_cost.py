@@ -39,9 +39,12 @@ def test_bytes_per_link_equal_a_hand_count():
     assert t.disk_read_bytes == 1200 + 800 + 3600
     assert t.disk_write_bytes == 1200 + 400 + 3600
     assert (t.cpu_update_params, t.device_update_params) == (1100, 500)
-    # Prefetch depth 2 keeps b1 too from its forward into backward: one fetch (disk + h2d) of 400 fewer.
+    # Prefetch depth 2 keeps b1 too from its forward into backward: one fetch (disk + h2d) of 400 fewer; and b1,
+    # now fetched before any compute, finds the new weights the last step kept in memory: its fetch reads nothing.
     t2 = CostModel(w, hw).traffic(dataclasses.replace(plan, prefetch_depth=2))
-    assert t - t2 == Traffic(h2d_bytes=400, disk_read_bytes=400)
+    assert t - t2 == Traffic(h2d_bytes=400, disk_read_bytes=800)
+    assert t2 - CostModel(w, hw).traffic(dataclasses.replace(plan, prefetch_depth=2, overlap_update=False)) == \
+        Traffic(disk_read_bytes=-400)  # kept only by a step whose update overlaps backward
 
 
 def test_bytes_with_the_rest_unit_off_the_device_grads_on_nvme_and_fp32_masters():
@@ -59,16 +62,17 @@ def test_bytes_with_the_rest_unit_off_the_device_grads_on_nvme_and_fp32_masters(
         # h2d: rest once 4000, b0 2x400, b1 2x800, b2 2x1200; d2h: every grad, 4 B per param, and when the
         # update overlaps backward the rest's params 4000, copied for its update as they leave the device
         assert t.h2d_bytes == 4000 + 800 + 1600 + 2400 and t.d2h_bytes == 4 * 1600 + (4000 if overlap else 0)
-        # disk read: rest params once 4000 + rest state 8000 + b0 state 800 + b1 fetches 1600; b1's update takes
-        # its backward fetch's host copy when it overlaps backward; waiting for backward, both read their params
-        # again (4000 + 800)
-        assert t.disk_read_bytes == 4000 + 8000 + 800 + 1600 + (0 if overlap else 4000 + 800) + spill
+        # disk read: rest state 8000 + b0 state 800 + b1 fetches 1600. Overlapping backward, b1's update takes
+        # its backward fetch's host copy, and the rest's one fetch finds the new weights the last step kept in
+        # memory; waiting for backward, the rest's params are read (4000) and both updates read theirs again
+        # (4000 + 800)
+        assert t.disk_read_bytes == 8000 + 800 + 1600 + (0 if overlap else 4000 + 4000 + 800) + spill
         # disk write: rest new params 4000 + rest state 8000 + b0 state 800 + b1 new params 800
         assert t.disk_write_bytes == 4000 + 8000 + 800 + 800 + spill
     # A device update of params off the device keeps a master: the rest's state is 12 B per param
     t = CostModel(w, hw).traffic(Plan(strategy="t", prefetch_depth=0, units=(
         UnitPlacement(N, N, "device"), b0, b1, b2)))
-    assert t.disk_read_bytes == 4000 + 12000 + 800 + 1600
+    assert t.disk_read_bytes == 12000 + 800 + 1600  # the rest's fetch finds the weights kept warm, as above
 
 
 def test_memory_equals_a_hand_count():
@@ -230,7 +234,8 @@ def test_disk_is_one_device_at_the_mixed_rate_when_reads_and_writes_pair_up():
     w = dataclasses.replace(_tiny(), **workload.precision("fp32"))
     hw = dataclasses.replace(profile.resolve("rtx4090-pcie4-gen4nvme"), disk_read_gbps=8.0, disk_write_gbps=4.0,
                              disk_mixed_gbps=2.0)
-    plan = Plan(strategy="t", units=(UnitPlacement(N, N, "cpu"),) * 4)
+    # waiting for backward, each update reads its params again: the plan reads more than it writes
+    plan = Plan(strategy="t", units=(UnitPlacement(N, N, "cpu"),) * 4, overlap_update=False)
     cm = CostModel(w, hw)
     p = cm.predict(plan, events=True)
     r, wr = p.traffic.disk_read_bytes, p.traffic.disk_write_bytes
