@@ -274,9 +274,9 @@ def _measure_clip(args, shape, w, hw, plan, d: str, log) -> list[dict]:
     """``offload plan --measure --clip``: the plan run with a max_grad_norm no step reaches and with one every step
     exceeds, each against its price, with speculation on where the price says it pays on steps that do not clip
     (OffloadConfig.speculate; else every step waits for backward, as the printed advice says). Steps that clip:
-    a speculating run rolls its first step back, then the policy waits for backward."""
+    a speculating run rolls its first step back, then the policy waits for backward. Each row runs in a process
+    of its own (:func:`_in_own_process`)."""
     from offload.config import OffloadConfig
-    from offload.measure import measure
     from scheduler.cost import CostModel
     from scheduler.speculation import price
 
@@ -293,14 +293,40 @@ def _measure_clip(args, shape, w, hw, plan, d: str, log) -> list[dict]:
         # steps that wait for backward settle after two more (the in-memory 124M plan: 1.00, 0.87, then 0.59 s).
         # The policy's timing rule is off: each row measures its own kind of step, as it is priced.
         log(f"measuring with clipping, {steps} (max_grad_norm={norm:g}, speculate={speculate}; predicted "
-            f"{predicted:.2f} s): 4 warm-ups + {args.iters} iterations")
-        c = measure(shape, OffloadConfig(nvme_dirs=d, max_grad_norm=norm, speculate=speculate), hw, batch=args.batch,
-                    seq=args.seq, iters=args.iters, warmup=4, name=args.model, plan=plan, progress=log,
-                    prepare=_untimed_speculation)
+            f"{predicted:.2f} s): 4 warm-ups + {args.iters} iterations, in a process of its own")
+        config = OffloadConfig(nvme_dirs=d, max_grad_norm=norm, speculate=speculate)
+        c = _in_own_process(_clip_row, shape, config, hw.to_dict(), plan, bool(args.json),
+                            dict(batch=args.batch, seq=args.seq, iters=args.iters, warmup=4, name=args.model))
         rows.append({"steps": steps, "max_grad_norm": norm, "speculate": speculate, "how": how,
-                     "predicted_s": predicted, "measured_s": c.measured_s, "ratio": predicted / c.measured_s,
-                     "set_aside": c.set_aside, "disturbed": c.disturbed})
+                     "predicted_s": predicted, "measured_s": c["measured_s"], "ratio": predicted / c["measured_s"],
+                     "set_aside": c["set_aside"], "disturbed": c["disturbed"]})
     return rows
+
+
+def _in_own_process(fn, *args):
+    """``fn(*args)`` in a fresh (spawned) Python process; its result. A measurement run after another in one
+    process found the memory the first one freed handed back to this VM's host (free page reporting) and paid a
+    page fault for each of its pages again: the steps that wait for backward of an NVMe plan grew 1.15 -> 1.58 s
+    within such a run, against a steady 1.19-1.21 s in a process of their own."""
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as ex:
+        return ex.submit(fn, *args).result()
+
+
+def _clip_row(shape, config, hw: dict, plan, to_stderr: bool, kw: dict) -> dict:
+    """One row of ``offload plan --measure --clip``: :func:`offload.measure.measure` of ``plan`` under ``config``
+    (clipping), its policy not timing steps; what the row reports of it."""
+    from offload.measure import measure
+    from scheduler.profile import HardwareProfile
+
+    def log(m: str) -> None:
+        print(m, file=sys.stderr if to_stderr else sys.stdout, flush=True)
+
+    c = measure(shape, config, HardwareProfile.from_dict(hw), plan=plan, progress=log, prepare=_untimed_speculation,
+                **kw)
+    return {"measured_s": c.measured_s, "set_aside": c.set_aside, "disturbed": c.disturbed}
 
 
 def _untimed_speculation(run) -> None:

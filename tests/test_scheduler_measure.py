@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 
-from offload import OffloadConfig
+from offload import OffloadConfig, cli
 from offload.cli import main
 from offload.measure import RUNNABLE, config_to_plan, measure, plan_to_config, runnable_plan, workload_of
 from scheduler import profile
@@ -160,6 +161,17 @@ def test_plan_measure_bad_input(tmp_path, capsys):
     assert "expected --iters >= 1, got 0" in capsys.readouterr().err
 
 
+def test_a_clipping_row_is_measured_in_a_process_of_its_own(tmp_path):
+    """`--measure --clip` runs each row in a fresh process (a run after another in one process pays page faults
+    for the memory the first freed, on this VM): the row's inputs travel there and its figures come back."""
+    assert cli._in_own_process(os.getpid) != os.getpid()
+    w = workload_of(SHAPE, batch=2, seq=8)
+    cfg = OffloadConfig(nvme_dirs=str(tmp_path), max_grad_norm=1e6, param_tier="nvme", state_tier="nvme")
+    row = cli._in_own_process(cli._clip_row, SHAPE, cfg, profile.resolve("cpu-dev-2core").to_dict(),
+                              config_to_plan(cfg, w), False, dict(batch=2, seq=8, iters=1, warmup=1, name="tiny"))
+    assert row["measured_s"] > 0 and row["set_aside"] >= 0 and row["disturbed"] in (True, False)
+
+
 @pytest.mark.parametrize("speculates", [True, False])
 def test_plan_measure_clip_runs_the_policy_its_price_chooses(speculates, tmp_path, monkeypatch, capsys):
     """`--measure --clip`: steps that do not clip speculate only where the price says committing beats waiting
@@ -190,6 +202,7 @@ def test_plan_measure_clip_runs_the_policy_its_price_chooses(speculates, tmp_pat
             timed.append(run.opt.speculation.timed)
         return measure(*a, **k, prepare=then_record)
     monkeypatch.setattr(m, "measure", recording)
+    monkeypatch.setattr(cli, "_in_own_process", lambda fn, *a: fn(*a))  # rows in this process: recorded here
     assert main(["plan", "tinyclip:make", "--batch", "2", "--seq", "8", "--profile", "cpu-dev-2core", "--measure",
                  "--clip", "--iters", "1", "--json", "--dir", str(tmp_path / "store")]) == 0
     rows = json.loads(capsys.readouterr().out)["clipping"]
