@@ -334,6 +334,7 @@ class OffloadRuntime:
         self._keep_fetched = False  # this backward's fetches keep host copies for the overlapped update
         self._warm_ok = False  # this step's updates keep new weights for the next forward (finish_unit_update)
         self._in_flight_bytes = 0  # _in_flight_need() for this step, taken when its last backward starts
+        self._may_keep = config.host_budget_bytes is not None or not self.host_short()  # _room_to_keep
         self._updating: Unit | None = None  # the unit whose subgroups the optimizer is updating
         self._hold = contextlib.ExitStack()  # that unit's chunks, held for its update
         self._fwd_order: list[int] = [u.index for u in self.units[1:]]
@@ -688,8 +689,11 @@ class OffloadRuntime:
         return u.frozen and all(site == "cpu" for _, site in self.optimizer.unit_placements(u.index))
 
     def _room_to_keep(self) -> bool:
-        """Whether the pool can keep one more host copy for an update and still hold this step's transfers in
-        flight."""
+        """Whether the pool can keep one more host copy (for an update, or for the next forward) and still hold
+        this step's transfers in flight. Never where memory is short and no host budget says how much the pool
+        may take: its capacity is then what was free at wrap, which activations and torch's own buffers share."""
+        if not self._may_keep:
+            return False
         pool = self.swap.pool
         return pool.budget.capacity_bytes - pool.in_use_bytes >= self._in_flight_bytes
 

@@ -12,7 +12,7 @@ import torch
 import helpers
 from helpers import TINY_GPT, lm_loss, token_batches
 from offload import OffloadConfig, RunReport, load_checkpoint, save_checkpoint, wrap
-from offload.runtime import runtime_of
+from offload.runtime import OffloadRuntime, runtime_of
 from offload.measure import measure, workload_of
 from scheduler.cost import CostModel
 from offload.report import placement_text
@@ -455,23 +455,28 @@ def test_device_grads_wait_for_lagging_updates_and_stay_exact(tmp_path):
     rt.close()
 
 
-@pytest.mark.parametrize("budget", [False, True], ids=["room", "host-budget-at-minimum"])
-def test_updates_change_nvme_weights_in_host_memory_from_kept_copies(budget, tmp_path):
+@pytest.mark.parametrize("budget", [False, True, "short"], ids=["room", "host-budget-at-minimum", "host-short"])
+def test_updates_change_nvme_weights_in_host_memory_from_kept_copies(budget, tmp_path, monkeypatch):
     """fp32 params on NVMe keep no master: the overlapped update changes them in host memory, taking the copy the
     unit's backward fetch brought (or, for units not fetched again for backward, a copy of their device params)
     instead of reading them from the store again, where the host pool has room beyond the transfers in flight.
-    Without that room (a host budget at the placement's minimum) they are read again. Bit-identical either way."""
+    Without that room (a host budget at the placement's minimum), or where memory is short and no budget bounds
+    the pool, they are read again. Bit-identical either way."""
     first = plan(ALL_NVME)
     p = Pair(tmp_path / "probe", first)
     minimum = sum(p.rt.host_minimum().values())
     close(p.rt)
-    p = Pair(tmp_path / "run", first, **({"host_budget_bytes": minimum} if budget else {}))
+    if budget == "short":  # the model larger than the memory the process may use
+        monkeypatch.setattr(OffloadRuntime, "host_short", lambda self: True)
+    p = Pair(tmp_path / "run", first, **({"host_budget_bytes": minimum} if budget is True else {}))
     assert not any(s.has_master for s in p.opt._subgroups)
     for idx in batches(3):
         p.step(idx)
     st = p.rt.stats
     assert st["update_weights_kept"] + st["update_weights_read"] == 3 * UNITS
-    if budget:
+    if budget == "short":
+        assert st["update_weights_kept"] == 0
+    elif budget:
         assert st["update_weights_read"] > 0
     else:
         assert st["update_weights_read"] == 0
@@ -479,6 +484,7 @@ def test_updates_change_nvme_weights_in_host_memory_from_kept_copies(budget, tmp
     rt = p.rt
     warm = [u for u in rt.units if u.weights.kept]
     assert {u.index for u in warm} <= {0, rt._fwd_order[0]} and (warm or budget)
+    assert not (warm and budget == "short")
     assert rt.swap.pool.stats()["cached_bytes"] == sum(round_up(u.nbytes) for u in warm)
     before = rt.swap.moved("params")["disk_read"]
     loss = lm_loss(p.model, batches(1, seed=7)[0])  # a forward fetches every unit once; the warm ones from memory
