@@ -57,7 +57,7 @@ from torch import nn
 
 from offload.config import OffloadConfig
 from offload.optimizer import OffloadOptimizer, ParamHome
-from offload.swap import Chunk, DeviceCache, SwapManager
+from offload.swap import Chunk, ChunkState, DeviceCache, SwapManager
 from offload.timeline import Timeline
 from scheduler.buffers import DEFAULT_GRAD_BUFFERS
 from scheduler.planner import Plan, UnitPlacement
@@ -702,8 +702,9 @@ class OffloadRuntime:
         overlapped update that follows takes its NVMe weights, which its backward fetch did not bring (the rest
         unit, blocks kept on the device from their forward): copy its device params to a host buffer for the
         update, instead of reading them from the store again. Nothing when a copy is there already."""
-        if not (self._keep_fetched and u.nbytes and self._update_takes_weights(u) and self._room_to_keep()):
-            return
+        if not (self._keep_fetched and u.nbytes and self._update_takes_weights(u)
+                and u.weights.state is ChunkState.STORED and self._room_to_keep()):
+            return  # not STORED: a copy is there or on its way (keep_copy checks again, under the lock)
         if self.device.type == "cuda":
             self._sync_compute()
         with self.timeline.span("d2h", f"keep {u.name}", u.nbytes):

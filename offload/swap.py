@@ -16,11 +16,11 @@ A chunk's state machine (:class:`ChunkState`), every transition made under the m
     READY | DIRTY --write_back()--> WRITING --write lands--> STORED (evict) | READY
     READY --evict()--> STORED                    the buffer goes back to the pool; the store has the bytes
     STORED --keep_copy()--> READY                 a copy of bytes the caller vouches equal the stored ones
+    any --drop()--> EMPTY                        the bytes are forgotten (grads consumed by a step)
 
 A READY store chunk may be kept (:meth:`SwapManager.keep`, and ``keep_copy``): its buffer waits for a later user
 instead of going back to the pool, counted by the pool as cached, not needed, until a writer takes it or it is
 let go.
-    any --drop()--> EMPTY                        the bytes are forgotten (grads consumed by a step)
 
 A buffer is handed out only in READY or DIRTY: a read still landing (LOADING) or a write still reading the
 buffer (WRITING) makes the caller wait on the manager's condition, so "a read into a buffer that a grad thread
