@@ -29,6 +29,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from offload.distributed import spawned_rank
+
 KINDS = ("reduce_scatter", "all_gather", "all_reduce")
 
 
@@ -40,6 +42,11 @@ def wire_factor(kind: str, world: int) -> float:
 def _rank(rank: int, world: int, tmp: str, sizes: list[int], rounds: int, threads: int, out: str) -> None:
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    with spawned_rank():
+        _time_collectives(rank, world, sizes, rounds, out)
+
+
+def _time_collectives(rank: int, world: int, sizes: list[int], rounds: int, out: str) -> None:
     rs = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     ag = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     times: dict[str, list[float]] = {}
@@ -63,7 +70,6 @@ def _rank(rank: int, world: int, tmp: str, sizes: list[int], rounds: int, thread
     if rank == 0:
         with open(out, "w") as f:
             json.dump(times, f)
-    dist.destroy_process_group()
 
 
 def fit(points: list[tuple[float, float]]) -> tuple[float, float]:

@@ -116,10 +116,8 @@ def _rank_main(rank: int, world: int, tmp: str, spec: dict) -> None:
     flush_denormals()  # a measurement condition, as offload.measure.Run's (scheduler.probe.flush_denormals says why)
     torch.set_num_threads(spec["threads"])
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
-    try:
+    with sharded_mod.spawned_rank():
         torch.save(_rank_run(rank, world, Path(tmp), spec), Path(tmp) / f"result{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def _rank_run(rank: int, world: int, tmp: Path, spec: dict) -> dict:
