@@ -42,7 +42,7 @@ from scheduler.buffers import DEVICE_BUDGET_TERMS
 from scheduler.probe import flush_denormals
 from scheduler.profile import HardwareProfile, resolve as resolve_profile
 from scheduler.workload import TransformerShape, Workload, build_transformer, from_module, precision
-from storage import Tier, format_bytes
+from storage import Tier, faults, format_bytes
 
 D, H, N = Tier.DEVICE, Tier.HOST, Tier.NVME
 RUNNABLE = tuple(UnitPlacement(p, s, "cpu") for p in (H, N) for s in (H, N))
@@ -162,12 +162,13 @@ class Run:
 
     def counters(self) -> dict[str, int]:
         """Bytes moved so far, per link: h2d and d2h as the runtime and its optimizer count them, the disk as the
-        store does (every byte that goes through it), and the runtime's and optimizer's own disk counts."""
+        store does (every byte asked of it, counted when asked: a step's last writes land during the next
+        forward), and the runtime's and optimizer's own disk counts."""
         rt, opt = self.rt.report(), self.opt.report()
         store = opt.get("store") or {}
         return {"h2d": rt["h2d_bytes"] + opt["h2d_bytes"], "d2h": rt["d2h_bytes"] + opt["d2h_bytes"],
-                "disk_read": store.get("nvme.read", {}).get("bytes", 0),
-                "disk_write": store.get("nvme.write", {}).get("bytes", 0),
+                "disk_read": store.get("nvme.read", {}).get("issued_bytes", 0),
+                "disk_write": store.get("nvme.write", {}).get("issued_bytes", 0),
                 "disk_read_counted_by_runtime": rt["disk_read_bytes"] + opt["read_bytes"],
                 "disk_write_counted_by_runtime": rt["disk_write_bytes"] + opt["write_bytes"]}
 
@@ -410,11 +411,16 @@ class MemoryComparison:
 
 
 def measure_memory(shape: TransformerShape, config: OffloadConfig, *, batch: int, seq: int, iters: int = 3,
-                   frozen: tuple[int, ...] = (), name: str = "model") -> MemoryComparison:
+                   frozen: tuple[int, ...] = (), name: str = "model", slow_writes_s: float = 0.01) -> MemoryComparison:
     """Train a model of ``shape`` (blocks ``frozen`` with ``requires_grad=False``) under ``config`` for ``iters``
     steps and compare each tier's peak over the run (the first step included: it makes the optimizer state and
     speculates) with the cost model's prediction for the same placement. ``max_grad_norm`` is best set high
-    enough never to clip: a step that clips is undone and redone, which the prediction does not price."""
+    enough never to clip: a step that clips is undone and redone, which the prediction does not price.
+
+    Every store write lands ``slow_writes_s`` late (:mod:`storage.faults`): the pipeline holds a buffer per write
+    in flight beside the ones it goes on with, and a small model's writes would land at once, before the next
+    buffer is taken; on a real disk a write takes as long as the work beside it, and the peak the prediction
+    prices is reached."""
     torch.manual_seed(0)
     model = build_transformer(shape, device="cpu")
     for i in frozen:
@@ -426,12 +432,15 @@ def measure_memory(shape: TransformerShape, config: OffloadConfig, *, batch: int
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model, opt = wrap(model, opt, config)
     rt = runtime_of(model)
+    slow = (lambda site, key: slow_writes_s if site == "store.write_done" else None)  # noqa: E731
     try:
         gen = torch.Generator().manual_seed(1)
-        for _ in range(iters):
-            _lm_loss(model, torch.randint(0, shape.vocab, (batch, seq + 1), generator=gen)).backward()
-            opt.step()
-            opt.zero_grad()
+        with faults.inject_delays(seed=None, rule=slow):
+            for _ in range(iters):
+                _lm_loss(model, torch.randint(0, shape.vocab, (batch, seq + 1), generator=gen)).backward()
+                opt.step()
+                opt.zero_grad()
+            rt.settle_step_io()
         store = rt.swap.store if rt.swap.store_open else None
         pool = rt.pool.stats()
         measured = {"device": rt.device_budget.peak_bytes, "host": pool["peak_needed_bytes"],

@@ -324,6 +324,9 @@ class OffloadOptimizer(torch.optim.Optimizer):
         # a chunk leaves once the swap manager has given its buffer back). Under the overlapped update (one
         # unit per call) reads ahead and write-backs outlive a call: finish_unit_io settles them at the step's end.
         self._held: dict[int, _Subgroup] = {}
+        self.state_written: Callable[[], None] | None = None
+        """Called on an I/O thread when a state write-back of the overlapped update (``update_unit``) lands: the
+        runtime then reads further ahead into the buffer it freed."""
         self._param_shapes = {p: self._shape_of(p) for g in self.param_groups for p in g["params"]}
         self._subgroups: list[_Subgroup] = []
         self._setup_memory()
@@ -726,6 +729,8 @@ class OffloadOptimizer(torch.optim.Optimizer):
                                "apply them a second time as plain PyTorch would. Run loss.backward() before each "
                                "step (or zero_grad() for a step without gradients)")
         t0 = time.perf_counter()
+        if self._runtime is not None:
+            self._runtime.settle_step_io()  # the last step's writes, still landing, touch the chunks this one uses
         if not self.begin_step():
             self._clipped = False
             if self._runtime is not None:
@@ -1024,8 +1029,10 @@ class OffloadOptimizer(torch.optim.Optimizer):
             while nxt < len(subs) and self._buffers_held() + spare < limit and self._prefetch(subs[nxt]):
                 nxt += 1
 
-        def writing() -> list[Chunk]:
-            return [s.chunk for s in self._held.values() if s.chunk.state is ChunkState.WRITING]
+        def writing(other_than: int | None = None) -> list[Chunk]:
+            """Chunks being written; ``other_than``: only those of other units than this one."""
+            return [s.chunk for s in self._held.values() if s.chunk.state is ChunkState.WRITING
+                    and (other_than is None or s.unit != other_than)]
 
         written: list[_Subgroup] = []
         try:
@@ -1062,12 +1069,15 @@ class OffloadOptimizer(torch.optim.Optimizer):
                 self._held[sub.index] = sub
                 if pos >= len(subs) - keep:
                     continue  # stays in memory: the next step, going the other way, starts with it
-                # One state write in flight at a time: the disk serves them one after another anyway (each is
-                # already split into blocks across the store's threads), and the store's room for versions in
-                # flight is then one chunk, whatever the disk's speed (scheduler/buffers.py, write_room).
-                while w := writing():
+                # One unit's state writes in flight at a time (with offload.wrap; else one chunk's): the disk
+                # serves them one after another anyway (each is already split into blocks across the store's
+                # threads), and the store's room for versions in flight is then one unit's state, whatever the
+                # disk's speed (scheduler/buffers.py, write_room). A unit's own subgroups do not wait for each
+                # other: the update thread goes on to the next one, and the step's last unit (whose writes the
+                # step does not wait for) never waits.
+                while w := writing(other_than=sub.unit):
                     swap.wait_any(w)
-                swap.write_back(c)
+                swap.write_back(c, on_landed=self.state_written if late_writes else None)
                 written.append(sub)
         except BaseException:
             # A read that failed (a checksum mismatch, a full disk): give the read-ahead buffers back before
@@ -1419,6 +1429,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         """The state dict a plain optimizer of the same class would have (loadable by it), built one subgroup at
         a time. For low-precision params each entry also carries ``master``, the fp32 weights."""
+        self._settle_last_step()
         sd = super().state_dict()  # param_groups with indices; our own self.state is empty
         state: dict[int, dict] = {}
         for sub in self._subgroups:
@@ -1447,6 +1458,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict from this class or from the plain optimizer class (same model, same param order)."""
+        self._settle_last_step()
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups):
             raise ValueError(f"load_state_dict: the state dict has {len(groups)} param groups, this optimizer has "
@@ -1499,6 +1511,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
         their own shape when the span is the whole parameter, else flat), scalars and non-tensors as they are.
         ``master`` says the subgroup keeps fp32 master weights: include ``"master"`` when known, else they are
         taken from the current weights (load those first). A piece with no state returns ``{}``."""
+        self._settle_last_step()
         for sub in self._subgroups:
             tensors, small = [], [dict() for _ in sub.pieces]
             for pi, pc in enumerate(sub.pieces):
@@ -1532,6 +1545,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
         flat; a view into the chunk, valid until the next subgroup: copy what you keep) or a non-tensor value.
         ``"master"`` is the fp32 master weights. Per-parameter scalars (Adam's ``step``) come once per parameter,
         with the whole parameter's span."""
+        self._settle_last_step()
         seen: set[tuple[int, str]] = set()
         for sub in self._subgroups:
             with self._resident(sub) as mem:
@@ -1555,6 +1569,11 @@ class OffloadOptimizer(torch.optim.Optimizer):
             raise ValueError(f"load_loss_scaler_state: got loss scaler state {state!r}, but this optimizer has no "
                              f"loss scaling: resume fp16 training with OffloadConfig(loss_scale=...) as it was saved")
         self._scale, self._good_steps = float(state["scale"]), int(state["good_steps"])
+
+    def _settle_last_step(self) -> None:
+        """Under offload.wrap: the writes the last step left in flight land first (and a failed one is raised)."""
+        if self._runtime is not None:
+            self._runtime.settle_step_io()
 
     @contextlib.contextmanager
     def _resident(self, sub: _Subgroup):

@@ -307,6 +307,8 @@ class RunReport:
     def save_trace(self, directory: str | os.PathLike) -> Path | None:
         """Write ``trace.json``, the last iteration in Chrome trace format, if there is one; returns its path."""
         rt = self.runtime
+        if rt is not None:
+            rt.settle_step_io()  # the last step's writes are on its timeline once they have landed
         tl = None if rt is None else rt.timeline if rt.timeline.events else rt.last_timeline
         if tl is None or not tl.events:
             return None

@@ -321,6 +321,7 @@ class OffloadRuntime:
         self._submitted: set[int] = set()
         self._grad_units: set[int] = set()  # units whose grads this overlapped backward has started
         self._update_seq: list[int] = []  # unit indices in the order the overlapped update reaches them
+        self._last_update: int | None = None  # the unit the update thread reached last (its thread's)
         self.last_timeline: Timeline | None = None
         # One record per iteration (the last 1000): its measured time, timeline summary and the byte counters
         # after it. Run reports (offload/report.py) and `offload run` read it; it costs a few µs per step.
@@ -331,6 +332,8 @@ class OffloadRuntime:
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._d2h_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._staging: list[Unit] = []  # units whose new weights the update is writing (NVMe params)
+        self._params_writing: list[Unit] = []  # their writes in flight, settled before the next unit's update
+        self._step_io: concurrent.futures.Future | None = None  # the last step's writes left in flight (settle_step_io)
         self._keep_fetched = False  # this backward's fetches keep host copies for the overlapped update
         self._warm_ok = False  # this step's updates keep new weights for the next forward (finish_unit_update)
         self._in_flight_bytes = 0  # _in_flight_need() for this step, taken when its last backward starts
@@ -593,7 +596,9 @@ class OffloadRuntime:
                              "the OffloadOptimizer itself")
         # One device, one budget, one store: state kept on the device and device updates count against the
         # params' budget; state on the host against the same pool.
-        return OffloadOptimizer(optimizer, config=self.config, runtime=self)
+        opt = OffloadOptimizer(optimizer, config=self.config, runtime=self)
+        opt.state_written = self._state_landed
+        return opt
 
     # -- what the optimizer asks of the runtime (OffloadOptimizer's `runtime`) -----------------------------------
     def home_of(self, param: nn.Parameter) -> tuple[int, ParamHome] | None:
@@ -924,6 +929,7 @@ class OffloadRuntime:
                 # Updates follow backward (the rest unit's grads complete last); start reading the first units'
                 # state now, while backward computes.
                 self._update_seq = self._bwd_seq + [0]
+                self._last_update = None
                 self._update_futures.append(self._update_pool.submit(self._prefetch_state, None))
             self._bwd_t0 = self.timeline.now()
             for x in self.units:
@@ -1104,7 +1110,16 @@ class OffloadRuntime:
         if units:
             self.optimizer.prefetch_state(units)
 
+    def _state_landed(self) -> None:
+        """On an I/O thread: a state write-back of the overlapped update landed and freed a buffer. The update
+        thread, which owns the read-ahead, reads further ahead into it: at once when it waits for the next unit's
+        grads, after the unit it updates now otherwise (whose start reads ahead too)."""
+        if self._overlapping or self._step_pending:
+            with contextlib.suppress(RuntimeError):  # the lane shut down (close): nothing more to read
+                self._update_pool.submit(lambda: self._prefetch_state(self._last_update))
+
     def _update_unit(self, u: Unit) -> None:
+        self._last_update = u.index
         self._prefetch_state(u.index)  # the next units' state reads run while this one updates
         # The unit's grads are held for the whole update: nothing spills or drops them under it.
         try:
@@ -1167,7 +1182,7 @@ class OffloadRuntime:
         scaling, whose speculation unscales the grads in place."""
         concurrent.futures.wait(self._update_futures)
         try:
-            self._update_pool.submit(self.optimizer.finish_unit_io).result()
+            self._update_pool.submit(self._finish_step_io).result()
             for f in self._update_futures:
                 f.result()
         finally:
@@ -1193,7 +1208,7 @@ class OffloadRuntime:
     def wait_updates(self) -> None:
         """Until the overlapped updates of this step are done (and their I/O settled); the step stays open."""
         concurrent.futures.wait(self._update_futures)
-        self._update_pool.submit(self.optimizer.finish_unit_io).result()
+        self._update_pool.submit(self._finish_step_io).result()
 
     def overlap_started(self) -> bool:
         return self._overlapping or self._step_pending
@@ -1211,12 +1226,20 @@ class OffloadRuntime:
         try:
             try:
                 try:
+                    self.settle_step_io()  # the step before's writes (landed long ago: the update thread is FIFO)
                     for f in self._update_futures:
                         f.result()  # the first failure, if any
                 finally:
                     # Write-backs the updates left in flight, read-ahead no update used: settled on the update
-                    # thread, which owns them (the only one that touches them).
-                    self._update_pool.submit(self.optimizer.finish_unit_io).result()
+                    # thread, which owns them (the only one that touches them). A step that commits as it is
+                    # returns without waiting for them: they land during the next forward, whose fetches go before
+                    # them on the disk (storage/workers.py); a speculative one waits, since validating it may
+                    # roll them back.
+                    io = self._update_pool.submit(self._finish_step_io)
+                    if speculating:
+                        io.result()
+                    else:
+                        self._step_io = io
             except BaseException:
                 if speculating:  # a failed speculative step leaves the model as it was before the step
                     self.optimizer.abandon_speculation()
@@ -1275,10 +1298,12 @@ class OffloadRuntime:
         return u.state is ParamState.RESIDENT or not self._released_once
 
     def check_between_steps(self, what: str) -> None:
-        """Raise unless between steps (not in backward, no overlapped updates left to collect)."""
+        """Raise unless between steps (not in backward, no overlapped updates left to collect); then wait for the
+        last step's writes (:meth:`settle_step_io`)."""
         if self._in_backward or self._step_pending or self._staging:
             raise RuntimeError(f"cannot {what} while a step is in progress (in backward, or updates of the last "
                                f"backward not collected): call optimizer.step() first")
+        self.settle_step_io()
 
     @contextlib.contextmanager
     def _weights_of(self, u: Unit, *, load: bool, write: bool | None = None, wait: bool = True):
@@ -1448,8 +1473,9 @@ class OffloadRuntime:
         self._updating, self._hold = u, hold
 
     def finish_unit_update(self) -> None:
-        """The unit being updated is done: let go of its chunks, write its new weights to the store (NVMe params),
-        and outside the overlapped update drop its consumed NVMe grads."""
+        """The unit being updated is done: let go of its chunks, start writing its new weights to the store (NVMe
+        params: once the unit before's have landed, one unit's write in flight at a time), and outside the
+        overlapped update drop its consumed NVMe grads."""
         u, self._updating = self._updating, None
         if u is None:
             return
@@ -1458,14 +1484,44 @@ class OffloadRuntime:
         for x in staged:
             # The units the next forward fetches first (before any compute: the rest unit and the first
             # ``prefetch`` blocks) keep their new weights in host memory after the write, where the pool has room:
-            # that fetch then reads nothing, and the forward does not start by waiting for the disk.
+            # that fetch then reads nothing (not even waiting for the write: it shares the buffer being written),
+            # and the forward does not start by waiting for the disk.
             warm = self._warm_ok and self._fetched_first(x) and self._room_to_keep()
-            with self.timeline.span("disk_write", f"params {x.name}", x.nbytes):
-                self.swap.write_back(x.weights, wait=True, evict=not warm)
-            if warm:
-                self.swap.keep(x.weights)
+            self._settle_params_writes()
+            self.swap.write_back(x.weights, keep=warm)
+            self._params_writing.append(x)
         if not (self._overlapping or self._step_pending):
             self._drop_grads(u)  # the overlapped update drops them in _update_unit
+
+    def _settle_params_writes(self) -> None:
+        """Wait for the new weights written by :meth:`finish_unit_update`; raise the first failed write (its chunk
+        stays in memory, DIRTY, and is written again with the unit's next new weights)."""
+        writing, self._params_writing = self._params_writing, []
+        failed = []
+        for x in writing:
+            try:
+                self.swap.settle(x.weights)
+            except Exception as e:  # noqa: PERF203 - every write is settled before the first error is raised
+                failed.append(e)
+        if failed:
+            raise failed[0]
+
+    def _finish_step_io(self) -> None:
+        """On the update thread: the writes a step's updates left in flight land (state and new weights), and
+        read-ahead no update used goes back; the first failure is raised."""
+        try:
+            self.optimizer.finish_unit_io()
+        finally:
+            self._settle_params_writes()
+
+    def settle_step_io(self) -> None:
+        """Until the writes the last overlapped step left in flight have landed (it returned without waiting for
+        them: they overlap the next forward); raises the first that failed. Whatever reads or moves the model's
+        chunks between steps comes here first (state dicts, checkpoints, plan switches, a step that is not
+        overlapped, close)."""
+        f, self._step_io = self._step_io, None
+        if f is not None:
+            f.result()
 
     def _after_update(self, sub) -> None:
         """Count the new weights' trip from the fp32 master to where the params live, when it crosses the link:
@@ -1482,6 +1538,8 @@ class OffloadRuntime:
 
     def after_step(self) -> None:
         self.finish_unit_update()
+        if self._step_io is None:  # a step that waits for its writes (not overlapped, or speculative): they land now
+            self._settle_params_writes()
         self._warm_ok = False
         self._let_go_kept()
         # A step consumes the grads kept on NVMe; a second step without a backward cannot apply them again.
@@ -1549,6 +1607,7 @@ class OffloadRuntime:
                                f"next forward), got one {where}: call it after opt.step(), or return the plan from "
                                f"a runtime.on_iteration callback (applied before the next forward)")
         self._pending_plan = None  # a callback's earlier choice, superseded by this one
+        self.settle_step_io()
         t0 = time.perf_counter()
         before = self._link_bytes()
         # State bound for the device, at the size it will have there (a master added or dropped: the cost model's
@@ -1678,6 +1737,12 @@ class OffloadRuntime:
     def close(self) -> None:
         for h in self._handles:
             h.remove()
+        try:
+            self.settle_step_io()  # a write that failed is raised, not dropped with the memory that holds it
+        finally:
+            self._close()
+
+    def _close(self) -> None:
         self._copy_pool.shutdown(wait=True)
         self._update_pool.shutdown(wait=True)
         self._grad_pool.shutdown(wait=True)

@@ -98,7 +98,7 @@ class Chunk:
     :meth:`SwapManager.use`."""
 
     __slots__ = ("key", "kind", "nbytes", "home", "state", "_tensor", "_extra", "_release", "_readers", "_writer",
-                 "_error", "_kept")
+                 "_error", "_kept", "_stays", "_evict_landed")
 
     def __init__(self, key: str, kind: str, nbytes: int, home: Tier):
         self.key, self.kind, self.nbytes, self.home = key, kind, nbytes, home
@@ -110,6 +110,8 @@ class Chunk:
         self._writer: int | None = None  # the thread that holds the chunk for writing
         self._error: BaseException | None = None
         self._kept = 0  # pool bytes its READY buffer holds as a kept copy (SwapManager.keep), else 0
+        self._stays = False  # WRITING: the buffer stays when the write lands, so readers may share it meanwhile
+        self._evict_landed = False  # WRITING: evict() came; the buffer goes when the write lands (SwapManager.evict)
 
     @property
     def kept(self) -> bool:
@@ -329,7 +331,8 @@ class SwapManager:
         read = claimed = False
         with self._cond:
             while True:
-                self._wait(c)
+                if not (c._stays and not write and c.state is ChunkState.WRITING):
+                    self._wait(c)  # (a reader shares a buffer being written that stays: both only read it)
                 busy = (c._writer is not None and c._writer != me) or (write and c._readers > 0)
                 if busy:
                     self._cond.wait()
@@ -354,6 +357,8 @@ class SwapManager:
                         c.state = ChunkState.DIRTY
                 else:
                     c._readers -= 1
+                    if c._evict_landed and c.state is ChunkState.READY and not c.pinned:
+                        self._let_go(c, ChunkState.STORED)  # its write landed while read: the eviction it waited for
                 self._cond.notify_all()
 
     def extra(self, c: Chunk) -> torch.Tensor | None:
@@ -530,19 +535,26 @@ class SwapManager:
         if (left_store or (home is Tier.NVME and not nbytes)) and self._store is not None and c.key in self._store:
             self._store.delete(c.key)
 
-    def write_back(self, c: Chunk, *, evict: bool = True, wait: bool = False) -> None:
+    def write_back(self, c: Chunk, *, evict: bool = True, wait: bool = False, keep: bool = False,
+                   on_landed: Callable[[], None] | None = None) -> None:
         """Write ``c``'s new bytes to the store (DIRTY -> WRITING -> STORED, or READY without ``evict``); a READY
         chunk has nothing new (the store holds its bytes) and is only evicted. Returns once the write is issued,
-        or has landed with ``wait``."""
+        or has landed with ``wait``. ``keep``: the buffer stays as a kept copy (:meth:`keep`) once the write
+        lands. Without ``evict``, readers may use the buffer while the write is in flight (it only reads it).
+        ``on_landed``: called on an I/O thread once the write landed (or failed) and ``c`` changed state."""
+        evict = evict and not keep
         with self._cond:
             self._wait_idle(c)
             if c.home is not Tier.NVME:
                 raise AssertionError(f"write_back of {c!r}: only store chunks are written back")
             if c.state is ChunkState.READY and evict:
                 self._let_go(c, ChunkState.STORED)
+            if c.state is ChunkState.READY and keep and not c._kept and c._extra is None:
+                c._kept = round_up(c.nbytes)
+                self.pool.mark_cached(c._kept)
             if c.state is not ChunkState.DIRTY:
                 return
-            c.state = ChunkState.WRITING
+            c.state, c._stays, c._evict_landed = ChunkState.WRITING, not evict, False
         try:
             handle = self.store.write(c.key, c._tensor)
         except BaseException:  # not issued (a closed store, a full one): the bytes stay here
@@ -552,15 +564,21 @@ class SwapManager:
 
         def landed(f) -> None:
             with self._cond:
+                c._stays = False
                 if f.exception() is not None:  # the store kept the previous version: keep ours in memory
-                    c.state, c._error = ChunkState.DIRTY, f.exception()
-                elif evict:
+                    c.state, c._error, c._evict_landed = ChunkState.DIRTY, f.exception(), False
+                elif evict or (c._evict_landed and not c.pinned):
                     self._let_go(c, ChunkState.STORED)
                 else:
                     c.state = ChunkState.READY
+                    if keep and not c._evict_landed and c._extra is None:
+                        c._kept = round_up(c.nbytes)
+                        self.pool.mark_cached(c._kept)
                 self._cond.notify_all()
 
         handle.future.add_done_callback(landed)
+        if on_landed is not None:
+            handle.future.add_done_callback(lambda _f: on_landed())
         if wait:
             self.settle(c)
 
@@ -570,8 +588,13 @@ class SwapManager:
             self._wait(c)
 
     def evict(self, c: Chunk) -> None:
-        """READY -> STORED: give the buffer back (the store has the same bytes). Any other state is left."""
+        """READY -> STORED: give the buffer back (the store has the same bytes). Any other state is left. A chunk
+        whose write is in flight with its buffer staying (``write_back`` without ``evict``) is not waited for: its
+        buffer goes when the write lands (or when the last reader then lets go)."""
         with self._cond:
+            if c.state is ChunkState.WRITING and c._stays:
+                c._evict_landed = True
+                return
             self._wait_idle(c)
             if c.state is ChunkState.READY and c.home is Tier.NVME:  # DIRTY keeps its bytes for a write_back
                 self._let_go(c, ChunkState.STORED)
@@ -593,6 +616,7 @@ class SwapManager:
 
     def _let_go(self, c: Chunk, state: ChunkState) -> None:
         """Under the lock (or with no other user left): ``c``'s buffer given back, and ``c`` is ``state``."""
+        c._evict_landed = False
         self._unkeep(c)
         if c._release is not None:
             c._release()

@@ -24,8 +24,13 @@ host (the pool)
     on the host, for the whole run (``OffloadRuntime._init_tiers``), however many the device holds at once;
     ``grad_staging`` (grads on NVMe): the rest unit's buffer (its head's grads come first in backward, its
     embedding's last) plus ``grad_buffers`` blocks' waiting for their update; ``param_staging`` (params on NVMe):
-    the ``prefetch + 1`` fetches' reads, and one unit's new weights on their way to the store;
-    ``state_staging`` (state on NVMe): :func:`state_read_ahead` chunks, read ahead or updating or being written;
+    the ``prefetch + 1`` fetches' reads, and in the step two units' weights, the one updating and the one before
+    on its way to the store (``OffloadRuntime.finish_unit_update`` writes one at a time);
+    ``state_staging`` (state on NVMe): :func:`state_read_ahead` chunks, read ahead or updating or being written
+    (the first step, which makes the state: the chunk it makes and the one before on its way to the store);
+    ``last_step_writes``: a step that returns before its last unit's writes land (``CostModel.writes_behind``)
+    leaves that unit's state in flight into the next forward, beside its fetches (its new weights too, in the
+    buffer the forward's first fetch takes: counted there);
     ``pre_images`` (speculation): a host copy of each host- or device-resident chunk an update changes, all held
     until the step is validated. Every speculative step copies the trainable params; a step that clips or
     scales the loss also copies the state. The first step always speculates (how a loop that clips is found out,
@@ -165,14 +170,19 @@ def memory_terms(units: Iterable[tuple[UnitBytes, object, int]], k: Knobs) -> di
             "state": sum(c * r(u.state) for u, pl, c in items if pl.state is H and trains(u))}
     step = {"grad_staging": sum(r(u.grads) for u, c in nvme_grads if u.rest) + largest(
                 [(r(u.grads), c) for u, c in nvme_grads if not u.rest], nvme_grad_blocks(k.grad_buffers)),
-            "param_staging": mx(r(u.params) for u, pl, c in items if pl.params is N and trains(u))}
-    # The first step makes the state (one chunk at a time, nothing to read ahead) and speculates on the params;
-    # a later step reads state ahead, and copies params and state when it clips.
-    first = {**step, "state_staging": largest(nvme_state, 1), "pre_images": pre_params}
+            "param_staging": largest([(r(u.params), c) for u, pl, c in items if pl.params is N and trains(u)], 2)}
+    # The first step makes the state (one chunk at a time, nothing to read ahead: the one it makes, and the one
+    # before on its way to the store) and speculates on the params; a later step reads state ahead, and copies
+    # params and state when it clips.
+    first = {**step, "state_staging": largest(nvme_state, 2), "pre_images": pre_params}
     later = {**step, "state_staging": largest(nvme_state, state_read_ahead(k.state_buffers)),
              "pre_images": pre_params + pre_state if speculating and k.clip else 0}
     forward = {"param_staging": largest([(r(u.params), c) for u, pl, c in items if pl.params is N],
                                         param_buffers(k.prefetch))}
+    if k.overlap and not k.clip:  # the last unit updated: the rest unit, else a block (the largest counts)
+        last = [r(u.state) for u, pl, c in rest if trains(u) and pl.state is N] if any(
+            trains(u) for u, pl, c in rest) else [r(u.state) for u, pl, c in blocks if trains(u) and pl.state is N]
+        forward["last_step_writes"] = max(last, default=0)
     host.update(_peak_phase([forward, first, later]))
     # -- nvme -----------------------------------------------------------------------------------------------------
     nvme = {"params": sum(c * r(u.params) for u, pl, c in items if pl.params is N),

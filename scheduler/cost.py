@@ -69,24 +69,30 @@ rules the runtime itself follows (:mod:`scheduler.buffers`); see :meth:`CostMode
 The simulation (:meth:`CostModel.simulate`) is a discrete-event list schedule: each operation has a resource, a
 duration and the operations it waits for; an operation becomes ready when all of those have ended, and each
 resource runs its ready operations one at a time in the order they became ready (creation order on ties), which is
-how a runtime that issues each copy or update as soon as its inputs are there behaves on FIFO streams. The
-operations and their order follow the runtime:
+how a runtime that issues each copy or update as soon as its inputs are there behaves on FIFO streams. The disk
+serves by urgency first, as the store's worker queues do (storage/workers.py): weight reads that compute waits
+for, then state and grads read ahead, then writes; a more urgent operation takes the disk over at once and the
+one it interrupts resumes after it (the store's blocks are small enough for that to be close). The operations
+and their order follow the runtime:
 
 - fetches run on one copy thread, one after another (a unit's disk read, then its h2d); the fetch for the compute
   at position ``p`` (forward blocks, the rest unit's forward and backward, backward blocks) is issued when the
   compute at ``p - prefetch_depth - 1`` is done, i.e. by the pre-hook ``prefetch_depth`` units ahead;
 - grads leave on one grad thread in the order backward completes them;
 - updates run on one update thread. Overlapped with backward, units are updated in the order their grads land;
-  nvme state is read ahead: the first units' reads are issued when backward starts, the next one's when the
-  update ``state_buffers`` units before it starts, each once one of the ``state_buffers - 1`` buffers the update
-  does not hold is free (a write-back frees its buffer when it ends); with one buffer, a unit's state is read
-  after its grads land and the previous write-back ended. Before its update, a unit writes the previous unit's
-  new params (nvme params); after it, its state write-back is issued and the thread goes on. After backward,
+  nvme state is read ahead: the first units' reads are issued when backward starts, the next ones' as soon as
+  one of the ``state_buffers - 1`` buffers the update does not hold is free (a write-back frees its buffer when
+  it lands, and the update thread then reads further ahead); with one buffer, a unit's state is read after its
+  grads land and the previous write-back ended. After a unit's update its state write-back is issued once the
+  unit before's has landed (one unit's state writes in flight), then its new params (nvme) once the unit
+  before's have landed (one unit's in flight), and the thread goes on to the next unit. After backward,
   host-state units come first, then nvme-state ones, in unit order; state reads run ahead within
-  ``state_buffers``, and each unit's new params (nvme) are written before the next unit's update starts.
+  ``state_buffers``, and each unit's new params (nvme) are written when the next unit's state is in.
 
-The iteration ends when the last operation does (the last update has put the new params where the next forward
-reads them).
+The iteration ends when the last update does and the writes the step waits for have landed. An overlapped step
+that commits as it is (:meth:`CostModel.writes_behind`) does not wait for its last unit's writes (state, new
+params): the next forward overlaps them, so each iteration starts with the last one's on the disk, behind the
+forward's weight reads (steady state).
 """
 
 from __future__ import annotations
@@ -409,6 +415,12 @@ class CostModel:
         return [i for i in range(n) if plan.units[i].state is not N and self.params[i]] + [
             i for i in range(n) if plan.units[i].state is N and self.params[i]]
 
+    def writes_behind(self, plan: Plan) -> bool:
+        """Whether a step returns before its last unit's writes land (state, new params), which the next forward
+        then overlaps: an overlapped step that commits as it is (``OffloadRuntime.finish_overlapped_step``). One
+        that clips or scales the loss speculates, and waits for them (validating it may roll them back)."""
+        return plan.overlap_update and not plan.clip
+
     def fill_s(self, plan: Plan, r: dict[str, float]) -> float:
         """Head: the rest unit's and the first block's params must arrive (one after the other, on the copy thread)
         before the first forward. Tail, after the last backward: the update chain of the last unit (module note);
@@ -439,6 +451,8 @@ class CostModel:
                 after += pb * r["disk_write"]
             elif pl.params is D:  # beside the state write
                 after = max(after, tpb * r["h2d"])
+            if self.writes_behind(plan):  # the next forward overlaps the writes; new weights to the device remain
+                after = tpb * r["h2d"] if pl.params is D else 0.0
             return head + tail + after
         tail = p * r["device_update"]
         after = [sb * r["d2h"] + (sb * r["disk_write"] if pl.state is N else 0.0) if pl.state is not D else 0.0,
@@ -481,13 +495,17 @@ class CostModel:
         op_name: list[str] = []
         op_deps: list[list[int]] = []
         op_bytes: list[int] = []
+        op_prio: list[int] = []
 
-        def add(res: str, name: str, dur: float, deps, nbytes: int = 0) -> int:
+        def add(res: str, name: str, dur: float, deps, nbytes: int = 0, prio: int | None = None) -> int:
+            """An operation; ``prio`` on the disk: reads for compute (weights) 0, read-ahead (state, grads) 1,
+            writes 2, as the store's queues serve them (storage/workers.py); 0 elsewhere."""
             op_res.append(res_idx[res])
             op_dur.append(dur)
             op_name.append(name)
             op_deps.append([d for d in deps if d is not None])
             op_bytes.append(nbytes)
+            op_prio.append(prio if prio is not None else 2 if res == "disk_write" else 0)
             return len(op_res) - 1
 
         units, blocks, k = plan.units, self.blocks, plan.prefetch_depth
@@ -502,7 +520,7 @@ class CostModel:
         def fetch(kind: str, i: int, prev_h2d):
             """Disk (nvme params; not the forward fetch of a unit the last step kept warm) then h2d, on the one
             copy thread: after the previous fetch."""
-            rd = add("disk_read", f"{kind} fetch {names[i]}", pb[i] * r["disk_read"], [prev_h2d], pb[i]) \
+            rd = add("disk_read", f"{kind} fetch {names[i]}", pb[i] * r["disk_read"], [prev_h2d], pb[i], prio=0) \
                 if units[i].params is N and not (kind == "F" and self.warm(i, plan)) else None
             return rd, add("h2d", f"{kind} fetch {names[i]}", pb[i] * r["h2d"], [rd, prev_h2d], pb[i])
 
@@ -555,14 +573,18 @@ class CostModel:
         # Updates, on the update thread, in its order (module note).
         state_release: list[int] = []  # per offloaded-state update, in order: op that frees its staging buffer
         chain = None  # overlapped: the update thread's last op; after backward: the last update
-        flush_after: tuple[int, int] | None = None  # (unit, op) whose new params (nvme) the next update writes first
-        upd_ops: list[int] = []  # the update thread's updates, in order (the overlapped read-ahead's issue points)
         write_gate = None  # the state write the update thread waits for before its next update
+        params_write = None  # the last new-params write (nvme): the next one is issued once it landed
+        params_gate = None  # the new-params write the update thread waited for before its next update
+        pending_params: tuple[int, int] | None = None  # waiting step: (unit, update) whose new params go next
+        behind = self.writes_behind(plan)
+        carried: list[tuple[str, str, float, int]] = []  # the last step's writes this one's forward overlaps
         bufs = plan.state_buffers
         order = self.update_order(plan)
-        for i in order:
+        for pos_u, i in enumerate(order):
             pl = units[i]
             p = self.params[i]
+            last = pos_u == len(order) - 1
             slot = state_release[-bufs] if len(state_release) >= bufs else None
             if pl.update == "cpu":
                 gate = [grad_d2h[i], chain] if plan.overlap_update else [last_bwd, chain, *landed]
@@ -573,49 +595,64 @@ class CostModel:
                     elif bufs == 1:  # no read-ahead: after the grads, the update before and its write-back
                         deps = [*gate, state_release[-1] if state_release else None]
                     else:
-                        # Read ahead (module note): the first bufs units' reads are issued when backward starts,
-                        # unit k's when the update k - bufs starts (the one before it ended, or the first unit's
-                        # grads landed), once one of the bufs - 1 buffers the update does not hold is free.
-                        k = len(upd_ops)
-                        issued = None if k < bufs else upd_ops[k - bufs - 1] if k > bufs else grad_d2h.get(order[0])
-                        deps = [last_fwd, issued,
-                                state_release[-(bufs - 1)] if len(state_release) >= bufs - 1 else None]
-                    rd = add("disk_read", f"state {names[i]}", sb[i] * r["disk_read"], deps, sb[i])
-                flush = None
-                if flush_after is not None:  # before_update writes the previous unit's new params, and waits
-                    j, after = flush_after
-                    flush = add("disk_write", f"new params {names[j]}", pb[j] * r["disk_write"], [after, rd], pb[j])
-                grad_rd = add("disk_read", f"grads {names[i]}", gb[i] * r["disk_read"], [spill[i], flush, rd], gb[i]) \
-                    if i in spill else None
+                        # Read ahead (module note): the first units' reads are issued when backward starts, the
+                        # next ones' as soon as one of the bufs - 1 buffers the update does not hold is free (a
+                        # write-back landed).
+                        deps = [last_fwd, state_release[-(bufs - 1)] if len(state_release) >= bufs - 1 else None]
+                    rd = add("disk_read", f"state {names[i]}", sb[i] * r["disk_read"], deps, sb[i], prio=1)
+                if pending_params is not None:  # waiting step: before_update writes the unit before's new params
+                    j, after = pending_params
+                    params_gate, params_write = params_write, add(
+                        "disk_write", f"new params {names[j]}", pb[j] * r["disk_write"], [after, rd, params_write],
+                        pb[j])
+                    pending_params = None
+                grad_rd = add("disk_read", f"grads {names[i]}", gb[i] * r["disk_read"], [spill[i], rd], gb[i],
+                              prio=1) if i in spill else None
                 # then its own params (nvme) are read in, where the update changes them in place or some are
                 # frozen (the update rewrites the whole chunk)
                 src = self.update_weights_from(i, pl, fetches=self.fetches(i, plan, kept), overlap=plan.overlap_update)
-                old = add("disk_read", f"params {names[i]}", pb[i] * r["disk_read"], [flush, rd, grad_rd], pb[i]) \
-                    if src == "store" else None
+                old = add("disk_read", f"params {names[i]}", pb[i] * r["disk_read"], [rd, grad_rd, params_gate], pb[i],
+                          prio=0) if src == "store" else None
                 if src == "device":  # copied as the unit leaves the device after its backward (compute thread)
                     old = add("d2h", f"keep {names[i]}", pb[i] * r["d2h"], [done_grad[i]], pb[i])
                 upd = add("cpu_update", f"update {names[i]}", p * r["cpu_update"],
-                          [*gate, rd, flush, grad_rd, old, write_gate])
-                wr = write_gate = None
+                          [*gate, rd, grad_rd, old, write_gate, params_gate])
+                wr = None
                 if pl.state is N:
-                    wr = add("disk_write", f"state {names[i]}", sb[i] * r["disk_write"], [upd], sb[i])
-                    state_release.append(wr)
-                    # One state write in flight: the update thread issues this write only once the one before it
-                    # landed (OffloadOptimizer._step_streamed), and only then goes on to the next update.
-                    write_gate = state_release[-2] if len(state_release) >= 2 else None
+                    if last and behind:  # the step does not wait for it: the next forward overlaps it
+                        carried.append(("disk_write", f"state {names[i]}", sb[i] * r["disk_write"], sb[i]))
+                    else:
+                        wr = add("disk_write", f"state {names[i]}", sb[i] * r["disk_write"], [upd], sb[i])
+                        state_release.append(wr)
+                    # One unit's state writes in flight: the update thread issues this unit's once the unit
+                    # before's landed (OffloadOptimizer._step_streamed), and only then goes on.
+                    write_gate = state_release[-2] if wr is not None and len(state_release) >= 2 else \
+                        state_release[-1] if wr is None and state_release else None
+                else:
+                    write_gate = None
                 if pl.params is D:
                     add("h2d", f"new params {names[i]}", tpb[i] * r["h2d"], [upd], tpb[i])
-                flush_after = (i, upd) if pl.params is N else None
+                if pl.params is N:
+                    if not plan.overlap_update:
+                        pending_params = (i, upd)
+                    elif last and behind:
+                        carried.append(("disk_write", f"new params {names[i]}", pb[i] * r["disk_write"], pb[i]))
+                        params_gate = params_write  # the update thread waits for the one before, then issues it
+                    else:
+                        # Issued once the update is done and the unit before's landed (finish_unit_update); the
+                        # update thread waits for that one, then goes on to the next unit.
+                        params_gate, params_write = params_write, add(
+                            "disk_write", f"new params {names[i]}", pb[i] * r["disk_write"],
+                            [upd, params_write, write_gate], pb[i])
                 chain = upd  # write-backs run on while the next units update
-                upd_ops.append(upd)
             else:
                 gate = done_grad[i] if plan.overlap_update else last_bwd
                 up = None
                 if pl.state is not D:
-                    rd = add("disk_read", f"state {names[i]}", sb[i] * r["disk_read"], [last_fwd, slot], sb[i]) \
-                        if pl.state is N else None
+                    rd = add("disk_read", f"state {names[i]}", sb[i] * r["disk_read"], [last_fwd, slot], sb[i],
+                             prio=1) if pl.state is N else None
                     up = add("h2d", f"state {names[i]}", sb[i] * r["h2d"], [rd, last_fwd, slot], sb[i])
-                old = add("disk_read", f"params {names[i]}", pb[i] * r["disk_read"], [gate], pb[i]) \
+                old = add("disk_read", f"params {names[i]}", pb[i] * r["disk_read"], [gate], pb[i], prio=0) \
                     if pl.params is N and self.frozen[i] else None
                 upd = add(self.device_update_res, f"update {names[i]}", p * r["device_update"],
                           [done_grad[i], up, gate, old])
@@ -628,9 +665,14 @@ class CostModel:
                     pd = add("d2h", f"new params {names[i]}", tpb[i] * r["d2h"], [upd], tpb[i])
                     if pl.params is N:
                         add("disk_write", f"new params {names[i]}", pb[i] * r["disk_write"], [pd], pb[i])
-        if flush_after is not None:  # the last unit's new params: written at the end of the step
-            j, after = flush_after
-            add("disk_write", f"new params {names[j]}", pb[j] * r["disk_write"], [after, *state_release[-1:]], pb[j])
+        if pending_params is not None:  # waiting step: the last unit's new params, once its state writes landed
+            j, after = pending_params
+            add("disk_write", f"new params {names[j]}", pb[j] * r["disk_write"],
+                [after, params_write, *state_release[-1:]], pb[j])
+        # The last step's writes that its return did not wait for: on the disk from the start, behind the forward's
+        # reads (steady state: each step leaves the same ones to the next).
+        for res, name, dur, nbytes in carried:
+            add(res, f"{name} (last step's)", dur, [], nbytes)
         for op, g in pending_grad_deps:
             # A device grad buffer frees when its grads left (d2h) or were applied (device update). When updates
             # wait for backward, device-updated grads are all held instead (CostModel.memory counts them).
@@ -643,43 +685,95 @@ class CostModel:
             if s > 0 and op_dur[o] > 0:
                 add("compute", f"steal {op_name[o]}", s * op_dur[o], list(op_deps[o]))
                 steal_s += s * op_dur[o]
-        end_s, busy, evs = self._run(op_res, op_dur, op_name, op_deps, op_bytes, want_events)
+        end_s, busy, evs = self._run(op_res, op_dur, op_name, op_deps, op_bytes, want_events, op_prio)
         return end_s, busy, steal_s, evs
 
     @staticmethod
-    def _run(op_res, op_dur, op_name, op_deps, op_bytes, want_events):
+    def _run(op_res, op_dur, op_name, op_deps, op_bytes, want_events, op_prio=None, not_counted=()):
+        """Run the list schedule (module note, "The simulation"): each resource serves its ready operations one at
+        a time, the most urgent first (``op_prio``, lower first: the disk's reads for compute, then read-ahead,
+        then writes; 0 everywhere else) and among equals in the order they became ready (creation order on
+        ties). A more urgent operation that becomes ready takes over its resource at once, the one it interrupts
+        goes on afterwards (the store's worker queues serve its blocks first: storage/workers.py). Returns (the
+        iteration's end: the last operation's, leaving out ``not_counted``; busy seconds per resource; events, one
+        per stretch an operation ran)."""
         n = len(op_res)
+        prio = op_prio or [0] * n
         waiting = [len(d) for d in op_deps]
         users: list[list[int]] = [[] for _ in range(n)]
         for o, deps in enumerate(op_deps):
             for d in deps:
                 users[d].append(o)
-        ready_at = [0.0] * n
         end = [0.0] * n
-        start = [0.0] * n
+        runs: list[list[float]] = [[] for _ in range(n)]  # each op's stretches on its resource: start, end, ...
+        ready_at = [0.0] * n
+        left = list(op_dur)
         # One queue per resource, except the disk: reads and writes share the store's (module note).
         server = [RESOURCES.index("disk_read") if r == "disk_write" else k for k, r in enumerate(RESOURCES)]
-        free = [0.0] * len(RESOURCES)
-        heap = [(0.0, o) for o in range(n) if waiting[o] == 0]
-        heapq.heapify(heap)
+        queues: list[list] = [[] for _ in RESOURCES]
+        running: list[int | None] = [None] * len(RESOURCES)
+        since = [0.0] * len(RESOURCES)
+        token = [0] * n  # a completion event counts only with its op's current token (preemption renews it)
+        events: list[tuple[float, int, int]] = []
         done = 0
-        while heap:
-            t_ready, o = heapq.heappop(heap)
+
+        def begin(rs: int, o: int, now: float) -> None:
+            running[rs], since[rs] = o, now
+            runs[o].append(now)
+            token[o] += 1
+            heapq.heappush(events, (now + left[o], token[o], o))
+
+        def arrive(o: int, now: float) -> None:
             rs = server[op_res[o]]
-            s = free[rs] if free[rs] > t_ready else t_ready
-            e = s + op_dur[o]
-            start[o], end[o], free[rs] = s, e, e
-            done += 1
-            for u in users[o]:
-                if e > ready_at[u]:
-                    ready_at[u] = e
-                waiting[u] -= 1
-                if waiting[u] == 0:
-                    heapq.heappush(heap, (ready_at[u], u))
+            r = running[rs]
+            if r is not None and prio[o] < prio[r]:  # it takes over: r goes on later, with what it has left
+                left[r] -= now - since[rs]
+                runs[r].append(now)
+                token[r] += 1
+                heapq.heappush(queues[rs], (prio[r], ready_at[r], r))
+                begin(rs, o, now)
+            elif r is None:
+                begin(rs, o, now)
+            else:
+                heapq.heappush(queues[rs], (prio[o], ready_at[o], o))
+
+        now = 0.0
+        for o in range(n):
+            if waiting[o] == 0:
+                arrive(o, 0.0)
+        while events:
+            now = events[0][0]
+            freed, newly = [], []
+            while events and events[0][0] == now:  # every completion at this instant, then who starts next
+                _, tok, o = heapq.heappop(events)
+                if tok != token[o]:
+                    continue  # preempted since: its later completion counts
+                end[o] = now
+                runs[o].append(now)
+                done += 1
+                rs = server[op_res[o]]
+                running[rs] = None
+                freed.append(rs)
+                for u in users[o]:
+                    waiting[u] -= 1
+                    if waiting[u] == 0:
+                        ready_at[u] = now
+                        newly.append(u)
+            for rs in freed:
+                if running[rs] is None and queues[rs]:
+                    begin(rs, heapq.heappop(queues[rs])[2], now)
+            for u in sorted(newly):
+                arrive(u, now)
         assert done == n, f"simulation deadlock: {n - done} operations never became ready (a dependency cycle)"
         busy = {name: 0.0 for name in RESOURCES}
         for o in range(n):
             busy[RESOURCES[op_res[o]]] += op_dur[o]
-        evs = [Event(RESOURCES[op_res[o]], op_name[o], start[o], end[o], op_bytes[o]) for o in range(n)] \
-            if want_events else []
-        return (max(end) if n else 0.0), busy, evs
+        # One event per stretch an operation ran (an interrupted one has several; its bytes go with the first;
+        # a stretch interrupted as it began is none).
+        evs = []
+        for o in range(want_events and n):
+            spans = [(a, b) for a, b in zip(runs[o][::2], runs[o][1::2]) if b > a] or [(runs[o][0], runs[o][-1])]
+            evs += [Event(RESOURCES[op_res[o]], op_name[o], a, b, op_bytes[o] if k == 0 else 0)
+                    for k, (a, b) in enumerate(spans)]
+        skip = set(not_counted)
+        return max((end[o] for o in range(n) if o not in skip), default=0.0), busy, evs

@@ -437,11 +437,16 @@ class Feasibility:
         device = (cm.act_bytes + r_dev + k.grad_buffers * gb + pb * xD + K * pb * streamed + sb * yD
                   + k.state_buffers * max(r_pool, sb if dev_offloaded else 0))
         pre_params = (rpb * t * (xD + xH) + r_pre) if spec else 0
-        step = rpb * t * on_nvme
-        first = step + _largest2(r_nv, n_rest, rsb, yN, 1) + pre_params
-        later = step + _largest2(r_nv, n_rest, rsb, yN, RA) + (
+        step = rpb * t * on_nvme  # one param chunk written beside its committed version
+        staging = rpb * t * np.minimum(2, xN)  # the unit updating and the one before on its way to the store
+        first = staging + _largest2(r_nv, n_rest, rsb, yN, 2) + pre_params
+        later = staging + _largest2(r_nv, n_rest, rsb, yN, RA) + (
             pre_params + rsb * (yD + yH) + r_pre_state if spec and k.clip else 0)
-        forward = np.minimum(K, xN) * rpb
+        # the fetches in flight, and the last step's last unit's state on its way to the store
+        last_writes = 0
+        if k.overlap and not k.clip:
+            last_writes = r_nv if rest is not None and cm.gb[0] > 0 else rsb * (yN > 0)
+        forward = np.minimum(K, xN) * rpb + last_writes
         if phases:
             return forward, first, later
         host = rpb * xH + rsb * yH + host_grads + r_host + np.maximum(np.maximum(forward, first), later)

@@ -616,6 +616,7 @@ class NvmeStore:
             keep = None
         info = ChunkInfo(key, tensor.dtype, tuple(tensor.shape), nbytes, 0)
         blocks = self._allocate(key, nbytes)
+        self.stats.issue("nvme.write", nbytes)
         with self._lock:
             self._seq += 1
             op = _Op(handle, self._seq, key, blocks, mem)
@@ -683,6 +684,7 @@ class NvmeStore:
             op.priority = priority
             op.keep = staged
             self._in_flight.add(op)
+        self.stats.issue("nvme.read", info.nbytes)
         if not chunk.blocks:
             self._finish_read(op)
             return handle

@@ -23,6 +23,9 @@ class StreamStats:
     """Sum of request durations; ``request_s / busy_s`` is the mean queue depth."""
     max_in_flight: int = 0
     in_flight: int = 0
+    issued_bytes: int = 0
+    """Bytes of the requests asked for so far (``bytes`` counts those done): a count that does not depend on
+    when they land, for per-iteration figures while writes outlive the step that issued them."""
     _busy_since: float = 0.0
 
     @property
@@ -33,7 +36,7 @@ class StreamStats:
         return {"bytes": self.bytes, "requests": self.requests, "busy_s": round(self.busy_s, 6),
                 "request_s": round(self.request_s, 6), "gbps": round(self.gbps, 3),
                 "mean_queue_depth": round(self.request_s / self.busy_s, 2) if self.busy_s > 0 else 0.0,
-                "max_in_flight": self.max_in_flight, "in_flight": self.in_flight}
+                "max_in_flight": self.max_in_flight, "in_flight": self.in_flight, "issued_bytes": self.issued_bytes}
 
 
 class TransferStats:
@@ -42,6 +45,11 @@ class TransferStats:
     def __init__(self, names: tuple[str, ...] = ()):
         self._lock = threading.Lock()
         self._streams: dict[str, StreamStats] = {n: StreamStats() for n in names}
+
+    def issue(self, name: str, nbytes: int) -> None:
+        """A request of ``nbytes`` was asked for (its blocks are counted by ``begin``/``end`` as they run)."""
+        with self._lock:
+            self._streams.setdefault(name, StreamStats()).issued_bytes += nbytes
 
     def begin(self, name: str) -> float:
         now = time.perf_counter()

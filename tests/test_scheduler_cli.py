@@ -76,14 +76,18 @@ def test_plan_70b_under_5s_and_1gib(tmp_path):
                 + sum(sb[i] for i, u in enumerate(units) if u["state"] == "host") + host_grads)
     on_nvme_p = [pb[i] for i, u in enumerate(units) if u["params"] == "nvme"]
     on_nvme_s = sorted((sb[i] for i, u in enumerate(units) if u["state"] == "nvme"), reverse=True)
-    forward = sum(sorted(on_nvme_p, reverse=True)[:k + 1])  # the fetches in flight
+    # the fetches in flight, and the last step's last writes (its rest unit's state: the step returned before they
+    # landed)
+    assert out["plan"]["overlap_update"] and not out["plan"]["clip"]
+    forward = sum(sorted(on_nvme_p, reverse=True)[:k + 1]) + (sb[0] if units[0]["state"] == "nvme" else 0)
     step = max(on_nvme_p, default=0)  # one unit's new weights on their way to the store
-    # the first step speculates (copies of the params not on NVMe) and makes the state one chunk at a time; a
-    # later one reads state ahead: buffers - 1 = 3 chunks
-    first = step + sum(on_nvme_s[:1]) + sum(pb[i] for i, u in enumerate(units) if u["params"] != "nvme")
-    later = step + sum(on_nvme_s[:3])
+    staging = sum(sorted(on_nvme_p, reverse=True)[:2])  # and the next unit's, updating meanwhile
+    # the first step speculates (copies of the params not on NVMe) and makes the state one chunk at a time (the
+    # one before on its way to the store); a later one reads state ahead: buffers - 1 = 3 chunks
+    first = staging + sum(on_nvme_s[:2]) + sum(pb[i] for i, u in enumerate(units) if u["params"] != "nvme")
+    later = staging + sum(on_nvme_s[:3])
     host = resident + max(forward, first, later)
-    host_needed = resident + max(forward, step + sum(on_nvme_s[:1]), later)  # no copies: they take free room only
+    host_needed = resident + max(forward, staging + sum(on_nvme_s[:2]), later)  # no copies: they take free room
     # A state chunk and a param chunk written beside their committed versions; the first step, speculating,
     # holds the params' previous versions instead (a new one is written beside each: no more room than that).
     stored = sum(on_nvme_p) + sum(on_nvme_s)

@@ -269,3 +269,52 @@ def test_an_update_waits_for_the_state_write_two_units_back():
     for k in range(2, 4):
         assert ups[k].start_s >= writes[k - 2].end_s - 1e-12
     assert any(ups[k].start_s > ups[k - 1].end_s + 1e-9 for k in range(2, 4))  # the wait shows
+
+
+def test_the_disk_serves_weight_reads_before_read_ahead_and_writes_and_resumes_them():
+    """The simulated disk serves by urgency as the store's queues do: a weight read that becomes ready while a
+    write (or a state read-ahead) runs takes the disk at once, and the interrupted one resumes after it, its
+    stretches recorded as separate events that never overlap and add up to its duration."""
+    res = {r: k for k, r in enumerate(("compute", "h2d", "d2h", "disk_read", "disk_write", "cpu_update"))}
+    # 0: a write of 10 s from t=0; 1: compute of 2 s; 2: a weight read of 3 s once the compute ends; 3: a state
+    # read-ahead of 1 s ready at 0 (behind the write: less urgent than a weight read, more than a write).
+    op_res = [res["disk_write"], res["compute"], res["disk_read"], res["disk_read"]]
+    op_dur = [10.0, 2.0, 3.0, 1.0]
+    deps = [[], [], [1], []]
+    end, busy, evs = CostModel._run(op_res, op_dur, ["w", "c", "weights", "state"], deps, [0] * 4, True,
+                                    op_prio=[2, 0, 0, 1])
+    disk = sorted((e for e in evs if e.resource in ("disk_read", "disk_write")), key=lambda e: e.start_s)
+    assert [(e.name, e.start_s, e.end_s) for e in disk] == [
+        ("state", 0.0, 1.0), ("w", 1.0, 2.0), ("weights", 2.0, 5.0), ("w", 5.0, 14.0)]
+    assert end == 14.0 and busy["disk_read"] == 4.0 and busy["disk_write"] == 10.0
+    # the end may leave out operations the step does not wait for
+    assert CostModel._run(op_res, op_dur, ["w", "c", "weights", "state"], deps, [0] * 4, False,
+                          op_prio=[2, 0, 0, 1], not_counted=(0,))[0] == 5.0
+
+
+def test_a_step_that_commits_leaves_its_last_writes_to_the_next_forward():
+    """An overlapped step that needs no validation returns before its last unit's writes land: the prediction
+    puts them at the start of the iteration (the last step's), behind the forward's weight reads, and the fill
+    has no write tail; one that clips (speculating, it may roll them back) waits for them."""
+    w = dataclasses.replace(_tiny(), **workload.precision("fp32"))
+    hw = profile.resolve("cpu-dev-2core")
+    plan = Plan(strategy="t", units=(UnitPlacement(N, N, "cpu"),) * 4, prefetch_depth=1)
+    cm = CostModel(w, hw)
+    assert cm.writes_behind(plan) and not cm.writes_behind(dataclasses.replace(plan, clip=True))
+    p = cm.predict(plan, events=True)
+    carried = [e for e in p.events if e.name.endswith("(last step's)")]
+    last = w.units[cm.update_order(plan)[-1]].name
+    assert sorted(e.name for e in carried if e.nbytes) == [f"new params {last} (last step's)",
+                                                         f"state {last} (last step's)"]
+    assert min(e.start_s for e in carried) == 0.0
+    # a weight read of the forward is not held up by them: it runs as soon as it is issued
+    first_read = min((e for e in p.events if e.resource == "disk_read" and "fetch" in e.name), key=lambda e: e.start_s)
+    issued = first_read.start_s
+    assert not any(e.start_s < issued < e.end_s for e in p.events if e.resource == "disk_write")
+    clipped = cm.predict(dataclasses.replace(plan, clip=True), events=True)
+    assert not any(e.name.endswith("(last step's)") for e in clipped.events)
+    r = cm.rates(p.traffic)
+    assert cm.fill_s(dataclasses.replace(plan, clip=True), r) > cm.fill_s(plan, r)
+    # the same bytes either way: the writes move to the next iteration, they do not disappear
+    assert p.traffic == clipped.traffic and sum(e.nbytes for e in p.events if e.resource == "disk_write") == \
+        p.traffic.disk_write_bytes

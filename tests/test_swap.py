@@ -219,3 +219,93 @@ def test_device_buffer_emptied_and_filled_keeps_its_storage_for_older_views():
     a.fill_(3)
     assert bool((saved == torch.tensor([3], dtype=torch.uint8).repeat(4).view(torch.float32)).all())
     assert bool((b == 0xFF).all())  # b keeps its memory: a got fresh memory, not b's
+
+
+class WriteGate:
+    """Once ``held()``, the store's writes wait until ``land()``: a write held in flight, from no timing."""
+
+    def __init__(self):
+        self.holding, self.open = threading.Event(), threading.Event()
+
+    def held(self) -> None:
+        self.holding.set()
+
+    def land(self) -> None:
+        self.open.set()
+
+
+@pytest.fixture
+def gated_writes(monkeypatch):
+    import os
+
+    gate, real = WriteGate(), os.pwritev
+
+    def pwritev(fd, bufs, offset):
+        if gate.holding.is_set():
+            assert gate.open.wait(30), "a test never let its writes land"
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    yield gate
+    gate.land()
+
+
+def dirty_chunk(swap, value):
+    c = stored_chunk(swap)
+    with swap.use(c, write=True) as buf:
+        buf.fill_(value)
+    return c
+
+
+def test_readers_share_a_buffer_being_written_that_stays(swap, gated_writes):
+    """A write that keeps its buffer (``evict=False``, ``keep``) lets readers use it while it is in flight (both
+    only read it: the next forward fetches the last step's new weights before their write lands); a writer
+    waits for the write. Once landed, a ``keep`` buffer is a kept copy, counted as cached."""
+    c = dirty_chunk(swap, 5)
+    gated_writes.held()
+    swap.write_back(c, keep=True)
+    assert c.state is ChunkState.WRITING
+    with swap.use(c) as buf:  # does not wait for the write
+        assert c.state is ChunkState.WRITING and bool((buf == 5).all())
+    wrote = threading.Event()
+
+    def writer():
+        with swap.use(c, write=True) as buf:
+            buf.fill_(6)
+        wrote.set()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    assert not wrote.wait(0.05)  # the writer waits for the write in flight (no time needed to be sure: it is held)
+    assert c.state is ChunkState.WRITING
+    gated_writes.land()
+    t.join(30)
+    assert wrote.is_set() and c.state is ChunkState.DIRTY  # it took the kept copy as its working buffer
+    assert swap.pool.stats()["cached_bytes"] == 0
+    swap.write_back(c, keep=True, wait=True)
+    assert c.state is ChunkState.READY and c.kept and swap.pool.stats()["cached_bytes"] > 0
+    assert bool((swap.copy(c) == 6).all())
+
+
+def test_evict_during_a_write_that_stays_lets_go_when_it_lands(swap, gated_writes):
+    """``evict`` of a chunk whose write keeps its buffer does not wait for the write: the buffer goes when it
+    lands, or, with a reader holding it then, when the last reader lets go."""
+    a, b = dirty_chunk(swap, 1), stored_chunk(swap, "b")
+    with swap.use(b, write=True) as buf:
+        buf.fill_(2)
+    gated_writes.held()
+    swap.write_back(a, evict=False)
+    swap.write_back(b, evict=False)
+    swap.evict(a)  # returns at once: the write is held in flight
+    assert a.state is ChunkState.WRITING
+    reading = swap.use(b)
+    buf_b = reading.__enter__()
+    swap.evict(b)
+    gated_writes.land()
+    swap.settle(a)
+    swap.settle(b)
+    assert a.state is ChunkState.STORED  # let go as its write landed
+    assert b.state is ChunkState.READY and bool((buf_b == 2).all())  # a reader held it: kept until it lets go
+    reading.__exit__(None, None, None)
+    assert b.state is ChunkState.STORED and swap.pool.in_use_bytes == 0
+    assert bool((swap.copy(a) == 1).all()) and bool((swap.copy(b) == 2).all())

@@ -240,6 +240,7 @@ def test_bf16_autocast_and_chrome_trace(tmp_path):
                                     impl="as_given"))
     assert auto_run(model, opt, True) == l_ref
     rt = runtime_of(model)
+    rt.settle_step_io()  # the step's last writes land after it returned: on the timeline once they have
     path = tmp_path / "trace.json"
     rt.timeline.save_chrome_trace(str(path))
     trace = json.loads(path.read_text())
@@ -315,9 +316,10 @@ def test_bf16_params_with_fp32_masters(tier, tmp_path):
 @pytest.mark.parametrize("buffers", [1, 2, 4])
 def test_overlapped_update_reads_state_ahead(buffers, tmp_path):
     """With NVMe state and the overlapped update, a unit's state is read before its update starts: the first
-    units' reads are issued when backward begins, the next ones' before the update of the unit before them, as far
-    as ``buffers`` allows (one is kept for the update itself, and write-backs in flight count: with 1 there is no
-    read-ahead). Training stays bit-identical to plain AdamW, and nothing is left in flight or held after the step.
+    units' reads are issued when backward begins, the next ones' as a buffer frees (the start of an update, a
+    write-back landing), as far as ``buffers`` allows (one is kept for the update itself, and write-backs in flight
+    count: with 1 there is no read-ahead). Training stays bit-identical to plain AdamW, and nothing is left in
+    flight or held once the step's writes have landed.
 
     Order comes from gates, not from the machine's speed: backward is held before blocks.0 until a state read
     has been issued, and each read-ahead waits for the write-backs in flight to finish, so how far it reads
@@ -360,6 +362,7 @@ def test_overlapped_update_reads_state_ahead(buffers, tmp_path):
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
+        rt.settle_step_io()  # the step returns with its last writes in flight; they land and let go of their buffers
         assert all(s.chunk.state is ChunkState.STORED for s in stored), "read-ahead or write-backs outlived the step"
         if step == 0:
             continue
@@ -382,13 +385,13 @@ def test_overlapped_update_reads_state_ahead(buffers, tmp_path):
                 read_start[idx_u] = min(starts)
         upd_start = {int(e.name.split()[-1].split(".")[-1]) + 1 if e.name.startswith("update blocks.") else 0: e.start_s
                      for e in ev if e.resource == "cpu_update" and e.name.startswith("update ")}
-        # Reads that began before the update of the unit before them (in update order) started: read ahead.
-        ahead = [b for a, b in zip(order, order[1:]) if b in read_start and a in upd_start
-                 and read_start[b] <= upd_start[a]]
+        # Reads of units after the first (whose read comes at backward's start) that began before their own
+        # update did: read ahead. Without read-ahead, the update reads its unit's state itself, inside its span.
+        ahead = [b for b in order[1:] if b in read_start and b in upd_start and read_start[b] <= upd_start[b]]
         if buffers == 1:
             assert not ahead
-        else:  # the first unit's read comes at backward's start; later ones one update ahead at least
-            assert ahead, f"no unit's state was read ahead of the update before it (step {step})"
+        else:
+            assert ahead, f"no unit's state was read ahead of its update (step {step})"
         assert min(read_start.values()) < bwd_end, "no state read overlapped backward"
     assert losses == losses_ref
     for a, b in zip(ref.parameters(), (rt.param_value(p) for p in m.parameters())):
@@ -535,4 +538,94 @@ def test_backward_waits_for_device_grads_beyond_grad_buffers_units(monkeypatch):
     lm_loss(model, batches(1)[0]).backward()
     opt.step()
     assert gate.is_set() and seen and max(seen) <= limit, (max(seen), limit)
+    rt.close()
+
+
+def test_step_returns_before_its_last_writes_land_and_the_next_forward_runs_beside_them(tmp_path):
+    """An overlapped step that commits as it is returns once every update ran: its last unit's writes (the rest
+    unit's state and new weights) land during the next forward, which fetches those weights from the buffer
+    being written instead of waiting. Held in flight by a gate (not by timing): the step returns, the next
+    forward runs to the end, and only then do they land. Training stays bit-identical to plain AdamW."""
+    from storage import faults
+
+    ref, m = gpt(), gpt()
+    data = batches(4)
+    losses_ref = run(ref, torch.optim.AdamW(ref.parameters(), lr=1e-2), data, accum=1, clip=None, wrapped=False)
+    model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2),
+                      OffloadConfig(param_tier="nvme", state_tier="nvme", nvme_dirs=str(tmp_path), impl="as_given"))
+    rt = runtime_of(model)
+    rest = rt.units[0]
+    tail = {rest.weights.key} | {s.key for s in opt._subgroups_of(0)}
+    armed, land, held = threading.Event(), threading.Event(), []
+
+    def gate(site, key):
+        if site == "store.write_done" and key in tail and armed.is_set():
+            held.append(key)
+            assert land.wait(GATE_S), "the gated writes were never let land"
+        return 0.0
+
+    losses = []
+    with faults.inject_delays(seed=None, rule=gate):
+        for step, idx in enumerate(data):
+            if step == 2:  # the step before left its last writes held
+                assert rest.weights.state is ChunkState.WRITING
+                loss = lm_loss(model, idx)  # the whole forward, with them still held
+                assert rest.weights.state is ChunkState.WRITING
+                land.set()
+            else:
+                loss = lm_loss(model, idx)
+            loss.backward()
+            losses.append(loss.item())
+            if step == 1:
+                armed.set()
+            opt.step()
+            opt.zero_grad()
+    rt.settle_step_io()
+    assert set(held) == tail  # every one of them was held, and landed
+    assert losses == losses_ref
+    for a, b in zip(ref.parameters(), (rt.param_value(p) for p in m.parameters())):
+        assert torch.equal(a, b)
+    rt.close()
+
+
+def test_a_failed_write_the_step_left_in_flight_is_raised_and_its_bytes_kept(tmp_path):
+    """The step's last writes land after it returned; one that fails (a full disk) is raised by whatever waits for
+    them next (here ``settle_step_io``, as reading the weights, a checkpoint, the next step or ``close`` do), never
+    dropped: its new bytes stay in memory and are written with the unit's next weights, so training goes on
+    bit-identical to plain AdamW."""
+    import errno
+
+    from storage import faults
+
+    ref, m = gpt(), gpt()
+    data = batches(4)
+    losses_ref = run(ref, torch.optim.AdamW(ref.parameters(), lr=1e-2), data, accum=1, clip=None, wrapped=False)
+    model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2),
+                      OffloadConfig(param_tier="nvme", state_tier="nvme", nvme_dirs=str(tmp_path), impl="as_given"))
+    rt = runtime_of(model)
+    key, fail = rt.units[0].weights.key, threading.Event()
+
+    def full_disk(site, k):
+        if site == "store.write" and k == key and fail.is_set():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return 0.0
+
+    losses = []
+    with faults.inject_delays(seed=None, rule=full_disk):
+        for step, idx in enumerate(data):
+            loss = lm_loss(model, idx)
+            loss.backward()
+            losses.append(loss.item())
+            if step == 1:
+                fail.set()
+            opt.step()
+            opt.zero_grad()
+            if step == 1:
+                with pytest.raises(Exception, match="disk full|No space"):
+                    rt.settle_step_io()
+                assert rt.units[0].weights.state is ChunkState.DIRTY  # the new weights, kept in memory
+                fail.clear()
+    assert losses == losses_ref
+    for a, b in zip(ref.parameters(), (rt.param_value(p) for p in m.parameters())):
+        assert torch.equal(a, b)
     rt.close()
