@@ -23,7 +23,10 @@ lower bound <= 1.2 at the I/O-bound batch (``--io-bound``, 1x64) and <= 1.15 at 
 every placement; all-NVMe / plain <= 2.8 at 1x64. The all-NVMe weights must equal plain PyTorch's bit
 for bit after the same iterations.
 
-The profile is ``--profile``, else this machine's cached probe (``offload probe``), else ``cpu-dev-2core``. Runs
+The profile is ``--profile``, else this machine's cached probe (``offload probe``), else ``cpu-dev-2core``; its
+disk rates are measured again before each batch, in the stores' directory, the probe's way (``--no-disk-now``
+keeps the profile's): this VM's disk drifts by up to 30% from hour to hour, and a bound priced with another
+hour's disk judges the runtime by that hour's (both bounds are printed and kept in the JSON). Runs
 are interleaved (one iteration of each in turn) so the machine's load weighs on all alike; an iteration during
 which other processes took more than 5% of the CPU, or just before which a fixed matmul ran 25% slower than its
 best, is set aside and run again (``plan_validate.py``'s rules; not with ``--quick``), for at most 4 x ``--iters``
@@ -35,6 +38,7 @@ rounds; a run left with fewer than ``--iters`` undisturbed iterations takes the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -56,7 +60,9 @@ from scheduler import profile as profiles  # noqa: E402
 from scheduler.cost import RESOURCES, CostModel  # noqa: E402
 from scheduler.workload import PRESETS, build_transformer  # noqa: E402
 from storage import format_bytes  # noqa: E402
-from scheduler.probe import flush_denormals  # noqa: E402
+from scheduler.probe import disk_rates, flush_denormals  # noqa: E402
+from storage import NvmeStore  # noqa: E402
+from storage.memory import fresh_empty  # noqa: E402
 
 IO_BAR, COMPUTE_BAR, PLAIN_BAR = 1.2, 1.15, 2.8
 """measured / lower bound at the I/O-bound batch and at a compute-bound one; all-NVMe / plain at 1x64."""
@@ -154,12 +160,42 @@ def gaps_text(g: dict, shown: int = 4) -> list[str]:
     return lines
 
 
+DISK_CHUNKS, DISK_CHUNK_BYTES, DISK_ROUNDS = 8, 128 << 20, 5
+"""The probe's disk measurement (scheduler/probe.py): 8 x 128 MiB chunks, medians of 5 interleaved rounds."""
+
+
+def disk_now(base: Path, hw):
+    """``hw`` with its disk rates (read, write, interleaved) measured now in ``base``, as ``offload probe`` measures
+    them; and the rates, GB/s."""
+    d = temp_store_dir(str(base))
+    try:
+        store = NvmeStore([d], 3 * DISK_CHUNKS * DISK_CHUNK_BYTES, reset=True)
+        bufs = [fresh_empty(DISK_CHUNK_BYTES).fill_(i % 251) for i in range(DISK_CHUNKS)]
+        outs = [fresh_empty(DISK_CHUNK_BYTES).zero_() for _ in range(DISK_CHUNKS)]
+        try:
+            dk, _ = disk_rates(store, bufs, outs, rounds=DISK_ROUNDS)
+        finally:
+            store.close()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    rates = {"disk_read_gbps": dk["read"].value, "disk_write_gbps": dk["write"].value,
+             "disk_mixed_gbps": dk["mixed"].value}
+    return dataclasses.replace(hw, **rates), rates
+
+
 def run_batch(shape, hw, batch: int, seq: int, args, base: Path, results: Path) -> dict:
     name = "tiny" if args.quick else "gpt2"
     w = workload_of(shape, batch=batch, seq=seq, name=name)
     model_bytes = w.params * 4
     common = dict(device_budget_bytes=model_bytes // 2)
-    cm = CostModel(w, hw)
+    probed, disk = hw, None
+    if args.disk_now:
+        hw, disk = disk_now(base, hw)
+        print(f"\ndisk now: read {disk['disk_read_gbps']:.2f}, write {disk['disk_write_gbps']:.2f}, interleaved "
+              f"{disk['disk_mixed_gbps']:.2f} GB/s (profile {probed.name}: {probed.disk_read_gbps:.2f}, "
+              f"{probed.disk_write_gbps:.2f}, {probed.disk_mixed_gbps:.2f}); bounds and predictions use these",
+              flush=True)
+    cm, cm_probed = CostModel(w, hw), CostModel(w, probed)
     runs, dirs = {}, []  # key -> dict(label, plan, pred, run)
     tag = f"{batch}x{seq}"
     try:
@@ -242,6 +278,7 @@ def run_batch(shape, hw, batch: int, seq: int, args, base: Path, results: Path) 
     med = statistics.median
     plain_s = med(r["iteration_s"] for r in records["plain"])
     out = {"batch": batch, "seq": seq, "kind": kind, "bar": bar, "params": w.params, "model_bytes": model_bytes,
+           "disk_now_gbps": disk,
            "device_budget_bytes": common["device_budget_bytes"], "bit_identical": same,
            "iterations_compared": plain.done, "fewer_clean_than_iters": short,
            "plain": {"measured_s": plain_s, "iterations": every["plain"]}, "placements": {}}
@@ -253,6 +290,7 @@ def run_batch(shape, hw, batch: int, seq: int, args, base: Path, results: Path) 
         out["placements"][k] = {
             "label": r["label"], "plan": r["plan"].compact(), "measured_s": c.measured_s,
             "lower_bound_s": p.lower_bound_s, "bound_by": p.bound_by, "predicted_s": p.iteration_s,
+            "lower_bound_profile_disk_s": cm_probed.predict(r["plan"]).lower_bound_s,
             "fill_s": p.fill_s, "measured_over_lower_bound": c.measured_s / p.lower_bound_s,
             "predicted_over_measured": c.ratio, "over_plain": c.measured_s / plain_s,
             "pass": c.measured_s / p.lower_bound_s <= bar,
@@ -281,6 +319,10 @@ def table(b: dict) -> list[str]:
                      + ("= model" if p["bytes_equal"] else "DIFFER"))
     lines.append("(bytes: those the runtime and store counted per link against the cost model's; without a device "
                  "budget they are equal, and the model does not price the refetches a tight budget forces)")
+    if b["disk_now_gbps"]:
+        lines.append("(lower bounds with the disk measured now; against the profile's disk rates measured / lower "
+                     "bound is " + ", ".join(f"{k} {p['measured_s'] / p['lower_bound_profile_disk_s']:.2f}"
+                                             for k, p in b["placements"].items()) + ")")
     lines.append(f"{'plain':12s} {b['plain']['measured_s']:8.3f}s   (all-NVMe / plain {b['nvme_over_plain']:.2f}x; "
                  f"weights bit-identical: {b['bit_identical']})")
     if b["fewer_clean_than_iters"]:
@@ -304,13 +346,15 @@ def main(argv=None) -> int:
     ap.add_argument("--dir", help="where the NVMe stores go (default: a temporary directory under benchmarks/results,"
                                   " deleted at the end); each store is removed when its batch is done")
     ap.add_argument("--quick", action="store_true", help="a tiny model and tiny batches: checks the pipeline")
+    ap.add_argument("--no-disk-now", dest="disk_now", action="store_false",
+                    help="price the bounds with the profile's disk rates, not ones measured before each batch")
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "placement_bench.json"))
     args = ap.parse_args(argv)
     flush_denormals()  # ours and plain alike: scheduler.probe.flush_denormals says why
     if args.iters < 1 or args.warmup < 0:
         raise SystemExit(f"--iters must be >= 1 and --warmup >= 0, got {args.iters} and {args.warmup}")
     if args.quick:
-        shape, args.iters = TINY, min(args.iters, 2)
+        shape, args.iters, args.disk_now = TINY, min(args.iters, 2), False
         if args.batches == ap.get_default("batches"):
             args.batches = "1x16,2x32"
         if args.io_bound == ap.get_default("io_bound"):
