@@ -1178,6 +1178,17 @@ class OffloadOptimizer(torch.optim.Optimizer):
         self._spec.why_stopped = str(error)
         self._stats["spec_stopped"] += 1
 
+    def speculation_commits(self) -> bool:
+        """Whether the speculative step, its updates done, commits as it is: no inf/NaN, no grad clipped, every
+        subgroup with grads updated. Validating it then changes no chunk, so its writes need not have landed."""
+        spec = self._spec
+        if spec is None or spec.overflow:
+            return False
+        max_norm = spec.max_norm if spec.max_norm is not None else self.config.max_grad_norm
+        if max_norm is not None and not _unclipped(self._spec_total_norm(spec), max_norm):
+            return False
+        return all(s.index in spec.updated for s in self._update_order())
+
     def end_speculation(self) -> str:
         """Validate the speculative step once backward ended and its updates finished: ``"commit"`` (no grad
         clipped, none inf/NaN: the updates stand, as plain ``clip_grad_norm_`` then ``step`` would have made

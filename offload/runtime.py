@@ -1233,10 +1233,10 @@ class OffloadRuntime:
                     # Write-backs the updates left in flight, read-ahead no update used: settled on the update
                     # thread, which owns them (the only one that touches them). A step that commits as it is
                     # returns without waiting for them: they land during the next forward, whose fetches go before
-                    # them on the disk (storage/workers.py); a speculative one waits, since validating it may
-                    # roll them back.
+                    # them on the disk (storage/workers.py); a speculative one that is rolled back (or has
+                    # subgroups left to update) waits, since validating it changes those chunks.
                     io = self._update_pool.submit(self._finish_step_io)
-                    if speculating:
+                    if speculating and not self.optimizer.speculation_commits():
                         io.result()
                     else:
                         self._step_io = io

@@ -179,7 +179,7 @@ def memory_terms(units: Iterable[tuple[UnitBytes, object, int]], k: Knobs) -> di
              "pre_images": pre_params + pre_state if speculating and k.clip else 0}
     forward = {"param_staging": largest([(r(u.params), c) for u, pl, c in items if pl.params is N],
                                         param_buffers(k.prefetch))}
-    if k.overlap and not k.clip:  # the last unit updated: the rest unit, else a block (the largest counts)
+    if k.overlap:  # the last unit updated: the rest unit, else a block (the largest counts)
         last = [r(u.state) for u, pl, c in rest if trains(u) and pl.state is N] if any(
             trains(u) for u, pl, c in rest) else [r(u.state) for u, pl, c in blocks if trains(u) and pl.state is N]
         forward["last_step_writes"] = max(last, default=0)

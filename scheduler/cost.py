@@ -417,9 +417,10 @@ class CostModel:
 
     def writes_behind(self, plan: Plan) -> bool:
         """Whether a step returns before its last unit's writes land (state, new params), which the next forward
-        then overlaps: an overlapped step that commits as it is (``OffloadRuntime.finish_overlapped_step``). One
-        that clips or scales the loss speculates, and waits for them (validating it may roll them back)."""
-        return plan.overlap_update and not plan.clip
+        then overlaps: an overlapped step that commits as it is (``OffloadRuntime.finish_overlapped_step``; a
+        speculative one that clips is rolled back and redone after backward, priced apart:
+        :mod:`scheduler.speculation`)."""
+        return plan.overlap_update
 
     def fill_s(self, plan: Plan, r: dict[str, float]) -> float:
         """Head: the rest unit's and the first block's params must arrive (one after the other, on the copy thread)

@@ -444,7 +444,7 @@ class Feasibility:
             pre_params + rsb * (yD + yH) + r_pre_state if spec and k.clip else 0)
         # the fetches in flight, and the last step's last unit's state on its way to the store
         last_writes = 0
-        if k.overlap and not k.clip:
+        if k.overlap:
             last_writes = r_nv if rest is not None and cm.gb[0] > 0 else rsb * (yN > 0)
         forward = np.minimum(K, xN) * rpb + last_writes
         if phases:

@@ -78,7 +78,7 @@ def test_plan_70b_under_5s_and_1gib(tmp_path):
     on_nvme_s = sorted((sb[i] for i, u in enumerate(units) if u["state"] == "nvme"), reverse=True)
     # the fetches in flight, and the last step's last writes (its rest unit's state: the step returned before they
     # landed)
-    assert out["plan"]["overlap_update"] and not out["plan"]["clip"]
+    assert out["plan"]["overlap_update"]
     forward = sum(sorted(on_nvme_p, reverse=True)[:k + 1]) + (sb[0] if units[0]["state"] == "nvme" else 0)
     step = max(on_nvme_p, default=0)  # one unit's new weights on their way to the store
     staging = sum(sorted(on_nvme_p, reverse=True)[:2])  # and the next unit's, updating meanwhile
