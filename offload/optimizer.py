@@ -1159,8 +1159,13 @@ class OffloadOptimizer(torch.optim.Optimizer):
 
     def preserve_unit(self, unit: int) -> None:
         """Keep the pre-update bytes of every subgroup of ``unit`` with grads, before any of them changes (raises
-        :class:`~storage.TierFullError` when the host has no room for a copy: then nothing changed)."""
+        :class:`~storage.TierFullError` when the host has no room for a copy: then nothing changed). A stored
+        chunk whose bytes the store has is kept as the store's version, which takes no memory: held when its
+        update takes the chunk (``_update``), so that the unit's first subgroup need not wait for the others'
+        reads."""
         for sub in self._update_order(unit):
+            if sub.tier is Tier.NVME and sub.chunk.state is not ChunkState.DIRTY:
+                continue
             self._spec.save(sub, self._swap)
 
     def abandon_speculation(self, *, accumulating: bool = False) -> None:
