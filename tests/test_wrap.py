@@ -541,11 +541,11 @@ def test_backward_waits_for_device_grads_beyond_grad_buffers_units(monkeypatch):
     rt.close()
 
 
-def test_step_returns_before_its_last_writes_land_and_the_next_forward_runs_beside_them(tmp_path):
-    """An overlapped step that commits as it is returns once every update ran: its last unit's writes (the rest
-    unit's state and new weights) land during the next forward, which fetches those weights from the buffer
-    being written instead of waiting. Held in flight by a gate (not by timing): the step returns, the next
-    forward runs to the end, and only then do they land. Training stays bit-identical to plain AdamW."""
+def _all_nvme_against_plain(tmp_path, rule, *, forward=None, before_step=None, after_step=None):
+    """Train a GPT all on NVMe and the same GPT plainly on four batches, with ``rule`` injected at the fault sites
+    (:mod:`storage.faults`, ``rule(runtime, site, key)``); ``forward(step, idx, model)`` computes the loss where
+    given, ``before_step(step)`` and ``after_step(step, runtime)`` run around each optimizer step. Checks the two
+    bit-identical; returns the runtime."""
     from storage import faults
 
     ref, m = gpt(), gpt()
@@ -554,37 +554,53 @@ def test_step_returns_before_its_last_writes_land_and_the_next_forward_runs_besi
     model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2),
                       OffloadConfig(param_tier="nvme", state_tier="nvme", nvme_dirs=str(tmp_path), impl="as_given"))
     rt = runtime_of(model)
-    rest = rt.units[0]
-    tail = {rest.weights.key} | {s.key for s in opt._subgroups_of(0)}
-    armed, land, held = threading.Event(), threading.Event(), []
+    losses = []
+    with faults.inject_delays(seed=None, rule=lambda site, key: rule(rt, site, key)):
+        for step, idx in enumerate(data):
+            loss = forward(step, idx, model) if forward is not None else lm_loss(model, idx)
+            loss.backward()
+            losses.append(loss.item())
+            if before_step is not None:
+                before_step(step)
+            opt.step()
+            opt.zero_grad()
+            if after_step is not None:
+                after_step(step, rt)
+    rt.settle_step_io()
+    assert losses == losses_ref
+    for a, b in zip(ref.parameters(), (rt.param_value(p) for p in m.parameters())):
+        assert torch.equal(a, b)
+    return rt
 
-    def gate(site, key):
+
+def test_step_returns_before_its_last_writes_land_and_the_next_forward_runs_beside_them(tmp_path):
+    """An overlapped step that commits as it is returns once every update ran: its last unit's writes (the rest
+    unit's state and new weights) land during the next forward, which fetches those weights from the buffer
+    being written instead of waiting. Held in flight by a gate (not by timing): the step returns, the next
+    forward runs to the end, and only then do they land. Training stays bit-identical to plain AdamW."""
+    armed, land, held, tail = threading.Event(), threading.Event(), [], set()
+
+    def gate(rt, site, key):
+        if not tail:
+            tail.update({rt.units[0].weights.key} | {s.key for s in rt.optimizer._subgroups_of(0)})
         if site == "store.write_done" and key in tail and armed.is_set():
             held.append(key)
             assert land.wait(GATE_S), "the gated writes were never let land"
         return 0.0
 
-    losses = []
-    with faults.inject_delays(seed=None, rule=gate):
-        for step, idx in enumerate(data):
-            if step == 2:  # the step before left its last writes held
-                assert rest.weights.state is ChunkState.WRITING
-                loss = lm_loss(model, idx)  # the whole forward, with them still held
-                assert rest.weights.state is ChunkState.WRITING
-                land.set()
-            else:
-                loss = lm_loss(model, idx)
-            loss.backward()
-            losses.append(loss.item())
-            if step == 1:
-                armed.set()
-            opt.step()
-            opt.zero_grad()
-    rt.settle_step_io()
-    assert set(held) == tail  # every one of them was held, and landed
-    assert losses == losses_ref
-    for a, b in zip(ref.parameters(), (rt.param_value(p) for p in m.parameters())):
-        assert torch.equal(a, b)
+    def forward(step, idx, model):
+        if step != 2:
+            return lm_loss(model, idx)
+        rest = runtime_of(model).units[0]
+        assert rest.weights.state is ChunkState.WRITING  # the step before left its last writes held
+        loss = lm_loss(model, idx)  # the whole forward, with them still held
+        assert rest.weights.state is ChunkState.WRITING
+        land.set()
+        return loss
+
+    rt = _all_nvme_against_plain(tmp_path, gate, forward=forward,
+                                 before_step=lambda step: armed.set() if step == 1 else None)
+    assert tail and set(held) == tail  # every one of them was held, and landed
     rt.close()
 
 
@@ -595,37 +611,21 @@ def test_a_failed_write_the_step_left_in_flight_is_raised_and_its_bytes_kept(tmp
     bit-identical to plain AdamW."""
     import errno
 
-    from storage import faults
+    fail, raised = threading.Event(), []
 
-    ref, m = gpt(), gpt()
-    data = batches(4)
-    losses_ref = run(ref, torch.optim.AdamW(ref.parameters(), lr=1e-2), data, accum=1, clip=None, wrapped=False)
-    model, opt = wrap(m, torch.optim.AdamW(m.parameters(), lr=1e-2),
-                      OffloadConfig(param_tier="nvme", state_tier="nvme", nvme_dirs=str(tmp_path), impl="as_given"))
-    rt = runtime_of(model)
-    key, fail = rt.units[0].weights.key, threading.Event()
-
-    def full_disk(site, k):
-        if site == "store.write" and k == key and fail.is_set():
+    def full_disk(rt, site, key):
+        if site == "store.write" and key == rt.units[0].weights.key and fail.is_set():
             raise OSError(errno.ENOSPC, "No space left on device")
         return 0.0
 
-    losses = []
-    with faults.inject_delays(seed=None, rule=full_disk):
-        for step, idx in enumerate(data):
-            loss = lm_loss(model, idx)
-            loss.backward()
-            losses.append(loss.item())
-            if step == 1:
-                fail.set()
-            opt.step()
-            opt.zero_grad()
-            if step == 1:
-                with pytest.raises(Exception, match="disk full|No space"):
-                    rt.settle_step_io()
-                assert rt.units[0].weights.state is ChunkState.DIRTY  # the new weights, kept in memory
-                fail.clear()
-    assert losses == losses_ref
-    for a, b in zip(ref.parameters(), (rt.param_value(p) for p in m.parameters())):
-        assert torch.equal(a, b)
+    def after_step(step, rt):
+        if step == 1:
+            with pytest.raises(Exception, match="disk full|No space"):
+                rt.settle_step_io()
+            raised.append(rt.units[0].weights.state)
+            fail.clear()
+
+    rt = _all_nvme_against_plain(tmp_path, full_disk, before_step=lambda step: fail.set() if step == 1 else None,
+                                 after_step=after_step)
+    assert raised == [ChunkState.DIRTY]  # the new weights, kept in memory
     rt.close()
