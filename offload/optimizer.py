@@ -729,8 +729,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
                                "apply them a second time as plain PyTorch would. Run loss.backward() before each "
                                "step (or zero_grad() for a step without gradients)")
         t0 = time.perf_counter()
-        if self._runtime is not None:
-            self._runtime.settle_step_io()  # the last step's writes, still landing, touch the chunks this one uses
+        self._settle_last_step()  # the last step's writes, still landing, touch the chunks this one uses
         if not self.begin_step():
             self._clipped = False
             if self._runtime is not None:
@@ -1073,8 +1072,7 @@ class OffloadOptimizer(torch.optim.Optimizer):
                 # serves them one after another anyway (each is already split into blocks across the store's
                 # threads), and the store's room for versions in flight is then one unit's state, whatever the
                 # disk's speed (scheduler/buffers.py, write_room). A unit's own subgroups do not wait for each
-                # other: the update thread goes on to the next one, and the step's last unit (whose writes the
-                # step does not wait for) never waits.
+                # other: the update thread goes on to the unit's next one.
                 while w := writing(other_than=sub.unit):
                     swap.wait_any(w)
                 swap.write_back(c, on_landed=self.state_written if late_writes else None)
@@ -1187,12 +1185,16 @@ class OffloadOptimizer(torch.optim.Optimizer):
         """Whether the speculative step, its updates done, commits as it is: no inf/NaN, no grad clipped, every
         subgroup with grads updated. Validating it then changes no chunk, so its writes need not have landed."""
         spec = self._spec
-        if spec is None or spec.overflow:
-            return False
-        max_norm = spec.max_norm if spec.max_norm is not None else self.config.max_grad_norm
-        if max_norm is not None and not _unclipped(self._spec_total_norm(spec), max_norm):
+        if spec is None or spec.overflow or not self._spec_stands(spec)[0]:
             return False
         return all(s.index in spec.updated for s in self._update_order())
+
+    def _spec_stands(self, spec: "_Speculation") -> tuple[bool, torch.Tensor | None, float | None]:
+        """(whether the clip leaves every grad as it is, the grads' total norm, the step's max_norm); the norm is
+        ``None`` for a step that does not clip."""
+        max_norm = spec.max_norm if spec.max_norm is not None else self.config.max_grad_norm
+        total = None if max_norm is None else self._spec_total_norm(spec)
+        return total is None or _unclipped(total, max_norm), total, max_norm
 
     def end_speculation(self) -> str:
         """Validate the speculative step once backward ended and its updates finished: ``"commit"`` (no grad
@@ -1210,9 +1212,8 @@ class OffloadOptimizer(torch.optim.Optimizer):
             return "overflow"
         if self._scale is not None:
             self._unscaled = True
-        max_norm = spec.max_norm if spec.max_norm is not None else self.config.max_grad_norm
-        total = None if max_norm is None else self._spec_total_norm(spec)
-        if total is None or _unclipped(total, max_norm):
+        stands, total, max_norm = self._spec_stands(spec)
+        if stands:
             self._spec = None
             self._swap.commit()
             self._stats["spec_commits"] += 1

@@ -26,7 +26,9 @@ store, as are the unit's fp32 grads; on the device they exist only while needed:
   are changed in place in a host buffer (no fp32 master): under the overlapped update that buffer is the one the
   unit's backward fetch brought, kept for it (or a copy of the device params for a unit not fetched again for
   backward), where the pool has room beyond the transfers in flight; else they are read from the store again. Its state chunks
-  belong to the same swap manager (one pool, one device budget, one store, one set of byte counters).
+  belong to the same swap manager (one pool, one device budget, one store, one set of byte counters). The
+  overlapped step returns once every unit is updated: the writes its last unit left in flight land during the
+  next forward, and whatever reads or moves chunks between steps waits for them first (:meth:`settle_step_io`).
 
 Placement is uniform (the config's ``param_tier``, ``grad_tier``, ``state_tier``, ``update_on``) or per unit: a
 :class:`scheduler.Plan` gives each unit its own, and a unit whose params the plan keeps on the ``device`` is fetched
@@ -332,7 +334,7 @@ class OffloadRuntime:
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._d2h_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._staging: list[Unit] = []  # units whose new weights the update is writing (NVMe params)
-        self._params_writing: list[Unit] = []  # their writes in flight, settled before the next unit's update
+        self._params_writing: list[Unit] = []  # their writes in flight, settled before the next unit's is issued
         self._step_io: concurrent.futures.Future | None = None  # the last step's writes left in flight (settle_step_io)
         self._keep_fetched = False  # this backward's fetches keep host copies for the overlapped update
         self._warm_ok = False  # this step's updates keep new weights for the next forward (finish_unit_update)
@@ -929,8 +931,7 @@ class OffloadRuntime:
                 # Updates follow backward (the rest unit's grads complete last); start reading the first units'
                 # state now, while backward computes.
                 self._update_seq = self._bwd_seq + [0]
-                self._last_update = None
-                self._update_futures.append(self._update_pool.submit(self._prefetch_state, None))
+                self._update_futures.append(self._update_pool.submit(self._begin_read_ahead))
             self._bwd_t0 = self.timeline.now()
             for x in self.units:
                 x.pending = x.trainable
@@ -1110,10 +1111,16 @@ class OffloadRuntime:
         if units:
             self.optimizer.prefetch_state(units)
 
+    def _begin_read_ahead(self) -> None:
+        """On the update thread, as the step's last backward starts: read the first units' state ahead."""
+        self._last_update = None
+        self._prefetch_state(None)
+
     def _state_landed(self) -> None:
         """On an I/O thread: a state write-back of the overlapped update landed and freed a buffer. The update
         thread, which owns the read-ahead, reads further ahead into it: at once when it waits for the next unit's
-        grads, after the unit it updates now otherwise (whose start reads ahead too)."""
+        grads, after the unit it updates now otherwise (whose start reads ahead too). The flags read here are a
+        hint: a job queued just after the step reads nothing (no unit comes after the last one updated)."""
         if self._overlapping or self._step_pending:
             with contextlib.suppress(RuntimeError):  # the lane shut down (close): nothing more to read
                 self._update_pool.submit(lambda: self._prefetch_state(self._last_update))

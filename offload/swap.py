@@ -23,7 +23,8 @@ instead of going back to the pool, counted by the pool as cached, not needed, un
 let go.
 
 A buffer is handed out only in READY or DIRTY: a read still landing (LOADING) or a write still reading the
-buffer (WRITING) makes the caller wait on the manager's condition, so "a read into a buffer that a grad thread
+buffer (WRITING) makes the caller wait on the manager's condition (except a reader of a buffer whose write keeps
+it, ``write_back(evict=False)``: both only read it), so "a read into a buffer that a grad thread
 adds into" cannot happen, whatever the timing. :meth:`SwapManager.use` pins the chunk while the caller works:
 writers exclusively, readers shared, and no transition out of READY/DIRTY starts while it is pinned. A failed
 write leaves the chunk DIRTY with its buffer (the store keeps the previous version); the error is raised to the
@@ -440,9 +441,14 @@ class SwapManager:
         with self._cond:
             if c.state is not ChunkState.READY or c.home is not Tier.NVME or c._extra is not None or c._kept:
                 return False
+            self._mark_kept(c)
+            return True
+
+    def _mark_kept(self, c: Chunk) -> None:
+        """Under the lock: ``c``'s READY buffer (a plain one, no working memory) is a kept copy now."""
+        if not c._kept and c._extra is None:
             c._kept = round_up(c.nbytes)  # what the pool charged for it (_acquire)
             self.pool.mark_cached(c._kept)
-            return True
 
     def _unkeep(self, c: Chunk) -> None:
         """Under the lock: ``c``'s buffer is no longer a kept copy."""
@@ -472,8 +478,7 @@ class SwapManager:
         with self._cond:
             c._tensor, c._extra, c._release = tensor, None, release
             c.state = ChunkState.READY
-            c._kept = round_up(c.nbytes)
-            self.pool.mark_cached(c._kept)
+            self._mark_kept(c)
             self._cond.notify_all()
         return True
 
@@ -549,9 +554,8 @@ class SwapManager:
                 raise AssertionError(f"write_back of {c!r}: only store chunks are written back")
             if c.state is ChunkState.READY and evict:
                 self._let_go(c, ChunkState.STORED)
-            if c.state is ChunkState.READY and keep and not c._kept and c._extra is None:
-                c._kept = round_up(c.nbytes)
-                self.pool.mark_cached(c._kept)
+            if c.state is ChunkState.READY and keep:
+                self._mark_kept(c)
             if c.state is not ChunkState.DIRTY:
                 return
             c.state, c._stays, c._evict_landed = ChunkState.WRITING, not evict, False
@@ -571,9 +575,8 @@ class SwapManager:
                     self._let_go(c, ChunkState.STORED)
                 else:
                     c.state = ChunkState.READY
-                    if keep and not c._evict_landed and c._extra is None:
-                        c._kept = round_up(c.nbytes)
-                        self.pool.mark_cached(c._kept)
+                    if keep and not c._evict_landed:
+                        self._mark_kept(c)
                 self._cond.notify_all()
 
         handle.future.add_done_callback(landed)

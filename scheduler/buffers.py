@@ -39,7 +39,7 @@ host (the pool)
 nvme (the store's extents)
     ``params``, ``state``, ``grads``: chunks that live there (grads stay allocated once written: a consumed grad
     chunk is forgotten, not deleted); ``write_room``: a write puts the new version beside the committed one until
-    it lands: one state chunk (the update issues a state write once the last one landed,
+    it lands: one unit's state (the update issues a unit's state writes once the unit before's landed,
     ``OffloadOptimizer._step_streamed``; in the first step only chunks made at wrap, which hold masters, have an
     earlier version) and one param chunk (none in a speculating step: the previous version is held anyway);
     ``held_versions`` (speculation): the previous version of every chunk a speculative step rewrites is held

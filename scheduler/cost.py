@@ -625,12 +625,9 @@ class CostModel:
                     else:
                         wr = add("disk_write", f"state {names[i]}", sb[i] * r["disk_write"], [upd], sb[i])
                         state_release.append(wr)
-                    # One unit's state writes in flight: the update thread issues this unit's once the unit
-                    # before's landed (OffloadOptimizer._step_streamed), and only then goes on.
-                    write_gate = state_release[-2] if wr is not None and len(state_release) >= 2 else \
-                        state_release[-1] if wr is None and state_release else None
-                else:
-                    write_gate = None
+                # One unit's state writes in flight: the update thread issues this unit's once the unit before's
+                # landed (OffloadOptimizer._step_streamed), and only then goes on.
+                write_gate = state_release[-2] if wr is not None and len(state_release) >= 2 else None
                 if pl.params is D:
                     add("h2d", f"new params {names[i]}", tpb[i] * r["h2d"], [upd], tpb[i])
                 if pl.params is N:
@@ -638,7 +635,6 @@ class CostModel:
                         pending_params = (i, upd)
                     elif last and behind:
                         carried.append(("disk_write", f"new params {names[i]}", pb[i] * r["disk_write"], pb[i]))
-                        params_gate = params_write  # the update thread waits for the one before, then issues it
                     else:
                         # Issued once the update is done and the unit before's landed (finish_unit_update); the
                         # update thread waits for that one, then goes on to the next unit.
