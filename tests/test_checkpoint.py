@@ -197,6 +197,7 @@ def test_wrap_on_nvme_resumes_on_host_streaming(tmp_path):
             return buf
 
         pool.acquire = acquire
+        rt.settle_step_io()  # the last step's writes land first (the save waits for them too): not the save's memory
         before = pool.in_use_bytes
         save_checkpoint(tmp_path / "ckpt", model, opt, step=3, scheduler=sched)
         pool.acquire = real

@@ -137,6 +137,7 @@ def test_state_dict_reads_each_offloaded_unit_once(tmp_path):
         o.step()
         o.zero_grad()
     rt = runtime_of(model)
+    rt.settle_step_io()  # the step's last writes land after it returned; then its copies for the next forward are kept
     before = rt.swap.moved("params")["disk_read"]
     stored = [u for u in rt.units if u.weights is not None and u.weights.home.value == "nvme"]
     warm = [u for u in stored if u.weights.kept]  # kept in memory for the next forward: nothing to read

@@ -482,6 +482,7 @@ def test_updates_change_nvme_weights_in_host_memory_from_kept_copies(budget, tmp
         assert st["update_weights_read"] == 0
     # Past the step only the new weights of the units the next forward fetches first stay (rest, first block)
     rt = p.rt
+    rt.settle_step_io()  # kept once their writes have landed (after the step returned)
     warm = [u for u in rt.units if u.weights.kept]
     assert {u.index for u in warm} <= {0, rt._fwd_order[0]} and (warm or budget)
     assert not (warm and budget == "short")

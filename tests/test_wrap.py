@@ -541,11 +541,11 @@ def test_backward_waits_for_device_grads_beyond_grad_buffers_units(monkeypatch):
     rt.close()
 
 
-def _all_nvme_against_plain(tmp_path, rule, *, forward=None, before_step=None, after_step=None):
+def _all_nvme_against_plain(tmp_path, rule, *, forward=None, after_step=None):
     """Train a GPT all on NVMe and the same GPT plainly on four batches, with ``rule`` injected at the fault sites
     (:mod:`storage.faults`, ``rule(runtime, site, key)``); ``forward(step, idx, model)`` computes the loss where
-    given, ``before_step(step)`` and ``after_step(step, runtime)`` run around each optimizer step. Checks the two
-    bit-identical; returns the runtime."""
+    given, ``after_step(step, runtime)`` runs after each optimizer step. Checks the two bit-identical; returns
+    the runtime."""
     from storage import faults
 
     ref, m = gpt(), gpt()
@@ -560,8 +560,6 @@ def _all_nvme_against_plain(tmp_path, rule, *, forward=None, before_step=None, a
             loss = forward(step, idx, model) if forward is not None else lm_loss(model, idx)
             loss.backward()
             losses.append(loss.item())
-            if before_step is not None:
-                before_step(step)
             opt.step()
             opt.zero_grad()
             if after_step is not None:
@@ -588,6 +586,11 @@ def test_step_returns_before_its_last_writes_land_and_the_next_forward_runs_besi
             assert land.wait(GATE_S), "the gated writes were never let land"
         return 0.0
 
+    def arm(step, rt):
+        if step == 0:  # from the next step's writes on (the update thread writes the rest unit's during backward)
+            rt.settle_step_io()
+            armed.set()
+
     def forward(step, idx, model):
         if step != 2:
             return lm_loss(model, idx)
@@ -598,8 +601,7 @@ def test_step_returns_before_its_last_writes_land_and_the_next_forward_runs_besi
         land.set()
         return loss
 
-    rt = _all_nvme_against_plain(tmp_path, gate, forward=forward,
-                                 before_step=lambda step: armed.set() if step == 1 else None)
+    rt = _all_nvme_against_plain(tmp_path, gate, forward=forward, after_step=arm)
     assert tail and set(held) == tail  # every one of them was held, and landed
     rt.close()
 
@@ -619,13 +621,15 @@ def test_a_failed_write_the_step_left_in_flight_is_raised_and_its_bytes_kept(tmp
         return 0.0
 
     def after_step(step, rt):
+        if step == 0:  # from the next step's writes on (the update thread writes the rest unit's during backward)
+            rt.settle_step_io()
+            fail.set()
         if step == 1:
             with pytest.raises(Exception, match="disk full|No space"):
                 rt.settle_step_io()
             raised.append(rt.units[0].weights.state)
             fail.clear()
 
-    rt = _all_nvme_against_plain(tmp_path, full_disk, before_step=lambda step: fail.set() if step == 1 else None,
-                                 after_step=after_step)
+    rt = _all_nvme_against_plain(tmp_path, full_disk, after_step=after_step)
     assert raised == [ChunkState.DIRTY]  # the new weights, kept in memory
     rt.close()
